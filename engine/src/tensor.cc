@@ -114,7 +114,7 @@ void strided_convert(const Tensor& src, void* dst, DType dst_type) {
         const S* s = sp + src.impl()->offset;
         int64_t n = src.numel();
         if constexpr (std::is_same_v<S, D>) {
-          std::memcpy(dp, s, static_cast<size_t>(n) * sizeof(D));
+          if (n > 0) std::memcpy(dp, s, static_cast<size_t>(n) * sizeof(D));
         } else {
           for (int64_t i = 0; i < n; ++i) dp[i] = convert<D>(s[i]);
         }

@@ -1,0 +1,226 @@
+#include "train.h"
+
+#include <fmt/chrono.h>
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "dtrain/engine/autograd.h"
+#include "dtrain/engine/data/loader.h"
+#include "dtrain/engine/data/mnist.h"
+#include "dtrain/engine/data/sampler.h"
+#include "dtrain/engine/nn/models.h"
+#include "dtrain/engine/ops.h"
+#include "dtrain/engine/optim/lr_scheduler.h"
+#include "dtrain/engine/optim/sgd.h"
+#include "dtrain/engine/serialize.h"
+#include "dtrain/engine/threading.h"
+#include "progress.h"
+
+namespace dtrain::cli {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+void validate(const TrainConfig& c) {
+  DTRAIN_CHECK(c.device == "cpu", UnsupportedError,
+               "--device {}: this build has only the CPU backend (the CUDA backend is not built "
+               "yet)",
+               c.device);
+  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp", InvalidArgument,
+               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp", c.model);
+  DTRAIN_CHECK(c.epochs >= 1, InvalidArgument, "--epochs must be >= 1, got {}", c.epochs);
+  DTRAIN_CHECK(c.batch >= 1, InvalidArgument, "--batch must be >= 1, got {}", c.batch);
+  DTRAIN_CHECK(c.lr > 0 && std::isfinite(c.lr), InvalidArgument, "--lr must be > 0, got {}", c.lr);
+  DTRAIN_CHECK(c.threads >= 1, InvalidArgument, "--threads must be >= 1, got {}", c.threads);
+  DTRAIN_CHECK(c.schedule == "cosine" || c.schedule == "step" || c.schedule == "constant",
+               InvalidArgument, "--schedule {}: expected cosine, step or constant", c.schedule);
+}
+
+std::string default_metrics_path() {
+  auto now = std::chrono::system_clock::now();
+  std::string stamp = fmt::format("{:%Y%m%d-%H%M%S}", fmt::localtime(std::chrono::system_clock::to_time_t(now)));
+  return (fs::path("runs") / ("train-" + stamp) / "metrics.jsonl").string();
+}
+
+class MetricsWriter {
+ public:
+  explicit MetricsWriter(const std::string& path) : path_(path) {
+    fs::path p(path);
+    if (p.has_parent_path()) {
+      std::error_code ec;
+      fs::create_directories(p.parent_path(), ec);
+      DTRAIN_CHECK(!ec, IoError, "cannot create folder {} for the metrics file: {}",
+                   p.parent_path().string(), ec.message());
+    }
+    out_.open(path, std::ios::trunc);
+    DTRAIN_CHECK(out_.good(), IoError, "cannot write the metrics file {}", path);
+  }
+  void write(const nlohmann::json& line) {
+    out_ << line.dump() << '\n';
+    out_.flush();
+    DTRAIN_CHECK(out_.good(), IoError, "writing the metrics file {} failed", path_);
+  }
+
+ private:
+  std::string path_;
+  std::ofstream out_;
+};
+
+std::unique_ptr<optim::LRScheduler> make_schedule(const TrainConfig& c, optim::Optimizer& opt,
+                                                  int64_t total_steps) {
+  if (c.schedule == "cosine") {
+    return std::make_unique<optim::CosineAnnealingLR>(
+        opt, optim::CosineAnnealingOptions(total_steps).warmup_steps(c.warmup_steps));
+  }
+  if (c.schedule == "step") {
+    int64_t per = std::max<int64_t>(1, total_steps / c.epochs);
+    return std::make_unique<optim::StepLR>(opt, optim::StepLROptions(per).gamma(0.5));
+  }
+  return nullptr;
+}
+
+// Fraction of correct argmax predictions, in eval mode without autograd.
+double evaluate(nn::Module& model, const data::MnistDataset& test, int64_t batch) {
+  NoGradGuard ng;
+  model.eval();
+  int64_t correct = 0, n = test.size();
+  std::vector<int64_t> idx;
+  for (int64_t start = 0; start < n; start += batch) {
+    idx.clear();
+    for (int64_t i = start; i < std::min(n, start + batch); ++i) idx.push_back(i);
+    data::Batch b = test.get_batch(idx);
+    Tensor logits = model.forward(b.input).contiguous();
+    const float* p = logits.data<float>();
+    const int64_t* y = b.target.data<int64_t>();
+    int64_t c = logits.size(1);
+    for (int64_t r = 0; r < logits.size(0); ++r) {
+      int64_t best = 0;
+      for (int64_t j = 1; j < c; ++j) {
+        if (p[r * c + j] > p[r * c + best]) best = j;
+      }
+      correct += best == y[r];
+    }
+  }
+  model.train();
+  return n > 0 ? static_cast<double>(correct) / static_cast<double>(n) : 0.0;
+}
+
+}  // namespace
+
+TrainResult run_train(const TrainConfig& config) {
+  validate(config);
+  set_num_threads(config.threads);
+  TrainResult result;
+
+  // ---- data ----
+  std::string data_dir = config.data;
+  std::string source;
+  if (data_dir.empty()) {
+    auto prep = data::prepare_mnist_subset(
+        config.data_cache, [](std::string_view line) { fmt::print(stderr, "{}\n", line); });
+    data_dir = prep.dir;
+    source = prep.source;
+    result.generated_data = prep.generated;
+  } else {
+    source = fmt::format("MNIST IDX files from {}", data_dir);
+  }
+  data::MnistOptions mopt;
+  mopt.normalize = config.normalize;
+  auto train_set = std::make_shared<data::MnistDataset>(data_dir, data::MnistSplit::kTrain, mopt);
+  data::MnistDataset test_set(data_dir, data::MnistSplit::kTest, mopt);
+
+  // ---- model, optimizer, schedule ----
+  Generator gen(config.seed);
+  std::shared_ptr<nn::Module> model = nn::make_model(config.model, gen);
+  optim::SGD opt(model->parameters(), optim::SGDOptions(config.lr)
+                                          .momentum(config.momentum)
+                                          .nesterov(config.nesterov)
+                                          .weight_decay(config.weight_decay));
+  data::DistributedSampler sampler(train_set->size(), /*rank=*/0, /*world_size=*/1, config.seed);
+  data::DataLoader loader(train_set, sampler, config.batch);
+  int64_t steps_per_epoch = loader.num_batches();
+  int64_t total_steps = steps_per_epoch * config.epochs;
+  if (config.max_steps > 0) total_steps = std::min(total_steps, config.max_steps);
+  auto schedule = make_schedule(config, opt, total_steps);
+
+  result.metrics_path = config.metrics.empty() ? default_metrics_path() : config.metrics;
+  MetricsWriter metrics(result.metrics_path);
+  fmt::print(stderr, "dtrain train: {} ({} parameters) on {}: {} train / {} test, batch {}, {} epochs, "
+             "lr {} ({}), {} thread(s)\n",
+             config.model, model->num_parameters(), source, train_set->size(), test_set.size(),
+             config.batch, config.epochs, config.lr, config.schedule, config.threads);
+  fmt::print(stderr, "metrics: {}\n", result.metrics_path);
+
+  // ---- training loop ----
+  ProgressBar bar(config.model, total_steps, stderr, config.progress);
+  auto t0 = Clock::now();
+  auto window_start = t0;
+  int64_t window_samples = 0, step = 0, samples = 0;
+  double loss_value = 0;
+  for (int64_t epoch = 0; epoch < config.epochs && step < total_steps; ++epoch) {
+    loader.begin_epoch(epoch);
+    data::Batch batch;
+    while (step < total_steps && loader.next(batch)) {
+      opt.zero_grad();
+      Tensor loss = cross_entropy(model->forward(batch.input), batch.target);
+      loss_value = loss.item();
+      DTRAIN_CHECK(std::isfinite(loss_value), NumericalError,
+                   "loss is {} at step {} (epoch {}); stopping. Try a smaller --lr (now {})",
+                   loss_value, step + 1, epoch, opt.lr());
+      loss.backward();
+      opt.step();
+      if (schedule) schedule->step();
+      ++step;
+      int64_t b = batch.input.size(0);
+      samples += b;
+      window_samples += b;
+      double window_s = std::chrono::duration<double>(Clock::now() - window_start).count();
+      double sps = window_s > 0 ? static_cast<double>(window_samples) / window_s : 0.0;
+      bar.update(step, epoch, loss_value, sps);
+      if (step % config.log_every == 0 || step == total_steps) {
+        metrics.write({{"step", step},
+                       {"epoch", epoch},
+                       {"loss", loss_value},
+                       {"lr", opt.lr()},
+                       {"samples_per_s", sps}});
+        window_start = Clock::now();
+        window_samples = 0;
+      }
+    }
+  }
+  bar.finish();
+  result.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  result.steps = step;
+  result.final_loss = loss_value;
+  result.samples_per_s = result.seconds > 0 ? static_cast<double>(samples) / result.seconds : 0;
+
+  // ---- evaluation, summary ----
+  result.test_accuracy = evaluate(*model, test_set, 500);
+  metrics.write({{"test_accuracy", result.test_accuracy},
+                 {"steps", step},
+                 {"train_seconds", result.seconds},
+                 {"samples_per_s", result.samples_per_s},
+                 {"data", source},
+                 {"generated_data", result.generated_data}});
+  if (!config.save.empty()) {
+    save_checkpoint(config.save, *model, &opt,
+                    {{"model", config.model}, {"step", step}, {"seed", config.seed}});
+    fmt::print(stderr, "checkpoint: {}\n", config.save);
+  }
+  fmt::print("dtrain train: {} on {}: {} steps in {:.1f} s ({:.0f} samples/s), final loss {:.4f}, "
+             "test accuracy {:.4f}{}; metrics {}\n",
+             config.model, source, step, result.seconds, result.samples_per_s, result.final_loss,
+             result.test_accuracy, result.generated_data ? " (GENERATED data, not MNIST)" : "",
+             result.metrics_path);
+  return result;
+}
+
+}  // namespace dtrain::cli
