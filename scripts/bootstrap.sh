@@ -17,6 +17,8 @@ DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libopenblas-dev libopenblas0-pthread libdnnl-dev
   libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  libopenmpi-dev openmpi-bin iproute2 procps
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }

@@ -68,6 +68,10 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor> grads) {
     Tensor sum = add(acc, grads[0]);
     acc.copy_(sum);
   }
+  if (!leaf->post_accumulate_grad_hooks.empty()) {
+    Tensor param(leaf);
+    for (const auto& hook : leaf->post_accumulate_grad_hooks) hook(param);
+  }
   return {};
 }
 

@@ -381,6 +381,12 @@ void Tensor::backward(const Tensor& gradient) const {
   run_backward({*this}, {g});
 }
 
+void Tensor::register_post_accumulate_grad_hook(std::function<void(const Tensor&)> hook) {
+  DTRAIN_CHECK(is_leaf() && requires_grad(), InvalidArgument,
+               "post-accumulate-grad hooks go on leaves that require grad");
+  impl_->post_accumulate_grad_hooks.push_back(std::move(hook));
+}
+
 std::string Tensor::str() const {
   if (!defined()) return "Tensor(undefined)";
   std::string s = fmt::format("Tensor {} {} {}", dtype_name(dtype()), shape_str(shape()),

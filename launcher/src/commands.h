@@ -1,0 +1,23 @@
+// The dtrain subcommands. Each add_*_command registers its options on `app` and
+// returns a Command whose run() executes it when it was the one parsed.
+// run() throws dtrain::Error on failure; main() turns that into a message and exit 1.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace dtrain::cli {
+
+struct Command {
+  CLI::App* app = nullptr;
+  std::function<int()> run;  // returns the process exit code
+};
+
+// "--epochs must be a positive integer, got -3" instead of CLI11's range text.
+extern const CLI::Validator kPositive;
+
+Command add_train_command(CLI::App& app);  // train.cc
+Command add_data_command(CLI::App& app);   // main.cc
+
+}  // namespace dtrain::cli
