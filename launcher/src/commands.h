@@ -17,7 +17,10 @@ struct Command {
 // "--epochs must be a positive integer, got -3" instead of CLI11's range text.
 extern const CLI::Validator kPositive;
 
-Command add_train_command(CLI::App& app);  // train.cc
-Command add_data_command(CLI::App& app);   // main.cc
+Command add_train_command(CLI::App& app);        // train.cc
+Command add_data_command(CLI::App& app);         // main.cc
+Command add_launch_command(CLI::App& app);       // cmd_launch.cc
+Command add_coordinator_command(CLI::App& app);  // cmd_coordinator.cc
+Command add_bench_command(CLI::App& app);        // cmd_bench.cc
 
 }  // namespace dtrain::cli

@@ -49,6 +49,9 @@ int main(int argc, char** argv) {
   std::vector<Command> commands;
   commands.push_back(add_train_command(app));
   commands.push_back(add_data_command(app));
+  commands.push_back(add_coordinator_command(app));
+  commands.push_back(add_launch_command(app));
+  commands.push_back(add_bench_command(app));
   // (new subcommands are registered here, one line each)
 
   if (argc > 1 && argv[1][0] != '-') {

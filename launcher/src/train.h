@@ -1,8 +1,12 @@
-// `dtrain train`: the training job (single process in this version).
+// `dtrain train`: the training job, on one worker or data-parallel on many.
 //
 // Loads the data (the MNIST subset by default, or a user's IDX folder), builds the
 // model, trains with SGD + momentum, logs metrics as JSON lines, evaluates on the
-// held-out split and prints a one-line summary. Errors are thrown as dtrain::Error;
+// held-out split and prints a one-line summary. Started by `dtrain launch`, mpirun,
+// srun or a torchrun-style environment, each process becomes one rank: the global
+// batch is split over the ranks, DistributedDataParallel averages the gradients,
+// rank 0 alone draws progress and writes metrics, and evaluation combines every
+// rank's share of the test set. Errors are thrown as dtrain::Error;
 // the CLI turns them into a message and a non-zero exit.
 #pragma once
 
@@ -16,8 +20,10 @@ struct TrainConfig {
   std::string data;  // IDX folder; empty: the demo's MNIST subset
   std::string data_cache = "data";
   std::string device = "cpu";
+  std::string backend = "auto";  // auto | tcp | mpi
+  double timeout_s = 60;          // every collective; a lost peer fails within this
   int64_t epochs = 5;
-  int64_t batch = 64;
+  int64_t batch = 64;  // global: split evenly over the ranks
   double lr = 0.05;
   double momentum = 0.9;
   double weight_decay = 0.0;
@@ -41,6 +47,7 @@ struct TrainResult {
   double samples_per_s = 0;
   double seconds = 0;
   bool generated_data = false;
+  int world_size = 1;
   std::string metrics_path;
 };
 

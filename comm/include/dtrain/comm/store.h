@@ -37,6 +37,22 @@ class MemoryStore final : public Store {
   std::map<std::string, std::string> kv_;  // GUARDED_BY(mu_)
 };
 
+// A Store in a folder shared by the ranks (one host, or a shared file system): each
+// key is a file, written to a temporary name and renamed into place, so readers see
+// whole values; get() polls until the file appears. For mpirun-less tests and
+// launches without a coordinator. Thread-safety: safe from any thread or process.
+class FileStore final : public Store {
+ public:
+  // Creates `dir` if needed.
+  explicit FileStore(std::string dir);
+  void set(const std::string& key, const std::string& value) override;
+  std::string get(const std::string& key, std::chrono::milliseconds timeout) override;
+
+ private:
+  std::string path_of(const std::string& key) const;
+  std::string dir_;
+};
+
 // Prefixes every key, so several communicators (or generations) share one store.
 class PrefixStore final : public Store {
  public:

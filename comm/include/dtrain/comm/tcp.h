@@ -1,0 +1,67 @@
+// tcp: dtrain's own transport over TCP sockets, the embedded default backend.
+//
+// Bootstrap: each rank listens on an ephemeral port of TcpOptions::bind_address,
+// publishes "host:port:nonce" in the Store under "tcp/<tag>/addr/<rank>", reads its
+// peers' entries and builds a full mesh: for every pair the higher rank connects to
+// the lower one, twice: a data connection (raw byte stream, no framing, for the
+// pipelined ring and send/recv) and a control connection (small framed messages:
+// "bye" on a clean shutdown, "abort" with a reason when a rank fails). Each
+// connection opens with a handshake (magic, version, world size, both ranks, the
+// job tag, the listener's nonce) that is acknowledged; anything else connecting to
+// the port is dropped.
+//
+// Execution: one worker thread per communicator runs the queued operations in
+// issue order (async forms return at once; blocking forms wait). Collectives run the
+// pipelined Ring (ring.h) over the sockets; the worker drives all sockets with
+// non-blocking I/O and poll, so sends, receives and reductions overlap. Every op
+// has a deadline of CommOptions::timeout from the moment it starts.
+//
+// Failure: a peer whose process dies is noticed on its control connection (EOF or
+// reset without a "bye") by every rank, which fails the running and queued ops with
+// CommError "tcp: lost connection to rank R (connection reset) during allreduce";
+// a peer that stops answering gives TimeoutError naming the rank waited for. A rank
+// that fails tells the others why ("abort") and shuts its sockets down, so no rank
+// hangs. A failed communicator stays failed: later calls throw at once.
+//
+// Thread-safety: as Communicator (one issuing thread; abort() from any thread).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "dtrain/comm/communicator.h"
+#include "dtrain/comm/ring.h"
+#include "dtrain/comm/store.h"
+
+namespace dtrain::comm {
+
+struct TcpOptions {
+  // Address the listening socket binds to; "0.0.0.0" or "::" for every interface.
+  std::string bind_address = "127.0.0.1";
+  // Host name or address the peers connect to. Empty: the bind address, or this
+  // host's name when the bind address is a wildcard.
+  std::string advertise_host;
+  // Names the communicator in store keys and in the handshake (for example the job
+  // id plus the generation); connections carrying another tag are refused. Ranks of
+  // one communicator must agree; two communicators on one store need two tags.
+  std::string tag = "default";
+  // SO_SNDBUF/SO_RCVBUF of the data connections; 0 keeps the kernel's autotuning.
+  int socket_buffer_bytes = 4 << 20;
+  // Chunking of the pipelined ring; must be the same on every rank.
+  RingOptions ring;
+
+  // Defaults, overridden by DTRAIN_TCP_BIND, DTRAIN_TCP_ADVERTISE,
+  // DTRAIN_TCP_SOCKET_BUFFER and DTRAIN_TCP_CHUNK_BYTES when set (InvalidArgument
+  // on values that do not parse).
+  static TcpOptions from_env();
+};
+
+// Joins the group `rank` of `size` through `store`; blocks until the mesh is
+// connected (or throws TimeoutError/CommError after opts.timeout). Size 1 opens no
+// sockets and does not touch the store.
+std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int size,
+                                                    CommOptions opts);
+std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int size,
+                                                    CommOptions opts, const TcpOptions& tcp);
+
+}  // namespace dtrain::comm

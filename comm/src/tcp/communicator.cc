@@ -1,0 +1,303 @@
+// TcpCommunicator: the Communicator of the tcp backend (see tcp.h for the design).
+//
+// The issuing thread validates arguments and queues an operation; one worker thread
+// runs the queue in order, each operation with a deadline of timeout() from its
+// start, the collectives through Ring over the tcp::Transport. The first failure
+// (a lost peer, a timeout, abort()) is recorded with the operation it happened in;
+// the running operation, every queued one and every later call fail with it.
+//
+// Deliberately not here: sockets and the wire protocol (transport.cc), the
+// algorithms (ring.cc).
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "dtrain/comm/tcp.h"
+#include "tcp/transport.h"
+
+namespace dtrain::comm {
+namespace {
+
+// Why an operation failed; every failure is a CommError or a TimeoutError.
+struct Failure {
+  ErrorKind kind = ErrorKind::kComm;
+  std::string message;
+};
+
+[[noreturn]] void throw_failure(const Failure& f) {
+  if (f.kind == ErrorKind::kTimeout) throw TimeoutError(f.message);
+  throw CommError(f.message);
+}
+
+// A queued operation's completion. wait() throws a fresh exception in the waiting
+// thread, so no exception object is shared between threads.
+// Thread-safety: safe from any thread.
+class TcpWork final : public Work {
+ public:
+  void wait() override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return done_; });
+    if (error_) throw_failure(*error_);
+  }
+  bool is_completed() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return done_;
+  }
+  void finish(std::optional<Failure> error) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+      error_ = std::move(error);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::optional<Failure> error_;
+};
+
+class TcpCommunicator final : public Communicator {
+ public:
+  TcpCommunicator(std::unique_ptr<tcp::Transport> transport, CommOptions opts, RingOptions ring)
+      : transport_(std::move(transport)),
+        ring_(*transport_, ring),
+        timeout_ms_(opts.timeout.count()),
+        worker_([this] { worker_loop(); }) {}
+
+  ~TcpCommunicator() override {
+    bool busy;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      busy = running_ || !queue_.empty();
+    }
+    cv_.notify_all();
+    if (busy) abort("destroyed with operations pending");
+    worker_.join();
+    if (!transport_->failed()) transport_->say_bye();
+  }
+
+  int rank() const override { return transport_->rank(); }
+  int size() const override { return transport_->size(); }
+  std::string backend() const override { return "tcp"; }
+
+  std::shared_ptr<Work> allreduce_async(void* data, size_t count, DType dtype,
+                                        ReduceOp op) override {
+    check_buffer(data, count, "allreduce");
+    return enqueue("allreduce",
+                   [=, this](Deadline d) { ring_.allreduce(data, count, dtype, op, d); });
+  }
+
+  std::shared_ptr<Work> broadcast_async(void* data, size_t count, DType dtype, int root) override {
+    check_buffer(data, count, "broadcast");
+    DTRAIN_CHECK(root >= 0 && root < size(), InvalidArgument,
+                 "tcp: broadcast root {} is not a rank of a world of size {}", root, size());
+    return enqueue("broadcast",
+                   [=, this](Deadline d) { ring_.broadcast(data, count, dtype, root, d); });
+  }
+
+  std::shared_ptr<Work> allgather_async(const void* send, void* recv, size_t count,
+                                        DType dtype) override {
+    check_buffer(send, count, "allgather");
+    check_buffer(recv, count, "allgather");
+    return enqueue("allgather",
+                   [=, this](Deadline d) { ring_.allgather(send, recv, count, dtype, d); });
+  }
+
+  std::shared_ptr<Work> reduce_scatter_async(const void* send, void* recv, size_t count,
+                                             DType dtype, ReduceOp op) override {
+    check_buffer(send, count, "reduce_scatter");
+    check_buffer(recv, count, "reduce_scatter");
+    return enqueue("reduce_scatter", [=, this](Deadline d) {
+      ring_.reduce_scatter(send, recv, count, dtype, op, d);
+    });
+  }
+
+  void send(const void* data, size_t count, DType dtype, int peer) override {
+    check_buffer(data, count, "send");
+    check_peer(peer, "send to");
+    size_t bytes = count * dtype_size(dtype);
+    enqueue("send", [=, this](Deadline d) {
+      transport_->wait(transport_->post_send(data, bytes, peer), d);
+    })->wait();
+  }
+
+  void recv(void* data, size_t count, DType dtype, int peer) override {
+    check_buffer(data, count, "recv");
+    check_peer(peer, "receive from");
+    size_t bytes = count * dtype_size(dtype);
+    enqueue("recv", [=, this](Deadline d) {
+      transport_->wait(transport_->post_recv(data, bytes, peer), d);
+    })->wait();
+  }
+
+  void barrier() override {
+    enqueue("barrier", [this](Deadline d) { ring_.barrier(d); })->wait();
+  }
+
+  void abort(const std::string& reason) override {
+    record_failure(ErrorKind::kComm, "tcp: communicator aborted: " + reason);
+    transport_->fail(ErrorKind::kComm, "communicator aborted: " + reason);
+  }
+
+  void set_timeout(std::chrono::milliseconds timeout) override {
+    DTRAIN_CHECK(timeout.count() > 0, InvalidArgument, "tcp: timeout must be positive, got {} ms",
+                 timeout.count());
+    timeout_ms_.store(timeout.count());
+  }
+  std::chrono::milliseconds timeout() const override {
+    return std::chrono::milliseconds(timeout_ms_.load());
+  }
+
+ private:
+  struct Op {
+    const char* name;
+    std::function<void(Deadline)> run;
+    std::shared_ptr<TcpWork> work;
+  };
+
+  void check_buffer(const void* ptr, size_t count, const char* op) const {
+    DTRAIN_CHECK(ptr != nullptr || count == 0, InvalidArgument,
+                 "tcp: {} of {} elements got a null buffer", op, count);
+  }
+  void check_peer(int peer, const char* what) const {
+    DTRAIN_CHECK(peer >= 0 && peer < size() && peer != rank(), InvalidArgument,
+                 "tcp: rank {} cannot {} rank {} (world size {})", rank(), what, peer, size());
+  }
+
+  std::shared_ptr<TcpWork> enqueue(const char* name, std::function<void(Deadline)> run) {
+    throw_if_failed();
+    auto work = std::make_shared<TcpWork>();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back({name, std::move(run), work});
+    }
+    cv_.notify_all();
+    return work;
+  }
+
+  void throw_if_failed() const {
+    if (std::optional<Failure> f = stored_failure()) throw_failure(*f);
+  }
+
+  // Keeps the first failure.
+  void record_failure(ErrorKind kind, const std::string& message) {
+    std::lock_guard<std::mutex> lock(fail_mu_);
+    if (!failure_) failure_ = Failure{kind, message};
+  }
+
+  std::optional<Failure> stored_failure() const {
+    std::lock_guard<std::mutex> lock(fail_mu_);
+    return failure_;
+  }
+
+  // Runs one operation; returns why it failed, if it did.
+  std::optional<Failure> run_op(Op& op) {
+    if (std::optional<Failure> f = stored_failure()) return f;
+    const auto timeout = std::chrono::milliseconds(timeout_ms_.load());
+    try {
+      transport_->check_peers();  // a peer that failed or left while we were idle
+      op.run(tcp::Clock::now() + timeout);
+      return std::nullopt;
+    } catch (const Error& e) {
+      ErrorKind kind = e.kind() == ErrorKind::kTimeout ? ErrorKind::kTimeout : ErrorKind::kComm;
+      std::string message = fmt::format("{} during {}", e.message(), op.name);
+      if (kind == ErrorKind::kTimeout) message += fmt::format(" (timeout {} ms)", timeout.count());
+      return fail_op(kind, message);
+    } catch (const std::exception& e) {
+      return fail_op(ErrorKind::kComm, fmt::format("tcp: {} failed: {}", op.name, e.what()));
+    }
+  }
+
+  Failure fail_op(ErrorKind kind, const std::string& message) {
+    record_failure(kind, message);
+    // Usually the transport failed first; otherwise tell the peers now.
+    transport_->fail(kind, message.substr(message.rfind("tcp: ", 0) == 0 ? 5 : 0));
+    return Failure{kind, message};
+  }
+
+  void worker_loop() {
+    for (;;) {
+      Op op;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        op = std::move(queue_.front());
+        queue_.pop_front();
+        running_ = true;
+      }
+      std::optional<Failure> error = run_op(op);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        running_ = false;  // before finish(): a waiter may destroy us right after
+      }
+      op.work->finish(std::move(error));
+    }
+  }
+
+  std::unique_ptr<tcp::Transport> transport_;
+  Ring ring_;  // used by the worker only
+  std::atomic<int64_t> timeout_ms_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Op> queue_;  // GUARDED_BY(mu_)
+  bool running_ = false;  // GUARDED_BY(mu_)
+  bool stop_ = false;     // GUARDED_BY(mu_)
+
+  mutable std::mutex fail_mu_;
+  std::optional<Failure> failure_;  // GUARDED_BY(fail_mu_): the first failure
+
+  std::thread worker_;  // last: starts after everything above exists
+};
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  long long x = std::strtoll(v, &end, 10);
+  DTRAIN_CHECK(end != v && *end == '\0' && x >= 0 && x <= (1ll << 30), InvalidArgument,
+               "{}='{}' is not a size in bytes", name, v);
+  return static_cast<int>(x);
+}
+
+}  // namespace
+
+TcpOptions TcpOptions::from_env() {
+  TcpOptions o;
+  if (const char* v = std::getenv("DTRAIN_TCP_BIND"); v != nullptr && *v != '\0') {
+    o.bind_address = v;
+  }
+  if (const char* v = std::getenv("DTRAIN_TCP_ADVERTISE"); v != nullptr && *v != '\0') {
+    o.advertise_host = v;
+  }
+  o.socket_buffer_bytes = env_int("DTRAIN_TCP_SOCKET_BUFFER", o.socket_buffer_bytes);
+  o.ring.chunk_bytes =
+      static_cast<size_t>(env_int("DTRAIN_TCP_CHUNK_BYTES", static_cast<int>(o.ring.chunk_bytes)));
+  return o;
+}
+
+std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int size,
+                                                    CommOptions opts) {
+  return make_tcp_communicator(store, rank, size, opts, TcpOptions::from_env());
+}
+
+std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int size,
+                                                    CommOptions opts, const TcpOptions& tcp) {
+  DTRAIN_CHECK(opts.timeout.count() > 0, InvalidArgument,
+               "tcp: timeout must be positive, got {} ms", opts.timeout.count());
+  auto transport =
+      tcp::Transport::connect(store, rank, size, tcp, tcp::Clock::now() + opts.timeout);
+  return std::make_unique<TcpCommunicator>(std::move(transport), opts, tcp.ring);
+}
+
+}  // namespace dtrain::comm

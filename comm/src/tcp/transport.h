@@ -1,0 +1,119 @@
+// tcp::Transport: the PointToPoint of the tcp backend, a full mesh of sockets.
+//
+// Setup (connect()): listen, publish "nonce@host:port" in the store, connect to every
+// lower rank and accept every higher one, two connections per pair (data, control),
+// each opened by an acknowledged handshake; see tcp.h for the protocol.
+//
+// Progress: requests queue per peer and direction (FIFO). wait() first moves every
+// queued request forward with non-blocking sendmsg/recvmsg (batching queued buffers
+// into one iovec), then polls the data sockets that have work, every control socket
+// and a wake-up eventfd, until the awaited request completes, the deadline passes
+// (TimeoutError naming the ranks waited for) or something fails (CommError). Control
+// sockets carry framed messages: "bye" (clean shutdown) and "abort" (a rank failed,
+// with its reason and error kind). EOF or reset on a control socket without a "bye"
+// means the peer's process is gone.
+//
+// Failure: fail() records the first reason, sends "abort" (with the rank where the
+// failure started and its reason) to every peer, shuts every socket down and wakes
+// the poll; after that every wait() throws it. A rank that fails because of another
+// rank's "abort" relays it, so every survivor reports the original cause even when
+// it notices a relaying rank's shutdown first; for the same reason a lost
+// connection is reported only after the control sockets have been drained.
+//
+// Thread-safety: post_*/wait/say_bye from one thread (the communicator's worker);
+// fail(), failed() and failure() from any thread.
+#pragma once
+
+#include <poll.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dtrain/comm/ring.h"
+#include "dtrain/comm/store.h"
+#include "dtrain/comm/tcp.h"
+#include "tcp/socket.h"
+
+namespace dtrain::comm::tcp {
+
+class Transport final : public PointToPoint {
+ public:
+  // Builds the mesh; throws TimeoutError/CommError when it cannot by `deadline`.
+  static std::unique_ptr<Transport> connect(Store& store, int rank, int size,
+                                            const TcpOptions& opts, Deadline deadline);
+  ~Transport() override;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  Request post_send(const void* data, size_t bytes, int peer) override;
+  Request post_recv(void* data, size_t bytes, int peer) override;
+  void wait(const Request& request, Deadline deadline) override;
+
+  // Records the first failure, tells every peer (kind, origin, text), shuts the
+  // sockets down and wakes a blocked wait(). `origin` is the rank the failure
+  // started at (-1: this one); the message reads "rank <origin> failed: <text>" for
+  // failures relayed from another rank. Idempotent; safe from any thread.
+  void fail(ErrorKind kind, const std::string& text, int origin = -1);
+  bool failed() const { return failed_.load(std::memory_order_acquire); }
+  // The recorded failure as an exception ("tcp: <message>").
+  std::exception_ptr failure() const;
+
+  // Reads whatever the control sockets hold without blocking; throws when a peer
+  // has failed or is gone. Called before each operation.
+  void check_peers();
+
+  // Clean shutdown: tells every peer "bye" and shuts the sockets down. Call only
+  // when idle and not failed.
+  void say_bye();
+
+ private:
+  struct Pending {
+    std::byte* ptr;
+    size_t left;
+  };
+  struct Peer {
+    Fd data;
+    Fd ctrl;
+    std::deque<Pending> sends, recvs;
+    uint64_t sends_posted = 0, sends_done = 0, recvs_posted = 0, recvs_done = 0;
+    bool bye = false;        // the peer shut down cleanly
+    bool ctrl_open = false;  // the control socket is still watched
+    std::string ctrl_in;     // bytes of an incomplete control frame
+  };
+
+  Transport(int rank, int size);
+  void connect_lower(Store& store, const TcpOptions& opts, Deadline deadline);
+  void accept_higher(int listener, const std::string& tag, uint64_t nonce, Deadline deadline);
+
+  static void consume(std::deque<Pending>& q, size_t bytes, uint64_t& done);
+  bool is_done(const Request& r) const;
+  void progress();
+  void progress_send(int p);
+  void progress_recv(int p);
+  void poll_once(Deadline deadline);
+  void read_control(int p, bool draining);
+  void drain_control();
+  void send_control(int p, uint32_t type, const std::string& payload);
+  [[noreturn]] void lose(int p, int err);
+  [[noreturn]] void throw_failure();
+  [[noreturn]] void timeout();
+
+  const int rank_, size_;
+  std::vector<Peer> peers_;
+  Fd wake_;                     // eventfd written by fail()
+  std::vector<pollfd> pfds_;    // poll set of the last poll_once, reused
+  std::vector<int> pfd_peer_;   // peer of each pfds_ entry (-1: wake_)
+  std::vector<bool> pfd_ctrl_;  // whether the entry is a control socket
+
+  std::atomic<bool> failed_{false};
+  mutable std::mutex fail_mu_;
+  ErrorKind fail_kind_ = ErrorKind::kComm;  // GUARDED_BY(fail_mu_)
+  std::string fail_message_;                // GUARDED_BY(fail_mu_)
+};
+
+}  // namespace dtrain::comm::tcp

@@ -1,0 +1,68 @@
+// Plain C++ views of what the coordinator hands out (ranks, peers, job status), so
+// that code using the client needs neither gRPC nor the generated protobuf types.
+// The wire format is proto/coordinator.proto; src/convert.cc maps between the two.
+//
+// Thread-safety: plain values; REQUIRES external synchronization when shared.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dtrain::coordinator {
+
+// The job's life cycle (JobState in the proto). kUnknown stands for a value a newer
+// coordinator sends that this build does not know.
+enum class JobState { kUnknown, kWaiting, kRunning, kFailed, kSucceeded };
+enum class WorkerState { kUnknown, kJoining, kAlive, kLost, kFailed, kLeft };
+
+const char* job_state_name(JobState s);        // "WAITING", "RUNNING", ...
+const char* worker_state_name(WorkerState s);  // "JOINING", "ALIVE", ...
+
+struct PeerInfo {
+  int rank = -1;
+  std::string host;
+  std::string address;
+  int64_t pid = 0;
+  int local_rank = 0;
+};
+
+// What Join returns: this worker's identity in generation `generation`.
+struct JoinResult {
+  int rank = -1;
+  int world_size = 0;
+  uint64_t generation = 0;
+  int local_rank = 0;
+  int local_world_size = 0;
+  std::vector<PeerInfo> peers;  // every rank, sorted by rank
+};
+
+struct HeartbeatResult {
+  uint64_t generation = 0;  // the job's current generation
+  JobState state = JobState::kUnknown;
+  std::string reason;  // why the job failed, when it did
+};
+
+struct WorkerStatus {
+  int rank = -1;  // -1 while the rendezvous is open and no rank was requested
+  std::string host;
+  std::string address;
+  int64_t pid = 0;
+  WorkerState state = WorkerState::kUnknown;
+  std::chrono::milliseconds last_heartbeat_age{0};
+  uint64_t heartbeats = 0;
+};
+
+struct JobStatus {
+  std::string job_id;
+  JobState state = JobState::kUnknown;
+  int world_size = 0;
+  uint64_t generation = 0;
+  std::vector<WorkerStatus> workers;  // by rank once running, in join order before
+  std::string reason;                 // why the job failed, when it did
+  int failed_rank = -1;
+  std::chrono::milliseconds uptime{0};
+};
+
+}  // namespace dtrain::coordinator

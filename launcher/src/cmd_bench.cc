@@ -1,0 +1,319 @@
+// `dtrain bench allreduce`: all-reduce bandwidth in the nccl-tests format, with peers.
+//
+// The orchestrating process starts the workers itself: for the tcp backend through
+// `dtrain launch --nproc N`, for the mpi backends through mpirun. Each worker runs the
+// same sweep (8 B .. --max-bytes, doubling; f32 sum) with the peers' protocol: per
+// size, refill, barrier, time one all-reduce, repeat (20 times below 16 MiB, 5 above,
+// after 3 warm-ups), report the median. Rank 0 writes JSON lines that the
+// orchestrator prints as the nccl-tests table (size, count, type, redop, time, algbw,
+// busbw, #wrong; busbw = algbw x 2(n-1)/n). Then, where installed, it runs the peers
+// of ../shared/bench/peers (PyTorch Gloo, Open MPI's MPI_Allreduce) in the same run
+// and prints the ratios side by side.
+#include <fmt/format.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <vector>
+
+#include "commands.h"
+#include "dtrain/common/error.h"
+#include "worker_env.h"
+#include "worker_session.h"
+
+#ifndef DTRAIN_SOURCE_DIR
+#define DTRAIN_SOURCE_DIR "."
+#endif
+
+namespace dtrain::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct BenchOptions {
+  int nproc = 2;
+  std::string backends = "tcp,mpi,mpi-native";
+  int64_t max_bytes = int64_t{64} << 20;
+  bool peers = true;
+  std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
+  // worker mode
+  bool worker = false;
+  std::string backend;
+  std::string out;
+};
+
+std::string self_exe() {
+  std::array<char, 4096> buf{};
+  ssize_t n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
+  DTRAIN_CHECK(n > 0, IoError, "bench: cannot find its own binary (/proc/self/exe)");
+  return std::string(buf.data(), static_cast<size_t>(n));
+}
+
+std::string run_capture(const std::string& cmd, int* status) {
+  std::string out;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) {
+    *status = -1;
+    return out;
+  }
+  std::array<char, 4096> buf{};
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = pclose(p);
+  *status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+  return out;
+}
+
+std::vector<nlohmann::json> json_lines(const std::string& text) {
+  std::vector<nlohmann::json> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] != '{') continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded()) out.push_back(std::move(j));
+  }
+  return out;
+}
+
+std::vector<int64_t> sweep_sizes(int64_t max_bytes) {
+  std::vector<int64_t> sizes;
+  for (int64_t b = 8; b <= max_bytes; b *= 2) sizes.push_back(b);
+  return sizes;
+}
+
+// ---- worker: one rank of the sweep ----
+int run_worker(const BenchOptions& o) {
+  SessionOptions so;
+  so.backend = o.backend == "mpi-native" ? "mpi" : o.backend;
+  so.mpi_native = o.backend == "mpi-native";
+  auto session = WorkerSession::open(detect_worker_identity(process_env_reader()), so);
+  comm::Communicator& comm = session->comm();
+  const int n = comm.size();
+  std::ofstream out;
+  if (comm.rank() == 0) {
+    out.open(o.out, std::ios::trunc);
+    DTRAIN_CHECK(out.good(), IoError, "bench: cannot write {}", o.out);
+  }
+  for (int64_t nbytes : sweep_sizes(o.max_bytes)) {
+    size_t count = static_cast<size_t>(std::max<int64_t>(1, nbytes / 4));
+    std::vector<float> buf(count);
+    int iters = nbytes < (int64_t{16} << 20) ? 20 : 5;
+    std::vector<double> samples;
+    for (int i = 0; i < iters + 3; ++i) {
+      std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
+      comm.barrier();
+      auto t0 = std::chrono::steady_clock::now();
+      comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum);
+      double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i >= 3) samples.push_back(dt);
+    }
+    std::sort(samples.begin(), samples.end());
+    double t = samples[samples.size() / 2];
+    float expect = static_cast<float>(n) * static_cast<float>(n + 1) / 2.0f;
+    int64_t wrong = std::count_if(buf.begin(), buf.end(), [&](float v) { return v != expect; });
+    comm.allreduce(&wrong, 1, DType::i64, comm::ReduceOp::kSum);
+    if (comm.rank() == 0) {
+      double algbw = static_cast<double>(nbytes) / t / 1e9;
+      out << nlohmann::json{{"backend", o.backend},
+                            {"nproc", n},
+                            {"bytes", nbytes},
+                            {"count", count},
+                            {"time_us", t * 1e6},
+                            {"algbw_GBps", algbw},
+                            {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
+                            {"wrong", wrong}}
+                 .dump()
+          << "\n";
+      out.flush();
+    }
+  }
+  return 0;
+}
+
+// ---- orchestrator ----
+std::map<int64_t, nlohmann::json> run_backend(const BenchOptions& o, const std::string& backend,
+                                              std::string* note) {
+  fs::path out = fs::temp_directory_path() /
+                 fmt::format("dtrain-bench-{}-{}-{}.jsonl", backend, getpid(), o.nproc);
+  std::string self = self_exe();
+  std::string worker =
+      fmt::format("{} bench allreduce --worker --backend {} --max-bytes {} --out {}", self, backend,
+                  o.max_bytes, out.string());
+  std::string cmd = backend == "tcp"
+                        ? fmt::format("{} launch --nproc {} -- {} 2>&1", self, o.nproc, worker)
+                        : fmt::format("mpirun --allow-run-as-root --oversubscribe -np {} {} 2>&1",
+                                      o.nproc, worker);
+  int st = 0;
+  std::string log = run_capture(cmd, &st);
+  std::map<int64_t, nlohmann::json> rows;
+  std::ifstream in(out);
+  std::stringstream text;
+  text << in.rdbuf();
+  for (auto& j : json_lines(text.str())) rows[j["bytes"].get<int64_t>()] = j;
+  fs::remove(out);
+  if (st != 0) *note += fmt::format("{}: workers exited with status {}:\n{}\n", backend, st, log);
+  return rows;
+}
+
+std::map<int64_t, nlohmann::json> run_peer(const BenchOptions& o, const std::string& peer,
+                                           std::string* note) {
+  std::map<int64_t, nlohmann::json> rows;
+  int st = 0;
+  std::string text;
+  if (peer == "gloo") {
+    run_capture("/usr/bin/python3 -c 'import torch.distributed' >/dev/null 2>&1", &st);
+    if (st != 0) {
+      *note += "gloo: PyTorch not installed (apt-get install python3-torch), skipped\n";
+      return rows;
+    }
+    text = run_capture(fmt::format("/usr/bin/python3 {}/gloo_allreduce.py --nproc {} 2>/dev/null",
+                                   o.peers_dir, o.nproc),
+                       &st);
+  } else {
+    run_capture("command -v mpicxx >/dev/null 2>&1", &st);
+    if (st != 0) {
+      *note += "openmpi: mpicxx not installed, skipped\n";
+      return rows;
+    }
+    fs::path bin =
+        fs::temp_directory_path() / fmt::format("dtrain-peer-mpi-allreduce-{}", getpid());
+    run_capture(
+        fmt::format("mpicxx -O2 -o {} {}/mpi_allreduce.cpp 2>&1", bin.string(), o.peers_dir), &st);
+    if (st == 0) {
+      text = run_capture(fmt::format("mpirun --allow-run-as-root --oversubscribe -np {} {} "
+                                     "2>/dev/null",
+                                     o.nproc, bin.string()),
+                         &st);
+    }
+    fs::remove(bin);
+  }
+  if (st != 0) *note += fmt::format("{}: peer failed (status {})\n", peer, st);
+  for (auto& j : json_lines(text)) rows[j["bytes"].get<int64_t>()] = j;
+  return rows;
+}
+
+void print_nccl_table(const std::string& backend, int nproc,
+                      const std::map<int64_t, nlohmann::json>& rows) {
+  fmt::print("# dtrain all-reduce, backend {}, {} ranks, float sum, in place\n", backend, nproc);
+  fmt::print("#{:>11} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8} {:>7}\n", "size", "count", "type",
+             "redop", "time", "algbw", "busbw", "#wrong");
+  fmt::print("#{:>11} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8} {:>7}\n", "(B)", "(elements)", "", "",
+             "(us)", "(GB/s)", "(GB/s)", "");
+  double sum = 0;
+  for (const auto& [bytes, j] : rows) {
+    fmt::print("{:>12} {:>12} {:>6} {:>6} {:>10.1f} {:>8.3f} {:>8.3f} {:>7}\n", bytes,
+               j["count"].get<int64_t>(), "float", "sum", j["time_us"].get<double>(),
+               j["algbw_GBps"].get<double>(), j["busbw_GBps"].get<double>(),
+               j["wrong"].get<int64_t>());
+    sum += j["busbw_GBps"].get<double>();
+  }
+  if (!rows.empty()) {
+    fmt::print("# Avg bus bandwidth    : {:.3f} GB/s\n\n", sum / static_cast<double>(rows.size()));
+  }
+}
+
+int run_orchestrator(const BenchOptions& o) {
+  std::vector<std::string> backends;
+  std::stringstream ss(o.backends);
+  for (std::string b; std::getline(ss, b, ',');) {
+    DTRAIN_CHECK(b == "tcp" || b == "mpi" || b == "mpi-native", InvalidArgument,
+                 "--backends: unknown backend '{}' (tcp, mpi, mpi-native)", b);
+    backends.push_back(b);
+  }
+  std::string note;
+  std::map<std::string, std::map<int64_t, nlohmann::json>> ours, peers;
+  for (const auto& b : backends) {
+    ours[b] = run_backend(o, b, &note);
+    print_nccl_table(b, o.nproc, ours[b]);
+  }
+  if (o.peers) {
+    peers["gloo"] = run_peer(o, "gloo", &note);
+    peers["openmpi"] = run_peer(o, "openmpi", &note);
+  }
+  // Side by side at the sizes the peers measure.
+  std::vector<std::string> cols;
+  for (const auto& b : backends) cols.push_back(b);
+  for (const auto& [p, rows] : peers) {
+    if (!rows.empty()) cols.push_back(p);
+  }
+  fmt::print("# busbw (GB/s) side by side, {} ranks on this host\n", o.nproc);
+  std::string head = fmt::format("{:>12}", "size(B)");
+  for (const auto& c : cols) head += fmt::format(" {:>10}", c);
+  if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp")) {
+    head += fmt::format(" {:>10}", "tcp/gloo");
+  }
+  if (peers.count("openmpi") && !peers["openmpi"].empty() && ours.count("mpi")) {
+    head += fmt::format(" {:>12}", "mpi/openmpi");
+  }
+  fmt::print("{}\n", head);
+  std::map<int64_t, bool> sizes;
+  for (const auto& [p, rows] : peers) {
+    for (const auto& [b, j] : rows) sizes[b] = true;
+  }
+  if (sizes.empty()) {
+    for (const auto& [b, rows] : ours) {
+      for (const auto& [s, j] : rows) sizes[s] = true;
+    }
+  }
+  auto bw = [](const std::map<int64_t, nlohmann::json>& rows, int64_t s) {
+    auto it = rows.find(s);
+    return it == rows.end() ? -1.0 : it->second["busbw_GBps"].get<double>();
+  };
+  for (const auto& [s, unused] : sizes) {
+    std::string line = fmt::format("{:>12}", s);
+    for (const auto& c : cols) {
+      double v = ours.count(c) ? bw(ours[c], s) : bw(peers[c], s);
+      line += v < 0 ? fmt::format(" {:>10}", "-") : fmt::format(" {:>10.3f}", v);
+    }
+    if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp")) {
+      double a = bw(ours["tcp"], s), g = bw(peers["gloo"], s);
+      line += a > 0 && g > 0 ? fmt::format(" {:>10.2f}", a / g) : fmt::format(" {:>10}", "-");
+    }
+    if (peers.count("openmpi") && !peers["openmpi"].empty() && ours.count("mpi")) {
+      double a = bw(ours["mpi"], s), m = bw(peers["openmpi"], s);
+      line += a > 0 && m > 0 ? fmt::format(" {:>12.2f}", a / m) : fmt::format(" {:>12}", "-");
+    }
+    fmt::print("{}\n", line);
+  }
+  if (!note.empty()) fmt::print("# notes:\n{}", note);
+  bool complete = true;
+  for (const auto& b : backends) complete &= !ours[b].empty();
+  return complete ? 0 : 1;
+}
+
+}  // namespace
+
+Command add_bench_command(CLI::App& app) {
+  auto o = std::make_shared<BenchOptions>();
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
+  bench->require_subcommand(1);
+  CLI::App* ar = bench->add_subcommand(
+      "allreduce", "All-reduce bandwidth per backend (nccl-tests table) against Gloo and Open MPI");
+  ar->add_option("--nproc", o->nproc, "Ranks on this host")
+      ->capture_default_str()
+      ->check(kPositive);
+  ar->add_option("--backends", o->backends, "Comma-separated: tcp, mpi, mpi-native")
+      ->capture_default_str();
+  ar->add_option("--max-bytes", o->max_bytes, "Largest message (the sweep doubles from 8 B)")
+      ->capture_default_str()
+      ->check(kPositive);
+  ar->add_flag("!--no-peers", o->peers, "Do not run the Gloo and Open MPI peers");
+  ar->add_option("--peers-dir", o->peers_dir, "Folder with gloo_allreduce.py and mpi_allreduce.cpp")
+      ->capture_default_str();
+  ar->add_flag("--worker", o->worker, "(internal) run as one rank of the sweep");
+  ar->add_option("--backend", o->backend, "(internal) the worker's backend");
+  ar->add_option("--out", o->out, "(internal) where rank 0 writes its rows");
+  return {bench, [o] { return o->worker ? run_worker(*o) : run_orchestrator(*o); }};
+}
+
+}  // namespace dtrain::cli

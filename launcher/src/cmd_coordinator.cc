@@ -1,0 +1,126 @@
+// `dtrain coordinator`: runs the job coordinator (gRPC, proto/coordinator.proto) in
+// the foreground until SIGINT or SIGTERM.
+//
+//   dtrain coordinator --port 29500 --world-size 2 [--bind ADDR] [--job-id ID]
+//                      [--token T | env DTRAIN_JOB_TOKEN] [--heartbeat-timeout S]
+//
+// Prints one line with the bound address on stdout ("... listening on HOST:PORT"),
+// then the job's events on stderr. Signals: SIGINT and SIGTERM are blocked before
+// the server starts its threads (which inherit the mask) and taken synchronously
+// with sigwait() on this thread, so no handler and no global state are needed.
+// It does not exit by itself when the job ends (the launcher that started it stops it).
+#include <fmt/format.h>
+#include <pthread.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "commands.h"
+#include "dtrain/common/error.h"
+#include "dtrain/coordinator/server.h"
+
+namespace dtrain::cli {
+
+namespace {
+
+struct CoordinatorConfig {
+  int port = 29500;
+  int world_size = 0;
+  std::string bind = "127.0.0.1";
+  std::string job_id = "default";
+  std::string token;
+  double heartbeat_timeout_s = 30.0;
+};
+
+// Blocks SIGINT/SIGTERM on this thread (and every thread started after) for its
+// lifetime; wait() takes the next one.
+// Thread-safety: use from the thread that constructed it.
+class BlockedSignals {
+ public:
+  BlockedSignals() {
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGINT);
+    sigaddset(&set_, SIGTERM);
+    int rc = pthread_sigmask(SIG_BLOCK, &set_, &old_);
+    DTRAIN_CHECK(rc == 0, InternalError, "coordinator: cannot block signals: {}",
+                 std::strerror(rc));
+  }
+  ~BlockedSignals() { pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
+  BlockedSignals(const BlockedSignals&) = delete;
+  BlockedSignals& operator=(const BlockedSignals&) = delete;
+
+  int wait() const {
+    int sig = 0;
+    int rc = sigwait(&set_, &sig);
+    DTRAIN_CHECK(rc == 0, InternalError, "coordinator: sigwait failed: {}", std::strerror(rc));
+    return sig;
+  }
+
+ private:
+  sigset_t set_{};
+  sigset_t old_{};
+};
+
+int run_coordinator(const CoordinatorConfig& c) {
+  DTRAIN_CHECK(std::isfinite(c.heartbeat_timeout_s) && c.heartbeat_timeout_s >= 0, InvalidArgument,
+               "--heartbeat-timeout must be >= 0 seconds, got {}", c.heartbeat_timeout_s);
+  coordinator::ServerOptions o;
+  o.bind_address = c.bind;
+  o.port = c.port;
+  o.world_size = c.world_size;
+  o.job_id = c.job_id;
+  o.token = c.token;
+  o.heartbeat_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(std::llround(c.heartbeat_timeout_s * 1000)));
+  o.log = [](const std::string& line) {
+    fmt::print(stderr, "dtrain coordinator: {}\n", line);
+    std::fflush(stderr);
+  };
+
+  BlockedSignals signals;  // before the server starts its threads
+  coordinator::CoordinatorServer server(std::move(o));
+  fmt::print("dtrain coordinator: job '{}' (world size {}{}) listening on {}\n", c.job_id,
+             c.world_size, c.token.empty() ? "" : ", token required", server.address());
+  std::fflush(stdout);
+
+  int sig = signals.wait();
+  fmt::print(stderr, "dtrain coordinator: {} received, shutting down\n",
+             sig == SIGINT ? "SIGINT" : "SIGTERM");
+  coordinator::JobStatus st = server.status();
+  server.shutdown();
+  fmt::print(stderr, "dtrain coordinator: stopped; job '{}' was {} with {} of {} workers\n",
+             st.job_id, coordinator::job_state_name(st.state), st.workers.size(), st.world_size);
+  return 0;
+}
+
+}  // namespace
+
+Command add_coordinator_command(CLI::App& app) {
+  auto c = std::make_shared<CoordinatorConfig>();
+  CLI::App* cmd =
+      app.add_subcommand("coordinator",
+                         "Run the job coordinator (rendezvous, barriers, key-value store) until "
+                         "SIGINT/SIGTERM");
+  cmd->add_option("--port", c->port, "Port to listen on (0: any free port)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 65535));
+  cmd->add_option("--world-size", c->world_size, "Number of workers in the job")
+      ->required()
+      ->check(kPositive);
+  cmd->add_option("--bind", c->bind, "Address to listen on (0.0.0.0: every interface)")
+      ->capture_default_str();
+  cmd->add_option("--job-id", c->job_id, "Job id every worker must name")->capture_default_str();
+  cmd->add_option("--token", c->token, "Job token every call must carry (default: none)")
+      ->envname("DTRAIN_JOB_TOKEN");
+  cmd->add_option("--heartbeat-timeout", c->heartbeat_timeout_s,
+                  "Seconds without a heartbeat after which a worker is lost (0: off)")
+      ->capture_default_str();
+  return {cmd, [c] { return run_coordinator(*c); }};
+}
+
+}  // namespace dtrain::cli

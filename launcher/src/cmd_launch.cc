@@ -1,0 +1,606 @@
+// `dtrain launch`: start N local workers (and, unless one is given, a coordinator)
+// and supervise them.
+//
+//   dtrain launch --nproc N [--coordinator HOST:PORT] [--job-id ID] [--token T]
+//                 [--grace-period S] -- <command ...>
+//
+// 1. Without --coordinator it spawns `<this binary> coordinator --port 0
+//    --world-size N ...` and reads the address it binds from its stdout (the first
+//    line carrying a HOST:PORT, see parse_coordinator_address).
+// 2. It spawns N copies of <command> with DTRAIN_RANK, DTRAIN_WORLD_SIZE,
+//    DTRAIN_LOCAL_RANK, DTRAIN_COORDINATOR, DTRAIN_JOB_ID and DTRAIN_JOB_TOKEN set
+//    (see worker_env.h), each in its own process group, with stdout and stderr on
+//    pipes. Every line they print is re-emitted on the same stream prefixed with
+//    "[rank k] " (the coordinator's with "[coordinator] ").
+// 3. When a worker exits non-zero or is killed, it says which rank failed and how
+//    ("rank 1 was killed by signal 9 (SIGKILL)"), gives the other workers
+//    --failure-wait seconds to notice and exit by themselves (their collectives fail
+//    naming the lost rank), then sends SIGTERM to every remaining worker's process group, SIGKILL
+//    after --grace-period, stops the coordinator and exits 1. SIGINT/SIGTERM/SIGHUP sent to launch
+//    are forwarded to the workers (a second one kills them); launch then exits 128 + the signal
+//    number. Workers start with SIGINT/SIGTERM at their defaults (launch forwards them even when
+//    its own shell ignored them); a SIGHUP ignored by nohup stays ignored.
+//
+// One thread does everything: children are forked before any reading starts and
+// one poll() loop serves the output pipes and a signalfd (signals are blocked and
+// read as events, so there is no signal handler and no global state). Children get
+// PR_SET_PDEATHSIG, so workers do not outlive a launch that is itself killed.
+// Linux only. Not here: several nodes (each node runs its own launch with
+// --coordinator), restarting failed workers (the recovery work).
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <random>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+#include "dtrain/common/error.h"
+
+extern char** environ;
+
+namespace dtrain::cli {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct LaunchOptions {
+  int nproc = 1;
+  std::string coordinator;  // empty: start one
+  std::string job_id = "default";
+  std::string token;
+  double grace_period = 5.0;  // seconds between SIGTERM and SIGKILL
+  double failure_wait = 3.0;  // seconds the survivors get to report a failure themselves
+  std::vector<std::string> command;
+};
+
+// An owned file descriptor.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() { reset(); }
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) {
+      reset();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+struct Pipe {
+  Fd read;
+  Fd write;
+};
+
+Pipe make_pipe() {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) {
+    DTRAIN_THROW(IoError, "launch: pipe2 failed: {}", std::strerror(errno));
+  }
+  return {Fd(fds[0]), Fd(fds[1])};
+}
+
+const char* signal_abbrev(int sig) {
+  const char* name = ::sigabbrev_np(sig);
+  return name != nullptr ? name : "?";
+}
+
+// "exited with code 3", "was killed by signal 9 (SIGKILL)".
+std::string describe_status(int status) {
+  if (WIFEXITED(status)) return fmt::format("exited with code {}", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) {
+    int sig = WTERMSIG(status);
+    return fmt::format("was killed by signal {} (SIG{})", sig, signal_abbrev(sig));
+  }
+  return fmt::format("ended with wait status {}", status);
+}
+
+// A random hex token, so that only this launch's workers can talk to its coordinator.
+std::string random_token() {
+  std::random_device rd;
+  std::string s;
+  for (int i = 0; i < 4; ++i) s += fmt::format("{:08x}", rd());
+  return s;
+}
+
+std::string self_exe() {
+  std::string buf(4096, '\0');
+  ssize_t n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
+  if (n <= 0) DTRAIN_THROW(IoError, "launch: cannot find its own binary (/proc/self/exe)");
+  buf.resize(static_cast<size_t>(n));
+  return buf;
+}
+
+// One child process in its own process group.
+struct Child {
+  std::string label;  // "rank 2", "coordinator"
+  int rank = -1;      // -1 for the coordinator
+  pid_t pid = -1;
+  bool running = false;
+  int status = 0;
+};
+
+// Forks and execs argv with env, stdout/stderr on out/err, in a new process group.
+// Everything the child needs is prepared before fork().
+pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env, int out,
+            int err, const sigset_t& child_mask) {
+  std::vector<char*> cargv;
+  for (const std::string& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+  cargv.push_back(nullptr);
+  std::vector<char*> cenv;
+  for (const std::string& e : env) cenv.push_back(const_cast<char*>(e.c_str()));
+  cenv.push_back(nullptr);
+  const std::string exec_error = fmt::format("dtrain launch: cannot execute '{}': ", argv[0]);
+  pid_t parent = ::getpid();
+
+  pid_t pid = ::fork();
+  if (pid < 0) DTRAIN_THROW(IoError, "launch: fork failed: {}", std::strerror(errno));
+  if (pid == 0) {
+    // Child: async-signal-safe calls only, then exec.
+    ::setpgid(0, 0);
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(126);
+    ::dup2(out, STDOUT_FILENO);
+    ::dup2(err, STDERR_FILENO);
+    // Launch forwards SIGINT/SIGTERM itself, so the workers must act on them even
+    // when launch was started with them ignored (a background job of a shell).
+    struct sigaction dfl = {};
+    dfl.sa_handler = SIG_DFL;
+    ::sigaction(SIGINT, &dfl, nullptr);
+    ::sigaction(SIGTERM, &dfl, nullptr);
+    ::sigprocmask(SIG_SETMASK, &child_mask, nullptr);
+    ::execvpe(cargv[0], cargv.data(), cenv.data());
+    ssize_t ignored = ::write(STDERR_FILENO, exec_error.data(), exec_error.size());
+    const char* why = ::strerrordesc_np(errno);
+    if (why != nullptr) ignored = ::write(STDERR_FILENO, why, std::strlen(why));
+    ignored = ::write(STDERR_FILENO, "\n", 1);
+    (void)ignored;
+    ::_exit(127);
+  }
+  ::setpgid(pid, pid);  // also here, so the group exists before we may signal it
+  return pid;
+}
+
+// The environment of the current process without the variables in `drop`.
+std::vector<std::string> inherited_env(const std::vector<std::string>& drop) {
+  std::vector<std::string> out;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    std::string kv = *e;
+    std::string key = kv.substr(0, kv.find('='));
+    if (std::find(drop.begin(), drop.end(), key) == drop.end()) out.push_back(std::move(kv));
+  }
+  return out;
+}
+
+// The HOST:PORT in a line the coordinator prints ("listening on 127.0.0.1:41234");
+// the last such token wins, so a timestamp prefix cannot be mistaken for it.
+std::optional<std::string> parse_coordinator_address(const std::string& line) {
+  static const std::regex kAddr(
+      R"((\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-]*):([0-9]{1,5})\b)");
+  std::optional<std::string> found;
+  for (auto it = std::sregex_iterator(line.begin(), line.end(), kAddr);
+       it != std::sregex_iterator(); ++it) {
+    int port = std::stoi((*it)[2].str());
+    if (port >= 1 && port <= 65535) found = (*it)[0].str();
+  }
+  return found;
+}
+
+// Re-emits a pipe's output line by line with a prefix.
+struct Stream {
+  Fd fd;
+  FILE* sink = stdout;
+  std::string prefix;
+  std::string partial;
+  size_t child = 0;            // index into Launcher::children_
+  bool watch_address = false;  // the coordinator's stdout, until the address is seen
+};
+
+class Launcher {
+ public:
+  explicit Launcher(LaunchOptions o) : opt_(std::move(o)) {}
+  ~Launcher() { cleanup(); }
+  Launcher(const Launcher&) = delete;
+  Launcher& operator=(const Launcher&) = delete;
+
+  int run();
+
+ private:
+  void block_signals();
+  void start_coordinator();
+  void start_workers();
+  size_t add_child(std::string label, int rank, const std::vector<std::string>& argv,
+                   const std::vector<std::string>& env);
+  // One poll round (at most `max_wait`): output, signals, exits, kill deadlines.
+  void poll_once(std::chrono::milliseconds max_wait);
+  void read_stream(Stream& s);
+  void emit_line(Stream& s, const std::string& line);
+  void flush_partial(Stream& s);
+  void handle_signals();
+  void reap();
+  void on_exit(Child& c);
+  void stop_workers(int sig);
+  void signal_group(const Child& c, int sig);
+  bool workers_running() const;
+  bool worker_streams_open() const;
+  void stop_coordinator();
+  void cleanup();
+
+  LaunchOptions opt_;
+  sigset_t old_mask_{};
+  bool mask_set_ = false;
+  Fd sigfd_;
+  std::vector<Child> children_;  // the coordinator (when started) first
+  std::vector<Stream> streams_;
+  std::optional<size_t> coordinator_;
+  std::string coordinator_address_;
+  std::optional<std::string> failure_;  // the first failure, as printed
+  int interrupted_by_ = 0;
+  bool stopping_ = false;
+  std::optional<Clock::time_point> kill_at_;
+  // After a worker fails, the others get until term_at_ to notice (their collectives
+  // fail naming the lost rank) and exit by themselves before launch sends SIGTERM.
+  std::optional<Clock::time_point> term_at_;
+};
+
+void Launcher::block_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int s : {SIGCHLD, SIGINT, SIGTERM}) sigaddset(&set, s);
+  // SIGHUP only when not ignored (nohup): then the workers keep ignoring it too.
+  struct sigaction hup = {};
+  if (::sigaction(SIGHUP, nullptr, &hup) == 0 && hup.sa_handler != SIG_IGN) {
+    sigaddset(&set, SIGHUP);
+  }
+  if (::sigprocmask(SIG_BLOCK, &set, &old_mask_) != 0) {
+    DTRAIN_THROW(IoError, "launch: sigprocmask failed: {}", std::strerror(errno));
+  }
+  mask_set_ = true;
+  sigfd_ = Fd(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (sigfd_.get() < 0) DTRAIN_THROW(IoError, "launch: signalfd failed: {}", std::strerror(errno));
+}
+
+size_t Launcher::add_child(std::string label, int rank, const std::vector<std::string>& argv,
+                           const std::vector<std::string>& env) {
+  Pipe out = make_pipe();
+  Pipe err = make_pipe();
+  Child c;
+  c.label = std::move(label);
+  c.rank = rank;
+  c.pid = spawn(argv, env, out.write.get(), err.write.get(), old_mask_);
+  c.running = true;
+  children_.push_back(c);
+  size_t index = children_.size() - 1;
+  std::string prefix = "[" + children_[index].label + "] ";
+  streams_.push_back(Stream{std::move(out.read), stdout, prefix, "", index, false});
+  streams_.push_back(Stream{std::move(err.read), stderr, prefix, "", index, false});
+  return index;
+}
+
+void Launcher::start_coordinator() {
+  std::vector<std::string> argv = {self_exe(), "coordinator",  "--port",
+                                   "0",        "--world-size", std::to_string(opt_.nproc),
+                                   "--job-id", opt_.job_id};
+  // The token travels in the environment, not on a command line `ps` shows.
+  std::vector<std::string> env = inherited_env({"DTRAIN_JOB_TOKEN"});
+  if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
+  coordinator_ = add_child("coordinator", -1, argv, env);
+  streams_[streams_.size() - 2].watch_address = true;
+
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (coordinator_address_.empty()) {
+    if (!children_[*coordinator_].running || failure_ || interrupted_by_ != 0) break;
+    if (Clock::now() >= deadline) {
+      failure_ = "the coordinator printed no address within 30 s";
+      break;
+    }
+    poll_once(std::chrono::milliseconds(100));
+  }
+  if (coordinator_address_.empty() && !failure_ && interrupted_by_ == 0) {
+    // Show what it said (its error) before reporting.
+    const auto drain_until = Clock::now() + std::chrono::seconds(1);
+    while (Clock::now() < drain_until &&
+           std::any_of(streams_.begin(), streams_.end(),
+                       [](const Stream& s) { return s.fd.get() >= 0; })) {
+      poll_once(std::chrono::milliseconds(50));
+    }
+    failure_ = fmt::format("the coordinator {} before printing its address",
+                           describe_status(children_[*coordinator_].status));
+  }
+}
+
+void Launcher::start_workers() {
+  std::vector<std::string> base =
+      inherited_env({"DTRAIN_RANK", "DTRAIN_WORLD_SIZE", "DTRAIN_LOCAL_RANK", "DTRAIN_COORDINATOR",
+                     "DTRAIN_JOB_ID", "DTRAIN_JOB_TOKEN"});
+  for (int r = 0; r < opt_.nproc; ++r) {
+    std::vector<std::string> env = base;
+    env.push_back(fmt::format("DTRAIN_RANK={}", r));
+    env.push_back(fmt::format("DTRAIN_WORLD_SIZE={}", opt_.nproc));
+    env.push_back(fmt::format("DTRAIN_LOCAL_RANK={}", r));
+    env.push_back("DTRAIN_COORDINATOR=" + coordinator_address_);
+    env.push_back("DTRAIN_JOB_ID=" + opt_.job_id);
+    if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
+    add_child(fmt::format("rank {}", r), r, opt_.command, env);
+  }
+}
+
+void Launcher::emit_line(Stream& s, const std::string& line) {
+  if (s.watch_address) {
+    if (std::optional<std::string> addr = parse_coordinator_address(line)) {
+      coordinator_address_ = *addr;
+      s.watch_address = false;
+    }
+  }
+  std::string out = s.prefix + line + "\n";
+  std::fwrite(out.data(), 1, out.size(), s.sink);
+  std::fflush(s.sink);
+}
+
+void Launcher::flush_partial(Stream& s) {
+  if (!s.partial.empty()) emit_line(s, s.partial);
+  s.partial.clear();
+}
+
+void Launcher::read_stream(Stream& s) {
+  char buf[65536];
+  ssize_t n = ::read(s.fd.get(), buf, sizeof buf);
+  if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+  if (n <= 0) {  // EOF (or an error: treat as closed)
+    flush_partial(s);
+    s.fd.reset();
+    return;
+  }
+  s.partial.append(buf, static_cast<size_t>(n));
+  size_t start = 0;
+  for (size_t nl; (nl = s.partial.find('\n', start)) != std::string::npos; start = nl + 1) {
+    emit_line(s, s.partial.substr(start, nl - start));
+  }
+  s.partial.erase(0, start);
+  if (s.partial.size() > 65536) flush_partial(s);  // a very long line: emit in pieces
+}
+
+void Launcher::signal_group(const Child& c, int sig) {
+  if (c.running) ::kill(-c.pid, sig);
+}
+
+void Launcher::stop_workers(int sig) {
+  stopping_ = true;
+  for (const Child& c : children_) {
+    if (c.rank >= 0) signal_group(c, sig);
+  }
+  if (sig != SIGKILL && !kill_at_) {
+    kill_at_ =
+        Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(opt_.grace_period * 1000));
+  }
+}
+
+void Launcher::on_exit(Child& c) {
+  c.running = false;
+  bool ok = WIFEXITED(c.status) && WEXITSTATUS(c.status) == 0;
+  if (c.rank < 0) {  // the coordinator
+    if (!stopping_ && !failure_ && workers_running()) {
+      failure_ = fmt::format("the coordinator {}", describe_status(c.status));
+      fmt::print(stderr, "dtrain launch: {}; stopping the workers\n", *failure_);
+      stop_workers(SIGTERM);
+    }
+    return;
+  }
+  if (ok || stopping_ || failure_) return;
+  failure_ = fmt::format("{} {}", c.label, describe_status(c.status));
+  fmt::print(stderr, "dtrain launch: {}; stopping the other workers\n", *failure_);
+  std::fflush(stderr);
+  term_at_ =
+      Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(opt_.failure_wait * 1000));
+}
+
+void Launcher::reap() {
+  for (;;) {
+    int status = 0;
+    pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid <= 0) return;
+    for (Child& c : children_) {
+      if (c.pid == pid && c.running) {
+        c.status = status;
+        on_exit(c);
+      }
+    }
+  }
+}
+
+void Launcher::handle_signals() {
+  signalfd_siginfo info;
+  while (::read(sigfd_.get(), &info, sizeof info) == static_cast<ssize_t>(sizeof info)) {
+    int sig = static_cast<int>(info.ssi_signo);
+    if (sig == SIGCHLD) continue;  // reap() runs after every poll round
+    if (interrupted_by_ != 0 || stopping_) {
+      fmt::print(stderr, "dtrain launch: got SIG{} again, killing the workers\n",
+                 signal_abbrev(sig));
+      if (interrupted_by_ == 0) interrupted_by_ = sig;
+      stop_workers(SIGKILL);
+      continue;
+    }
+    interrupted_by_ = sig;
+    fmt::print(stderr, "dtrain launch: got SIG{}, forwarding it to the workers\n",
+               signal_abbrev(sig));
+    stop_workers(sig);
+  }
+}
+
+void Launcher::poll_once(std::chrono::milliseconds max_wait) {
+  for (const auto& at : {kill_at_, term_at_}) {
+    if (!at) continue;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*at - Clock::now());
+    max_wait = std::clamp(left, std::chrono::milliseconds(0), max_wait);
+  }
+  std::vector<pollfd> fds;
+  std::vector<Stream*> owners;
+  fds.push_back({sigfd_.get(), POLLIN, 0});
+  owners.push_back(nullptr);
+  for (Stream& s : streams_) {
+    if (s.fd.get() < 0) continue;
+    fds.push_back({s.fd.get(), POLLIN, 0});
+    owners.push_back(&s);
+  }
+  int n = ::poll(fds.data(), fds.size(), static_cast<int>(max_wait.count()));
+  if (n < 0 && errno != EINTR) {
+    DTRAIN_THROW(IoError, "launch: poll failed: {}", std::strerror(errno));
+  }
+  for (size_t i = 0; n > 0 && i < fds.size(); ++i) {
+    if ((fds[i].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+    if (owners[i] == nullptr) {
+      handle_signals();
+    } else {
+      read_stream(*owners[i]);
+    }
+  }
+  reap();
+  if (term_at_ && Clock::now() >= *term_at_) {
+    term_at_.reset();
+    if (workers_running()) stop_workers(SIGTERM);
+  }
+  if (kill_at_ && Clock::now() >= *kill_at_) {
+    kill_at_.reset();
+    stop_workers(SIGKILL);
+  }
+}
+
+bool Launcher::workers_running() const {
+  return std::any_of(children_.begin(), children_.end(),
+                     [](const Child& c) { return c.rank >= 0 && c.running; });
+}
+
+bool Launcher::worker_streams_open() const {
+  return std::any_of(streams_.begin(), streams_.end(), [&](const Stream& s) {
+    return s.fd.get() >= 0 && children_[s.child].rank >= 0;
+  });
+}
+
+void Launcher::stop_coordinator() {
+  if (!coordinator_) return;
+  Child& c = children_[*coordinator_];
+  signal_group(c, SIGTERM);
+  const auto deadline =
+      Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(opt_.grace_period * 1000));
+  while (c.running && Clock::now() < deadline) poll_once(std::chrono::milliseconds(50));
+  signal_group(c, SIGKILL);
+  while (c.running) poll_once(std::chrono::milliseconds(50));
+}
+
+void Launcher::cleanup() {
+  // Only reached with children still running when run() threw: kill and reap them.
+  for (Child& c : children_) {
+    if (!c.running) continue;
+    ::kill(-c.pid, SIGKILL);
+    ::waitpid(c.pid, &c.status, 0);
+    c.running = false;
+  }
+  if (mask_set_) ::sigprocmask(SIG_SETMASK, &old_mask_, nullptr);
+  mask_set_ = false;
+}
+
+int Launcher::run() {
+  block_signals();
+  if (opt_.coordinator.empty()) {
+    if (opt_.token.empty()) opt_.token = random_token();
+    start_coordinator();
+  } else {
+    coordinator_address_ = opt_.coordinator;
+  }
+  if (!failure_ && interrupted_by_ == 0) start_workers();
+
+  // Supervise until every worker has exited and its output is drained. Output still
+  // open a second after the last exit belongs to a leftover grandchild: kill it.
+  std::optional<Clock::time_point> drain_until;
+  while (workers_running() || worker_streams_open()) {
+    if (!workers_running()) {
+      if (!drain_until) drain_until = Clock::now() + std::chrono::seconds(1);
+      if (Clock::now() >= *drain_until) break;
+    }
+    poll_once(std::chrono::milliseconds(200));
+  }
+  for (Stream& s : streams_) {
+    if (s.fd.get() >= 0 && children_[s.child].rank >= 0) {
+      flush_partial(s);
+      s.fd.reset();
+      // A process the worker left behind still holds the pipe: end its group (the
+      // group, and so its id, lives on while any member does).
+      ::kill(-children_[s.child].pid, SIGKILL);
+    }
+  }
+  stop_coordinator();
+  cleanup();
+
+  if (failure_) {
+    fmt::print(stderr, "dtrain launch: failed: {}\n", *failure_);
+    return 1;
+  }
+  if (interrupted_by_ != 0) return 128 + interrupted_by_;
+  return 0;
+}
+
+}  // namespace
+
+Command add_launch_command(CLI::App& app) {
+  auto o = std::make_shared<LaunchOptions>();
+  CLI::App* l = app.add_subcommand(
+      "launch",
+      "Start N local workers (and a coordinator) running a command: launch --nproc N -- cmd ...");
+  l->add_option("--nproc", o->nproc, "Number of worker processes on this host")
+      ->required()
+      ->check(kPositive);
+  l->add_option("--coordinator", o->coordinator,
+                "HOST:PORT of a running coordinator (default: start one on loopback)");
+  l->add_option("--job-id", o->job_id, "Job id the workers join with")->capture_default_str();
+  l->add_option("--token", o->token,
+                "Job token every coordinator call carries (default: $DTRAIN_JOB_TOKEN, or a "
+                "fresh random token for the coordinator launch starts)");
+  l->add_option("--failure-wait", o->failure_wait,
+                "Seconds the other workers get to exit by themselves after one fails")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  l->add_option("--grace-period", o->grace_period,
+                "Seconds between SIGTERM and SIGKILL when stopping workers")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  l->add_option("command", o->command, "The worker command, after --")->required();
+  return {l, [o] {
+            if (o->token.empty()) {
+              if (const char* t = std::getenv("DTRAIN_JOB_TOKEN")) o->token = t;
+            }
+            Launcher launcher(*o);
+            return launcher.run();
+          }};
+}
+
+}  // namespace dtrain::cli
