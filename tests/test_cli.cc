@@ -137,8 +137,8 @@ TEST(Cli, ShortRunWritesMetricsAndSummary) {
   EXPECT_TRUE(nlohmann::json::parse(last).contains("test_accuracy")) << last;
 }
 
-// Acceptance: the demo (the README's first command, minus the set-up) reaches
-// test accuracy >= 0.97 on the 2,000 held-out real MNIST digits.
+// The single-process demo reaches test accuracy >= 0.97 on the 2,000 held-out real
+// MNIST digits (the two-worker main job is in test_distributed.cc).
 TEST(Demo, ReachesAccuracyOnRealMnist) {
   fs::path dir = scratch("demo");
   fs::path metrics = dir / "metrics.jsonl";

@@ -22,10 +22,18 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 #include <vector>
+
+#include <sched.h>
 
 #include "commands.h"
 #include "dtrain/common/error.h"
+#include "dtrain/engine/nn/models.h"
+#include "dtrain/engine/ops.h"
+#include "dtrain/engine/optim/sgd.h"
+#include "dtrain/engine/threading.h"
+#include "dtrain/parallel/ddp.h"
 #include "worker_env.h"
 #include "worker_session.h"
 
@@ -138,6 +146,109 @@ int run_worker(const BenchOptions& o) {
     }
   }
   return 0;
+}
+
+// ---- data-parallel weak scaling: one rank's timing ----
+struct ScalingOptions {
+  std::vector<int> workers = {1, 2};
+  std::string model = "seed-cnn";
+  int64_t batch = 64;  // per worker
+  int steps = 20, reps = 5;
+  bool pin = true;
+  bool worker = false;
+  std::string out;
+};
+
+int run_scaling_worker(const ScalingOptions& o) {
+  WorkerIdentity id = detect_worker_identity(process_env_reader());
+  if (o.pin) {  // one core per worker, as a cluster job would place them
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(id.local_rank % static_cast<int>(std::thread::hardware_concurrency()), &set);
+    ::sched_setaffinity(0, sizeof set, &set);
+  }
+  set_num_threads(1);
+  auto session = WorkerSession::open(id, SessionOptions{});
+  comm::Communicator& comm = session->comm();
+  Generator gen(0);
+  auto model = nn::make_model(o.model, gen);
+  Generator data_gen(100 + static_cast<uint64_t>(comm.rank()));
+  nn::Batch data = nn::make_random_batch(o.model, o.batch, data_gen);
+  std::unique_ptr<parallel::DistributedDataParallel> ddp;
+  if (comm.size() > 1) ddp = std::make_unique<parallel::DistributedDataParallel>(model, comm);
+  optim::SGD opt(model->parameters(), optim::SGDOptions(0.01).momentum(0.9));
+  auto step = [&] {
+    opt.zero_grad();
+    Tensor loss = cross_entropy(model->forward(data.input), data.target);
+    loss.backward();
+    if (ddp) ddp->finish_gradient_sync();
+    opt.step();
+  };
+  for (int i = 0; i < 5; ++i) step();
+  std::vector<double> times;
+  for (int r = 0; r < o.reps; ++r) {
+    comm.barrier();
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < o.steps; ++i) step();
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    comm.allreduce(&dt, 1, DType::f64, comm::ReduceOp::kMax);  // the slowest rank sets the pace
+    times.push_back(dt / o.steps);
+  }
+  std::sort(times.begin(), times.end());
+  double med = times[times.size() / 2];
+  if (comm.rank() == 0) {
+    std::ofstream out(o.out, std::ios::trunc);
+    out << nlohmann::json{{"workers", comm.size()},
+                          {"batch_per_worker", o.batch},
+                          {"ms_per_step", med * 1e3},
+                          {"samples_per_s", static_cast<double>(o.batch * comm.size()) / med}}
+               .dump()
+        << "\n";
+  }
+  return 0;
+}
+
+int run_scaling(const ScalingOptions& o) {
+  std::string self = self_exe();
+  std::vector<nlohmann::json> rows;
+  std::string note;
+  for (int n : o.workers) {
+    fs::path out =
+        fs::temp_directory_path() / fmt::format("dtrain-scaling-{}-{}.json", getpid(), n);
+    std::string cmd = fmt::format(
+        "{} launch --nproc {} -- {} bench scaling --worker --model {} --batch {} --steps {} "
+        "--reps {}{} --out {} 2>&1",
+        self, n, self, o.model, o.batch, o.steps, o.reps, o.pin ? "" : " --no-pin", out.string());
+    int st = 0;
+    std::string log = run_capture(cmd, &st);
+    std::ifstream in(out);
+    std::stringstream text;
+    text << in.rdbuf();
+    auto got = json_lines(text.str());
+    fs::remove(out);
+    if (st != 0 || got.empty()) {
+      note += fmt::format("{} worker(s): failed (status {}):\n{}\n", n, st, log);
+      continue;
+    }
+    rows.push_back(got[0]);
+  }
+  fmt::print(
+      "# data-parallel weak scaling: {}, batch {} per worker, 1 thread per worker{}, "
+      "tcp backend, median of {} x {} steps\n",
+      o.model, o.batch, o.pin ? " pinned to its own core" : "", o.reps, o.steps);
+  fmt::print("{:>8} {:>12} {:>14} {:>16} {:>12}\n", "workers", "ms/step", "samples/s",
+             "vs 1 worker", "efficiency");
+  double base = 0;
+  for (const auto& r : rows) {
+    double sps = r["samples_per_s"].get<double>();
+    int n = r["workers"].get<int>();
+    if (n == 1) base = sps;
+    fmt::print("{:>8} {:>12.3f} {:>14.1f} {:>16} {:>12}\n", n, r["ms_per_step"].get<double>(), sps,
+               base > 0 ? fmt::format("{:.2f}x", sps / base) : "-",
+               base > 0 ? fmt::format("{:.0f}%", 100.0 * sps / base / n) : "-");
+  }
+  if (!note.empty()) fmt::print("# notes:\n{}", note);
+  return note.empty() ? 0 : 1;
 }
 
 // ---- orchestrator ----
@@ -313,7 +424,21 @@ Command add_bench_command(CLI::App& app) {
   ar->add_flag("--worker", o->worker, "(internal) run as one rank of the sweep");
   ar->add_option("--backend", o->backend, "(internal) the worker's backend");
   ar->add_option("--out", o->out, "(internal) where rank 0 writes its rows");
-  return {bench, [o] { return o->worker ? run_worker(*o) : run_orchestrator(*o); }};
+  auto so = std::make_shared<ScalingOptions>();
+  CLI::App* sc = bench->add_subcommand(
+      "scaling", "Data-parallel weak scaling: N workers on N cores against 1 worker on 1 core");
+  sc->add_option("--workers", so->workers, "Worker counts to measure")->capture_default_str();
+  sc->add_option("--model", so->model, "seed-cnn | mlp | seed-lstm")->capture_default_str();
+  sc->add_option("--batch", so->batch, "Batch per worker")->capture_default_str()->check(kPositive);
+  sc->add_option("--steps", so->steps, "Steps per repetition")->capture_default_str();
+  sc->add_option("--reps", so->reps, "Repetitions (median reported)")->capture_default_str();
+  sc->add_flag("!--no-pin", so->pin, "Do not pin each worker to its own core");
+  sc->add_flag("--worker", so->worker, "(internal) run as one rank");
+  sc->add_option("--out", so->out, "(internal) where rank 0 writes its row");
+  return {bench, [o, so, ar, sc] {
+            if (ar->parsed()) return o->worker ? run_worker(*o) : run_orchestrator(*o);
+            return so->worker ? run_scaling_worker(*so) : run_scaling(*so);
+          }};
 }
 
 }  // namespace dtrain::cli

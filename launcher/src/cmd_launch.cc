@@ -239,6 +239,7 @@ class Launcher {
   void block_signals();
   void start_coordinator();
   void start_workers();
+  std::vector<std::string> worker_command() const;
   size_t add_child(std::string label, int rank, const std::vector<std::string>& argv,
                    const std::vector<std::string>& env);
   // One poll round (at most `max_wait`): output, signals, exits, kill deadlines.
@@ -339,6 +340,14 @@ void Launcher::start_coordinator() {
   }
 }
 
+// `dtrain launch --nproc 2 -- dtrain train` runs this very binary for "dtrain", so the
+// workers match the launcher whether or not a dtrain is on PATH.
+std::vector<std::string> Launcher::worker_command() const {
+  std::vector<std::string> cmd = opt_.command;
+  if (!cmd.empty() && cmd[0] == "dtrain") cmd[0] = self_exe();
+  return cmd;
+}
+
 void Launcher::start_workers() {
   std::vector<std::string> base =
       inherited_env({"DTRAIN_RANK", "DTRAIN_WORLD_SIZE", "DTRAIN_LOCAL_RANK", "DTRAIN_COORDINATOR",
@@ -351,7 +360,7 @@ void Launcher::start_workers() {
     env.push_back("DTRAIN_COORDINATOR=" + coordinator_address_);
     env.push_back("DTRAIN_JOB_ID=" + opt_.job_id);
     if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
-    add_child(fmt::format("rank {}", r), r, opt_.command, env);
+    add_child(fmt::format("rank {}", r), r, worker_command(), env);
   }
 }
 
