@@ -365,6 +365,7 @@ TEST_P(TcpWorld, RejectsBadArgumentsWithoutFailing) {
     EXPECT_THROW(comm.recv(&x, 1, DType::f32, n), InvalidArgument);
     EXPECT_THROW(comm.allreduce(nullptr, 3, DType::f32, ReduceOp::kSum), InvalidArgument);
     EXPECT_THROW(comm.set_timeout(milliseconds(0)), InvalidArgument);
+    EXPECT_THROW(comm.allreduce(&x, 1, static_cast<DType>(99), ReduceOp::kSum), DTypeError);
     comm.allreduce(&x, 1, DType::f32, ReduceOp::kSum);  // still usable
     EXPECT_EQ(x, static_cast<float>(n));
   });

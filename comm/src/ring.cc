@@ -52,6 +52,11 @@ std::vector<size_t> block_segments(size_t count, int n) {
   return off;
 }
 
+void check_dtype(DType dtype, const char* op) {
+  DTRAIN_CHECK(dtype_size(dtype) > 0, DTypeError, "ring {}: unknown dtype {}", op,
+               static_cast<int>(dtype));
+}
+
 struct Unit {
   int step;
   size_t off;  // element offset in the full buffer
@@ -126,11 +131,14 @@ void Ring::run(const Pass& p, Deadline deadline) {
     const Unit& un = units[u];
     p2p_.wait(recv_req[u % window], deadline);
     const bool forward = un.step + 1 < p.steps;
-    const std::byte* fwd = p.out + un.off * es;
-    if (un.step < p.reduce_steps) {
+    const std::byte* fwd = nullptr;  // what step + 1 sends: this chunk, reduced or copied
+    if (un.step >= p.reduce_steps) {
+      fwd = p.out + un.off * es;
+    } else {
       std::byte* slot = slot_ptr(u);
       const bool last_reduce = un.step == p.reduce_steps - 1;
       if (in_place) {
+        fwd = p.out + un.off * es;
         reduce_into(p.out + un.off * es, slot, un.len, p.dtype, p.op);
         if (last_reduce) scale_in_place(p.out + un.off * es, un.len, p.dtype, p.final_scale);
       } else if (!last_reduce) {
@@ -157,6 +165,7 @@ void Ring::run(const Pass& p, Deadline deadline) {
 }
 
 void Ring::allreduce(void* data, size_t count, DType dtype, ReduceOp op, Deadline deadline) {
+  check_dtype(dtype, "allreduce");
   const int n = p2p_.size();
   const double scale = op == ReduceOp::kAvg ? 1.0 / n : 1.0;
   if (count == 0) return;
@@ -177,6 +186,7 @@ void Ring::allreduce(void* data, size_t count, DType dtype, ReduceOp op, Deadlin
 
 void Ring::reduce_scatter(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
                           Deadline deadline) {
+  check_dtype(dtype, "reduce_scatter");
   const int n = p2p_.size(), rank = p2p_.rank();
   const double scale = op == ReduceOp::kAvg ? 1.0 / n : 1.0;
   if (count == 0) return;
@@ -200,6 +210,7 @@ void Ring::reduce_scatter(const void* send, void* recv, size_t count, DType dtyp
 }
 
 void Ring::allgather(const void* send, void* recv, size_t count, DType dtype, Deadline deadline) {
+  check_dtype(dtype, "allgather");
   const int n = p2p_.size(), rank = p2p_.rank();
   if (count == 0) return;
   const size_t bytes = count * dtype_size(dtype);
@@ -218,6 +229,7 @@ void Ring::allgather(const void* send, void* recv, size_t count, DType dtype, De
 }
 
 void Ring::broadcast(void* data, size_t count, DType dtype, int root, Deadline deadline) {
+  check_dtype(dtype, "broadcast");
   const int n = p2p_.size(), rank = p2p_.rank();
   if (count == 0 || n == 1) return;
   const int dist = mod(rank - root, n);

@@ -91,13 +91,13 @@ class TcpCommunicator final : public Communicator {
 
   std::shared_ptr<Work> allreduce_async(void* data, size_t count, DType dtype,
                                         ReduceOp op) override {
-    check_buffer(data, count, "allreduce");
+    check_buffer(data, count, dtype, "allreduce");
     return enqueue("allreduce",
                    [=, this](Deadline d) { ring_.allreduce(data, count, dtype, op, d); });
   }
 
   std::shared_ptr<Work> broadcast_async(void* data, size_t count, DType dtype, int root) override {
-    check_buffer(data, count, "broadcast");
+    check_buffer(data, count, dtype, "broadcast");
     DTRAIN_CHECK(root >= 0 && root < size(), InvalidArgument,
                  "tcp: broadcast root {} is not a rank of a world of size {}", root, size());
     return enqueue("broadcast",
@@ -106,23 +106,23 @@ class TcpCommunicator final : public Communicator {
 
   std::shared_ptr<Work> allgather_async(const void* send, void* recv, size_t count,
                                         DType dtype) override {
-    check_buffer(send, count, "allgather");
-    check_buffer(recv, count, "allgather");
+    check_buffer(send, count, dtype, "allgather");
+    check_buffer(recv, count, dtype, "allgather");
     return enqueue("allgather",
                    [=, this](Deadline d) { ring_.allgather(send, recv, count, dtype, d); });
   }
 
   std::shared_ptr<Work> reduce_scatter_async(const void* send, void* recv, size_t count,
                                              DType dtype, ReduceOp op) override {
-    check_buffer(send, count, "reduce_scatter");
-    check_buffer(recv, count, "reduce_scatter");
+    check_buffer(send, count, dtype, "reduce_scatter");
+    check_buffer(recv, count, dtype, "reduce_scatter");
     return enqueue("reduce_scatter", [=, this](Deadline d) {
       ring_.reduce_scatter(send, recv, count, dtype, op, d);
     });
   }
 
   void send(const void* data, size_t count, DType dtype, int peer) override {
-    check_buffer(data, count, "send");
+    check_buffer(data, count, dtype, "send");
     check_peer(peer, "send to");
     size_t bytes = count * dtype_size(dtype);
     enqueue("send", [=, this](Deadline d) {
@@ -131,7 +131,7 @@ class TcpCommunicator final : public Communicator {
   }
 
   void recv(void* data, size_t count, DType dtype, int peer) override {
-    check_buffer(data, count, "recv");
+    check_buffer(data, count, dtype, "recv");
     check_peer(peer, "receive from");
     size_t bytes = count * dtype_size(dtype);
     enqueue("recv", [=, this](Deadline d) {
@@ -164,7 +164,9 @@ class TcpCommunicator final : public Communicator {
     std::shared_ptr<TcpWork> work;
   };
 
-  void check_buffer(const void* ptr, size_t count, const char* op) const {
+  void check_buffer(const void* ptr, size_t count, DType dtype, const char* op) const {
+    DTRAIN_CHECK(dtype_size(dtype) > 0, DTypeError, "tcp: {} got an unknown dtype {}", op,
+                 static_cast<int>(dtype));
     DTRAIN_CHECK(ptr != nullptr || count == 0, InvalidArgument,
                  "tcp: {} of {} elements got a null buffer", op, count);
   }
@@ -266,7 +268,7 @@ int env_int(const char* name, int fallback) {
   char* end = nullptr;
   long long x = std::strtoll(v, &end, 10);
   DTRAIN_CHECK(end != v && *end == '\0' && x >= 0 && x <= (1ll << 30), InvalidArgument,
-               "{}='{}' is not a size in bytes", name, v);
+               "{}='{}' is not a non-negative integer", name, v);
   return static_cast<int>(x);
 }
 
@@ -283,6 +285,7 @@ TcpOptions TcpOptions::from_env() {
   o.socket_buffer_bytes = env_int("DTRAIN_TCP_SOCKET_BUFFER", o.socket_buffer_bytes);
   o.ring.chunk_bytes =
       static_cast<size_t>(env_int("DTRAIN_TCP_CHUNK_BYTES", static_cast<int>(o.ring.chunk_bytes)));
+  o.spin_us = env_int("DTRAIN_TCP_SPIN_US", o.spin_us);
   return o;
 }
 

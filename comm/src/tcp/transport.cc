@@ -2,6 +2,7 @@
 // (see transport.h for the design).
 #include "tcp/transport.h"
 
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -105,7 +106,10 @@ std::unique_ptr<Transport> Transport::connect(Store& store, int rank, int size,
                "tcp: rank {} is not in a world of size {}", rank, size);
   DTRAIN_CHECK(opts.tag.size() <= kMaxTag, InvalidArgument, "tcp: tag longer than {} bytes",
                kMaxTag);
+  DTRAIN_CHECK(opts.spin_us >= 0, InvalidArgument, "tcp: spin_us must be >= 0, got {}",
+               opts.spin_us);
   std::unique_ptr<Transport> t(new Transport(rank, size));
+  t->spin_ = std::chrono::microseconds(opts.spin_us);
   if (size == 1) return t;
 
   int port = 0;
@@ -260,11 +264,17 @@ bool Transport::is_done(const Request& r) const {
 }
 
 void Transport::wait(const Request& request, Deadline deadline) {
+  Deadline spin_until = Clock::now() + spin_;
   for (;;) {
     if (failed()) throw_failure();
     progress();
     if (is_done(request)) return;
+    if (Clock::now() < spin_until) {
+      ::sched_yield();  // let a compute thread on this core run
+      continue;
+    }
     poll_once(deadline);
+    spin_until = Clock::now() + spin_;
   }
 }
 

@@ -4,14 +4,16 @@
 // lower rank and accept every higher one, two connections per pair (data, control),
 // each opened by an acknowledged handshake; see tcp.h for the protocol.
 //
-// Progress: requests queue per peer and direction (FIFO). wait() first moves every
-// queued request forward with non-blocking sendmsg/recvmsg (batching queued buffers
-// into one iovec), then polls the data sockets that have work, every control socket
+// Progress: requests queue per peer and direction (FIFO). wait() moves every queued
+// request forward with non-blocking sendmsg/recvmsg (batching queued buffers into
+// one iovec); while the awaited request is not done it retries for spin_us (with
+// sched_yield), then polls the data sockets that have work, every control socket
 // and a wake-up eventfd, until the awaited request completes, the deadline passes
-// (TimeoutError naming the ranks waited for) or something fails (CommError). Control
-// sockets carry framed messages: "bye" (clean shutdown) and "abort" (a rank failed,
-// with its reason and error kind). EOF or reset on a control socket without a "bye"
-// means the peer's process is gone.
+// (TimeoutError naming the ranks waited for) or something fails (CommError). On
+// loopback the spin matters: a peer that sleeps in poll() must be woken for every
+// chunk, which costs both ranks more than the polling does. Control sockets carry framed messages:
+// "bye" (clean shutdown) and "abort" (a rank failed, with its reason and error kind). EOF or reset
+// on a control socket without a "bye" means the peer's process is gone.
 //
 // Failure: fail() records the first reason, sends "abort" (with the rank where the
 // failure started and its reason) to every peer, shuts every socket down and wakes
@@ -104,6 +106,7 @@ class Transport final : public PointToPoint {
   [[noreturn]] void timeout();
 
   const int rank_, size_;
+  std::chrono::microseconds spin_{0};
   std::vector<Peer> peers_;
   Fd wake_;                     // eventfd written by fail()
   std::vector<pollfd> pfds_;    // poll set of the last poll_once, reused

@@ -66,13 +66,18 @@ class PointToPoint {
 };
 
 struct RingOptions {
-  // Pipeline unit: each segment travels in chunks of about this many bytes.
-  size_t chunk_bytes = 256 << 10;
-  // Receives posted ahead (scratch buffers of chunk_bytes during reductions).
-  int window = 8;
+  // Pipeline unit: each segment travels in chunks of this many bytes. Measured on
+  // loopback TCP (2 ranks, 64 MiB f32): 1 MiB chunks cost ~25% less CPU per byte
+  // than 256 KiB ones (fewer syscalls and acknowledgements) and pipeline as well.
+  size_t chunk_bytes = 1 << 20;
+  // Receives posted ahead; during reductions each is a scratch buffer of
+  // chunk_bytes (out-of-place reduce_scatter keeps twice as many).
+  int window = 4;
 };
 
-// The ring collectives over one PointToPoint. Buffer semantics are Communicator's.
+// The ring collectives over one PointToPoint. Buffer semantics are Communicator's;
+// send and recv must not overlap, except that allgather's send may be recv's own
+// block (in place). Every rank must use the same RingOptions.
 // Thread-safety: REQUIRES external synchronization (one collective at a time).
 class Ring {
  public:
