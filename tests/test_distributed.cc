@@ -16,6 +16,8 @@
 #include <string>
 #include <thread>
 
+#include "subprocess.h"
+
 #ifndef DTRAIN_BIN
 #error "DTRAIN_BIN must point at the dtrain binary"
 #endif
@@ -25,28 +27,12 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-struct Result {
-  int code;
-  std::string out;
-};
+using Result = dtrain::testing::CommandResult;
 
-Result run(const std::string& cmd) {
-  Result r{-1, ""};
-  FILE* p = popen(("timeout 600 " + cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
+Result run(const std::string& cmd) { return dtrain::testing::run_command(cmd); }
 
 fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("dtrain_test_dist_" + std::to_string(getpid())) / name;
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
+  return dtrain::testing::scratch_dir("dtrain_test_dist", name);
 }
 
 double final_accuracy(const fs::path& metrics) {
