@@ -5,8 +5,8 @@
 // protocol (5 warm-up steps, median of 5 repetitions of 20 steps), then runs
 // pytorch_train.py in the same run when PyTorch is installed and prints the
 // dtrain/PyTorch ratio per model.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <array>
@@ -150,8 +150,7 @@ int main(int argc, char** argv) {
       if (peer.count(n)) {
         double ps = peer[n]["samples_per_s"].get<double>();
         fmt::print("{:<10} {:>14.3f} {:>16.1f} {:>16.3f} {:>18.1f} {:>8.2f}\n", n, t.ms_per_step,
-                   t.samples_per_s, peer[n]["ms_per_step"].get<double>(), ps,
-                   t.samples_per_s / ps);
+                   t.samples_per_s, peer[n]["ms_per_step"].get<double>(), ps, t.samples_per_s / ps);
       } else {
         fmt::print("{:<10} {:>14.3f} {:>16.1f} {:>16} {:>18} {:>8}\n", n, t.ms_per_step,
                    t.samples_per_s, "-", "-", "-");

@@ -102,10 +102,11 @@ inline void gradcheck(const std::string& name, const Fn& f, std::vector<Tensor> 
         worst_at = j;
       }
     }
-    EXPECT_LE(worst / scale, tol)
-        << name << ": input " << i << " " << shape_str(x.shape()) << " worst element " << worst_at
-        << " numeric " << (worst_at >= 0 ? num[static_cast<size_t>(worst_at)] : 0.0)
-        << " analytic " << (worst_at >= 0 ? an[static_cast<size_t>(worst_at)] : 0.0);
+    EXPECT_LE(worst / scale, tol) << name << ": input " << i << " " << shape_str(x.shape())
+                                  << " worst element " << worst_at << " numeric "
+                                  << (worst_at >= 0 ? num[static_cast<size_t>(worst_at)] : 0.0)
+                                  << " analytic "
+                                  << (worst_at >= 0 ? an[static_cast<size_t>(worst_at)] : 0.0);
   }
 }
 

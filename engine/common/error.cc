@@ -8,16 +8,26 @@ namespace dtrain {
 
 const char* error_kind_name(ErrorKind kind) {
   switch (kind) {
-    case ErrorKind::kInvalidArgument: return "invalid argument";
-    case ErrorKind::kShape: return "shape error";
-    case ErrorKind::kDType: return "dtype error";
-    case ErrorKind::kIo: return "I/O error";
-    case ErrorKind::kDataFormat: return "data format error";
-    case ErrorKind::kNumerical: return "numerical error";
-    case ErrorKind::kUnsupported: return "unsupported";
-    case ErrorKind::kComm: return "communication error";
-    case ErrorKind::kTimeout: return "timeout";
-    case ErrorKind::kInternal: return "internal error";
+    case ErrorKind::kInvalidArgument:
+      return "invalid argument";
+    case ErrorKind::kShape:
+      return "shape error";
+    case ErrorKind::kDType:
+      return "dtype error";
+    case ErrorKind::kIo:
+      return "I/O error";
+    case ErrorKind::kDataFormat:
+      return "data format error";
+    case ErrorKind::kNumerical:
+      return "numerical error";
+    case ErrorKind::kUnsupported:
+      return "unsupported";
+    case ErrorKind::kComm:
+      return "communication error";
+    case ErrorKind::kTimeout:
+      return "timeout";
+    case ErrorKind::kInternal:
+      return "internal error";
   }
   return "error";
 }

@@ -204,9 +204,8 @@ Tensor add_scalar(const Tensor& a, double s) {
     return unary_map(a, "add_scalar", [k](scalar_t v) { return v + k; });
   });
   if (!any_requires_grad({a})) return out;
-  return make_function("add_scalar", {a}, {out}, [](const std::vector<Tensor>& g) {
-    return std::vector<Tensor>{g[0]};
-  })[0];
+  return make_function("add_scalar", {a}, {out},
+                       [](const std::vector<Tensor>& g) { return std::vector<Tensor>{g[0]}; })[0];
 }
 
 Tensor neg(const Tensor& a) { return mul_scalar(a, -1.0); }
@@ -235,8 +234,6 @@ Tensor log(const Tensor& a) {
 
 Tensor relu(const Tensor& a) { return activation<fn::ReluFwd, fn::ReluBwd>(a, "relu"); }
 Tensor tanh(const Tensor& a) { return activation<fn::TanhFwd, fn::TanhBwd>(a, "tanh"); }
-Tensor sigmoid(const Tensor& a) {
-  return activation<fn::SigmoidFwd, fn::SigmoidBwd>(a, "sigmoid");
-}
+Tensor sigmoid(const Tensor& a) { return activation<fn::SigmoidFwd, fn::SigmoidBwd>(a, "sigmoid"); }
 
 }  // namespace dtrain

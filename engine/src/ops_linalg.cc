@@ -87,11 +87,12 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   Tensor da = a.detach(), db = b.detach();
   bool ga = a.requires_grad(), gb = b.requires_grad();
   int64_t last = a.dim() - 1;
-  return make_function("matmul", {a, b}, {out}, [da, db, ga, gb, last](const std::vector<Tensor>& g) {
-    Tensor gra = ga ? matmul_nograd(g[0], db.transpose(last - 1, last)) : Tensor();
-    Tensor grb = gb ? matmul_nograd(da.transpose(last - 1, last), g[0]) : Tensor();
-    return std::vector<Tensor>{gra, grb};
-  })[0];
+  return make_function(
+      "matmul", {a, b}, {out}, [da, db, ga, gb, last](const std::vector<Tensor>& g) {
+        Tensor gra = ga ? matmul_nograd(g[0], db.transpose(last - 1, last)) : Tensor();
+        Tensor grb = gb ? matmul_nograd(da.transpose(last - 1, last), g[0]) : Tensor();
+        return std::vector<Tensor>{gra, grb};
+      })[0];
 }
 
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
@@ -127,8 +128,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
       out.zero_();
     }
     if (in > 0) {
-      cpu::gemm(false, true, m, outf, in, scalar_t(1), x2.data<scalar_t>(), in,
-                w.data<scalar_t>(), in, beta, o, outf);
+      cpu::gemm(false, true, m, outf, in, scalar_t(1), x2.data<scalar_t>(), in, w.data<scalar_t>(),
+                in, beta, o, outf);
     }
   });
   if (!any_requires_grad({x, weight, bias})) return out;

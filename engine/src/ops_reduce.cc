@@ -12,8 +12,8 @@ std::vector<bool> reduced_mask(const Tensor& a, const std::vector<int64_t>& dims
   std::vector<bool> mask(static_cast<size_t>(a.dim()), false);
   for (int64_t d : dims) {
     int64_t i = d < 0 ? d + a.dim() : d;
-    DTRAIN_CHECK(i >= 0 && i < a.dim(), InvalidArgument, "{}: dimension {} out of range for {}",
-                 op, d, shape_str(a.shape()));
+    DTRAIN_CHECK(i >= 0 && i < a.dim(), InvalidArgument, "{}: dimension {} out of range for {}", op,
+                 d, shape_str(a.shape()));
     mask[static_cast<size_t>(i)] = true;
   }
   return mask;

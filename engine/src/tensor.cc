@@ -91,13 +91,20 @@ Dst convert(Src v) {
 template <typename F>
 void dispatch_all(DType t, F&& f) {
   switch (t) {
-    case DType::f32: return f(float{});
-    case DType::f64: return f(double{});
-    case DType::f16: return f(Half{});
-    case DType::bf16: return f(BFloat16{});
-    case DType::i32: return f(int32_t{});
-    case DType::i64: return f(int64_t{});
-    case DType::u8: return f(uint8_t{});
+    case DType::f32:
+      return f(float{});
+    case DType::f64:
+      return f(double{});
+    case DType::f16:
+      return f(Half{});
+    case DType::bf16:
+      return f(BFloat16{});
+    case DType::i32:
+      return f(int32_t{});
+    case DType::i64:
+      return f(int64_t{});
+    case DType::u8:
+      return f(uint8_t{});
   }
 }
 
@@ -246,9 +253,7 @@ Tensor Tensor::to(DType dt) const {
 
 Tensor Tensor::clone() const { return to(dtype()); }
 
-Tensor Tensor::detach() const {
-  return make_view(*this, shape(), strides(), impl_->offset);
-}
+Tensor Tensor::detach() const { return make_view(*this, shape(), strides(), impl_->offset); }
 
 Tensor Tensor::contiguous() const {
   if (is_contiguous()) return *this;
@@ -296,8 +301,8 @@ Tensor Tensor::reshape(Shape new_shape) const {
     }
   }
   if (infer >= 0) {
-    DTRAIN_CHECK(known != 0 && numel() % known == 0, ShapeError, "reshape {} -> {}: cannot infer -1",
-                 shape_str(shape()), shape_str(new_shape));
+    DTRAIN_CHECK(known != 0 && numel() % known == 0, ShapeError,
+                 "reshape {} -> {}: cannot infer -1", shape_str(shape()), shape_str(new_shape));
     new_shape[static_cast<size_t>(infer)] = numel() / known;
   }
   DTRAIN_CHECK(shape_numel(new_shape) == numel(), ShapeError,
@@ -389,8 +394,8 @@ void Tensor::register_post_accumulate_grad_hook(std::function<void(const Tensor&
 
 std::string Tensor::str() const {
   if (!defined()) return "Tensor(undefined)";
-  std::string s = fmt::format("Tensor {} {} {}", dtype_name(dtype()), shape_str(shape()),
-                              device().str());
+  std::string s =
+      fmt::format("Tensor {} {} {}", dtype_name(dtype()), shape_str(shape()), device().str());
   if (is_floating(dtype()) || dtype() == DType::i64 || dtype() == DType::i32) {
     std::vector<double> v = to_vector<double>();
     size_t k = std::min<size_t>(v.size(), 8);

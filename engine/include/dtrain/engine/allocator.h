@@ -34,9 +34,9 @@ class Allocator {
 };
 
 struct AllocatorStats {
-  uint64_t allocations = 0;   // calls to allocate
-  uint64_t cache_hits = 0;    // served from the free lists
-  uint64_t system_allocs = 0; // went to the system allocator
+  uint64_t allocations = 0;    // calls to allocate
+  uint64_t cache_hits = 0;     // served from the free lists
+  uint64_t system_allocs = 0;  // went to the system allocator
   size_t bytes_in_use = 0;
   size_t bytes_cached = 0;
 };

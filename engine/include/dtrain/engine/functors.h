@@ -23,19 +23,27 @@ namespace dtrain::fn {
 // ---- activations: forward y = f(x); backward dx = dy * f'(.) from saved x or y ----
 struct ReluFwd {
   template <typename T>
-  DTRAIN_HD T operator()(T x) const { return x > T(0) ? x : T(0); }
+  DTRAIN_HD T operator()(T x) const {
+    return x > T(0) ? x : T(0);
+  }
 };
 struct ReluBwd {  // uses the forward output y
   template <typename T>
-  DTRAIN_HD T operator()(T dy, T y) const { return y > T(0) ? dy : T(0); }
+  DTRAIN_HD T operator()(T dy, T y) const {
+    return y > T(0) ? dy : T(0);
+  }
 };
 struct TanhFwd {
   template <typename T>
-  DTRAIN_HD T operator()(T x) const { return std::tanh(x); }
+  DTRAIN_HD T operator()(T x) const {
+    return std::tanh(x);
+  }
 };
 struct TanhBwd {  // uses y = tanh(x)
   template <typename T>
-  DTRAIN_HD T operator()(T dy, T y) const { return dy * (T(1) - y * y); }
+  DTRAIN_HD T operator()(T dy, T y) const {
+    return dy * (T(1) - y * y);
+  }
 };
 struct SigmoidFwd {
   template <typename T>
@@ -48,33 +56,47 @@ struct SigmoidFwd {
 };
 struct SigmoidBwd {  // uses y = sigmoid(x)
   template <typename T>
-  DTRAIN_HD T operator()(T dy, T y) const { return dy * y * (T(1) - y); }
+  DTRAIN_HD T operator()(T dy, T y) const {
+    return dy * y * (T(1) - y);
+  }
 };
 
 // ---- elementwise binary ----
 struct Add {
   template <typename T>
-  DTRAIN_HD T operator()(T a, T b) const { return a + b; }
+  DTRAIN_HD T operator()(T a, T b) const {
+    return a + b;
+  }
 };
 struct Sub {
   template <typename T>
-  DTRAIN_HD T operator()(T a, T b) const { return a - b; }
+  DTRAIN_HD T operator()(T a, T b) const {
+    return a - b;
+  }
 };
 struct Mul {
   template <typename T>
-  DTRAIN_HD T operator()(T a, T b) const { return a * b; }
+  DTRAIN_HD T operator()(T a, T b) const {
+    return a * b;
+  }
 };
 struct Div {
   template <typename T>
-  DTRAIN_HD T operator()(T a, T b) const { return a / b; }
+  DTRAIN_HD T operator()(T a, T b) const {
+    return a / b;
+  }
 };
 struct Max {
   template <typename T>
-  DTRAIN_HD T operator()(T a, T b) const { return a > b ? a : b; }
+  DTRAIN_HD T operator()(T a, T b) const {
+    return a > b ? a : b;
+  }
 };
 struct Min {
   template <typename T>
-  DTRAIN_HD T operator()(T a, T b) const { return a < b ? a : b; }
+  DTRAIN_HD T operator()(T a, T b) const {
+    return a < b ? a : b;
+  }
 };
 
 // ---- optimizer updates (one parameter element at a time) ----

@@ -14,7 +14,8 @@ namespace dtrain {
 
 class Generator {
  public:
-  explicit Generator(uint64_t seed = 0x853c49e6748fea9bULL, uint64_t stream = 0xda3e39cb94b95bdbULL) {
+  explicit Generator(uint64_t seed = 0x853c49e6748fea9bULL,
+                     uint64_t stream = 0xda3e39cb94b95bdbULL) {
     reseed(seed, stream);
   }
   void reseed(uint64_t seed, uint64_t stream = 0xda3e39cb94b95bdbULL) {

@@ -60,14 +60,14 @@ struct TensorImpl {
   DType dtype = DType::f32;
   // autograd
   bool requires_grad = false;
-  std::shared_ptr<Node> grad_fn;   // set for non-leaf results of differentiable ops
-  uint32_t output_nr = 0;          // which output of grad_fn this is
+  std::shared_ptr<Node> grad_fn;  // set for non-leaf results of differentiable ops
+  uint32_t output_nr = 0;         // which output of grad_fn this is
   std::shared_ptr<TensorImpl> grad;
   std::shared_ptr<Node> grad_accumulator;  // leaves only; created lazily
   // Leaves only: called after backward has accumulated a gradient into grad()
   // (DDP starts a bucket's all-reduce from here).
   std::vector<std::function<void(const Tensor&)>> post_accumulate_grad_hooks;
-  std::string name;                        // optional, for messages
+  std::string name;  // optional, for messages
 };
 
 struct TensorOptions {
@@ -112,15 +112,15 @@ class Tensor {
   std::vector<T> to_vector() const;
 
   Tensor contiguous() const;
-  Tensor clone() const;                     // deep copy, no autograd history
-  Tensor detach() const;                    // same data, no autograd history
-  Tensor to(DType dtype) const;             // converts (not differentiable)
-  void copy_(const Tensor& src);            // same numel; not recorded by autograd
-  void fill_(double value);                 // not recorded by autograd
+  Tensor clone() const;           // deep copy, no autograd history
+  Tensor detach() const;          // same data, no autograd history
+  Tensor to(DType dtype) const;   // converts (not differentiable)
+  void copy_(const Tensor& src);  // same numel; not recorded by autograd
+  void fill_(double value);       // not recorded by autograd
   void zero_() { fill_(0.0); }
 
   // Differentiable views and shape ops.
-  Tensor reshape(Shape shape) const;        // one dim may be -1
+  Tensor reshape(Shape shape) const;  // one dim may be -1
   Tensor flatten(int64_t start_dim = 1, int64_t end_dim = -1) const;
   Tensor transpose(int64_t d0, int64_t d1) const;
   Tensor t() const { return transpose(0, 1); }
@@ -173,20 +173,20 @@ Tensor make_view(const Tensor& base, Shape shape, Shape strides, int64_t offset)
 
 // Calls f.template operator()<T>() with T the C++ type of a floating dtype the CPU
 // engine computes in (f32, f64); throws DTypeError otherwise.
-#define DTRAIN_DISPATCH_FLOAT(DTYPE, OPNAME, ...)                                      \
-  [&] {                                                                                \
-    switch (DTYPE) {                                                                   \
-      case ::dtrain::DType::f32: {                                                     \
-        using scalar_t = float;                                                        \
-        return __VA_ARGS__();                                                          \
-      }                                                                                \
-      case ::dtrain::DType::f64: {                                                     \
-        using scalar_t = double;                                                       \
-        return __VA_ARGS__();                                                          \
-      }                                                                                \
-      default:                                                                         \
+#define DTRAIN_DISPATCH_FLOAT(DTYPE, OPNAME, ...)                                        \
+  [&] {                                                                                  \
+    switch (DTYPE) {                                                                     \
+      case ::dtrain::DType::f32: {                                                       \
+        using scalar_t = float;                                                          \
+        return __VA_ARGS__();                                                            \
+      }                                                                                  \
+      case ::dtrain::DType::f64: {                                                       \
+        using scalar_t = double;                                                         \
+        return __VA_ARGS__();                                                            \
+      }                                                                                  \
+      default:                                                                           \
         DTRAIN_THROW(DTypeError, "{}: unsupported dtype {}", OPNAME, dtype_name(DTYPE)); \
-    }                                                                                  \
+    }                                                                                    \
   }()
 
 }  // namespace dtrain

@@ -44,11 +44,11 @@ class Error : public std::runtime_error {
   std::string where_;
 };
 
-#define DTRAIN_DEFINE_ERROR(Name, Kind)                                           \
-  class Name : public Error {                                                     \
-   public:                                                                        \
+#define DTRAIN_DEFINE_ERROR(Name, Kind)                                          \
+  class Name : public Error {                                                    \
+   public:                                                                       \
     explicit Name(std::string message, const char* file = nullptr, int line = 0) \
-        : Error(ErrorKind::Kind, std::move(message), file, line) {}               \
+        : Error(ErrorKind::Kind, std::move(message), file, line) {}              \
   };
 
 DTRAIN_DEFINE_ERROR(InvalidArgument, kInvalidArgument)
@@ -67,11 +67,11 @@ DTRAIN_DEFINE_ERROR(InternalError, kInternal)
 
 // Throws ErrType(fmt::format(...)) with the current file and line when cond is false.
 //   DTRAIN_CHECK(x.dim() == 2, ShapeError, "matmul: expected a 2-D input, got {}", s);
-#define DTRAIN_CHECK(cond, ErrType, ...)                                    \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
+#define DTRAIN_CHECK(cond, ErrType, ...)                                       \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
       throw ::dtrain::ErrType(::fmt::format(__VA_ARGS__), __FILE__, __LINE__); \
-    }                                                                       \
+    }                                                                          \
   } while (0)
 
 #define DTRAIN_THROW(ErrType, ...) \
