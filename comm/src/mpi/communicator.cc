@@ -436,7 +436,7 @@ class MpiCommunicator final : public Communicator {
     queue_cv_.notify_all();
     if (mpi_.mpi_abort_on_abort) {
       auto lock = runtime_->lock_mpi();
-      MPI_Abort(comm_, 1);
+      MPI_Abort(comm_, mpi_.mpi_abort_exit_code);
     }
   }
 

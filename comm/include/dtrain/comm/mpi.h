@@ -60,6 +60,8 @@ struct MpiOptions {
   // When true, abort() also calls MPI_Abort on the communicator, which terminates every
   // process of the job. Off by default: library code does not kill the process.
   bool mpi_abort_on_abort = false;
+  // The exit code MPI_Abort hands to mpirun when mpi_abort_on_abort is set.
+  int mpi_abort_exit_code = 1;
   // Chunking of the pipelined ring (kRing); must be the same on every rank.
   RingOptions ring;
 };
