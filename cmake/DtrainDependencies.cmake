@@ -16,6 +16,17 @@ target_include_directories(dtrain_dnnl SYSTEM INTERFACE ${DNNL_INCLUDE_DIR})
 target_link_libraries(dtrain_dnnl INTERFACE ${DNNL_LIBRARY})
 find_package(OpenMP REQUIRED)
 
+# xxHash (XXH3-64): checkpoint shard checksums. Debian's libxxhash-dev ships no CMake
+# config, so find the header and library directly.
+find_path(XXHASH_INCLUDE_DIR xxhash.h)
+find_library(XXHASH_LIBRARY NAMES xxhash)
+if(NOT XXHASH_INCLUDE_DIR OR NOT XXHASH_LIBRARY)
+  message(FATAL_ERROR "xxHash not found: apt-get install libxxhash-dev")
+endif()
+add_library(dtrain_xxhash INTERFACE)
+target_include_directories(dtrain_xxhash SYSTEM INTERFACE ${XXHASH_INCLUDE_DIR})
+target_link_libraries(dtrain_xxhash INTERFACE ${XXHASH_LIBRARY})
+
 # OpenBLAS (the pthread build): GEMM for linear, matmul, LSTM and im2col convolution.
 find_path(OPENBLAS_INCLUDE_DIR cblas.h
   PATHS /usr/include/x86_64-linux-gnu/openblas-pthread /usr/include/openblas

@@ -19,6 +19,7 @@ DTRAIN_PACKAGES=(
   libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libopenmpi-dev openmpi-bin iproute2 procps
+  libxxhash-dev
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }

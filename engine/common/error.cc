@@ -26,6 +26,8 @@ const char* error_kind_name(ErrorKind kind) {
       return "communication error";
     case ErrorKind::kTimeout:
       return "timeout";
+    case ErrorKind::kCheckpoint:
+      return "checkpoint error";
     case ErrorKind::kInternal:
       return "internal error";
   }

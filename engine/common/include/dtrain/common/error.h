@@ -24,6 +24,7 @@ enum class ErrorKind {
   kUnsupported,      // a feature not available in this build or on this device
   kComm,             // a communication failure (lost peer, aborted communicator)
   kTimeout,          // an operation that did not finish in time
+  kCheckpoint,       // a checkpoint that is missing, corrupt, uncommitted or inconsistent
   kInternal,         // a broken invariant inside dtrain (a bug)
 };
 
@@ -60,6 +61,7 @@ DTRAIN_DEFINE_ERROR(NumericalError, kNumerical)
 DTRAIN_DEFINE_ERROR(UnsupportedError, kUnsupported)
 DTRAIN_DEFINE_ERROR(CommError, kComm)
 DTRAIN_DEFINE_ERROR(TimeoutError, kTimeout)
+DTRAIN_DEFINE_ERROR(CheckpointError, kCheckpoint)
 DTRAIN_DEFINE_ERROR(InternalError, kInternal)
 #undef DTRAIN_DEFINE_ERROR
 
