@@ -33,6 +33,10 @@ struct Ring::Pass {
   double final_scale = 1.0;  // applied to the fully reduced chunks (kAvg)
 };
 
+PointToPoint::Request PointToPoint::post_recv_reduce(void*, size_t, DType, ReduceOp, int peer) {
+  DTRAIN_THROW(InvalidArgument, "this transport cannot reduce on receive (from rank {})", peer);
+}
+
 namespace {
 
 int mod(int a, int n) { return ((a % n) + n) % n; }
@@ -79,6 +83,8 @@ void Ring::run(const Pass& p, Deadline deadline) {
   const size_t ce = std::max<size_t>(1, opts_.chunk_bytes / es);
   const bool in_place = p.local == p.out;
   const size_t window = static_cast<size_t>(opts_.window);
+  // In place, a transport that reduces on receive needs no scratch at all.
+  const bool recv_reduce = in_place && p.reduce_steps > 0 && p2p_.can_recv_reduce(left);
 
   auto chunks_of = [&](int seg, auto&& fn) {
     size_t begin = p.seg_offset[seg], end = p.seg_offset[seg + 1];
@@ -94,7 +100,7 @@ void Ring::run(const Pass& p, Deadline deadline) {
   // Scratch: `window` slots in place; twice that out of place, where a slot also
   // holds a partial sum until its forward send has left.
   const size_t slot_bytes = std::min(opts_.chunk_bytes, ce * es);
-  const size_t slots = p.reduce_steps == 0 ? 0 : (in_place ? window : 2 * window);
+  const size_t slots = p.reduce_steps == 0 || recv_reduce ? 0 : (in_place ? window : 2 * window);
   if (scratch_.size() < slots * slot_bytes) scratch_.resize(slots * slot_bytes);
   std::vector<PointToPoint::Request> slot_send(slots);
   std::vector<bool> slot_busy(slots, false);
@@ -114,6 +120,12 @@ void Ring::run(const Pass& p, Deadline deadline) {
   auto post_next = [&] {
     const Unit& un = units[posted];
     std::byte* dst;
+    if (un.step < p.reduce_steps && recv_reduce) {
+      recv_req[posted % window] =
+          p2p_.post_recv_reduce(p.out + un.off * es, un.len, p.dtype, p.op, left);
+      ++posted;
+      return;
+    }
     if (un.step < p.reduce_steps) {
       size_t slot = posted % slots;
       if (slot_busy[slot]) p2p_.wait(slot_send[slot], deadline);
@@ -134,6 +146,11 @@ void Ring::run(const Pass& p, Deadline deadline) {
     const std::byte* fwd = nullptr;  // what step + 1 sends: this chunk, reduced or copied
     if (un.step >= p.reduce_steps) {
       fwd = p.out + un.off * es;
+    } else if (recv_reduce) {  // already reduced by the transport
+      fwd = p.out + un.off * es;
+      if (un.step == p.reduce_steps - 1) {
+        scale_in_place(p.out + un.off * es, un.len, p.dtype, p.final_scale);
+      }
     } else {
       std::byte* slot = slot_ptr(u);
       const bool last_reduce = un.step == p.reduce_steps - 1;

@@ -40,6 +40,9 @@ constexpr size_t kMaxFrame = 16 << 10;
 
 constexpr int kMaxIov = 64;
 
+// Longest sleep on the shared-memory doorbell before the control sockets are read.
+constexpr auto kShmCheckInterval = std::chrono::milliseconds(2);
+
 void put32(std::byte* p, uint32_t v) {
   for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
 }
@@ -59,6 +62,31 @@ uint64_t get64(const std::byte* p) {
 
 std::string store_key(const std::string& tag, int rank) {
   return "tcp/" + tag + "/addr/" + std::to_string(rank);
+}
+std::string host_key(const std::string& tag, int rank) {
+  return "tcp/" + tag + "/host/" + std::to_string(rank);
+}
+std::string shm_key(const std::string& tag, int rank) {
+  return "tcp/" + tag + "/shm/" + std::to_string(rank);
+}
+std::string shm_mapped_key(const std::string& tag, int owner, int by) {
+  return "tcp/" + tag + "/shm-mapped/" + std::to_string(owner) + "/" + std::to_string(by);
+}
+
+std::chrono::milliseconds time_left(Deadline deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  return std::max(left, std::chrono::milliseconds(0));
+}
+
+// "<hex nonce>@<rest>" as published in the store.
+bool split_nonce(const std::string& entry, uint64_t* nonce, std::string* rest) {
+  size_t at = entry.find('@');
+  if (at == std::string::npos || at == 0) return false;
+  if (std::from_chars(entry.data(), entry.data() + at, *nonce, 16).ptr != entry.data() + at) {
+    return false;
+  }
+  *rest = entry.substr(at + 1);
+  return true;
 }
 
 bool is_wildcard(const std::string& host) {
@@ -108,6 +136,9 @@ std::unique_ptr<Transport> Transport::connect(Store& store, int rank, int size,
                kMaxTag);
   DTRAIN_CHECK(opts.spin_us >= 0, InvalidArgument, "tcp: spin_us must be >= 0, got {}",
                opts.spin_us);
+  DTRAIN_CHECK(!opts.shm || (opts.shm_ring_bytes >= 4096 && opts.shm_ring_bytes % 4096 == 0),
+               InvalidArgument, "tcp: shm_ring_bytes must be a positive multiple of 4096, got {}",
+               opts.shm_ring_bytes);
   std::unique_ptr<Transport> t(new Transport(rank, size));
   t->spin_ = std::chrono::microseconds(opts.spin_us);
   if (size == 1) return t;
@@ -118,10 +149,18 @@ std::unique_ptr<Transport> Transport::connect(Store& store, int rank, int size,
                      : is_wildcard(opts.bind_address) ? host_name()
                                                       : opts.bind_address;
   uint64_t nonce = random_nonce();
+  store.set(host_key(opts.tag, rank), opts.shm ? "1|" + shm::host_identity() : "0|");
   store.set(store_key(opts.tag, rank), fmt::format("{:x}@{}", nonce, format_host_port(host, port)));
 
   t->connect_lower(store, opts, deadline);
   t->accept_higher(listener.get(), opts.tag, nonce, deadline);
+  if (opts.shm) {
+    std::vector<int> local = t->find_same_host(store, opts, deadline);
+    if (!local.empty()) {
+      t->create_segment(store, opts, local, random_nonce());
+      t->map_segments(store, opts, local, deadline);
+    }
+  }
   for (int p = 0; p < size; ++p) {
     if (p == rank) continue;
     t->peers_[p].ctrl_open = true;
@@ -129,19 +168,54 @@ std::unique_ptr<Transport> Transport::connect(Store& store, int rank, int size,
   return t;
 }
 
+std::vector<int> Transport::find_same_host(Store& store, const TcpOptions& opts,
+                                           Deadline deadline) {
+  // Every peer published its entry before its address, and the mesh is up: no wait.
+  const std::string mine = store.get(host_key(opts.tag, rank_), time_left(deadline));
+  std::vector<int> local;
+  for (int p = 0; p < size_; ++p) {
+    if (p != rank_ && store.get(host_key(opts.tag, p), time_left(deadline)) == mine) {
+      local.push_back(p);
+    }
+  }
+  return local;
+}
+
+void Transport::create_segment(Store& store, const TcpOptions& opts, const std::vector<int>& local,
+                               uint64_t nonce) {
+  std::string name = fmt::format("/dtrain-{}-r{}-{:x}", ::getpid(), rank_, nonce);
+  shm_own_ = shm::Segment::create(name, rank_, size_, nonce, local, opts.shm_ring_bytes);
+  store.set(shm_key(opts.tag, rank_), fmt::format("{:x}@{}", nonce, name));
+}
+
+void Transport::map_segments(Store& store, const TcpOptions& opts, const std::vector<int>& local,
+                             Deadline deadline) {
+  for (int p : local) {
+    std::string entry = store.get(shm_key(opts.tag, p), time_left(deadline)), name;
+    uint64_t nonce = 0;
+    DTRAIN_CHECK(split_nonce(entry, &nonce, &name), CommError,
+                 "tcp: bad shared-memory entry '{}' for rank {} in the store", entry, p);
+    shm_peer_.push_back(shm::Segment::open(name, p, size_, nonce));
+    Peer& peer = peers_[p];
+    peer.shm_out = shm_peer_.back().ring(rank_);
+    peer.shm_bell = shm_peer_.back().bell();
+    peer.shm_in = shm_own_.ring(p);
+    store.set(shm_mapped_key(opts.tag, p, rank_), "1");
+  }
+  // Every peer has mapped our segment: the name can go (no leftovers in /dev/shm).
+  for (int p : local) store.get(shm_mapped_key(opts.tag, rank_, p), time_left(deadline));
+  shm_own_.unlink();
+  for (int p : local) peers_[p].shm = true;
+  bell_ = shm_own_.bell();
+}
+
 void Transport::connect_lower(Store& store, const TcpOptions& opts, Deadline deadline) {
   for (int p = 0; p < rank_; ++p) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    std::string entry =
-        store.get(store_key(opts.tag, p), std::max(left, std::chrono::milliseconds(0)));
-    size_t at = entry.find('@');
+    std::string entry = store.get(store_key(opts.tag, p), time_left(deadline)), where;
     uint64_t nonce = 0;
-    bool parsed =
-        at != std::string::npos && at > 0 &&
-        std::from_chars(entry.data(), entry.data() + at, nonce, 16).ptr == entry.data() + at;
-    DTRAIN_CHECK(parsed, CommError, "tcp: bad address entry '{}' for rank {} in the store", entry,
-                 p);
-    HostPort addr = parse_host_port(entry.substr(at + 1));
+    DTRAIN_CHECK(split_nonce(entry, &nonce, &where), CommError,
+                 "tcp: bad address entry '{}' for rank {} in the store", entry, p);
+    HostPort addr = parse_host_port(where);
     std::string who = fmt::format("rank {}", p);
     for (uint32_t channel : {kChannelData, kChannelCtrl}) {
       Fd fd =
@@ -155,7 +229,7 @@ void Transport::connect_lower(Store& store, const TcpOptions& opts, Deadline dea
       DTRAIN_CHECK(ok, CommError,
                    "tcp: rank {} at {} refused the handshake of rank {} (a different job tag, "
                    "world size or generation?)",
-                   p, entry.substr(at + 1), rank_);
+                   p, where, rank_);
       set_nodelay(fd.get());
       (channel == kChannelData ? peers_[p].data : peers_[p].ctrl) = std::move(fd);
     }
@@ -257,6 +331,22 @@ PointToPoint::Request Transport::post_recv(void* data, size_t bytes, int peer) {
   return {peer, false, p.recvs_posted++};
 }
 
+bool Transport::can_recv_reduce(int peer) const {
+  return peer >= 0 && peer < size_ && peers_[peer].shm;
+}
+
+PointToPoint::Request Transport::post_recv_reduce(void* data, size_t count, DType dtype,
+                                                  ReduceOp op, int peer) {
+  DTRAIN_CHECK(can_recv_reduce(peer), InvalidArgument,
+               "tcp: rank {} cannot reduce on receive from rank {} (not on this host)", rank_,
+               peer);
+  const size_t bytes = count * dtype_size(dtype);
+  if (bytes == 0) return {};
+  Peer& p = peers_[peer];
+  p.recvs.push_back({static_cast<std::byte*>(data), bytes, true, dtype, op});
+  return {peer, false, p.recvs_posted++};
+}
+
 bool Transport::is_done(const Request& r) const {
   if (r.peer < 0) return true;
   const Peer& p = peers_[r.peer];
@@ -267,21 +357,103 @@ void Transport::wait(const Request& request, Deadline deadline) {
   Deadline spin_until = Clock::now() + spin_;
   for (;;) {
     if (failed()) throw_failure();
+    // Only shared-memory work left: sleep on the doorbell once the spin is over,
+    // armed before the last look at the rings so that no ring is missed.
+    const bool bell = bell_.valid() && !tcp_data_pending() && Clock::now() >= spin_until;
+    const uint32_t armed = bell ? bell_.arm() : 0;
     progress();
-    if (is_done(request)) return;
-    if (Clock::now() < spin_until) {
+    if (is_done(request)) {
+      if (bell) bell_.disarm();
+      return;
+    }
+    if (!bell && Clock::now() < spin_until) {
       ::sched_yield();  // let a compute thread on this core run
       continue;
     }
-    poll_once(deadline);
+    if (bell) {
+      const Clock::time_point now = Clock::now();
+      if (now >= deadline) {
+        bell_.disarm();
+        timeout();
+      }
+      const bool rung =
+          bell_.sleep(armed, std::min<Clock::duration>(deadline - now, kShmCheckInterval));
+      check_peers();  // throws when a peer failed or is gone
+      check_closed_shm_peers();
+      spin_until = rung ? Clock::now() + spin_ : Clock::now();
+      continue;
+    }
+    poll_once(deadline,
+              bell_.valid() ? std::min(deadline, Clock::now() + kShmCheckInterval) : deadline);
     spin_until = Clock::now() + spin_;
   }
 }
 
 void Transport::progress() {
   for (int p = 0; p < size_; ++p) {
-    if (!peers_[p].sends.empty()) progress_send(p);
-    if (!peers_[p].recvs.empty()) progress_recv(p);
+    Peer& peer = peers_[p];
+    if (peer.shm) {
+      if (!peer.sends.empty()) progress_send_shm(p);
+      if (!peer.recvs.empty()) progress_recv_shm(p);
+    } else {
+      if (!peer.sends.empty()) progress_send(p);
+      if (!peer.recvs.empty()) progress_recv(p);
+    }
+  }
+}
+
+bool Transport::tcp_data_pending() const {
+  for (const Peer& peer : peers_) {
+    if (!peer.shm && (!peer.sends.empty() || !peer.recvs.empty())) return true;
+  }
+  return false;
+}
+
+void Transport::progress_send_shm(int p) {
+  Peer& peer = peers_[p];
+  while (!peer.sends.empty()) {
+    const Pending& front = peer.sends.front();
+    size_t k = peer.shm_out.write(front.ptr, front.left);
+    if (k == 0) return;  // the ring is full
+    peer.shm_bell.ring();
+    consume(peer.sends, k, peer.sends_done);
+  }
+}
+
+void Transport::progress_recv_shm(int p) {
+  Peer& peer = peers_[p];
+  while (!peer.recvs.empty()) {
+    const Pending& front = peer.recvs.front();
+    std::byte* dst = front.ptr;
+    size_t k;
+    if (front.reduce) {
+      const DType dtype = front.dtype;
+      const ReduceOp op = front.op;
+      const size_t es = dtype_size(dtype);
+      k = peer.shm_in.read(front.left, [&](const std::byte* src, size_t n) {
+        reduce_into(dst, src, n / es, dtype, op);
+        dst += n;
+      });
+    } else {
+      k = peer.shm_in.read(front.left, [&](const std::byte* src, size_t n) {
+        std::memcpy(dst, src, n);
+        dst += n;
+      });
+    }
+    if (k == 0) return;    // nothing new has arrived
+    peer.shm_bell.ring();  // space for the peer's next sends
+    consume(peer.recvs, k, peer.recvs_done);
+  }
+}
+
+// A same-host peer that shut down cleanly while we still have data for it or expect
+// data from it will never move its ring again: report it instead of timing out.
+void Transport::check_closed_shm_peers() {
+  for (int p = 0; p < size_; ++p) {
+    const Peer& peer = peers_[p];
+    if (!peer.shm || !peer.bye || (peer.sends.empty() && peer.recvs.empty())) continue;
+    progress();  // what it wrote before leaving
+    if (!peer.sends.empty() || !peer.recvs.empty()) lose(p, 0);
   }
 }
 
@@ -349,7 +521,7 @@ void Transport::progress_recv(int p) {
   }
 }
 
-void Transport::poll_once(Deadline deadline) {
+void Transport::poll_once(Deadline deadline, Deadline wake_by) {
   pfds_.clear();
   pfd_peer_.clear();
   pfd_ctrl_.clear();
@@ -362,11 +534,12 @@ void Transport::poll_once(Deadline deadline) {
   for (int p = 0; p < size_; ++p) {
     Peer& peer = peers_[p];
     if (peer.ctrl_open) add(peer.ctrl.get(), POLLIN, p, true);
+    if (peer.shm) continue;  // its data socket stays idle
     short events =
         static_cast<short>((peer.recvs.empty() ? 0 : POLLIN) | (peer.sends.empty() ? 0 : POLLOUT));
     if (events != 0) add(peer.data.get(), events, p, false);
   }
-  int rc = ::poll(pfds_.data(), pfds_.size(), poll_timeout_ms(deadline));
+  int rc = ::poll(pfds_.data(), pfds_.size(), poll_timeout_ms(std::min(deadline, wake_by)));
   if (rc < 0) {
     if (errno == EINTR) return;
     fail(ErrorKind::kComm, fmt::format("poll failed: {}", errno_text(errno)));
@@ -483,6 +656,12 @@ void Transport::fail(ErrorKind kind, const std::string& text, int origin) {
   }
   uint64_t one = 1;
   (void)!::write(wake_.get(), &one, sizeof(one));
+  // Wake our worker if it sleeps on the doorbell, and same-host peers sleeping on
+  // theirs, so they read the "abort" now rather than at their next check.
+  if (bell_.valid()) bell_.ring();
+  for (int p = 0; p < size_; ++p) {
+    if (peers_[p].shm) peers_[p].shm_bell.ring();
+  }
 }
 
 std::exception_ptr Transport::failure() const {
@@ -498,6 +677,7 @@ void Transport::say_bye() {
     send_control(p, kMsgBye, "");
     if (peers_[p].data.valid()) ::shutdown(peers_[p].data.get(), SHUT_RDWR);
     if (peers_[p].ctrl.valid()) ::shutdown(peers_[p].ctrl.get(), SHUT_WR);
+    if (peers_[p].shm) peers_[p].shm_bell.ring();
   }
 }
 

@@ -15,6 +15,16 @@
 // "bye" (clean shutdown) and "abort" (a rank failed, with its reason and error kind). EOF or reset
 // on a control socket without a "bye" means the peer's process is gone.
 //
+// Same host (TcpOptions::shm): for a peer whose host identity equals ours, sends are
+// copied into the ring of the peer's shared-memory segment and receives read (or
+// reduce, post_recv_reduce) from the ring in our own segment; see shm/segment.h.
+// A wait with only shared-memory work spins like above, then sleeps on our
+// segment's doorbell (futex) for at most kShmCheckInterval at a time, reading the
+// control sockets between sleeps: a dead peer (control EOF without "bye") or an
+// "abort" is noticed within that interval, and a peer that said "bye" while we still
+// expect data from it is reported as closed. fail() rings our own and every
+// same-host peer's doorbell, so nobody sleeps through a failure.
+//
 // Failure: fail() records the first reason, sends "abort" (with the rank where the
 // failure started and its reason) to every peer, shuts every socket down and wakes
 // the poll; after that every wait() throws it. A rank that fails because of another
@@ -39,6 +49,7 @@
 #include "dtrain/comm/ring.h"
 #include "dtrain/comm/store.h"
 #include "dtrain/comm/tcp.h"
+#include "shm/segment.h"
 #include "tcp/socket.h"
 
 namespace dtrain::comm::tcp {
@@ -54,7 +65,12 @@ class Transport final : public PointToPoint {
   int size() const override { return size_; }
   Request post_send(const void* data, size_t bytes, int peer) override;
   Request post_recv(void* data, size_t bytes, int peer) override;
+  bool can_recv_reduce(int peer) const override;
+  Request post_recv_reduce(void* data, size_t count, DType dtype, ReduceOp op, int peer) override;
   void wait(const Request& request, Deadline deadline) override;
+
+  // Whether data to and from `peer` goes through shared memory.
+  bool uses_shm(int peer) const { return peers_[peer].shm; }
 
   // Records the first failure, tells every peer (kind, origin, text), shuts the
   // sockets down and wakes a blocked wait(). `origin` is the rank the failure
@@ -77,6 +93,10 @@ class Transport final : public PointToPoint {
   struct Pending {
     std::byte* ptr;
     size_t left;
+    // post_recv_reduce: combine into ptr instead of copying (shm receives only).
+    bool reduce = false;
+    DType dtype = DType::u8;
+    ReduceOp op = ReduceOp::kSum;
   };
   struct Peer {
     Fd data;
@@ -86,18 +106,34 @@ class Transport final : public PointToPoint {
     bool bye = false;        // the peer shut down cleanly
     bool ctrl_open = false;  // the control socket is still watched
     std::string ctrl_in;     // bytes of an incomplete control frame
+    // Same host: data travels through these rings instead of `data`.
+    bool shm = false;
+    shm::ByteRing shm_in;    // in our segment, written by the peer
+    shm::ByteRing shm_out;   // in the peer's segment, written by us
+    shm::Doorbell shm_bell;  // the peer's doorbell
   };
 
   Transport(int rank, int size);
   void connect_lower(Store& store, const TcpOptions& opts, Deadline deadline);
   void accept_higher(int listener, const std::string& tag, uint64_t nonce, Deadline deadline);
+  // Same-host discovery and segment creation (before the mesh), and mapping of the
+  // peers' segments (after it).
+  std::vector<int> find_same_host(Store& store, const TcpOptions& opts, Deadline deadline);
+  void create_segment(Store& store, const TcpOptions& opts, const std::vector<int>& local,
+                      uint64_t nonce);
+  void map_segments(Store& store, const TcpOptions& opts, const std::vector<int>& local,
+                    Deadline deadline);
 
   static void consume(std::deque<Pending>& q, size_t bytes, uint64_t& done);
   bool is_done(const Request& r) const;
   void progress();
   void progress_send(int p);
   void progress_recv(int p);
-  void poll_once(Deadline deadline);
+  void progress_send_shm(int p);
+  void progress_recv_shm(int p);
+  bool tcp_data_pending() const;
+  void check_closed_shm_peers();
+  void poll_once(Deadline deadline, Deadline wake_by);
   void read_control(int p, bool draining);
   void drain_control();
   void send_control(int p, uint32_t type, const std::string& payload);
@@ -108,10 +144,13 @@ class Transport final : public PointToPoint {
   const int rank_, size_;
   std::chrono::microseconds spin_{0};
   std::vector<Peer> peers_;
-  Fd wake_;                     // eventfd written by fail()
-  std::vector<pollfd> pfds_;    // poll set of the last poll_once, reused
-  std::vector<int> pfd_peer_;   // peer of each pfds_ entry (-1: wake_)
-  std::vector<bool> pfd_ctrl_;  // whether the entry is a control socket
+  Fd wake_;                             // eventfd written by fail()
+  std::vector<pollfd> pfds_;            // poll set of the last poll_once, reused
+  std::vector<int> pfd_peer_;           // peer of each pfds_ entry (-1: wake_)
+  std::vector<bool> pfd_ctrl_;          // whether the entry is a control socket
+  shm::Segment shm_own_;                // ours: the rings our same-host peers write to
+  std::vector<shm::Segment> shm_peer_;  // theirs, mapped
+  shm::Doorbell bell_;                  // ours; valid when any peer uses shm
 
   std::atomic<bool> failed_{false};
   mutable std::mutex fail_mu_;

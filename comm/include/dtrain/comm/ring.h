@@ -11,6 +11,10 @@
 //   broadcast      = a pipelined chain root -> root+1 -> ... -> root-1
 //   barrier        = a 1-byte allgather
 //
+// When the transport can reduce on receive (PointToPoint::can_recv_reduce), the
+// in-place reduction steps of allreduce receive straight into the destination,
+// combining as the bytes arrive, and use no scratch.
+//
 // Every segment is cut into chunks (RingOptions::chunk_bytes) and the steps are
 // pipelined per chunk: chunk k of step s+1 is sent as soon as chunk k of step s has
 // been received and reduced, up to `window` receives are posted ahead, and the
@@ -56,6 +60,14 @@ class PointToPoint {
   // exactly the sizes the peer sends, so message and stream transports agree).
   virtual Request post_send(const void* data, size_t bytes, int peer) = 0;
   virtual Request post_recv(void* data, size_t bytes, int peer) = 0;
+
+  // Optional: a receive of `count` elements from `peer` that combines them into
+  // `data` with reduce_into(data, incoming, count, dtype, op) instead of
+  // overwriting it, so the transport can reduce straight from its own buffers (the
+  // shared-memory rings) without a scratch copy. Only when can_recv_reduce(peer);
+  // the default implementation has none.
+  virtual bool can_recv_reduce(int /*peer*/) const { return false; }
+  virtual Request post_recv_reduce(void* data, size_t count, DType dtype, ReduceOp op, int peer);
 
   // Blocks until `request` completes, moving every posted request forward meanwhile.
   // Throws CommError when a peer is lost or the transport was aborted, TimeoutError

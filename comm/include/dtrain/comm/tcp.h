@@ -10,6 +10,15 @@
 // job tag, the listener's nonce) that is acknowledged; anything else connecting to
 // the port is dropped.
 //
+// Same host: each rank also publishes a host identity (host name, boot id, mount
+// and IPC namespaces) under "tcp/<tag>/host/<rank>"; for a pair with equal
+// identities (and TcpOptions::shm on both sides) the data goes through shared-memory
+// rings (comm/src/shm) and the data socket stays idle, while the control connection
+// still carries "bye"/"abort" and tells a dead peer by its EOF. Each such rank
+// publishes its segment's name under "tcp/<tag>/shm/<rank>", maps its peers'
+// segments, acknowledges under "tcp/<tag>/shm-mapped/<owner>/<rank>", and unlinks
+// its own name once every same-host peer has mapped it.
+//
 // Execution: one worker thread per communicator runs the queued operations in
 // issue order (async forms return at once; blocking forms wait). Collectives run the
 // pipelined Ring (ring.h) over the sockets; the worker drives all sockets with
@@ -55,10 +64,18 @@ struct TcpOptions {
   int spin_us = 300;
   // Chunking of the pipelined ring; must be the same on every rank.
   RingOptions ring;
+  // Shared-memory fast path: data between two ranks on one host goes through a
+  // ring buffer in shared memory instead of their data socket (the control socket
+  // stays). Used for a pair only when both ranks enable it.
+  bool shm = true;
+  // Capacity of each shared-memory ring (one per direction and same-host pair); a
+  // multiple of 4096. Allocated in /dev/shm when the communicator is created.
+  size_t shm_ring_bytes = 8 << 20;
 
   // Defaults, overridden by DTRAIN_TCP_BIND, DTRAIN_TCP_ADVERTISE,
-  // DTRAIN_TCP_SOCKET_BUFFER, DTRAIN_TCP_CHUNK_BYTES and DTRAIN_TCP_SPIN_US when set
-  // (InvalidArgument on values that do not parse).
+  // DTRAIN_TCP_SOCKET_BUFFER, DTRAIN_TCP_CHUNK_BYTES, DTRAIN_TCP_SPIN_US, DTRAIN_SHM
+  // (0 or 1) and DTRAIN_SHM_RING_BYTES when set (InvalidArgument on values that do
+  // not parse).
   static TcpOptions from_env();
 };
 
