@@ -269,30 +269,31 @@ Manifest CheckpointStore::read_manifest(const std::string& name) const {
 void CheckpointStore::verify(const Manifest& m) const {
   DTRAIN_CHECK(m.shards.size() == static_cast<size_t>(m.world_size), CheckpointError,
                "checkpoint {}: {} shards for world_size {}", m.name, m.shards.size(), m.world_size);
-  for (const auto& s : m.shards) {
-    const std::string path = (fs::path(folder(m.name)) / s.file).string();
-    std::error_code ec;
-    DTRAIN_CHECK(fs::is_regular_file(path, ec), CheckpointError,
-                 "checkpoint {}: shard {} (rank {}) is missing", m.name, path, s.rank);
-    uint64_t size = fs::file_size(path, ec);
-    DTRAIN_CHECK(!ec, CheckpointError, "checkpoint {}: shard {} (rank {}) is unreadable: {}",
-                 m.name, path, s.rank, ec.message());
-    DTRAIN_CHECK(size == s.bytes, CheckpointError,
-                 "checkpoint {}: shard {} (rank {}) is {} bytes, the manifest says {} (truncated "
-                 "or overwritten)",
-                 m.name, path, s.rank, size, s.bytes);
-    std::string sum;
-    try {
-      sum = file_checksum(path);
-    } catch (const IoError& e) {
-      DTRAIN_THROW(CheckpointError, "checkpoint {}: shard {} (rank {}) is unreadable: {}", m.name,
-                   path, s.rank, e.message());
-    }
-    DTRAIN_CHECK(
-        sum == s.checksum, CheckpointError,
-        "checkpoint {}: shard {} (rank {}) is corrupt: checksum {} but the manifest says {}",
-        m.name, path, s.rank, sum, s.checksum);
+  for (const auto& s : m.shards) verify_shard(m, s);
+}
+
+void CheckpointStore::verify_shard(const Manifest& m, const ShardEntry& s) const {
+  const std::string path = (fs::path(folder(m.name)) / s.file).string();
+  std::error_code ec;
+  DTRAIN_CHECK(fs::is_regular_file(path, ec), CheckpointError,
+               "checkpoint {}: shard {} (rank {}) is missing", m.name, path, s.rank);
+  uint64_t size = fs::file_size(path, ec);
+  DTRAIN_CHECK(!ec, CheckpointError, "checkpoint {}: shard {} (rank {}) is unreadable: {}", m.name,
+               path, s.rank, ec.message());
+  DTRAIN_CHECK(size == s.bytes, CheckpointError,
+               "checkpoint {}: shard {} (rank {}) is {} bytes, the manifest says {} (truncated "
+               "or overwritten)",
+               m.name, path, s.rank, size, s.bytes);
+  std::string sum;
+  try {
+    sum = file_checksum(path);
+  } catch (const IoError& e) {
+    DTRAIN_THROW(CheckpointError, "checkpoint {}: shard {} (rank {}) is unreadable: {}", m.name,
+                 path, s.rank, e.message());
   }
+  DTRAIN_CHECK(sum == s.checksum, CheckpointError,
+               "checkpoint {}: shard {} (rank {}) is corrupt: checksum {} but the manifest says {}",
+               m.name, path, s.rank, sum, s.checksum);
 }
 
 void CheckpointStore::commit(const Manifest& m, int keep_last) const {

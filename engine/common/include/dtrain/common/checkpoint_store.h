@@ -82,6 +82,8 @@ class CheckpointStore {
   Manifest read_manifest(const std::string& name) const;
   // CheckpointError naming the shard file and what is wrong (missing, size, checksum).
   void verify(const Manifest& m) const;
+  // One shard of m: CheckpointError naming the shard file and what is wrong.
+  void verify_shard(const Manifest& m, const ShardEntry& shard) const;
   // The newest committed checkpoint that verifies, starting from `latest` then older
   // ones; each one skipped is reported through log("checkpoint step-... skipped:
   // <reason>"). nullopt when none.

@@ -12,6 +12,14 @@
 // and continue with exactly the next sample. The DataLoader advances the position
 // as it hands out batches. It does not own or read a dataset.
 //
+// Changing the world size mid-epoch (a checkpoint made by N ranks resumed by M):
+// the epoch's consumed prefix of the order is carried as `offset` (global positions
+// 0 .. offset-1 of the unpadded order are done). A sampler restored with offset > 0
+// splits only the rest of that epoch's order, padded or cut over its own world size,
+// so no sample is lost or repeated beyond padding; reshard() computes that state from
+// the N ranks' states. offset is 0 in normal operation, and then the behaviour is
+// exactly the one described above. The next set_epoch() clears it.
+//
 // Thread-safety: REQUIRES external synchronisation (the DataLoader keeps it on the
 // consumer thread).
 #pragma once
@@ -24,6 +32,7 @@ namespace dtrain::data {
 struct SamplerState {
   int64_t epoch = 0;
   int64_t position = 0;  // samples of this rank's epoch already consumed
+  int64_t offset = 0;    // leading positions of the epoch's order consumed before a re-split
   bool operator==(const SamplerState&) const = default;
 };
 
@@ -50,9 +59,13 @@ class DistributedSampler {
   // Marks n more samples as consumed. Throws InvalidArgument past num_samples().
   void advance(int64_t n);
 
-  SamplerState state() const { return {epoch_, position_}; }
-  // Throws InvalidArgument when the position is outside [0, num_samples()].
+  SamplerState state() const { return {epoch_, position_, offset_}; }
+  // Throws InvalidArgument when the offset is outside [0, dataset_size()] or the position
+  // outside [0, num_samples()] (num_samples() as it is with that offset).
   void load_state(const SamplerState& state);
+  // Global positions of the epoch's order consumed so far, assuming every rank is at
+  // this rank's position: offset + position * world_size, at most dataset_size().
+  int64_t global_position() const;
 
   int64_t dataset_size() const { return dataset_size_; }
   int64_t rank() const { return rank_; }
@@ -71,8 +84,17 @@ class DistributedSampler {
   int64_t num_samples_ = 0;
   int64_t epoch_ = 0;
   int64_t position_ = 0;
+  int64_t offset_ = 0;
   bool restored_ = false;  // load_state() happened and set_epoch() has not yet run
+  int64_t samples_for(int64_t offset) const;
 };
+
+// The state a rank of a new world size loads to continue the epoch that `states`
+// (one per rank of the old world, all at the same epoch and offset) were in: the
+// prefix every old rank had consumed (offset + old_world * min position, capped at
+// dataset_size) becomes the new offset, position 0. InvalidArgument when the states
+// disagree on epoch or offset or the list is empty.
+SamplerState reshard(const std::vector<SamplerState>& states, int64_t dataset_size);
 
 // The permutation of [0, n) the sampler uses for (seed, epoch): Fisher-Yates with a
 // Generator whose seed is `seed` and whose stream is `epoch`.
