@@ -1,8 +1,10 @@
 // tcp backend: every collective at world sizes 1-4, every dtype and awkward counts,
-// checked element by element against a sequential oracle computed here; async
-// ordering; argument checks; timeouts; lost peers (an aborted rank, a destroyed
-// rank, a SIGKILLed child process); stray connections; the reduction arithmetic;
-// FileStore. Ranks are threads sharing a MemoryStore unless stated otherwise.
+// checked element by element against a sequential oracle computed here, over each
+// data path (same-host shared memory, plain TCP with the fast path off, and a mix);
+// async ordering; argument checks; timeouts; lost peers (an aborted rank, a
+// destroyed rank, a SIGKILLed child process) on both paths; stray connections; no
+// shared-memory names left in /dev/shm; the reduction arithmetic; FileStore. Ranks
+// are threads sharing a MemoryStore unless stated otherwise.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -13,8 +15,10 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <random>
 #include <string>
@@ -149,40 +153,107 @@ std::string what(const char* op, DType t, size_t count, const char* extra = "") 
 }
 
 // Small chunks and a small window so that even modest counts run many pipelined
-// chunks and wrap the scratch slots.
+// chunks and wrap the scratch slots; shared-memory rings of two chunks, so that
+// they wrap and fill all the time.
 TcpOptions small_chunks() {
   TcpOptions o;
   o.ring.chunk_bytes = 4096;
   o.ring.window = 3;
+  o.shm_ring_bytes = 8192;
   return o;
 }
 
-// Runs body(comm) on n threads, one communicator each, meeting in one MemoryStore.
-void run_ranks(int n, const TcpOptions& topts, milliseconds timeout,
-               const std::function<void(Communicator&)>& body) {
-  MemoryStore store;
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        auto comm = make_tcp_communicator(store, r, n, CommOptions{timeout}, topts);
-        body(*comm);
-      } catch (const std::exception& e) {
-        ADD_FAILURE() << "rank " << r << ": " << e.what();
-      }
-    });
+// The names this process (or `pid`) left in /dev/shm.
+std::vector<std::string> shm_leftovers(pid_t pid = ::getpid()) {
+  std::vector<std::string> out;
+  const std::string prefix = fmt::format("dtrain-{}-", pid);
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) == 0) out.push_back(name);
   }
-  for (auto& t : threads) t.join();
+  return out;
 }
 
-class TcpWorld : public ::testing::TestWithParam<int> {};
+// Shared-memory segments mapped into this process right now (unlinked ones included),
+// read from /proc/self/maps: an oracle independent of the transport's own state.
+int shm_mappings() {
+  std::ifstream maps("/proc/self/maps");
+  int n = 0;
+  for (std::string line; std::getline(maps, line);) {
+    n += line.find("/dev/shm/dtrain-") != std::string::npos;
+  }
+  return n;
+}
+
+// Runs body(comm) on n threads, one communicator each (rank r with options(r)),
+// meeting in one MemoryStore. Afterwards nothing may be left in /dev/shm.
+void run_ranks(int n, const std::function<TcpOptions(int)>& options, milliseconds timeout,
+               const std::function<void(Communicator&)>& body) {
+  {
+    MemoryStore store;
+    std::vector<std::thread> threads;
+    for (int r = 0; r < n; ++r) {
+      threads.emplace_back([&, r] {
+        try {
+          auto comm = make_tcp_communicator(store, r, n, CommOptions{timeout}, options(r));
+          body(*comm);
+        } catch (const std::exception& e) {
+          ADD_FAILURE() << "rank " << r << ": " << e.what();
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  EXPECT_EQ(shm_leftovers(), std::vector<std::string>{}) << "left in /dev/shm";
+}
+
+void run_ranks(int n, const TcpOptions& topts, milliseconds timeout,
+               const std::function<void(Communicator&)>& body) {
+  run_ranks(
+      n, [&](int) { return topts; }, timeout, body);
+}
+
+TcpOptions without_shm(TcpOptions o) {
+  o.shm = false;
+  return o;
+}
+
+// The data path between ranks of one host: shared memory (the default), plain TCP
+// (the fast path off), or a mix (odd ranks turn it off: their pairs use TCP).
+enum class Path { kShm, kTcp, kMixed };
+
+class TcpWorld : public ::testing::TestWithParam<std::tuple<int, Path>> {
+ protected:
+  int world() const { return std::get<0>(GetParam()); }
+  Path path() const { return std::get<1>(GetParam()); }
+  std::function<TcpOptions(int)> on_path(TcpOptions base) const {
+    const Path p = path();
+    return [=](int rank) {
+      TcpOptions o = base;
+      o.shm = p == Path::kShm || (p == Path::kMixed && rank % 2 == 0);
+      return o;
+    };
+  }
+  // Segments each rank maps: its own and each same-host peer's, for every rank
+  // that has a same-host peer on the fast path.
+  int expected_mappings() const {
+    const int n = world();
+    const int on = path() == Path::kShm ? n : path() == Path::kTcp ? 0 : (n + 1) / 2;
+    return on >= 2 ? on * on : 0;
+  }
+};
 
 TEST_P(TcpWorld, AllreduceEveryOpDtypeAndCount) {
-  const int n = GetParam();
-  run_ranks(n, small_chunks(), milliseconds(20000), [&](Communicator& comm) {
+  const int n = world();
+  run_ranks(n, on_path(small_chunks()), milliseconds(20000), [&](Communicator& comm) {
     EXPECT_EQ(comm.size(), n);
     EXPECT_EQ(comm.backend(), "tcp");
     const int rank = comm.rank();
+    // Every communicator exists between the two barriers: the path is the one asked for.
+    comm.barrier();
+    EXPECT_EQ(shm_mappings(), expected_mappings()) << "rank " << rank;
+    comm.barrier();
     for (DType t : kDTypes) {
       for (size_t count : counts_for(n)) {
         for (ReduceOp op : kOps) {
@@ -211,8 +282,8 @@ TEST_P(TcpWorld, AllreduceEveryOpDtypeAndCount) {
 }
 
 TEST_P(TcpWorld, BroadcastFromEveryRoot) {
-  const int n = GetParam();
-  run_ranks(n, small_chunks(), milliseconds(20000), [&](Communicator& comm) {
+  const int n = world();
+  run_ranks(n, on_path(small_chunks()), milliseconds(20000), [&](Communicator& comm) {
     for (DType t : kDTypes) {
       for (size_t count : counts_for(n)) {
         for (int root = 0; root < n; ++root) {
@@ -231,8 +302,8 @@ TEST_P(TcpWorld, BroadcastFromEveryRoot) {
 }
 
 TEST_P(TcpWorld, AllgatherEveryDtypeAndCount) {
-  const int n = GetParam();
-  run_ranks(n, small_chunks(), milliseconds(20000), [&](Communicator& comm) {
+  const int n = world();
+  run_ranks(n, on_path(small_chunks()), milliseconds(20000), [&](Communicator& comm) {
     for (DType t : kDTypes) {
       for (size_t count : counts_for(n)) {
         Buffer mine(t, count), all(t, count * n), want(t, count * n);
@@ -248,8 +319,8 @@ TEST_P(TcpWorld, AllgatherEveryDtypeAndCount) {
 }
 
 TEST_P(TcpWorld, ReduceScatterEveryOpDtypeAndCount) {
-  const int n = GetParam();
-  run_ranks(n, small_chunks(), milliseconds(20000), [&](Communicator& comm) {
+  const int n = world();
+  run_ranks(n, on_path(small_chunks()), milliseconds(20000), [&](Communicator& comm) {
     const int rank = comm.rank();
     for (DType t : kDTypes) {
       for (size_t count : counts_for(n)) {
@@ -283,8 +354,8 @@ TEST_P(TcpWorld, ReduceScatterEveryOpDtypeAndCount) {
 }
 
 TEST_P(TcpWorld, SendRecvBetweenEveryPair) {
-  const int n = GetParam();
-  run_ranks(n, small_chunks(), milliseconds(20000), [&](Communicator& comm) {
+  const int n = world();
+  run_ranks(n, on_path(small_chunks()), milliseconds(20000), [&](Communicator& comm) {
     const int rank = comm.rank();
     // Every ordered pair in one global order, so a blocking send always meets its recv.
     for (DType t : {DType::f32, DType::f16, DType::i64}) {
@@ -312,9 +383,9 @@ TEST_P(TcpWorld, SendRecvBetweenEveryPair) {
 }
 
 TEST_P(TcpWorld, BarrierWaitsForEveryRank) {
-  const int n = GetParam();
+  const int n = world();
   std::atomic<int> entered{0};
-  run_ranks(n, TcpOptions{}, milliseconds(10000), [&](Communicator& comm) {
+  run_ranks(n, on_path(TcpOptions{}), milliseconds(10000), [&](Communicator& comm) {
     for (int round = 0; round < 3; ++round) {
       std::this_thread::sleep_for(milliseconds(10 * comm.rank()));
       entered.fetch_add(1);
@@ -326,8 +397,8 @@ TEST_P(TcpWorld, BarrierWaitsForEveryRank) {
 }
 
 TEST_P(TcpWorld, AsyncOperationsCompleteInIssueOrder) {
-  const int n = GetParam();
-  run_ranks(n, small_chunks(), milliseconds(20000), [&](Communicator& comm) {
+  const int n = world();
+  run_ranks(n, on_path(small_chunks()), milliseconds(20000), [&](Communicator& comm) {
     const int rank = comm.rank();
     const size_t count = 50001;
     std::vector<float> a(count, static_cast<float>(rank + 1));
@@ -356,8 +427,8 @@ TEST_P(TcpWorld, AsyncOperationsCompleteInIssueOrder) {
 }
 
 TEST_P(TcpWorld, RejectsBadArgumentsWithoutFailing) {
-  const int n = GetParam();
-  run_ranks(n, TcpOptions{}, milliseconds(10000), [&](Communicator& comm) {
+  const int n = world();
+  run_ranks(n, on_path(TcpOptions{}), milliseconds(10000), [&](Communicator& comm) {
     float x = 1;
     EXPECT_THROW(comm.broadcast(&x, 1, DType::f32, n), InvalidArgument);
     EXPECT_THROW(comm.broadcast(&x, 1, DType::f32, -1), InvalidArgument);
@@ -371,39 +442,74 @@ TEST_P(TcpWorld, RejectsBadArgumentsWithoutFailing) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(WorldSizes, TcpWorld, ::testing::Values(1, 2, 3, 4),
-                         [](const auto& info) { return "size" + std::to_string(info.param); });
+INSTANTIATE_TEST_SUITE_P(WorldSizes, TcpWorld,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                                            ::testing::Values(Path::kShm, Path::kTcp,
+                                                              Path::kMixed)),
+                         [](const auto& info) {
+                           const Path p = std::get<1>(info.param);
+                           return "size" + std::to_string(std::get<0>(info.param)) +
+                                  (p == Path::kShm   ? "_shm"
+                                   : p == Path::kTcp ? "_tcp"
+                                                     : "_mixed");
+                         });
 
 TEST(TcpComm, LargeCountsWithDefaultChunks) {
   for (int n : {2, 3}) {
-    run_ranks(n, TcpOptions{}, milliseconds(20000), [&](Communicator& comm) {
-      const size_t count = 1000003;
-      const int rank = comm.rank();
-      std::vector<float> a(count);
-      for (size_t i = 0; i < count; ++i) a[i] = static_cast<float>(input(rank, i, DType::f32));
-      comm.allreduce(a.data(), count, DType::f32, ReduceOp::kSum);
-      size_t bad = 0;
-      for (size_t i = 0; i < count; ++i) {
-        double s = 0;
-        for (int r = 0; r < n; ++r) s += input(r, i, DType::f32);
-        bad += a[i] != static_cast<float>(s);
-      }
-      EXPECT_EQ(bad, 0u) << "allreduce of " << count << " floats on " << n << " ranks";
+    for (bool shm : {true, false}) {
+      SCOPED_TRACE(shm ? "shared memory" : "plain tcp");
+      TcpOptions topts;
+      topts.shm = shm;
+      run_ranks(n, topts, milliseconds(20000), [&](Communicator& comm) {
+        const size_t count = 1000003;
+        const int rank = comm.rank();
+        std::vector<float> a(count);
+        for (size_t i = 0; i < count; ++i) a[i] = static_cast<float>(input(rank, i, DType::f32));
+        comm.allreduce(a.data(), count, DType::f32, ReduceOp::kSum);
+        size_t bad = 0;
+        for (size_t i = 0; i < count; ++i) {
+          double s = 0;
+          for (int r = 0; r < n; ++r) s += input(r, i, DType::f32);
+          bad += a[i] != static_cast<float>(s);
+        }
+        EXPECT_EQ(bad, 0u) << "allreduce of " << count << " floats on " << n << " ranks";
 
-      std::vector<double> all(count * n);
-      std::vector<double> mine(count, rank + 0.5);
-      comm.allgather(mine.data(), all.data(), count, DType::f64);
-      bad = 0;
-      for (size_t i = 0; i < all.size(); ++i) bad += all[i] != static_cast<double>(i / count) + 0.5;
-      EXPECT_EQ(bad, 0u) << "allgather";
+        std::vector<double> all(count * n);
+        std::vector<double> mine(count, rank + 0.5);
+        comm.allgather(mine.data(), all.data(), count, DType::f64);
+        bad = 0;
+        for (size_t i = 0; i < all.size(); ++i)
+          bad += all[i] != static_cast<double>(i / count) + 0.5;
+        EXPECT_EQ(bad, 0u) << "allgather";
 
-      std::vector<double> part(count);
-      comm.reduce_scatter(all.data(), part.data(), count, DType::f64, ReduceOp::kSum);
-      bad = 0;
-      for (double v : part) bad += v != n * (rank + 0.5);
-      EXPECT_EQ(bad, 0u) << "reduce_scatter";
-    });
+        std::vector<double> part(count);
+        comm.reduce_scatter(all.data(), part.data(), count, DType::f64, ReduceOp::kSum);
+        bad = 0;
+        for (double v : part) bad += v != n * (rank + 0.5);
+        EXPECT_EQ(bad, 0u) << "reduce_scatter";
+      });
+    }
   }
+}
+
+TEST(TcpComm, SharedMemoryCanBeTurnedOffFromTheEnvironment) {
+  ::unsetenv("DTRAIN_SHM");
+  EXPECT_TRUE(TcpOptions::from_env().shm);
+  ::setenv("DTRAIN_SHM", "0", 1);
+  EXPECT_FALSE(TcpOptions::from_env().shm);
+  ::setenv("DTRAIN_SHM", "1", 1);
+  EXPECT_TRUE(TcpOptions::from_env().shm);
+  ::setenv("DTRAIN_SHM", "yes", 1);
+  EXPECT_THROW(TcpOptions::from_env(), InvalidArgument);
+  ::unsetenv("DTRAIN_SHM");
+  ::setenv("DTRAIN_SHM_RING_BYTES", "65536", 1);
+  EXPECT_EQ(TcpOptions::from_env().shm_ring_bytes, 65536u);
+  ::unsetenv("DTRAIN_SHM_RING_BYTES");
+  TcpOptions bad;
+  bad.shm_ring_bytes = 1000;  // not a multiple of 4096
+  MemoryStore store;
+  EXPECT_THROW(make_tcp_communicator(store, 0, 2, CommOptions{milliseconds(1000)}, bad),
+               InvalidArgument);
 }
 
 TEST(TcpComm, SizeOneNeedsNoPeers) {
@@ -416,10 +522,19 @@ TEST(TcpComm, SizeOneNeedsNoPeers) {
   EXPECT_THROW(comm->send(a.data(), 3, DType::f32, 0), InvalidArgument);
 }
 
-TEST(TcpComm, TimeoutWhenAPeerStopsAnswering) {
+class TcpPath : public ::testing::TestWithParam<bool> {
+ protected:
+  TcpOptions options() const {
+    TcpOptions o;
+    o.shm = GetParam();
+    return o;
+  }
+};
+
+TEST_P(TcpPath, TimeoutWhenAPeerStopsAnswering) {
   const milliseconds timeout(500);
   std::atomic<bool> others_done{false};
-  run_ranks(3, TcpOptions{}, timeout, [&](Communicator& comm) {
+  run_ranks(3, options(), timeout, [&](Communicator& comm) {
     if (comm.rank() == 1) {  // alive but never joins the allreduce
       while (!others_done.load()) std::this_thread::sleep_for(milliseconds(5));
       return;
@@ -447,7 +562,7 @@ TEST(TcpComm, TimeoutWhenAPeerStopsAnswering) {
 
 // Ranks 0 and 2 are in an allreduce that rank 1 never joins; rank 1 then aborts or
 // destroys its communicator. Both must fail quickly with an error naming rank 1.
-void expect_peer_failure_names_rank1(bool destroy) {
+void expect_peer_failure_names_rank1(bool destroy, const TcpOptions& topts) {
   const milliseconds timeout(2000);
   MemoryStore store;
   std::vector<std::thread> threads;
@@ -456,7 +571,7 @@ void expect_peer_failure_names_rank1(bool destroy) {
   for (int r = 0; r < 3; ++r) {
     threads.emplace_back([&, r] {
       try {
-        auto comm = make_tcp_communicator(store, r, 3, CommOptions{timeout}, TcpOptions{});
+        auto comm = make_tcp_communicator(store, r, 3, CommOptions{timeout}, topts);
         if (r == 1) {
           std::this_thread::sleep_for(milliseconds(200));
           event = Clock::now();
@@ -489,17 +604,20 @@ void expect_peer_failure_names_rank1(bool destroy) {
   for (auto& t : threads) t.join();
 }
 
-TEST(TcpComm, AbortedPeerFailsTheOthersQuickly) { expect_peer_failure_names_rank1(false); }
-TEST(TcpComm, DestroyedPeerFailsTheOthersQuickly) { expect_peer_failure_names_rank1(true); }
+TEST_P(TcpPath, AbortedPeerFailsTheOthersQuickly) {
+  expect_peer_failure_names_rank1(false, options());
+}
+TEST_P(TcpPath, DestroyedPeerFailsTheOthersQuickly) {
+  expect_peer_failure_names_rank1(true, options());
+}
 
-TEST(TcpComm, DestroyingWithPendingWorkTellsThePeers) {
+TEST_P(TcpPath, DestroyingWithPendingWorkTellsThePeers) {
   MemoryStore store;
   std::vector<std::thread> threads;
   for (int r = 0; r < 3; ++r) {
     threads.emplace_back([&, r] {
       try {
-        auto comm =
-            make_tcp_communicator(store, r, 3, CommOptions{milliseconds(2000)}, TcpOptions{});
+        auto comm = make_tcp_communicator(store, r, 3, CommOptions{milliseconds(2000)}, options());
         std::vector<float> a(1000, 1.0f);
         if (r == 1) {
           auto work = comm->allreduce_async(a.data(), a.size(), DType::f32, ReduceOp::kSum);
@@ -584,15 +702,17 @@ TEST(TcpComm, MismatchedTagIsRefused) {
   t0.join();
 }
 
-// A real process is SIGKILLed in the middle of allreduces: the two ranks in this
-// process must fail with CommError naming it, quickly, and never hang.
-TEST(TcpComm, KilledProcessFailsTheOthersQuickly) {
+// A real process is SIGKILLed in the middle of large allreduces (16 MiB, so that the
+// kill lands while data is in flight): the two ranks in this process must fail with
+// CommError naming it, quickly, and never hang; it leaves nothing in /dev/shm.
+TEST_P(TcpPath, KilledProcessFailsTheOthersQuickly) {
   namespace fs = std::filesystem;
   std::string tmpl = (fs::path(::testing::TempDir()) / "dtrain_tcp_XXXXXX").string();
   ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
   const std::string dir = tmpl;
   const milliseconds timeout(2000);
-  const size_t count = 1 << 18;
+  const size_t count = 1 << 22;
+  const TcpOptions topts = options();
 
   pid_t child = ::fork();  // no other threads exist here: every earlier test joined its own
   ASSERT_GE(child, 0);
@@ -600,7 +720,7 @@ TEST(TcpComm, KilledProcessFailsTheOthersQuickly) {
     ::alarm(30);  // never outlive a broken parent
     try {
       FileStore store(dir);
-      auto comm = make_tcp_communicator(store, 2, 3, CommOptions{timeout}, TcpOptions{});
+      auto comm = make_tcp_communicator(store, 2, 3, CommOptions{timeout}, topts);
       std::vector<float> a(count, 1.0f);
       for (;;) comm->allreduce(a.data(), count, DType::f32, ReduceOp::kSum);
     } catch (...) {
@@ -617,7 +737,7 @@ TEST(TcpComm, KilledProcessFailsTheOthersQuickly) {
   for (int r = 0; r < 2; ++r) {
     threads.emplace_back([&, r] {
       try {
-        auto comm = make_tcp_communicator(store, r, 3, CommOptions{timeout}, TcpOptions{});
+        auto comm = make_tcp_communicator(store, r, 3, CommOptions{timeout}, topts);
         std::vector<float> a(count, 1.0f);
         for (;;) {
           comm->allreduce(a.data(), count, DType::f32, ReduceOp::kSum);
@@ -651,9 +771,14 @@ TEST(TcpComm, KilledProcessFailsTheOthersQuickly) {
     EXPECT_GE(detect_ms[r], 0.0) << "rank " << r << " failed before the kill: " << errors[r];
     EXPECT_LT(detect_ms[r], static_cast<double>(timeout.count())) << errors[r];
   }
+  EXPECT_EQ(shm_leftovers(child), std::vector<std::string>{}) << "the killed rank's";
+  EXPECT_EQ(shm_leftovers(), std::vector<std::string>{});
   std::error_code ec;
   fs::remove_all(dir, ec);
 }
+
+INSTANTIATE_TEST_SUITE_P(DataPath, TcpPath, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "shm" : "tcp"; });
 
 // The arithmetic on its own, against dtrain::Half / BFloat16 on values that round.
 TEST(Reduce, SixteenBitFloatsRoundLikeTheScalarConversions) {

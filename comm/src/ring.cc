@@ -97,10 +97,19 @@ void Ring::run(const Pass& p, Deadline deadline) {
     });
   }
 
-  // Scratch: `window` slots in place; twice that out of place, where a slot also
-  // holds a partial sum until its forward send has left.
+  // Scratch: `window` slots in place. Out of place a slot also holds a partial sum
+  // until its forward send has left, and that send follows, in the stream to the
+  // right, every step-0 chunk of this rank's first segment: with fewer than a
+  // segment's chunks plus `window` slots, reusing a slot would wait for the right
+  // neighbour to be ahead of us, which all ranks cannot be at once (a deadlock as
+  // soon as the transport buffers less than a segment, as the shared-memory rings do).
   const size_t slot_bytes = std::min(opts_.chunk_bytes, ce * es);
-  const size_t slots = p.reduce_steps == 0 || recv_reduce ? 0 : (in_place ? window : 2 * window);
+  size_t seg_chunks = 0;
+  for (int j = 0; j < n; ++j) {
+    seg_chunks = std::max(seg_chunks, (p.seg_offset[j + 1] - p.seg_offset[j] + ce - 1) / ce);
+  }
+  const size_t slots =
+      p.reduce_steps == 0 || recv_reduce ? 0 : (in_place ? window : seg_chunks + window);
   if (scratch_.size() < slots * slot_bytes) scratch_.resize(slots * slot_bytes);
   std::vector<PointToPoint::Request> slot_send(slots);
   std::vector<bool> slot_busy(slots, false);
