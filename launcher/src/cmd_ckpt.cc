@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -118,6 +119,7 @@ int run_inspect(const CkptOptions& o) {
     DTRAIN_CHECK(listed > 0 || !failures.empty(), CheckpointError,
                  "ckpt inspect: no committed checkpoint in '{}'", p.string());
   }
+  std::fflush(stdout);  // the listing before the error line
   if (!failures.empty()) {
     std::string all;
     for (const auto& f : failures) all += (all.empty() ? "" : "; ") + f;
