@@ -1,9 +1,10 @@
 // Tests of the gRPC job coordinator (launcher/coordinator, proto/coordinator.proto):
 // rendezvous and rank assignment, refusals (full job, other job id, token) that
 // leave the job untouched, the key-value store, barriers, heartbeats and failures,
-// and the `dtrain coordinator` binary. Every server runs in-process on an ephemeral
-// loopback port; every call has a deadline, so a broken coordinator fails a test
-// instead of hanging it.
+// recovery (generations, restarts, the state folder, the two-phase checkpoint
+// commit checked against the checkpoint store), and the `dtrain coordinator` binary. Every server
+// runs in-process on an ephemeral loopback port; every call has a deadline, so a broken coordinator
+// fails a test instead of hanging it.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <poll.h>
@@ -15,6 +16,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <future>
 #include <set>
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "dtrain/comm/store.h"
+#include "dtrain/common/checkpoint_store.h"
 #include "dtrain/common/error.h"
 #include "dtrain/coordinator/client.h"
 #include "dtrain/coordinator/grpc_store.h"
@@ -561,6 +565,197 @@ TEST(Coordinator, JobSucceedsWhenEveryRankLeaves) {
   EXPECT_EQ(c.leave(0, 1), JobState::kRunning);
   EXPECT_EQ(c.leave(1, 1), JobState::kSucceeded);
   EXPECT_EQ(c.status().workers[0].state, WorkerState::kLeft);
+}
+
+// ---- recovery: generations, restarts, state folder, two-phase checkpoint commit ----
+
+ServerOptions recovering_options(int world_size, int max_restarts, std::string state_dir = "") {
+  ServerOptions o = server_options(world_size);
+  o.max_restarts = max_restarts;
+  o.state_dir = std::move(state_dir);
+  return o;
+}
+
+// Joins n workers asking for ranks 0..n-1 (pid 1000 + rank), as dtrain launch does.
+std::vector<JoinResult> join_ranked(const CoordinatorServer& s, int n) {
+  std::vector<std::future<JoinResult>> futures;
+  for (int i = 0; i < n; ++i) {
+    futures.push_back(std::async(std::launch::async, [&s, i] {
+      CoordinatorClient c = connect(s);
+      JoinOptions j = worker(i);
+      j.rank = i;
+      return c.join(j);
+    }));
+  }
+  std::vector<JoinResult> results;
+  for (auto& f : futures) results.push_back(f.get());
+  return results;
+}
+
+std::filesystem::path fresh_dir(const std::string& name) {
+  auto p = std::filesystem::temp_directory_path() /
+           ("dtrain_test_coordinator_" + std::to_string(getpid())) / name;
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p;
+}
+
+// Writes the shard file of `rank` for `step` under root and returns its descriptor.
+ShardInfo write_shard_file(const std::filesystem::path& root, int64_t step, int rank, int world,
+                           const std::string& content) {
+  std::string file = dtrain::ckpt::shard_file_name(rank, world);
+  auto folder = root / dtrain::ckpt::checkpoint_name(step);
+  std::filesystem::create_directories(folder);
+  std::ofstream(folder / file, std::ios::binary) << content;
+  return ShardInfo{rank, file, content.size(),
+                   dtrain::ckpt::file_checksum((folder / file).string())};
+}
+
+CheckpointBegin begin_at(int rank, uint64_t generation, int64_t step,
+                         const std::filesystem::path& root) {
+  return CheckpointBegin{rank, generation, step, 0, root.string(), R"({"model":"mlp"})", 0};
+}
+
+TEST(CoordinatorRecovery, LostWorkerStartsANewGenerationTheSurvivorsRejoin) {
+  CoordinatorServer server(recovering_options(2, 2));
+  join_ranked(server, 2);
+  CoordinatorClient c = connect(server);
+  auto blocked = std::async(std::launch::async, [&] {
+    return thrown<dtrain::CommError>([&] { c.barrier("b", 0, 1, 10s); });
+  });
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(c.report_failure(1, "connection reset", 0, 1), JobState::kRecovering);
+  std::string msg = blocked.get();
+  EXPECT_TRUE(contains(msg, "join again")) << msg;
+  JobStatus st = c.status();
+  EXPECT_EQ(st.state, JobState::kRecovering);
+  EXPECT_EQ(st.generation, 2u);
+  EXPECT_EQ(st.restarts, 1);
+  EXPECT_TRUE(st.workers.empty());
+  // A survivor's heartbeat of generation 1 learns generation 2.
+  HeartbeatResult h = c.heartbeat(0, 1);
+  EXPECT_EQ(h.generation, 2u);
+  EXPECT_EQ(h.state, JobState::kRecovering);
+  // A second report of the same (old) generation is the same loss: ignored.
+  EXPECT_EQ(c.report_failure(-1, "lost rank 1", 0, 1), JobState::kRecovering);
+  EXPECT_EQ(c.status().restarts, 1);
+  std::vector<JoinResult> again = join_ranked(server, 2);
+  EXPECT_EQ(again[0].generation, 2u);
+  EXPECT_EQ(again[1].rank, 1);
+  EXPECT_EQ(c.status().state, JobState::kRunning);
+}
+
+TEST(CoordinatorRecovery, ExhaustedRestartsFailTheJobWithTheReason) {
+  CoordinatorServer server(recovering_options(2, 1));
+  join_ranked(server, 2);
+  CoordinatorClient c = connect(server);
+  EXPECT_EQ(c.report_failure(1, "killed", 0, 1), JobState::kRecovering);
+  join_ranked(server, 2);
+  EXPECT_EQ(c.report_failure(1, "killed again", 0, 2), JobState::kFailed);
+  JobStatus st = c.status();
+  EXPECT_TRUE(contains(st.reason, "killed again")) << st.reason;
+  EXPECT_TRUE(contains(st.reason, "restarts exhausted (1 of 1 used)")) << st.reason;
+  std::string msg = thrown<dtrain::InvalidArgument>([&] { c.join(worker(0, 1s)); });
+  EXPECT_TRUE(contains(msg, "has failed")) << msg;
+}
+
+TEST(CoordinatorRecovery, FatalReportFailsAtOnceEvenWithRestartsLeft) {
+  CoordinatorServer server(recovering_options(2, 3));
+  join_ranked(server, 2);
+  CoordinatorClient c = connect(server);
+  EXPECT_EQ(c.report_failure(0, "--lr must be > 0", 0, 1, /*fatal=*/true), JobState::kFailed);
+}
+
+TEST(CoordinatorRecovery, ANewProcessUnderARunningRankStartsANewGeneration) {
+  CoordinatorServer server(recovering_options(2, 3));
+  join_ranked(server, 2);
+  // Rank 1's launcher restarted it: a new pid asks for rank 1.
+  auto replacement = std::async(std::launch::async, [&] {
+    CoordinatorClient c = connect(server);
+    JoinOptions j = worker(1);
+    j.rank = 1;
+    j.pid = 4242;
+    return c.join(j);
+  });
+  CoordinatorClient c = connect(server);
+  ASSERT_TRUE(eventually([&] { return c.status().generation == 2; }));
+  EXPECT_TRUE(contains(c.status().reason, "replaced by a new process")) << c.status().reason;
+  CoordinatorClient c0 = connect(server);
+  JoinOptions j0 = worker(0);
+  j0.rank = 0;
+  j0.previous_rank = 0;
+  j0.previous_generation = 1;
+  JoinResult r0 = c0.join(j0);
+  JoinResult r1 = replacement.get();
+  EXPECT_EQ(r0.generation, 2u);
+  EXPECT_EQ(r1.generation, 2u);
+  EXPECT_EQ(r1.peers[1].pid, 4242);
+}
+
+TEST(CoordinatorRecovery, CheckpointIsCommittedOnlyWhenEveryShardIsIn) {
+  auto root = fresh_dir("commit");
+  CoordinatorServer server(server_options(2));
+  join_ranked(server, 2);
+  CoordinatorClient c = connect(server);
+  EXPECT_EQ(c.begin_checkpoint(begin_at(0, 1, 5, root)), "step-00000005");
+  EXPECT_EQ(c.begin_checkpoint(begin_at(1, 1, 5, root)), "step-00000005");
+  ShardCommit first = c.commit_shard(1, 5, write_shard_file(root, 5, 0, 2, "rank zero"));
+  EXPECT_FALSE(first.committed);
+  EXPECT_EQ(first.shards_in, 1);
+  EXPECT_FALSE(std::filesystem::exists(root / "latest"));
+  EXPECT_TRUE(c.last_checkpoint().name.empty());
+  ShardCommit second = c.commit_shard(1, 5, write_shard_file(root, 5, 1, 2, "rank one"));
+  EXPECT_TRUE(second.committed);
+  EXPECT_EQ(second.last.name, "step-00000005");
+  dtrain::ckpt::CheckpointStore store(root.string());
+  ASSERT_TRUE(store.latest().has_value());
+  EXPECT_EQ(store.latest()->shards.size(), 2u);
+  EXPECT_EQ(store.latest()->config.value("model", ""), "mlp");
+  EXPECT_EQ(c.status().last_checkpoint.step, 5);
+
+  // A shard whose checksum does not match: nothing is committed, 5 stays latest.
+  c.begin_checkpoint(begin_at(0, 1, 10, root));
+  c.commit_shard(1, 10, write_shard_file(root, 10, 0, 2, "rank zero"));
+  ShardInfo bad = write_shard_file(root, 10, 1, 2, "rank one");
+  bad.checksum = "xxh3-64:0000000000000000";
+  std::string msg = thrown<dtrain::InvalidArgument>([&] { c.commit_shard(1, 10, bad); });
+  EXPECT_TRUE(contains(msg, "shard-00001-of-00002")) << msg;
+  EXPECT_EQ(store.latest()->name, "step-00000005");
+  EXPECT_EQ(c.last_checkpoint().name, "step-00000005");
+  // A shard of another generation is refused.
+  msg = thrown<dtrain::CommError>([&] { c.commit_shard(7, 10, bad); });
+  EXPECT_TRUE(contains(msg, "generation 7")) << msg;
+}
+
+TEST(CoordinatorRecovery, RestartedCoordinatorContinuesTheJobFromItsStateFolder) {
+  auto state = fresh_dir("state");
+  auto root = fresh_dir("state-ckpt");
+  {
+    CoordinatorServer server(recovering_options(2, 3, state.string()));
+    join_ranked(server, 2);
+    CoordinatorClient c = connect(server);
+    for (int r = 0; r < 2; ++r) c.begin_checkpoint(begin_at(r, 1, 20, root));
+    for (int r = 0; r < 2; ++r) c.commit_shard(1, 20, write_shard_file(root, 20, r, 2, "x"));
+  }  // the coordinator goes away
+  CoordinatorServer server(recovering_options(2, 3, state.string()));
+  CoordinatorClient c = connect(server);
+  JobStatus st = c.status();
+  EXPECT_EQ(st.state, JobState::kRecovering);
+  EXPECT_EQ(st.generation, 2u);
+  EXPECT_EQ(st.restarts, 0);
+  EXPECT_EQ(st.last_checkpoint.name, "step-00000020");
+  EXPECT_EQ(c.heartbeat(1, 1).generation, 2u);  // the workers learn to re-join
+  std::vector<JoinResult> joined = join_ranked(server, 2);
+  EXPECT_EQ(joined[0].generation, 2u);
+  EXPECT_EQ(joined[0].last_checkpoint.name, "step-00000020");
+  EXPECT_EQ(joined[0].last_checkpoint.root, root.string());
+  EXPECT_EQ(c.status().state, JobState::kRunning);
+
+  // A state folder of another job is refused, naming the file.
+  ServerOptions other = recovering_options(2, 3, state.string());
+  other.job_id = "job-b";
+  std::string msg = thrown<dtrain::InvalidArgument>([&] { CoordinatorServer s(other); });
+  EXPECT_TRUE(contains(msg, "job.json")) << msg;
 }
 
 // ---- server life cycle ----

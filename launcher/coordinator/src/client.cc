@@ -150,6 +150,8 @@ JoinResult CoordinatorClient::join(const JoinOptions& o) {
   req.set_address(o.address);
   req.set_pid(o.pid != 0 ? o.pid : static_cast<int64_t>(getpid()));
   if (o.rank) req.set_requested_rank(*o.rank);
+  if (o.previous_rank) req.set_previous_rank(*o.previous_rank);
+  req.set_previous_generation(o.previous_generation);
   req.set_timeout_ms(to_ms(o.timeout));
   grpc::ClientContext ctx;
   impl_->prepare(ctx, o.timeout + impl_->options.call_timeout);
@@ -244,13 +246,15 @@ JobStatus CoordinatorClient::status() {
 }
 
 JobState CoordinatorClient::report_failure(int rank, const std::string& reason,
-                                           std::optional<int> reporter_rank, uint64_t generation) {
+                                           std::optional<int> reporter_rank, uint64_t generation,
+                                           bool fatal) {
   v1::ReportFailureRequest req;
   req.set_job_id(impl_->options.job_id);
   req.set_rank(rank);
   req.set_reason(reason);
   if (reporter_rank) req.set_reporter_rank(*reporter_rank);
   req.set_generation(generation);
+  req.set_fatal(fatal);
   grpc::ClientContext ctx;
   impl_->prepare(ctx, impl_->options.call_timeout);
   v1::ReportFailureResponse resp;
@@ -268,6 +272,53 @@ JobState CoordinatorClient::leave(int rank, uint64_t generation) {
   v1::LeaveResponse resp;
   impl_->check(impl_->stub->Leave(&ctx, req, &resp), "Leave");
   return from_proto(resp.state());
+}
+
+std::string CoordinatorClient::begin_checkpoint(const CheckpointBegin& b) {
+  v1::BeginCheckpointRequest req;
+  req.set_job_id(impl_->options.job_id);
+  req.set_rank(b.rank);
+  req.set_generation(b.generation);
+  req.set_step(b.step);
+  req.set_epoch(b.epoch);
+  req.set_root(b.root);
+  req.set_config_json(b.config_json);
+  req.set_keep_last(b.keep_last);
+  grpc::ClientContext ctx;
+  impl_->prepare(ctx, impl_->options.call_timeout);
+  v1::BeginCheckpointResponse resp;
+  impl_->check(impl_->stub->BeginCheckpoint(&ctx, req, &resp),
+               fmt::format("BeginCheckpoint (step {})", b.step));
+  return resp.name();
+}
+
+ShardCommit CoordinatorClient::commit_shard(uint64_t generation, int64_t step,
+                                            const ShardInfo& shard) {
+  v1::CommitShardRequest req;
+  req.set_job_id(impl_->options.job_id);
+  req.set_generation(generation);
+  req.set_step(step);
+  v1::ShardDescriptor* d = req.mutable_shard();
+  d->set_rank(shard.rank);
+  d->set_file(shard.file);
+  d->set_bytes(shard.bytes);
+  d->set_checksum(shard.checksum);
+  grpc::ClientContext ctx;
+  impl_->prepare(ctx, impl_->options.call_timeout);
+  v1::CommitShardResponse resp;
+  impl_->check(impl_->stub->CommitShard(&ctx, req, &resp),
+               fmt::format("CommitShard (step {}, rank {})", step, shard.rank));
+  return ShardCommit{resp.committed(), resp.shards_in(), from_proto(resp.last())};
+}
+
+CheckpointRef CoordinatorClient::last_checkpoint() {
+  v1::GetLastCheckpointRequest req;
+  req.set_job_id(impl_->options.job_id);
+  grpc::ClientContext ctx;
+  impl_->prepare(ctx, impl_->options.call_timeout);
+  v1::CheckpointRef resp;
+  impl_->check(impl_->stub->GetLastCheckpoint(&ctx, req, &resp), "GetLastCheckpoint");
+  return from_proto(resp);
 }
 
 }  // namespace dtrain::coordinator

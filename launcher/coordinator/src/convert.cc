@@ -15,6 +15,8 @@ const char* job_state_name(JobState s) {
       return "RUNNING";
     case JobState::kFailed:
       return "FAILED";
+    case JobState::kRecovering:
+      return "RECOVERING";
     case JobState::kSucceeded:
       return "SUCCEEDED";
     case JobState::kUnknown:
@@ -51,6 +53,8 @@ JobState from_proto(v1::JobState s) {
       return JobState::kFailed;
     case v1::JOB_STATE_SUCCEEDED:
       return JobState::kSucceeded;
+    case v1::JOB_STATE_RECOVERING:
+      return JobState::kRecovering;
     default:
       return JobState::kUnknown;
   }
@@ -83,7 +87,13 @@ JoinResult from_proto(const v1::JoinResponse& r) {
   for (const v1::Peer& p : r.peers()) {
     j.peers.push_back(PeerInfo{p.rank(), p.host(), p.address(), p.pid(), p.local_rank()});
   }
+  j.last_checkpoint = from_proto(r.last_checkpoint());
+  j.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(r.heartbeat_interval_ms()));
   return j;
+}
+
+CheckpointRef from_proto(const v1::CheckpointRef& c) {
+  return CheckpointRef{c.root(), c.name(), c.step(), c.generation()};
 }
 
 HeartbeatResult from_proto(const v1::HeartbeatResponse& r) {
@@ -99,6 +109,9 @@ JobStatus from_proto(const v1::JobStatus& s) {
   j.reason = s.reason();
   j.failed_rank = s.failed_rank();
   j.uptime = std::chrono::milliseconds(static_cast<int64_t>(s.uptime_ms()));
+  j.last_checkpoint = from_proto(s.last_checkpoint());
+  j.restarts = static_cast<int>(s.restarts());
+  j.max_restarts = static_cast<int>(s.max_restarts());
   for (const v1::WorkerStatus& w : s.workers()) {
     WorkerStatus ws;
     ws.rank = w.rank();

@@ -16,6 +16,7 @@ WorkerState from_proto(::dtrain::v1::WorkerState s);
 JoinResult from_proto(const ::dtrain::v1::JoinResponse& r);
 HeartbeatResult from_proto(const ::dtrain::v1::HeartbeatResponse& r);
 JobStatus from_proto(const ::dtrain::v1::JobStatus& s);
+CheckpointRef from_proto(const ::dtrain::v1::CheckpointRef& c);
 
 // "250 ms", "2.5 s".
 std::string format_duration(std::chrono::milliseconds d);

@@ -4,6 +4,17 @@
 //      |                               |
 //      +--(failure reported)--> FAILED <--(failure reported / heartbeat lost)
 //
+// With restarts (max_restarts > 0) a lost worker -- heartbeats stopped, a reported
+// failure, or a new process joining under the rank of a running member -- moves
+// RUNNING (or WAITING/RECOVERING) to RECOVERING with the next generation while
+// restarts are left, and to FAILED ("restarts exhausted") after:
+//
+//   RUNNING --(worker lost, restarts left)--> RECOVERING --(world_size joins)--> RUNNING
+//
+// RECOVERING drops the members, barriers and pending checkpoints of the old
+// generation; blocked calls end ABORTED; Heartbeats of the old generation are
+// answered with the new one (the worker re-joins). A fatal report fails the job.
+//
 // Ranks are fixed when the rendezvous completes: requested ranks first, then the
 // other members fill the free ranks in join order. A Join that gives up before the
 // rendezvous completes withdraws its member, so the job never waits for a ghost.
@@ -12,6 +23,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "dtrain/common/checkpoint_store.h"
+#include "dtrain/common/error.h"
 
 namespace dtrain::coordinator {
 
@@ -39,7 +56,79 @@ uint64_t age_ms(Clock::time_point since, Clock::time_point now) {
 
 }  // namespace
 
-Job::Job(JobConfig config) : config_(std::move(config)), start_(Clock::now()) {}
+Job::Job(JobConfig config) : config_(std::move(config)), start_(Clock::now()) {
+  if (!config_.state_dir.empty()) load_state();
+}
+
+// ---- State folder ----
+
+void Job::load_state() {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(config_.state_dir, ec);
+  DTRAIN_CHECK(!ec, IoError, "coordinator: cannot create the state folder {}: {}",
+               config_.state_dir, ec.message());
+  const std::string path = (fs::path(config_.state_dir) / "job.json").string();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (fs::exists(path)) {
+    nlohmann::json j;
+    try {
+      std::ifstream in(path);
+      j = nlohmann::json::parse(in);
+      DTRAIN_CHECK(j.value("job_id", "") == config_.job_id, InvalidArgument,
+                   "coordinator: state file {} belongs to job '{}', not '{}'", path,
+                   j.value("job_id", ""), config_.job_id);
+      DTRAIN_CHECK(j.value("world_size", 0) == config_.world_size, InvalidArgument,
+                   "coordinator: state file {} is for a world size of {}, not {}", path,
+                   j.value("world_size", 0), config_.world_size);
+      generation_ = j.at("generation").get<uint64_t>() + 1;
+      restarts_ = j.value("restarts", 0);
+      std::string saved = j.value("state", "");
+      const nlohmann::json& c = j.value("last_checkpoint", nlohmann::json::object());
+      last_checkpoint_.set_root(c.value("root", ""));
+      last_checkpoint_.set_name(c.value("name", ""));
+      last_checkpoint_.set_step(c.value("step", int64_t{0}));
+      last_checkpoint_.set_generation(c.value("generation", uint64_t{0}));
+      if (saved == "JOB_STATE_FAILED" || saved == "JOB_STATE_SUCCEEDED") {
+        v1::JobState_Parse(saved, &state_);
+        reason_ = j.value("reason", "");
+      } else {
+        state_ = v1::JOB_STATE_RECOVERING;
+      }
+    } catch (const nlohmann::json::exception& e) {
+      DTRAIN_THROW(DataFormatError, "coordinator: state file {} is malformed: {}", path, e.what());
+    }
+    log(
+        fmt::format("job '{}': continued from {}: generation {}, {} restart(s), state {}, last "
+                    "checkpoint {}",
+                    config_.job_id, path, generation_, restarts_, v1::JobState_Name(state_),
+                    last_checkpoint_.name().empty() ? "none" : last_checkpoint_.name()));
+  }
+  persist();
+}
+
+void Job::persist() {
+  if (config_.state_dir.empty()) return;
+  nlohmann::json j = {{"job_id", config_.job_id},
+                      {"world_size", config_.world_size},
+                      {"generation", generation_},
+                      {"restarts", restarts_},
+                      {"max_restarts", config_.max_restarts},
+                      {"state", v1::JobState_Name(state_)},
+                      {"reason", reason_},
+                      {"last_checkpoint",
+                       {{"root", last_checkpoint_.root()},
+                        {"name", last_checkpoint_.name()},
+                        {"step", last_checkpoint_.step()},
+                        {"generation", last_checkpoint_.generation()}}}};
+  const std::string path = (std::filesystem::path(config_.state_dir) / "job.json").string();
+  try {
+    ckpt::write_file_atomic(path, j.dump(2) + "\n");
+  } catch (const Error& e) {
+    // The job goes on; a coordinator restarted later would miss this change.
+    log(fmt::format("job '{}': cannot write {}: {}", config_.job_id, path, e.message()));
+  }
+}
 
 void Job::log(const std::string& line) const {
   if (config_.log) config_.log(line);
@@ -134,6 +223,7 @@ void Job::complete_rendezvous() {
   state_ = v1::JOB_STATE_RUNNING;
   log(fmt::format("job '{}': rendezvous complete, {} workers, generation {}", config_.job_id,
                   config_.world_size, generation_));
+  persist();
   cv_.notify_all();
 }
 
@@ -148,8 +238,23 @@ Status Job::join(const v1::JoinRequest& req, const CallWait& wait, v1::JoinRespo
     return Status(StatusCode::FAILED_PRECONDITION,
                   fmt::format("job '{}' has ended", config_.job_id));
   }
-  if (state_ != v1::JOB_STATE_WAITING ||
-      members_.size() >= static_cast<size_t>(config_.world_size)) {
+  if (state_ == v1::JOB_STATE_RUNNING && config_.max_restarts > 0 && req.has_requested_rank()) {
+    // A new process under the rank of a running member: the old one is gone (its
+    // launcher restarted it), so that rank is lost.
+    for (const Member& m : members_) {
+      if (m.rank != req.requested_rank() || m.state != v1::WORKER_STATE_ALIVE) continue;
+      if (m.pid == req.pid() && m.host == req.host()) break;
+      lose(m.rank, fmt::format("rank {} ({}, pid {}) was replaced by a new process ({}, pid {})",
+                               m.rank, m.host, m.pid, req.host(), req.pid()));
+      if (state_ == v1::JOB_STATE_FAILED) {
+        return Status(StatusCode::FAILED_PRECONDITION,
+                      fmt::format("job '{}' has failed: {}", config_.job_id, reason_));
+      }
+      break;
+    }
+  }
+  const bool open = state_ == v1::JOB_STATE_WAITING || state_ == v1::JOB_STATE_RECOVERING;
+  if (!open || members_.size() >= static_cast<size_t>(config_.world_size)) {
     return Status(StatusCode::RESOURCE_EXHAUSTED, fmt::format("job '{}' is full (world size {})",
                                                               config_.job_id, config_.world_size));
   }
@@ -177,15 +282,24 @@ Status Job::join(const v1::JoinRequest& req, const CallWait& wait, v1::JoinRespo
   joined.requested_rank = requested;
   joined.joined = joined.last_heartbeat = Clock::now();
   const uint64_t id = joined.id;
+  const uint64_t gen = generation_;
   members_.push_back(std::move(joined));
-  log(fmt::format("job '{}': {} (pid {}) joined{}, {} of {}", config_.job_id, req.host(), req.pid(),
-                  requested >= 0 ? fmt::format(" asking for rank {}", requested) : "",
-                  members_.size(), config_.world_size));
+  log(fmt::format(
+      "job '{}': {} (pid {}) joined generation {}{}{}, {} of {}", config_.job_id, req.host(),
+      req.pid(), gen, requested >= 0 ? fmt::format(" asking for rank {}", requested) : "",
+      req.previous_generation() != 0 ? fmt::format(" (was rank {} of generation {})",
+                                                   req.previous_rank(), req.previous_generation())
+                                     : "",
+      members_.size(), config_.world_size));
   if (members_.size() == static_cast<size_t>(config_.world_size)) complete_rendezvous();
 
-  WaitEnd end = wait_until(lock, wait, [&] { return state_ != v1::JOB_STATE_WAITING; });
+  WaitEnd end = wait_until(lock, wait, [&] {
+    return generation_ != gen ||
+           (state_ != v1::JOB_STATE_WAITING && state_ != v1::JOB_STATE_RECOVERING);
+  });
   if (end == WaitEnd::kReady) {
     if (state_ == v1::JOB_STATE_FAILED) return aborted();
+    if (generation_ != gen) return stale_generation(gen, "the rendezvous");
     const Member* me = member_by_id(id);
     resp->set_job_id(config_.job_id);
     resp->set_rank(me->rank);
@@ -203,6 +317,8 @@ Status Job::join(const v1::JoinRequest& req, const CallWait& wait, v1::JoinRespo
       p->set_local_rank(m.local_rank);
     }
     resp->set_local_world_size(local_size);
+    *resp->mutable_last_checkpoint() = last_checkpoint_;
+    resp->set_heartbeat_interval_ms(static_cast<uint64_t>(config_.heartbeat_interval.count()));
     return Status::OK;
   }
   // Gave up before the rendezvous completed: withdraw, so that a retry can join.
@@ -222,13 +338,17 @@ Status Job::join(const v1::JoinRequest& req, const CallWait& wait, v1::JoinRespo
 Status Job::heartbeat(const v1::HeartbeatRequest& req, v1::HeartbeatResponse* resp) {
   std::lock_guard<std::mutex> lock(mu_);
   if (Status s = check_job_id(req.job_id()); !s.ok()) return s;
+  resp->set_generation(generation_);
+  resp->set_state(state_);
+  resp->set_reason(reason_);
+  // An older generation, or no ranks yet while recovering: the answer tells the
+  // worker to re-join; no member is touched.
+  if (req.generation() != 0 && req.generation() != generation_) return Status::OK;
+  if (state_ == v1::JOB_STATE_RECOVERING && !ranked_) return Status::OK;
   if (Status s = check_rank(req.rank()); !s.ok()) return s;
   Member& m = members_[static_cast<size_t>(req.rank())];
   m.last_heartbeat = Clock::now();
   ++m.heartbeats;
-  resp->set_generation(generation_);
-  resp->set_state(state_);
-  resp->set_reason(reason_);
   return Status::OK;
 }
 
@@ -242,11 +362,10 @@ void Job::check_heartbeats() {
     auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heartbeat);
     if (silent <= config_.heartbeat_timeout) continue;
     m.state = v1::WORKER_STATE_LOST;
-    if (state_ == v1::JOB_STATE_RUNNING) {
-      fail(m.rank, fmt::format("rank {} ({}, pid {}) lost: no heartbeat for {} (timeout {})",
-                               m.rank, m.host, m.pid, format_duration(silent),
-                               format_duration(config_.heartbeat_timeout)));
-    }
+    lose(m.rank,
+         fmt::format("rank {} ({}, pid {}) lost: no heartbeat for {} (timeout {})", m.rank, m.host,
+                     m.pid, format_duration(silent), format_duration(config_.heartbeat_timeout)));
+    return;  // members_ may have been cleared
   }
 }
 
@@ -259,14 +378,10 @@ Status Job::barrier(const v1::BarrierRequest& req, const CallWait& wait,
   if (req.name().empty()) {
     return Status(StatusCode::INVALID_ARGUMENT, "a barrier needs a name");
   }
-  if (Status s = check_rank(req.rank()); !s.ok()) return s;
   if (state_ == v1::JOB_STATE_FAILED) return aborted();
   const uint64_t gen = req.generation() != 0 ? req.generation() : generation_;
-  if (gen != generation_) {
-    return Status(StatusCode::ABORTED,
-                  fmt::format("generation {} of job '{}' is over (now {}): join again", gen,
-                              config_.job_id, generation_));
-  }
+  if (gen != generation_) return stale_generation(gen, fmt::format("barrier '{}'", req.name()));
+  if (Status s = check_rank(req.rank()); !s.ok()) return s;
   BarrierState& b = barriers_[req.name()];  // std::map: the reference stays valid
   if (!b.arrived.insert(req.rank()).second) {
     return Status(
@@ -293,9 +408,7 @@ Status Job::barrier(const v1::BarrierRequest& req, const CallWait& wait,
   b.arrived.erase(req.rank());
   if (end == WaitEnd::kReady) {
     if (state_ == v1::JOB_STATE_FAILED) return aborted();
-    return Status(StatusCode::ABORTED,
-                  fmt::format("barrier '{}': generation {} of job '{}' ended (now {})", req.name(),
-                              gen, config_.job_id, generation_));
+    return stale_generation(gen, fmt::format("barrier '{}'", req.name()));
   }
   return wait_end_status(
       end, fmt::format("barrier '{}' of job '{}' timed out after {}: {} of {} ranks arrived, "
@@ -324,10 +437,15 @@ Status Job::get(const v1::GetRequest& req, const CallWait& wait, v1::GetResponse
     return Status(StatusCode::NOT_FOUND,
                   fmt::format("key '{}' is not set in job '{}'", req.key(), config_.job_id));
   }
-  WaitEnd end = wait_until(lock, wait, [&] { return found() || state_ == v1::JOB_STATE_FAILED; });
+  const uint64_t gen = generation_;
+  WaitEnd end = wait_until(
+      lock, wait, [&] { return found() || state_ == v1::JOB_STATE_FAILED || generation_ != gen; });
   if (end == WaitEnd::kReady && found()) {
     resp->set_value(kv_[req.key()]);
     return Status::OK;
+  }
+  if (end == WaitEnd::kReady && generation_ != gen) {
+    return stale_generation(gen, fmt::format("waiting for key '{}'", req.key()));
   }
   if (end == WaitEnd::kReady) return aborted();
   return wait_end_status(end, fmt::format("key '{}' was not set in job '{}' within {}", req.key(),
@@ -344,8 +462,12 @@ Status Job::wait(const v1::WaitRequest& req, const CallWait& wait) {
     return std::all_of(req.keys().begin(), req.keys().end(),
                        [&](const std::string& k) { return kv_.count(k) > 0; });
   };
-  WaitEnd end = wait_until(lock, wait, [&] { return all_set() || state_ == v1::JOB_STATE_FAILED; });
+  const uint64_t gen = generation_;
+  WaitEnd end = wait_until(lock, wait, [&] {
+    return all_set() || state_ == v1::JOB_STATE_FAILED || generation_ != gen;
+  });
   if (end == WaitEnd::kReady && all_set()) return Status::OK;
+  if (end == WaitEnd::kReady && generation_ != gen) return stale_generation(gen, "Wait");
   if (end == WaitEnd::kReady) return aborted();
   std::string missing;
   for (const std::string& k : req.keys()) {
@@ -370,6 +492,9 @@ Status Job::status(const v1::GetJobStatusRequest& req, v1::JobStatus* resp) {
   resp->set_reason(reason_);
   resp->set_failed_rank(failed_rank_);
   resp->set_uptime_ms(age_ms(start_, now));
+  *resp->mutable_last_checkpoint() = last_checkpoint_;
+  resp->set_restarts(static_cast<uint32_t>(restarts_));
+  resp->set_max_restarts(static_cast<uint32_t>(std::max(0, config_.max_restarts)));
   for (const Member& m : members_) {
     v1::WorkerStatus* w = resp->add_workers();
     w->set_rank(m.rank >= 0 ? m.rank : m.requested_rank);
@@ -388,7 +513,41 @@ void Job::fail(int rank, const std::string& reason) {
   reason_ = reason;
   failed_rank_ = rank;
   log(fmt::format("job '{}' FAILED: {}", config_.job_id, reason));
+  persist();
   cv_.notify_all();
+}
+
+void Job::lose(int rank, const std::string& reason) {
+  if (config_.max_restarts <= 0) {
+    fail(rank, reason);
+    return;
+  }
+  if (restarts_ >= config_.max_restarts) {
+    fail(rank, fmt::format("{}; restarts exhausted ({} of {} used)", reason, restarts_,
+                           config_.max_restarts));
+    return;
+  }
+  ++restarts_;
+  ++generation_;
+  state_ = v1::JOB_STATE_RECOVERING;
+  reason_ = reason;
+  failed_rank_ = rank;
+  members_.clear();
+  ranked_ = false;
+  // Blocked barrier calls hold references into barriers_: empty them, keep the nodes.
+  for (auto& [name, b] : barriers_) b.arrived.clear();
+  pending_.clear();
+  log(fmt::format("job '{}': {}; restart {} of {}: generation {}, waiting for {} workers to join",
+                  config_.job_id, reason, restarts_, config_.max_restarts, generation_,
+                  config_.world_size));
+  persist();
+  cv_.notify_all();
+}
+
+Status Job::stale_generation(uint64_t gen, const std::string& what) const {
+  return Status(StatusCode::ABORTED,
+                fmt::format("{}: generation {} of job '{}' is over (now {}): join again", what, gen,
+                            config_.job_id, generation_));
 }
 
 Status Job::report_failure(const v1::ReportFailureRequest& req, v1::ReportFailureResponse* resp) {
@@ -400,7 +559,13 @@ Status Job::report_failure(const v1::ReportFailureRequest& req, v1::ReportFailur
                   fmt::format("ReportFailure: rank {} is out of range for job '{}' (world size {})",
                               rank, config_.job_id, config_.world_size));
   }
-  if (state_ == v1::JOB_STATE_WAITING || state_ == v1::JOB_STATE_RUNNING) {
+  if (req.generation() != 0 && req.generation() < generation_) {
+    log(
+        fmt::format("job '{}': failure of rank {} reported for generation {}, which is over (now "
+                    "{}): {}",
+                    config_.job_id, rank, req.generation(), generation_, req.reason()));
+  } else if (state_ == v1::JOB_STATE_WAITING || state_ == v1::JOB_STATE_RUNNING ||
+             state_ == v1::JOB_STATE_RECOVERING) {
     std::string who = rank >= 0 ? fmt::format("rank {}", rank) : std::string("a worker");
     std::string by;
     if (req.has_reporter_rank() && req.reporter_rank() != rank) {
@@ -411,7 +576,12 @@ Status Job::report_failure(const v1::ReportFailureRequest& req, v1::ReportFailur
       Member& m = members_[static_cast<size_t>(rank)];
       if (m.state == v1::WORKER_STATE_ALIVE) m.state = v1::WORKER_STATE_FAILED;
     }
-    fail(rank, fmt::format("{} failed{}: {}", who, by, why));
+    std::string what = fmt::format("{} failed{}: {}", who, by, why);
+    if (req.fatal()) {
+      fail(rank, what);
+    } else {
+      lose(rank, what);
+    }
   } else {
     log(fmt::format("job '{}': failure of rank {} reported after the job ended ({}): {}",
                     config_.job_id, rank, v1::JobState_Name(state_), req.reason()));
@@ -432,9 +602,103 @@ Status Job::leave(const v1::LeaveRequest& req, v1::LeaveResponse* resp) {
   if (all_left && state_ == v1::JOB_STATE_RUNNING) {
     state_ = v1::JOB_STATE_SUCCEEDED;
     log(fmt::format("job '{}' SUCCEEDED: every rank left", config_.job_id));
+    persist();
   }
   cv_.notify_all();
   resp->set_state(state_);
+  return Status::OK;
+}
+
+// ---- Checkpoints (two-phase commit) ----
+
+Status Job::begin_checkpoint(const v1::BeginCheckpointRequest& req,
+                             v1::BeginCheckpointResponse* resp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (Status s = check_job_id(req.job_id()); !s.ok()) return s;
+  if (state_ == v1::JOB_STATE_FAILED) return aborted();
+  if (req.generation() != generation_) {
+    return stale_generation(req.generation(), fmt::format("checkpoint of step {}", req.step()));
+  }
+  if (Status s = check_rank(req.rank()); !s.ok()) return s;
+  if (req.step() < 0 || req.root().empty()) {
+    return Status(StatusCode::INVALID_ARGUMENT,
+                  fmt::format("BeginCheckpoint: needs a step >= 0 and a root folder (got step {}, "
+                              "root '{}')",
+                              req.step(), req.root()));
+  }
+  PendingCheckpoint& p = pending_[req.step()];
+  if (p.root.empty()) {
+    p.generation = generation_;
+    p.epoch = req.epoch();
+    p.root = req.root();
+    p.config_json = req.config_json();
+    p.keep_last = req.keep_last();
+  }
+  resp->set_name(ckpt::checkpoint_name(req.step()));
+  return Status::OK;
+}
+
+Status Job::commit_shard(const v1::CommitShardRequest& req, v1::CommitShardResponse* resp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (Status s = check_job_id(req.job_id()); !s.ok()) return s;
+  if (state_ == v1::JOB_STATE_FAILED) return aborted();
+  const std::string name = ckpt::checkpoint_name(req.step());
+  if (req.generation() != generation_) {
+    return stale_generation(req.generation(), "shard of checkpoint " + name);
+  }
+  if (Status s = check_rank(req.shard().rank()); !s.ok()) return s;
+  auto it = pending_.find(req.step());
+  if (it == pending_.end()) {
+    return Status(StatusCode::FAILED_PRECONDITION,
+                  fmt::format("CommitShard: checkpoint {} of job '{}' was not begun (or was "
+                              "abandoned)",
+                              name, config_.job_id));
+  }
+  PendingCheckpoint& p = it->second;
+  p.shards[req.shard().rank()] = req.shard();
+  resp->set_shards_in(static_cast<int32_t>(p.shards.size()));
+  if (p.shards.size() == static_cast<size_t>(config_.world_size)) {
+    ckpt::Manifest m;
+    m.name = name;
+    m.step = req.step();
+    m.epoch = p.epoch;
+    m.world_size = config_.world_size;
+    m.generation = p.generation;
+    for (const auto& [rank, d] : p.shards) {
+      m.shards.push_back(ckpt::ShardEntry{rank, d.file(), d.bytes(), d.checksum()});
+    }
+    const std::string root = p.root;
+    const int keep = p.keep_last;
+    try {
+      if (!p.config_json.empty()) m.config = nlohmann::json::parse(p.config_json);
+      ckpt::CheckpointStore(root).commit(m, keep);
+    } catch (const std::exception& e) {
+      pending_.erase(it);
+      log(fmt::format("job '{}': checkpoint {} NOT committed: {}", config_.job_id, name, e.what()));
+      return Status(StatusCode::FAILED_PRECONDITION,
+                    fmt::format("checkpoint {} of job '{}' was not committed: {}", name,
+                                config_.job_id, e.what()));
+    }
+    last_checkpoint_.set_root(root);
+    last_checkpoint_.set_name(name);
+    last_checkpoint_.set_step(m.step);
+    last_checkpoint_.set_generation(m.generation);
+    pending_.erase(pending_.begin(), std::next(it));
+    resp->set_committed(true);
+    log(fmt::format("job '{}': checkpoint {} committed ({} shards, generation {}) in {}",
+                    config_.job_id, name, m.shards.size(), m.generation, root));
+    persist();
+  }
+  *resp->mutable_last() = last_checkpoint_;
+  return Status::OK;
+}
+
+Status Job::last_checkpoint(const v1::GetLastCheckpointRequest& req, v1::CheckpointRef* resp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!req.job_id().empty()) {
+    if (Status s = check_job_id(req.job_id()); !s.ok()) return s;
+  }
+  *resp = last_checkpoint_;
   return Status::OK;
 }
 

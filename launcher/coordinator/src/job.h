@@ -2,7 +2,11 @@
 // the transport (server.cc adds gRPC plumbing and the token check on top).
 //
 // State: the members in join order (sorted by rank once the rendezvous completes),
-// the job state and generation, named barriers, the key-value store, the failure.
+// the job state and generation, named barriers, the key-value store, the failure,
+// the restart count, the checkpoints being committed and the last committed one.
+// With a state folder, job.json there holds what must survive a coordinator restart
+// (job id, world size, generation, restarts, state, last committed checkpoint); it
+// is rewritten (tmp -> fsync -> rename) on every change of those.
 // One mutex guards it all and one condition variable wakes every blocked call on
 // any change; blocked calls re-check in short slices so that a cancelled client is
 // noticed. Calls answer grpc::Status codes as documented in coordinator.proto.
@@ -41,8 +45,13 @@ struct CallWait {
 struct JobConfig {
   std::string job_id;
   int world_size = 1;
-  std::chrono::milliseconds heartbeat_timeout{0};  // 0: no liveness monitoring
-  std::function<void(const std::string&)> log;     // may be empty
+  std::chrono::milliseconds heartbeat_timeout{0};      // 0: no liveness monitoring
+  std::chrono::milliseconds heartbeat_interval{1000};  // told to the workers in Join
+  // Restarts (generation bumps after a lost worker) before the job FAILS; 0: a lost
+  // worker fails the job at once.
+  int max_restarts = 0;
+  std::string state_dir;                        // empty: nothing persisted
+  std::function<void(const std::string&)> log;  // may be empty
 };
 
 class Job {
@@ -59,6 +68,10 @@ class Job {
   grpc::Status status(const v1::GetJobStatusRequest& req, v1::JobStatus* resp);
   grpc::Status report_failure(const v1::ReportFailureRequest& req, v1::ReportFailureResponse* resp);
   grpc::Status leave(const v1::LeaveRequest& req, v1::LeaveResponse* resp);
+  grpc::Status begin_checkpoint(const v1::BeginCheckpointRequest& req,
+                                v1::BeginCheckpointResponse* resp);
+  grpc::Status commit_shard(const v1::CommitShardRequest& req, v1::CommitShardResponse* resp);
+  grpc::Status last_checkpoint(const v1::GetLastCheckpointRequest& req, v1::CheckpointRef* resp);
 
   // Declares ranks lost whose heartbeats stopped for longer than the timeout.
   void check_heartbeats();
@@ -85,6 +98,14 @@ class Job {
     uint64_t round = 0;
     std::set<int> arrived;
   };
+  struct PendingCheckpoint {
+    uint64_t generation = 0;
+    int64_t epoch = 0;
+    std::string root;
+    std::string config_json;
+    int keep_last = 0;
+    std::map<int, v1::ShardDescriptor> shards;  // by rank
+  };
   enum class WaitEnd { kReady, kTimeout, kCancelled, kShutdown };
 
   // Waits until ready() (checked first, with the lock held) or the call must end.
@@ -96,7 +117,12 @@ class Job {
   grpc::Status aborted() const;                    // REQUIRES: mu_ held, state_ FAILED
   void complete_rendezvous();                      // REQUIRES: mu_ held
   void fail(int rank, const std::string& reason);  // REQUIRES: mu_ held
-  Member* member_by_id(uint64_t id);               // REQUIRES: mu_ held
+  // A worker is lost: a new generation (restarts left) or FAILED.  REQUIRES: mu_ held
+  void lose(int rank, const std::string& reason);
+  grpc::Status stale_generation(uint64_t gen, const std::string& what) const;  // REQUIRES: mu_
+  void load_state();  // from config_.state_dir/job.json, when there is one (constructor)
+  void persist();     // REQUIRES: mu_ held
+  Member* member_by_id(uint64_t id);  // REQUIRES: mu_ held
   void log(const std::string& line) const;
 
   const JobConfig config_;
@@ -113,6 +139,9 @@ class Job {
   std::string reason_;                               // GUARDED_BY(mu_)
   int failed_rank_ = -1;                             // GUARDED_BY(mu_)
   bool shutdown_ = false;                            // GUARDED_BY(mu_)
+  int restarts_ = 0;                                 // GUARDED_BY(mu_)
+  v1::CheckpointRef last_checkpoint_;                // GUARDED_BY(mu_)
+  std::map<int64_t, PendingCheckpoint> pending_;     // by step  GUARDED_BY(mu_)
 };
 
 }  // namespace dtrain::coordinator

@@ -98,6 +98,21 @@ class Service final : public v1::Coordinator::Service {
     if (Status s = authorize(*ctx); !s.ok()) return s;
     return job_.leave(*req, resp);
   }
+  Status BeginCheckpoint(ServerContext* ctx, const v1::BeginCheckpointRequest* req,
+                         v1::BeginCheckpointResponse* resp) override {
+    if (Status s = authorize(*ctx); !s.ok()) return s;
+    return job_.begin_checkpoint(*req, resp);
+  }
+  Status CommitShard(ServerContext* ctx, const v1::CommitShardRequest* req,
+                     v1::CommitShardResponse* resp) override {
+    if (Status s = authorize(*ctx); !s.ok()) return s;
+    return job_.commit_shard(*req, resp);
+  }
+  Status GetLastCheckpoint(ServerContext* ctx, const v1::GetLastCheckpointRequest* req,
+                           v1::CheckpointRef* resp) override {
+    if (Status s = authorize(*ctx); !s.ok()) return s;
+    return job_.last_checkpoint(*req, resp);
+  }
 
  private:
   Status authorize(const ServerContext& ctx) const {
@@ -145,7 +160,9 @@ struct CoordinatorServer::Impl {
 
   explicit Impl(ServerOptions o)
       : options(std::move(o)),
-        job(JobConfig{options.job_id, options.world_size, options.heartbeat_timeout, options.log}),
+        job(JobConfig{options.job_id, options.world_size, options.heartbeat_timeout,
+                      options.heartbeat_interval, options.max_restarts, options.state_dir,
+                      options.log}),
         service(job, options.token) {}
 
   void monitor_loop() {
@@ -171,6 +188,11 @@ CoordinatorServer::CoordinatorServer(ServerOptions options) {
                "coordinator: the bind address is empty");
   DTRAIN_CHECK(options.heartbeat_timeout.count() >= 0, InvalidArgument,
                "coordinator: the heartbeat timeout must not be negative");
+  DTRAIN_CHECK(options.heartbeat_interval.count() > 0, InvalidArgument,
+               "coordinator: the heartbeat interval must be positive, got {} ms",
+               options.heartbeat_interval.count());
+  DTRAIN_CHECK(options.max_restarts >= 0, InvalidArgument,
+               "coordinator: --max-restarts must be >= 0, got {}", options.max_restarts);
   impl_ = std::make_unique<Impl>(std::move(options));
   const ServerOptions& o = impl_->options;
   std::string listen = host_port(o.bind_address, o.port);

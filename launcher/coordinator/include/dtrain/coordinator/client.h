@@ -38,6 +38,26 @@ struct JoinOptions {
   int64_t pid = 0;                           // 0: this process's id
   std::optional<int> rank;                   // a rank the launcher already assigned
   std::chrono::milliseconds timeout{60000};  // how long to wait for the rendezvous
+  // A re-join after a generation change: what the worker was (informational).
+  std::optional<int> previous_rank;
+  uint64_t previous_generation = 0;
+};
+
+// What a rank tells the coordinator when it begins writing its checkpoint shard.
+struct CheckpointBegin {
+  int rank = 0;
+  uint64_t generation = 0;
+  int64_t step = 0;
+  int64_t epoch = 0;
+  std::string root;         // the checkpoint root folder
+  std::string config_json;  // recorded in the manifest
+  int keep_last = 0;        // retention at commit (0: keep all)
+};
+
+struct ShardCommit {
+  bool committed = false;  // this shard completed the checkpoint, which is committed
+  int shards_in = 0;
+  CheckpointRef last;  // the last committed checkpoint after the call
 };
 
 class CoordinatorClient {
@@ -69,10 +89,19 @@ class CoordinatorClient {
 
   JobStatus status();
   // Reports that `rank` (-1: unknown) failed; returns the job's state afterwards.
+  // fatal: the failure would repeat on a restart, so the job fails even with restarts left.
   JobState report_failure(int rank, const std::string& reason,
-                          std::optional<int> reporter_rank = std::nullopt, uint64_t generation = 0);
+                          std::optional<int> reporter_rank = std::nullopt, uint64_t generation = 0,
+                          bool fatal = false);
   // This rank finished cleanly; returns the job's state afterwards.
   JobState leave(int rank, uint64_t generation);
+
+  // Two-phase checkpoint commit: begin (returns the checkpoint's folder name), then
+  // commit this rank's shard. A refused or failed commit throws (the checkpoint is
+  // then not committed).
+  std::string begin_checkpoint(const CheckpointBegin& begin);
+  ShardCommit commit_shard(uint64_t generation, int64_t step, const ShardInfo& shard);
+  CheckpointRef last_checkpoint();
 
  private:
   struct Impl;

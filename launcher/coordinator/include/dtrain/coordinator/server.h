@@ -6,8 +6,10 @@
 // (Join, Barrier, Get with wait, Wait) hold a gRPC server thread each until they
 // are released, their timeout passes, the client cancels, or shutdown() runs. When
 // heartbeat_timeout is non-zero a monitor thread declares ranks that stop
-// heartbeating lost and fails the job. It does not restart workers or commit
-// checkpoints (the recovery work adds that).
+// heartbeating lost: the job fails, or with max_restarts > 0 starts a new generation
+// (see proto/coordinator.proto, Recovery). It commits checkpoints once every rank's
+// shard is in (two-phase commit) and keeps its state in state_dir. It does not start
+// processes: restarting a lost worker is the launcher's job.
 //
 // Thread-safety: all methods are safe to call from any thread.
 #pragma once
@@ -29,6 +31,14 @@ struct ServerOptions {
   std::string token;  // non-empty: every call must carry it ("x-dtrain-token")
   // A rank silent for longer than this after its first heartbeat is lost; 0: off.
   std::chrono::milliseconds heartbeat_timeout{30000};
+  // How often workers should heartbeat (told to them in Join).
+  std::chrono::milliseconds heartbeat_interval{1000};
+  // Restarts (a lost worker -> a new generation) before the job FAILS; 0: off.
+  int max_restarts = 0;
+  // Folder for job.json (generation, restarts, state, last committed checkpoint);
+  // a coordinator started on a folder holding this job's job.json continues it.
+  // Empty: nothing is persisted.
+  std::string state_dir;
   // Receives one line per event (joins, rendezvous, failures). Called from gRPC
   // threads with the job locked: keep it short and never call back into the server.
   std::function<void(const std::string&)> log;

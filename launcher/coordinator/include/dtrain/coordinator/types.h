@@ -14,11 +14,27 @@ namespace dtrain::coordinator {
 
 // The job's life cycle (JobState in the proto). kUnknown stands for a value a newer
 // coordinator sends that this build does not know.
-enum class JobState { kUnknown, kWaiting, kRunning, kFailed, kSucceeded };
+enum class JobState { kUnknown, kWaiting, kRunning, kFailed, kSucceeded, kRecovering };
 enum class WorkerState { kUnknown, kJoining, kAlive, kLost, kFailed, kLeft };
 
 const char* job_state_name(JobState s);        // "WAITING", "RUNNING", ...
 const char* worker_state_name(WorkerState s);  // "JOINING", "ALIVE", ...
+
+// A committed checkpoint the coordinator recorded (name empty: none).
+struct CheckpointRef {
+  std::string root;
+  std::string name;  // "step-00000120"
+  int64_t step = 0;
+  uint64_t generation = 0;
+};
+
+// One rank's written shard (the wire form of dtrain::ckpt::ShardEntry).
+struct ShardInfo {
+  int rank = 0;
+  std::string file;
+  uint64_t bytes = 0;
+  std::string checksum;
+};
 
 struct PeerInfo {
   int rank = -1;
@@ -36,6 +52,8 @@ struct JoinResult {
   int local_rank = 0;
   int local_world_size = 0;
   std::vector<PeerInfo> peers;  // every rank, sorted by rank
+  CheckpointRef last_checkpoint;
+  std::chrono::milliseconds heartbeat_interval{0};  // 0: the coordinator did not say
 };
 
 struct HeartbeatResult {
@@ -63,6 +81,9 @@ struct JobStatus {
   std::string reason;                 // why the job failed, when it did
   int failed_rank = -1;
   std::chrono::milliseconds uptime{0};
+  CheckpointRef last_checkpoint;
+  int restarts = 0;
+  int max_restarts = 0;
 };
 
 }  // namespace dtrain::coordinator
