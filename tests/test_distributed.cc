@@ -90,14 +90,15 @@ pid_t find_worker(const std::string& marker, int rank) {
   return -1;
 }
 
-// Acceptance: kill -9 of one worker mid-training: the other worker and dtrain launch
-// exit non-zero within the timeout, naming the lost rank. Never a hang.
+// Acceptance: kill -9 of one worker mid-training, without restarts (--max-restarts 0;
+// recovery is tests/test_recovery.cc): the other worker and dtrain launch exit
+// non-zero within the timeout, naming the lost rank. Never a hang.
 TEST(Distributed, KilledWorkerStopsTheJobNamingTheLostRank) {
   fs::path dir = scratch("kill");
   fs::path metrics = dir / "metrics.jsonl";
   fs::path log = dir / "launch.log";
-  std::string cmd = std::string(DTRAIN_BIN) + " launch --nproc 2 -- dtrain " + train_args(metrics) +
-                    " --timeout 10 --log-every 1 > " + log.string() + " 2>&1";
+  std::string cmd = std::string(DTRAIN_BIN) + " launch --nproc 2 --max-restarts 0 -- dtrain " +
+                    train_args(metrics) + " --timeout 10 --log-every 1 > " + log.string() + " 2>&1";
   pid_t launch = fork();
   ASSERT_GE(launch, 0);
   if (launch == 0) {

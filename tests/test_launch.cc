@@ -98,7 +98,7 @@ TEST(Launch, LineWithoutNewlineIsStillPrefixed) {
 
 TEST(Launch, FailingWorkerStopsTheOthersAndIsNamed) {
   ShellRun r = launch(
-      "--nproc 3 -- sh -c "
+      "--nproc 3 --max-restarts 0 -- sh -c "
       "\"if [ \\$DTRAIN_RANK = 1 ]; then sleep 0.2; exit 3; fi; exec sleep 60\"");
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_TRUE(contains(r.out, "rank 1 exited with code 3")) << r.out;
@@ -107,16 +107,39 @@ TEST(Launch, FailingWorkerStopsTheOthersAndIsNamed) {
 
 TEST(Launch, KilledWorkerStopsTheOthersAndIsNamed) {
   ShellRun r = launch(
-      "--nproc 3 -- sh -c "
+      "--nproc 3 --max-restarts 0 -- sh -c "
       "\"if [ \\$DTRAIN_RANK = 2 ]; then sleep 0.2; kill -9 \\$\\$; fi; exec sleep 60\"");
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_TRUE(contains(r.out, "rank 2 was killed by signal 9")) << r.out;
   EXPECT_LT(r.seconds, 10) << "the other workers were not terminated";
 }
 
+// Recovery: a worker that fails is started again with the same rank and identity
+// (and DTRAIN_RESTART_COUNT), and the job succeeds when the new one does.
+TEST(Launch, FailedWorkerIsStartedAgainWithTheSameRank) {
+  ShellRun r = shell(
+      "d=$(mktemp -d); \"$DTRAIN\" launch --nproc 2 -- sh -c "
+      "\"if [ \\$DTRAIN_RANK = 1 ] && [ ! -e $d/once ]; then touch $d/once; exit 5; fi; "
+      "echo ran \\$DTRAIN_RANK/\\$DTRAIN_WORLD_SIZE restart=\\${DTRAIN_RESTART_COUNT:-0}\"; "
+      "echo launch-exit=$?; rm -rf $d");
+  EXPECT_TRUE(contains(r.out, "launch-exit=0")) << r.out;
+  EXPECT_TRUE(contains(r.out, "rank 1 exited with code 5; starting it again (restart 1 of 3)"))
+      << r.out;
+  EXPECT_TRUE(contains(r.out, "[rank 1] ran 1/2 restart=1\n")) << r.out;
+  EXPECT_TRUE(contains(r.out, "[rank 0] ran 0/2 restart=0\n")) << r.out;
+}
+
+TEST(Launch, WorkerFailingEveryTimeExhaustsTheRestarts) {
+  ShellRun r = launch("--nproc 2 --max-restarts 2 -- sh -c \"exit \\$((DTRAIN_RANK * 7))\"");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_EQ(count(r.out, "starting it again"), 2) << r.out;
+  EXPECT_TRUE(contains(r.out, "failed: rank 1 exited with code 7; restarts exhausted (2 of 2)"))
+      << r.out;
+}
+
 TEST(Launch, WorkersIgnoringSigtermAreKilledAfterTheGracePeriod) {
   ShellRun r = launch(
-      "--nproc 2 --grace-period 0.5 -- sh -c "
+      "--nproc 2 --max-restarts 0 --grace-period 0.5 -- sh -c "
       "\"trap \\\"\\\" TERM; if [ \\$DTRAIN_RANK = 0 ]; then sleep 0.5; exit 4; fi; sleep 60\"");
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_TRUE(contains(r.out, "rank 0 exited with code 4")) << r.out;
@@ -141,7 +164,7 @@ TEST(Launch, SigintIsForwardedToTheWorkers) {
 }
 
 TEST(Launch, CommandThatCannotRunIsReported) {
-  ShellRun r = launch("--nproc 2 -- /nonexistent/worker");
+  ShellRun r = launch("--nproc 2 --max-restarts 0 -- /nonexistent/worker");
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_TRUE(contains(r.out, "cannot execute '/nonexistent/worker'")) << r.out;
   EXPECT_TRUE(contains(r.out, "exited with code 127")) << r.out;

@@ -3,6 +3,12 @@
 //
 //   dtrain coordinator --port 29500 --world-size 2 [--bind ADDR] [--job-id ID]
 //                      [--token T | env DTRAIN_JOB_TOKEN] [--heartbeat-timeout S]
+//                      [--heartbeat-interval S] [--max-restarts N] [--state-dir DIR]
+//
+// With --max-restarts N > 0 a lost worker starts a new generation (the survivors
+// re-join, the lost rank's launcher restarts it) up to N times; after that the job
+// FAILS. --state-dir keeps job.json (generation, restarts, state, last committed
+// checkpoint): a coordinator restarted on the same folder continues the job.
 //
 // Prints one line with the bound address on stdout ("... listening on HOST:PORT"),
 // then the job's events on stderr. Signals: SIGINT and SIGTERM are blocked before
@@ -13,6 +19,7 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -35,6 +42,9 @@ struct CoordinatorConfig {
   std::string job_id = "default";
   std::string token;
   double heartbeat_timeout_s = 30.0;
+  double heartbeat_interval_s = 1.0;
+  int max_restarts = 3;
+  std::string state_dir;
 };
 
 // Blocks SIGINT/SIGTERM on this thread (and every thread started after) for its
@@ -77,6 +87,12 @@ int run_coordinator(const CoordinatorConfig& c) {
   o.token = c.token;
   o.heartbeat_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(std::llround(c.heartbeat_timeout_s * 1000)));
+  DTRAIN_CHECK(std::isfinite(c.heartbeat_interval_s) && c.heartbeat_interval_s > 0, InvalidArgument,
+               "--heartbeat-interval must be > 0 seconds, got {}", c.heartbeat_interval_s);
+  o.heartbeat_interval =
+      std::chrono::milliseconds(std::max<int64_t>(1, std::llround(c.heartbeat_interval_s * 1000)));
+  o.max_restarts = c.max_restarts;
+  o.state_dir = c.state_dir;
   o.log = [](const std::string& line) {
     fmt::print(stderr, "dtrain coordinator: {}\n", line);
     std::fflush(stderr);
@@ -120,6 +136,17 @@ Command add_coordinator_command(CLI::App& app) {
   cmd->add_option("--heartbeat-timeout", c->heartbeat_timeout_s,
                   "Seconds without a heartbeat after which a worker is lost (0: off)")
       ->capture_default_str();
+  cmd->add_option("--heartbeat-interval", c->heartbeat_interval_s,
+                  "Seconds between a worker's heartbeats (told to the workers)")
+      ->capture_default_str();
+  cmd->add_option("--max-restarts", c->max_restarts,
+                  "Lost workers to recover from (a new generation each) before the job fails "
+                  "(0: the first loss fails it)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--state-dir", c->state_dir,
+                  "Folder for job.json; a coordinator restarted on it continues the job "
+                  "(default: none)");
   return {cmd, [c] { return run_coordinator(*c); }};
 }
 

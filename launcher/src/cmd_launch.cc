@@ -2,7 +2,8 @@
 // and supervise them.
 //
 //   dtrain launch --nproc N [--coordinator HOST:PORT] [--job-id ID] [--token T]
-//                 [--grace-period S] -- <command ...>
+//                 [--grace-period S] [--max-restarts N] [--heartbeat-interval S]
+//                 [--heartbeat-timeout S] [--state-dir DIR] -- <command ...>
 //
 // 1. Without --coordinator it spawns `<this binary> coordinator --port 0
 //    --world-size N ...` and reads the address it binds from its stdout (the first
@@ -12,7 +13,15 @@
 //    (see worker_env.h), each in its own process group, with stdout and stderr on
 //    pipes. Every line they print is re-emitted on the same stream prefixed with
 //    "[rank k] " (the coordinator's with "[coordinator] ").
-// 3. When a worker exits non-zero or is killed, it says which rank failed and how
+// 3. Recovery: when a worker exits non-zero or is killed while restarts are left
+//    (--max-restarts, default 3) and the coordinator has not failed the job, it is
+//    started again with the same rank and identity (plus DTRAIN_RESTART_COUNT); the
+//    survivors re-join the next generation by themselves (see train.cc) and every
+//    rank resumes from the last committed checkpoint. A coordinator launch started
+//    that dies is started again on the same port and state folder (--state-dir;
+//    default a private folder removed at exit), so the job goes on.
+// 4. Past the restarts, when a worker exits non-zero or is killed, it says which rank failed and
+// how
 //    ("rank 1 was killed by signal 9 (SIGKILL)"), gives the other workers
 //    --failure-wait seconds to notice and exit by themselves (their collectives fail
 //    naming the lost rank), then sends SIGTERM to every remaining worker's process group, SIGKILL
@@ -26,7 +35,7 @@
 // read as events, so there is no signal handler and no global state). Children get
 // PR_SET_PDEATHSIG, so workers do not outlive a launch that is itself killed.
 // Linux only. Not here: several nodes (each node runs its own launch with
-// --coordinator), restarting failed workers (the recovery work).
+// --coordinator, restarting its own workers).
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -43,6 +52,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <random>
@@ -52,6 +62,7 @@
 
 #include "commands.h"
 #include "dtrain/common/error.h"
+#include "dtrain/coordinator/client.h"
 
 extern char** environ;
 
@@ -68,6 +79,10 @@ struct LaunchOptions {
   std::string token;
   double grace_period = 5.0;  // seconds between SIGTERM and SIGKILL
   double failure_wait = 3.0;  // seconds the survivors get to report a failure themselves
+  int max_restarts = 3;       // worker restarts (and coordinator restarts) before failing
+  double heartbeat_interval = 1.0;
+  double heartbeat_timeout = 30.0;
+  std::string state_dir;  // the coordinator's; empty: a private temporary folder
   std::vector<std::string> command;
 };
 
@@ -238,7 +253,14 @@ class Launcher {
  private:
   void block_signals();
   void start_coordinator();
+  std::vector<std::string> coordinator_argv(int port) const;
   void start_workers();
+  void start_worker(int rank, int restart);
+  // Restarts queued by on_exit (children_ cannot grow while reap() walks it).
+  void run_restarts();
+  // The coordinator's reason when it says the job FAILED; nullopt otherwise or
+  // when it cannot be asked.
+  std::optional<std::string> coordinator_failure();
   std::vector<std::string> worker_command() const;
   size_t add_child(std::string label, int rank, const std::vector<std::string>& argv,
                    const std::vector<std::string>& env);
@@ -272,6 +294,12 @@ class Launcher {
   // After a worker fails, the others get until term_at_ to notice (their collectives
   // fail naming the lost rank) and exit by themselves before launch sends SIGTERM.
   std::optional<Clock::time_point> term_at_;
+  int worker_restarts_ = 0;
+  int coordinator_restarts_ = 0;
+  std::vector<int> restart_ranks_;  // ranks to start again after this poll round
+  bool restart_coordinator_ = false;
+  std::string private_state_dir_;  // created by launch, removed at exit
+  std::optional<coordinator::CoordinatorClient> client_;
 };
 
 void Launcher::block_signals() {
@@ -308,10 +336,35 @@ size_t Launcher::add_child(std::string label, int rank, const std::vector<std::s
   return index;
 }
 
+std::vector<std::string> Launcher::coordinator_argv(int port) const {
+  return {self_exe(),
+          "coordinator",
+          "--port",
+          std::to_string(port),
+          "--world-size",
+          std::to_string(opt_.nproc),
+          "--job-id",
+          opt_.job_id,
+          "--max-restarts",
+          std::to_string(opt_.max_restarts),
+          "--heartbeat-interval",
+          fmt::format("{}", opt_.heartbeat_interval),
+          "--heartbeat-timeout",
+          fmt::format("{}", opt_.heartbeat_timeout),
+          "--state-dir",
+          opt_.state_dir};
+}
+
 void Launcher::start_coordinator() {
-  std::vector<std::string> argv = {self_exe(), "coordinator",  "--port",
-                                   "0",        "--world-size", std::to_string(opt_.nproc),
-                                   "--job-id", opt_.job_id};
+  if (opt_.state_dir.empty()) {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "dtrain-launch-XXXXXX").string();
+    if (::mkdtemp(tmpl.data()) == nullptr) {
+      DTRAIN_THROW(IoError, "launch: cannot create a state folder {}: {}", tmpl,
+                   std::strerror(errno));
+    }
+    private_state_dir_ = opt_.state_dir = tmpl;
+  }
+  std::vector<std::string> argv = coordinator_argv(0);
   // The token travels in the environment, not on a command line `ps` shows.
   std::vector<std::string> env = inherited_env({"DTRAIN_JOB_TOKEN"});
   if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
@@ -349,18 +402,57 @@ std::vector<std::string> Launcher::worker_command() const {
 }
 
 void Launcher::start_workers() {
-  std::vector<std::string> base =
+  for (int r = 0; r < opt_.nproc; ++r) start_worker(r, 0);
+}
+
+void Launcher::start_worker(int r, int restart) {
+  std::vector<std::string> env =
       inherited_env({"DTRAIN_RANK", "DTRAIN_WORLD_SIZE", "DTRAIN_LOCAL_RANK", "DTRAIN_COORDINATOR",
-                     "DTRAIN_JOB_ID", "DTRAIN_JOB_TOKEN"});
-  for (int r = 0; r < opt_.nproc; ++r) {
-    std::vector<std::string> env = base;
-    env.push_back(fmt::format("DTRAIN_RANK={}", r));
-    env.push_back(fmt::format("DTRAIN_WORLD_SIZE={}", opt_.nproc));
-    env.push_back(fmt::format("DTRAIN_LOCAL_RANK={}", r));
-    env.push_back("DTRAIN_COORDINATOR=" + coordinator_address_);
-    env.push_back("DTRAIN_JOB_ID=" + opt_.job_id);
+                     "DTRAIN_JOB_ID", "DTRAIN_JOB_TOKEN", "DTRAIN_RESTART_COUNT"});
+  env.push_back(fmt::format("DTRAIN_RANK={}", r));
+  env.push_back(fmt::format("DTRAIN_WORLD_SIZE={}", opt_.nproc));
+  env.push_back(fmt::format("DTRAIN_LOCAL_RANK={}", r));
+  env.push_back("DTRAIN_COORDINATOR=" + coordinator_address_);
+  env.push_back("DTRAIN_JOB_ID=" + opt_.job_id);
+  if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
+  if (restart > 0) env.push_back(fmt::format("DTRAIN_RESTART_COUNT={}", restart));
+  add_child(fmt::format("rank {}", r), r, worker_command(), env);
+}
+
+std::optional<std::string> Launcher::coordinator_failure() {
+  try {
+    if (!client_) {
+      coordinator::ClientOptions co;
+      co.address = coordinator_address_;
+      co.job_id = opt_.job_id;
+      co.token = opt_.token;
+      co.connect_timeout = std::chrono::milliseconds(2000);
+      co.call_timeout = std::chrono::milliseconds(3000);
+      client_.emplace(coordinator::CoordinatorClient::connect(co));
+    }
+    coordinator::JobStatus st = client_->status();
+    if (st.state == coordinator::JobState::kFailed) return st.reason;
+  } catch (const Error&) {
+    // Not reachable (restarting, or not a dtrain coordinator): launch's own count decides.
+  }
+  return std::nullopt;
+}
+
+void Launcher::run_restarts() {
+  if (restart_coordinator_) {
+    restart_coordinator_ = false;
+    size_t colon = coordinator_address_.rfind(':');
+    int port = std::stoi(coordinator_address_.substr(colon + 1));
+    std::vector<std::string> env = inherited_env({"DTRAIN_JOB_TOKEN"});
     if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
-    add_child(fmt::format("rank {}", r), r, worker_command(), env);
+    coordinator_ = add_child("coordinator", -1, coordinator_argv(port), env);
+    client_.reset();
+  }
+  std::vector<int> ranks = std::move(restart_ranks_);
+  restart_ranks_.clear();
+  for (int r : ranks) {
+    if (stopping_ || failure_) break;
+    start_worker(r, worker_restarts_);
   }
 }
 
@@ -418,6 +510,16 @@ void Launcher::on_exit(Child& c) {
   c.running = false;
   bool ok = WIFEXITED(c.status) && WEXITSTATUS(c.status) == 0;
   if (c.rank < 0) {  // the coordinator
+    if (!stopping_ && !failure_ && workers_running() &&
+        coordinator_restarts_ < std::max(1, opt_.max_restarts)) {
+      ++coordinator_restarts_;
+      fmt::print(stderr,
+                 "dtrain launch: the coordinator {}; starting it again on {} (restart {})\n",
+                 describe_status(c.status), coordinator_address_, coordinator_restarts_);
+      std::fflush(stderr);
+      restart_coordinator_ = true;
+      return;
+    }
     if (!stopping_ && !failure_ && workers_running()) {
       failure_ = fmt::format("the coordinator {}", describe_status(c.status));
       fmt::print(stderr, "dtrain launch: {}; stopping the workers\n", *failure_);
@@ -426,7 +528,21 @@ void Launcher::on_exit(Child& c) {
     return;
   }
   if (ok || stopping_ || failure_) return;
+  std::optional<std::string> job_failed = coordinator_failure();
+  if (!job_failed && worker_restarts_ < opt_.max_restarts) {
+    ++worker_restarts_;
+    fmt::print(stderr, "dtrain launch: {} {}; starting it again (restart {} of {})\n", c.label,
+               describe_status(c.status), worker_restarts_, opt_.max_restarts);
+    std::fflush(stderr);
+    restart_ranks_.push_back(c.rank);
+    return;
+  }
   failure_ = fmt::format("{} {}", c.label, describe_status(c.status));
+  if (opt_.max_restarts > 0 && worker_restarts_ >= opt_.max_restarts) {
+    *failure_ +=
+        fmt::format("; restarts exhausted ({} of {})", worker_restarts_, opt_.max_restarts);
+  }
+  if (job_failed) *failure_ += fmt::format("; the job FAILED: {}", *job_failed);
   fmt::print(stderr, "dtrain launch: {}; stopping the other workers\n", *failure_);
   std::fflush(stderr);
   term_at_ =
@@ -494,6 +610,7 @@ void Launcher::poll_once(std::chrono::milliseconds max_wait) {
     }
   }
   reap();
+  run_restarts();
   if (term_at_ && Clock::now() >= *term_at_) {
     term_at_.reset();
     if (workers_running()) stop_workers(SIGTERM);
@@ -536,6 +653,11 @@ void Launcher::cleanup() {
   }
   if (mask_set_) ::sigprocmask(SIG_SETMASK, &old_mask_, nullptr);
   mask_set_ = false;
+  if (!private_state_dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(private_state_dir_, ec);  // best effort
+    private_state_dir_.clear();
+  }
 }
 
 int Launcher::run() {
@@ -602,6 +724,22 @@ Command add_launch_command(CLI::App& app) {
                 "Seconds between SIGTERM and SIGKILL when stopping workers")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  l->add_option("--max-restarts", o->max_restarts,
+                "Times a failed worker (or the coordinator) is started again before the job "
+                "fails (0: never)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  l->add_option("--heartbeat-interval", o->heartbeat_interval,
+                "Seconds between a worker's heartbeats")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  l->add_option("--heartbeat-timeout", o->heartbeat_timeout,
+                "Seconds without a heartbeat after which a worker is lost (0: off)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  l->add_option("--state-dir", o->state_dir,
+                "The coordinator's state folder (job.json); default: a private temporary "
+                "folder removed at exit");
   l->add_option("command", o->command, "The worker command, after --")->required();
   return {l, [o] {
             if (o->token.empty()) {

@@ -8,6 +8,20 @@
 // rank 0 alone draws progress and writes metrics, and evaluation combines every
 // rank's share of the test set. Errors are thrown as dtrain::Error;
 // the CLI turns them into a message and a non-zero exit.
+//
+// Checkpoints (--ckpt-dir): every --ckpt-every steps each rank writes its shard
+// (dtrain/engine/checkpoint.h) and the checkpoint is committed in two phases
+// through the coordinator (BeginCheckpoint, write, CommitShard; the coordinator
+// commits when every shard is in), or locally by a single process. --resume auto
+// continues from the newest committed checkpoint that verifies.
+//
+// Recovery: when a collective fails (a lost peer, CommError/TimeoutError) or the
+// coordinator announces a newer generation, a worker re-joins the job (a new
+// communicator), reloads the last committed checkpoint (from step 0 when none was
+// committed) and continues; restarting from a checkpointed step takes the same
+// path as a run passing through it, so the loss curve is bit-exact on the CPU
+// backend. A process restarted by its launcher joins the later generation and
+// resumes the same way.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +52,18 @@ struct TrainConfig {
   std::string metrics;    // path of the JSON-lines file; empty: runs/<time>/metrics.jsonl
   std::string save;       // checkpoint written at the end; empty: none
   bool progress = true;
+  std::string ckpt_dir;         // sharded checkpoints; empty: none
+  int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch
+  int keep = 3;                 // committed checkpoints kept (0: all)
+  std::string resume = "none";  // none | auto | a checkpoint name (step-00000120)
+  // Test seams, from the environment (run_train reads them; see train.cc):
+  // DTRAIN_TEST_KILL_AT=rank:step[:always] -- that rank kills itself (SIGKILL) after
+  // the step; only in its first incarnation (not after a launch restart) unless :always;
+  // DTRAIN_TEST_COMMIT_DELAY_MS=n -- every rank waits n ms between writing its
+  // shard and CommitShard (a window to kill a worker mid-checkpoint).
+  int test_kill_rank = -1;
+  int64_t test_kill_step = -1;
+  int64_t test_commit_delay_ms = 0;
 };
 
 struct TrainResult {

@@ -3,6 +3,9 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <thread>
+
 #include "dtrain/comm/mpi.h"
 #include "dtrain/comm/store.h"
 #include "dtrain/comm/tcp.h"
@@ -12,6 +15,9 @@
 
 namespace dtrain::cli {
 
+// Thread-safety: newest_generation is written by the heartbeat thread; the rest is
+// used by the worker's main thread only (the heartbeat is stopped before a rejoin
+// replaces it).
 struct WorkerSession::Coordinator {
   std::optional<coordinator::CoordinatorClient> client;
   std::unique_ptr<coordinator::GrpcStore> store;
@@ -20,6 +26,9 @@ struct WorkerSession::Coordinator {
   comm::MemoryStore local;  // single-process sessions
   int rank = 0;
   uint64_t generation = 0;
+  std::atomic<uint64_t> newest_generation{0};  // the newest the coordinator announced
+  coordinator::CheckpointRef last_checkpoint;
+  std::string job_id;
 };
 
 WorkerSession::~WorkerSession() {
@@ -38,6 +47,7 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
                                                    const SessionOptions& o) {
   std::unique_ptr<WorkerSession> s(new WorkerSession());
   s->identity_ = id;
+  s->options_ = o;
   std::string backend = o.backend;
   if (backend == "auto") {
     backend = (id.launcher == "mpirun" && id.coordinator.empty()) ? "mpi" : "tcp";
@@ -72,33 +82,138 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
   co.address = id.coordinator;
   co.job_id = id.job_id.empty() ? "default" : id.job_id;
   co.token = id.token;
+  c.job_id = co.job_id;
   c.client.emplace(coordinator::CoordinatorClient::connect(co));
   coordinator::JoinOptions jo;
   if (id.launcher != "none") jo.rank = id.rank;
-  jo.timeout = o.join_timeout;
-  coordinator::JoinResult joined = c.client->join(jo);
-  DTRAIN_CHECK(joined.world_size == id.world_size, InvalidArgument,
-               "coordinator {} runs a job of {} workers but this worker was started as one of {}",
-               id.coordinator, joined.world_size, id.world_size);
-  c.rank = joined.rank;
-  c.generation = joined.generation;
   c.store = std::make_unique<coordinator::GrpcStore>(*c.client);
-  comm::TcpOptions topts = comm::TcpOptions::from_env();
-  topts.tag = fmt::format("{}-g{}", co.job_id, joined.generation);
-  c.prefixed = std::make_unique<comm::PrefixStore>(topts.tag + "/", *c.store);
-  s->comm_ = comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts);
-  coordinator::HeartbeatSender::Options ho;
-  ho.rank = joined.rank;
-  ho.generation = joined.generation;
-  c.heartbeat = std::make_unique<coordinator::HeartbeatSender>(*c.client, ho);
+  s->connect_generation(s->join_job(jo));
   return s;
 }
 
-void WorkerSession::report_failure(const std::string& reason) {
-  if (comm_) comm_->abort(reason);
-  if (!coord_ || !coord_->client || !coord_->store) return;
+void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
+  Coordinator& c = *coord_;
+  c.rank = joined.rank;
+  c.generation = joined.generation;
+  c.newest_generation = joined.generation;
+  c.last_checkpoint = joined.last_checkpoint;
+  comm::CommOptions copts;
+  copts.timeout = options_.timeout;
+  comm::TcpOptions topts = comm::TcpOptions::from_env();
+  topts.tag = fmt::format("{}-g{}", c.job_id, joined.generation);
+  c.prefixed = std::make_unique<comm::PrefixStore>(topts.tag + "/", *c.store);
+  comm_ = comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts);
+  coordinator::HeartbeatSender::Options ho;
+  ho.rank = joined.rank;
+  ho.generation = joined.generation;
+  if (joined.heartbeat_interval.count() > 0) ho.interval = joined.heartbeat_interval;
+  // A newer generation means a worker was lost: fail this generation's pending and
+  // future collectives at once (the heartbeat lives no longer than this communicator).
+  comm::Communicator* comm = comm_.get();
+  Coordinator* cp = &c;
+  ho.on_change = [comm, cp](const coordinator::HeartbeatSnapshot& snap) {
+    const uint64_t mine = cp->generation;
+    if (!snap.last_error.empty() || snap.last.generation <= mine) return;
+    cp->newest_generation = snap.last.generation;
+    comm->abort(fmt::format("generation {} is over (the coordinator is at generation {}{})", mine,
+                            snap.last.generation,
+                            snap.last.reason.empty() ? "" : ": " + snap.last.reason));
+  };
+  c.heartbeat = std::make_unique<coordinator::HeartbeatSender>(*c.client, ho);
+}
+
+bool WorkerSession::has_coordinator() const {
+  return coord_ && coord_->client.has_value() && coord_->store != nullptr;
+}
+
+uint64_t WorkerSession::generation() const { return coord_ ? coord_->generation : 0; }
+
+bool WorkerSession::generation_over() const {
+  return coord_ && coord_->newest_generation.load() > coord_->generation;
+}
+
+const coordinator::CheckpointRef& WorkerSession::last_checkpoint() const {
+  static const coordinator::CheckpointRef kNone{};
+  return coord_ ? coord_->last_checkpoint : kNone;
+}
+
+bool WorkerSession::rejoin(const std::string& reason) {
+  DTRAIN_CHECK(has_coordinator(), InternalError, "rejoin: this session has no coordinator");
+  Coordinator& c = *coord_;
+  const int old_rank = c.rank;
+  const uint64_t old_generation = c.generation;
+  c.heartbeat->stop();
+  c.heartbeat.reset();
+  comm_->abort(reason);
+  comm_.reset();
+  c.prefixed.reset();
   try {
-    coord_->client->report_failure(coord_->rank, reason, coord_->rank, coord_->generation);
+    if (c.client->report_failure(-1, reason, old_rank, old_generation) ==
+        coordinator::JobState::kFailed) {
+      return false;
+    }
+  } catch (const Error&) {
+    // The coordinator may be restarting; the join below waits for it.
+  }
+  coordinator::JoinOptions jo;
+  jo.rank = old_rank;
+  jo.previous_rank = old_rank;
+  jo.previous_generation = old_generation;
+  connect_generation(join_job(jo));
+  return true;
+}
+
+coordinator::JoinResult WorkerSession::join_job(coordinator::JoinOptions jo) {
+  Coordinator& c = *coord_;
+  const auto deadline = std::chrono::steady_clock::now() + options_.join_timeout;
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    jo.timeout = std::max(left, std::chrono::milliseconds(1));
+    try {
+      coordinator::JoinResult joined = c.client->join(jo);
+      DTRAIN_CHECK(joined.world_size == identity_.world_size, InvalidArgument,
+                   "coordinator {} runs a job of {} workers but this worker was started as one "
+                   "of {}",
+                   identity_.coordinator, joined.world_size, identity_.world_size);
+      return joined;
+    } catch (const CommError&) {
+      // ABORTED (the generation moved again, or the job failed, during the
+      // rendezvous) or UNAVAILABLE (the coordinator is restarting): try again until
+      // the join timeout, unless the job has failed.
+      std::optional<coordinator::JobStatus> st;
+      try {
+        st = c.client->status();
+      } catch (const Error&) {
+        // Not reachable now: retry the join.
+      }
+      if (st && st->state == coordinator::JobState::kFailed) {
+        DTRAIN_THROW(CommError, "cannot join job '{}': it has failed: {}", c.job_id, st->reason);
+      }
+      if (std::chrono::steady_clock::now() >= deadline) throw;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  }
+}
+
+std::string WorkerSession::begin_checkpoint(coordinator::CheckpointBegin begin) {
+  DTRAIN_CHECK(has_coordinator(), InternalError, "begin_checkpoint: no coordinator");
+  begin.rank = coord_->rank;
+  begin.generation = coord_->generation;
+  return coord_->client->begin_checkpoint(begin);
+}
+
+coordinator::ShardCommit WorkerSession::commit_shard(int64_t step,
+                                                     const coordinator::ShardInfo& shard) {
+  DTRAIN_CHECK(has_coordinator(), InternalError, "commit_shard: no coordinator");
+  return coord_->client->commit_shard(coord_->generation, step, shard);
+}
+
+void WorkerSession::report_failure(const std::string& reason, bool fatal) {
+  if (comm_) comm_->abort(reason);
+  if (!has_coordinator()) return;
+  try {
+    coord_->client->report_failure(coord_->rank, reason, coord_->rank, coord_->generation, fatal);
   } catch (const std::exception&) {
     // Best effort: the coordinator may be the thing that failed.
   }

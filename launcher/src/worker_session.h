@@ -8,6 +8,13 @@
 //   - a single process with no launcher: a one-rank tcp communicator, no sockets.
 // "auto" picks mpi when started by mpirun without a coordinator address, else tcp.
 //
+// Recovery (tcp with a coordinator): the heartbeat thread watches the job's
+// generation; when the coordinator moves to a newer one (a worker was lost) it
+// aborts the communicator, so a blocked collective fails at once. rejoin() then
+// reports the loss, joins the next generation (waiting for the coordinator while it
+// restarts) and builds a fresh communicator. The checkpoint calls wrap the
+// coordinator's two-phase commit.
+//
 // Thread-safety: created and used by the worker's main thread; the heartbeat sender
 // runs its own thread.
 #pragma once
@@ -18,6 +25,7 @@
 #include <string>
 
 #include "dtrain/comm/communicator.h"
+#include "dtrain/coordinator/client.h"
 #include "worker_env.h"
 
 namespace dtrain::cli {
@@ -43,17 +51,44 @@ class WorkerSession {
   comm::Communicator& comm() { return *comm_; }
   const std::string& backend() const { return backend_; }
   // Tells the coordinator this rank failed (best effort) before the process exits.
-  void report_failure(const std::string& reason);
+  // fatal: the failure would repeat after a restart (the job fails at once).
+  void report_failure(const std::string& reason, bool fatal = false);
+
+  // A coordinator (tcp backend, more than one process) is there.
+  bool has_coordinator() const;
+  // The generation this session's communicator belongs to (0 without coordinator).
+  uint64_t generation() const;
+  // The coordinator has moved past generation() (the communicator is aborted).
+  bool generation_over() const;
+  // What the coordinator said at the last join (empty without coordinator).
+  const coordinator::CheckpointRef& last_checkpoint() const;
+  // Aborts the communicator, reports `reason` for this generation (ignored by the
+  // coordinator when it already moved on), joins the next generation and builds a
+  // new communicator. Returns false when the report ended the job (FAILED: recovery
+  // off or restarts exhausted); throws when the join is refused (the coordinator's
+  // reason) or the coordinator stays unreachable for the join timeout.
+  // REQUIRES: has_coordinator().
+  bool rejoin(const std::string& reason);
+
+  // Two-phase checkpoint commit through the coordinator. REQUIRES: has_coordinator().
+  std::string begin_checkpoint(coordinator::CheckpointBegin begin);
+  coordinator::ShardCommit commit_shard(int64_t step, const coordinator::ShardInfo& shard);
 
  private:
   WorkerSession() = default;
   struct Coordinator;  // client, store, heartbeats (tcp backend only)
+  // Builds the communicator and heartbeat thread of the generation `joined`.
+  void connect_generation(const coordinator::JoinResult& joined);
+  // Joins, retrying while the generation moves or the coordinator restarts (until
+  // the join timeout); throws at once when the job has failed or the join is refused.
+  coordinator::JoinResult join_job(coordinator::JoinOptions jo);
 
   WorkerIdentity identity_;
   std::string backend_;
   std::unique_ptr<Coordinator> coord_;
   std::shared_ptr<void> mpi_runtime_;  // keeps MPI initialised while the session lives
   std::unique_ptr<comm::Communicator> comm_;
+  SessionOptions options_;
 };
 
 }  // namespace dtrain::cli
