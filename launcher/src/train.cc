@@ -314,6 +314,8 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
       } catch (const Error& e) {
         fmt::print(stderr, "dtrain train: rank {}: checkpoint {} skipped: {}\n", rank, name,
                    e.message());
+        // The seam keeps a skipped checkpoint as long as a written one.
+        std::this_thread::sleep_for(std::chrono::milliseconds(config.test_commit_delay_ms));
         return;
       }
     }

@@ -60,7 +60,8 @@ struct TrainConfig {
   // DTRAIN_TEST_KILL_AT=rank:step[:always] -- that rank kills itself (SIGKILL) after
   // the step; only in its first incarnation (not after a launch restart) unless :always;
   // DTRAIN_TEST_COMMIT_DELAY_MS=n -- every rank waits n ms between writing its
-  // shard and CommitShard (a window to kill a worker mid-checkpoint).
+  // shard and CommitShard (a window to kill a worker mid-checkpoint), and as long
+  // when the coordinator cannot be reached and the checkpoint is skipped.
   int test_kill_rank = -1;
   int64_t test_kill_step = -1;
   int64_t test_commit_delay_ms = 0;

@@ -130,7 +130,14 @@ CoordinatorClient CoordinatorClient::connect(ClientOptions options) {
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
   const ClientOptions& o = impl->options;
-  impl->channel = grpc::CreateChannel(o.address, grpc::InsecureChannelCredentials());
+  // Reconnect quickly (at most 1 s apart) after the coordinator goes away, so that
+  // workers find a restarted coordinator at once instead of after gRPC's default
+  // backoff of up to two minutes.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  impl->channel = grpc::CreateCustomChannel(o.address, grpc::InsecureChannelCredentials(), args);
   bool up = impl->channel->WaitForConnected(std::chrono::system_clock::now() + o.connect_timeout);
   DTRAIN_CHECK(up, CommError,
                "coordinator {}: not reachable within {} (is `dtrain coordinator` running there, "
