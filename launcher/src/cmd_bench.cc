@@ -1,7 +1,9 @@
 // `dtrain bench allreduce`: all-reduce bandwidth in the nccl-tests format, with peers.
 //
 // The orchestrating process starts the workers itself: for the tcp backend through
-// `dtrain launch --nproc N`, for the mpi backends through mpirun. Each worker runs the
+// `dtrain launch --nproc N` (as `tcp`, with its same-host shared-memory path, and as
+// `tcp-noshm`, with DTRAIN_SHM=0: plain loopback TCP), for the mpi backends through
+// mpirun. Each worker runs the
 // same sweep (8 B .. --max-bytes, doubling; f32 sum) with the peers' protocol: per
 // size, refill, barrier, time one all-reduce, repeat (20 times below 16 MiB, 5 above,
 // after 3 warm-ups), report the median. Rank 0 writes JSON lines that the
@@ -17,6 +19,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -49,7 +52,7 @@ namespace {
 
 struct BenchOptions {
   int nproc = 2;
-  std::string backends = "tcp,mpi,mpi-native";
+  std::string backends = "tcp,tcp-noshm,mpi,mpi-native";
   int64_t max_bytes = int64_t{64} << 20;
   bool peers = true;
   std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
@@ -102,7 +105,10 @@ std::vector<int64_t> sweep_sizes(int64_t max_bytes) {
 // ---- worker: one rank of the sweep ----
 int run_worker(const BenchOptions& o) {
   SessionOptions so;
-  so.backend = o.backend == "mpi-native" ? "mpi" : o.backend;
+  // tcp-noshm: the tcp backend with the shared-memory path off (read by
+  // TcpOptions::from_env when the session connects).
+  if (o.backend == "tcp-noshm") ::setenv("DTRAIN_SHM", "0", 1);
+  so.backend = o.backend == "mpi-native" ? "mpi" : o.backend == "tcp-noshm" ? "tcp" : o.backend;
   so.mpi_native = o.backend == "mpi-native";
   auto session = WorkerSession::open(detect_worker_identity(process_env_reader()), so);
   comm::Communicator& comm = session->comm();
@@ -260,7 +266,7 @@ std::map<int64_t, nlohmann::json> run_backend(const BenchOptions& o, const std::
   std::string worker =
       fmt::format("{} bench allreduce --worker --backend {} --max-bytes {} --out {}", self, backend,
                   o.max_bytes, out.string());
-  std::string cmd = backend == "tcp"
+  std::string cmd = backend == "tcp" || backend == "tcp-noshm"
                         ? fmt::format("{} launch --nproc {} -- {} 2>&1", self, o.nproc, worker)
                         : fmt::format("mpirun --allow-run-as-root --oversubscribe -np {} {} 2>&1",
                                       o.nproc, worker);
@@ -337,8 +343,8 @@ int run_orchestrator(const BenchOptions& o) {
   std::vector<std::string> backends;
   std::stringstream ss(o.backends);
   for (std::string b; std::getline(ss, b, ',');) {
-    DTRAIN_CHECK(b == "tcp" || b == "mpi" || b == "mpi-native", InvalidArgument,
-                 "--backends: unknown backend '{}' (tcp, mpi, mpi-native)", b);
+    DTRAIN_CHECK(b == "tcp" || b == "tcp-noshm" || b == "mpi" || b == "mpi-native", InvalidArgument,
+                 "--backends: unknown backend '{}' (tcp, tcp-noshm, mpi, mpi-native)", b);
     backends.push_back(b);
   }
   std::string note;
@@ -362,6 +368,9 @@ int run_orchestrator(const BenchOptions& o) {
   for (const auto& c : cols) head += fmt::format(" {:>10}", c);
   if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp")) {
     head += fmt::format(" {:>10}", "tcp/gloo");
+  }
+  if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp-noshm")) {
+    head += fmt::format(" {:>12}", "noshm/gloo");
   }
   if (peers.count("openmpi") && !peers["openmpi"].empty() && ours.count("mpi")) {
     head += fmt::format(" {:>12}", "mpi/openmpi");
@@ -390,6 +399,10 @@ int run_orchestrator(const BenchOptions& o) {
       double a = bw(ours["tcp"], s), g = bw(peers["gloo"], s);
       line += a > 0 && g > 0 ? fmt::format(" {:>10.2f}", a / g) : fmt::format(" {:>10}", "-");
     }
+    if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp-noshm")) {
+      double a = bw(ours["tcp-noshm"], s), g = bw(peers["gloo"], s);
+      line += a > 0 && g > 0 ? fmt::format(" {:>12.2f}", a / g) : fmt::format(" {:>12}", "-");
+    }
     if (peers.count("openmpi") && !peers["openmpi"].empty() && ours.count("mpi")) {
       double a = bw(ours["mpi"], s), m = bw(peers["openmpi"], s);
       line += a > 0 && m > 0 ? fmt::format(" {:>12.2f}", a / m) : fmt::format(" {:>12}", "-");
@@ -413,7 +426,7 @@ Command add_bench_command(CLI::App& app) {
   ar->add_option("--nproc", o->nproc, "Ranks on this host")
       ->capture_default_str()
       ->check(kPositive);
-  ar->add_option("--backends", o->backends, "Comma-separated: tcp, mpi, mpi-native")
+  ar->add_option("--backends", o->backends, "Comma-separated: tcp, tcp-noshm, mpi, mpi-native")
       ->capture_default_str();
   ar->add_option("--max-bytes", o->max_bytes, "Largest message (the sweep doubles from 8 B)")
       ->capture_default_str()

@@ -22,6 +22,7 @@ Command add_data_command(CLI::App& app);         // main.cc
 Command add_launch_command(CLI::App& app);       // cmd_launch.cc
 Command add_coordinator_command(CLI::App& app);  // cmd_coordinator.cc
 Command add_bench_command(CLI::App& app);        // cmd_bench.cc
+Command add_doctor_command(CLI::App& app);       // cmd_doctor.cc
 Command add_ckpt_command(CLI::App& app);         // cmd_ckpt.cc
 
 }  // namespace dtrain::cli

@@ -52,6 +52,7 @@ int main(int argc, char** argv) {
   commands.push_back(add_coordinator_command(app));
   commands.push_back(add_launch_command(app));
   commands.push_back(add_bench_command(app));
+  commands.push_back(add_doctor_command(app));
   commands.push_back(add_ckpt_command(app));
   // (new subcommands are registered here, one line each)
 
