@@ -4,6 +4,10 @@
 #include <new>
 
 #include "dtrain/common/error.h"
+#include "dtrain/engine/cuda/runtime.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "dtrain/engine/cuda/allocator.h"
+#endif
 
 namespace dtrain {
 
@@ -83,8 +87,10 @@ AllocatorStats CachingHostAllocator::stats() const {
 }
 
 Allocator* default_allocator(Device device) {
-  DTRAIN_CHECK(device.is_cpu(), UnsupportedError,
-               "no allocator for device {}: this build has only the CPU backend", device.str());
+#ifdef DTRAIN_WITH_CUDA
+  if (device.is_cuda()) return cuda::device_allocator(device.index);
+#endif
+  cuda::require_device(device);      // "no CUDA device: ..." in a build without CUDA
   static CachingHostAllocator host;  // see allocator.h: the one process-wide allocator
   return &host;
 }

@@ -261,6 +261,10 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dO
 }
 
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dOptions opt) {
+  DTRAIN_CHECK(!x.defined() || x.device().is_cpu(), UnsupportedError,
+               "conv2d on {}: the cuDNN convolution is not implemented yet; run this model "
+               "on the CPU",
+               x.device().str());
   return conv2d(x, weight, bias, opt, ConvAlgo::kAuto);
 }
 
@@ -319,6 +323,10 @@ Tensor max_pool2d(const Tensor& x, MaxPool2dOptions opt, PoolAlgo algo) {
 }
 
 Tensor max_pool2d(const Tensor& x, MaxPool2dOptions opt) {
+  DTRAIN_CHECK(!x.defined() || x.device().is_cpu(), UnsupportedError,
+               "max_pool2d on {}: the cuDNN pooling is not implemented yet; run this model "
+               "on the CPU",
+               x.device().str());
   return max_pool2d(x, opt, PoolAlgo::kAuto);
 }
 

@@ -8,8 +8,16 @@
 // The mask is stored as the multiplier itself (0 or 1/(1-p)), so backward is
 // dx = dy * mask. In evaluation, or with p == 0, the input is returned unchanged and
 // the generator is not advanced. p outside [0,1) is an InvalidArgument in either mode.
+// On a CUDA device the mask is counter-based (fn::DropoutMask): one 64-bit draw from
+// the Generator seeds it, element i keeps with its own hash, so the GPU draws in any
+// order; the keep probability is the same, the bits differ from the CPU's.
+#include <tuple>
+
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
@@ -32,13 +40,23 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator& gen) {
   DTRAIN_CHECK(p >= 0.0 && p < 1.0, InvalidArgument,
                "dropout: probability must be in [0,1), got {}", p);
   if (!training || p == 0.0) return x;
-  Tensor xc = x.detach().contiguous();
-  Tensor y = empty(x.shape(), x.options());
-  Tensor mask = empty(x.shape(), x.options());
-  DTRAIN_DISPATCH_FLOAT(x.dtype(), "dropout", [&] {
-    dropout_kernel<scalar_t>(xc.data<scalar_t>(), y.data<scalar_t>(), mask.data<scalar_t>(),
-                             x.numel(), p, gen);
-  });
+  Tensor y, mask;
+#ifdef DTRAIN_WITH_CUDA
+  if (x.device().is_cuda()) {
+    // Counter-based mask (fn::DropoutMask): one draw from gen seeds the whole tensor.
+    fn::DropoutMask m{gen.next_u64(), static_cast<float>(p), static_cast<float>(1.0 / (1.0 - p))};
+    std::tie(y, mask) = cuda::dropout(x.detach(), m);
+  }
+#endif
+  if (!y.defined()) {
+    Tensor xc = x.detach().contiguous();
+    y = empty(x.shape(), x.options());
+    mask = empty(x.shape(), x.options());
+    DTRAIN_DISPATCH_FLOAT(x.dtype(), "dropout", [&] {
+      dropout_kernel<scalar_t>(xc.data<scalar_t>(), y.data<scalar_t>(), mask.data<scalar_t>(),
+                               x.numel(), p, gen);
+    });
+  }
   if (!any_requires_grad({x})) return y;
   return make_function("dropout", {x}, {y}, [mask](const std::vector<Tensor>& g) {
     if (!g[0].defined()) return std::vector<Tensor>{Tensor()};

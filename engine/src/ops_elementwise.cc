@@ -4,10 +4,36 @@
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/functors.h"
 #include "dtrain/engine/ops.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
 namespace {
+
+#ifdef DTRAIN_WITH_CUDA
+// The CUDA kernel that runs functor F (the same functor the CPU loop calls).
+template <typename F>
+constexpr cuda::BinaryOp cuda_binary_op() {
+  if constexpr (std::is_same_v<F, fn::Add>) return cuda::BinaryOp::kAdd;
+  if constexpr (std::is_same_v<F, fn::Sub>) return cuda::BinaryOp::kSub;
+  if constexpr (std::is_same_v<F, fn::Mul>) return cuda::BinaryOp::kMul;
+  return cuda::BinaryOp::kDiv;
+}
+template <typename F>
+constexpr cuda::UnaryOp cuda_unary_op() {
+  if constexpr (std::is_same_v<F, fn::ReluFwd>) return cuda::UnaryOp::kRelu;
+  if constexpr (std::is_same_v<F, fn::TanhFwd>) return cuda::UnaryOp::kTanh;
+  return cuda::UnaryOp::kSigmoid;
+}
+template <typename B>
+constexpr cuda::ActivationBwd cuda_activation_bwd() {
+  if constexpr (std::is_same_v<B, fn::ReluBwd>) return cuda::ActivationBwd::kRelu;
+  if constexpr (std::is_same_v<B, fn::TanhBwd>) return cuda::ActivationBwd::kTanh;
+  return cuda::ActivationBwd::kSigmoid;
+}
+#endif
 
 void check_float_pair(const Tensor& a, const Tensor& b, const char* op) {
   DTRAIN_CHECK(a.defined() && b.defined(), InvalidArgument, "{}: undefined input", op);
@@ -74,6 +100,11 @@ template <typename F>
 Tensor binary_forward(const Tensor& a, const Tensor& b, const char* op, F f) {
   check_float_pair(a, b, op);
   Shape shape = broadcast_shapes(a.shape(), b.shape(), op);
+#ifdef DTRAIN_WITH_CUDA
+  if (a.device().is_cuda() || b.device().is_cuda()) {
+    return cuda::binary(cuda_binary_op<F>(), a, b, shape);
+  }
+#endif
   Tensor out = empty(shape, a.options());
   DTRAIN_DISPATCH_FLOAT(a.dtype(), op, [&] { binary_kernel<scalar_t>(a, b, out, f); });
   return out;
@@ -95,6 +126,9 @@ Tensor unary_map(const Tensor& a, const char* op, F f) {
 // dx = bwd(dy, y) elementwise, for activations whose derivative is a function of y.
 template <typename B>
 Tensor activation_backward(const Tensor& dy, const Tensor& y, const char* op, B bwd) {
+#ifdef DTRAIN_WITH_CUDA
+  if (y.device().is_cuda()) return cuda::activation_backward(cuda_activation_bwd<B>(), dy, y);
+#endif
   Tensor g = dy.contiguous();
   Tensor out = empty(y.shape(), y.options());
   DTRAIN_DISPATCH_FLOAT(y.dtype(), op, [&] {
@@ -109,7 +143,11 @@ Tensor activation_backward(const Tensor& dy, const Tensor& y, const char* op, B 
 
 template <typename Fwd, typename Bwd>
 Tensor activation(const Tensor& a, const char* op) {
+#ifdef DTRAIN_WITH_CUDA
+  Tensor y = a.device().is_cuda() ? cuda::unary(cuda_unary_op<Fwd>(), a) : unary_map(a, op, Fwd{});
+#else
   Tensor y = unary_map(a, op, Fwd{});
+#endif
   if (!any_requires_grad({a})) return y;
   Tensor saved = y.detach();
   return make_function(op, {a}, {y}, [saved, op](const std::vector<Tensor>& g) {
@@ -187,11 +225,31 @@ Tensor div(const Tensor& a, const Tensor& b) {
   })[0];
 }
 
+namespace {
+// The scalar ops, exp and log on a CUDA tensor (an undefined result on the CPU).
+Tensor device_unary(const Tensor& a, int op, double alpha, double beta) {
+#ifdef DTRAIN_WITH_CUDA
+  if (a.defined() && a.device().is_cuda()) {
+    return cuda::unary(static_cast<cuda::UnaryOp>(op), a, alpha, beta);
+  }
+#endif
+  return Tensor();
+}
+constexpr int kAffineOp = 0, kExpOp = 1, kLogOp = 2;  // cuda::UnaryOp's values
+#ifdef DTRAIN_WITH_CUDA
+static_assert(static_cast<int>(cuda::UnaryOp::kAffine) == kAffineOp &&
+              static_cast<int>(cuda::UnaryOp::kExp) == kExpOp &&
+              static_cast<int>(cuda::UnaryOp::kLog) == kLogOp);
+#endif
+}  // namespace
+
 Tensor mul_scalar(const Tensor& a, double s) {
-  Tensor out = DTRAIN_DISPATCH_FLOAT(a.dtype(), "mul_scalar", [&] {
-    scalar_t k = static_cast<scalar_t>(s);
-    return unary_map(a, "mul_scalar", [k](scalar_t v) { return v * k; });
-  });
+  Tensor out = device_unary(a, kAffineOp, s, 0.0);
+  if (!out.defined())
+    out = DTRAIN_DISPATCH_FLOAT(a.dtype(), "mul_scalar", [&] {
+      scalar_t k = static_cast<scalar_t>(s);
+      return unary_map(a, "mul_scalar", [k](scalar_t v) { return v * k; });
+    });
   if (!any_requires_grad({a})) return out;
   return make_function("mul_scalar", {a}, {out}, [s](const std::vector<Tensor>& g) {
     return std::vector<Tensor>{mul_scalar(g[0], s)};
@@ -199,10 +257,12 @@ Tensor mul_scalar(const Tensor& a, double s) {
 }
 
 Tensor add_scalar(const Tensor& a, double s) {
-  Tensor out = DTRAIN_DISPATCH_FLOAT(a.dtype(), "add_scalar", [&] {
-    scalar_t k = static_cast<scalar_t>(s);
-    return unary_map(a, "add_scalar", [k](scalar_t v) { return v + k; });
-  });
+  Tensor out = device_unary(a, kAffineOp, 1.0, s);
+  if (!out.defined())
+    out = DTRAIN_DISPATCH_FLOAT(a.dtype(), "add_scalar", [&] {
+      scalar_t k = static_cast<scalar_t>(s);
+      return unary_map(a, "add_scalar", [k](scalar_t v) { return v + k; });
+    });
   if (!any_requires_grad({a})) return out;
   return make_function("add_scalar", {a}, {out},
                        [](const std::vector<Tensor>& g) { return std::vector<Tensor>{g[0]}; })[0];
@@ -211,9 +271,11 @@ Tensor add_scalar(const Tensor& a, double s) {
 Tensor neg(const Tensor& a) { return mul_scalar(a, -1.0); }
 
 Tensor exp(const Tensor& a) {
-  Tensor y = DTRAIN_DISPATCH_FLOAT(a.dtype(), "exp", [&] {
-    return unary_map(a, "exp", [](scalar_t v) { return std::exp(v); });
-  });
+  Tensor y = device_unary(a, kExpOp, 1.0, 0.0);
+  if (!y.defined())
+    y = DTRAIN_DISPATCH_FLOAT(a.dtype(), "exp", [&] {
+      return unary_map(a, "exp", [](scalar_t v) { return std::exp(v); });
+    });
   if (!any_requires_grad({a})) return y;
   Tensor saved = y.detach();
   return make_function("exp", {a}, {y}, [saved](const std::vector<Tensor>& g) {
@@ -222,9 +284,11 @@ Tensor exp(const Tensor& a) {
 }
 
 Tensor log(const Tensor& a) {
-  Tensor y = DTRAIN_DISPATCH_FLOAT(a.dtype(), "log", [&] {
-    return unary_map(a, "log", [](scalar_t v) { return std::log(v); });
-  });
+  Tensor y = device_unary(a, kLogOp, 1.0, 0.0);
+  if (!y.defined())
+    y = DTRAIN_DISPATCH_FLOAT(a.dtype(), "log", [&] {
+      return unary_map(a, "log", [](scalar_t v) { return std::log(v); });
+    });
   if (!any_requires_grad({a})) return y;
   Tensor saved = a.detach();
   return make_function("log", {a}, {y}, [saved](const std::vector<Tensor>& g) {

@@ -11,6 +11,9 @@
 
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
@@ -53,6 +56,21 @@ Tensor embedding(const Tensor& weight, const Tensor& indices) {
                shape_str(indices.shape()));
   const int64_t v = weight.shape()[0], d = weight.shape()[1];
   const int64_t n = indices.numel();
+#ifdef DTRAIN_WITH_CUDA
+  if (weight.device().is_cuda() || indices.device().is_cuda()) {
+    Shape os = indices.shape();
+    os.push_back(d);
+    Tensor out = cuda::embedding(weight.detach(), indices, os);
+    if (!any_requires_grad({weight})) return out;
+    Shape w_shape = weight.shape();
+    Tensor idx = indices.detach();
+    return make_function(
+        "embedding", {weight, indices}, {out}, [idx, w_shape](const std::vector<Tensor>& g) {
+          if (!g[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
+          return std::vector<Tensor>{cuda::embedding_backward(g[0], idx, w_shape), Tensor()};
+        })[0];
+  }
+#endif
   Tensor ic = indices.contiguous();
   const int64_t* pi = ic.data<int64_t>();
   check_indices(pi, n, v);

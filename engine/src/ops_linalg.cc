@@ -2,6 +2,9 @@
 #include "cpu/blas.h"
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
@@ -42,6 +45,16 @@ void gemm2d(const Tensor& a, const Tensor& b, Tensor& out, double beta) {
 }
 
 Tensor matmul_nograd(const Tensor& a, const Tensor& b) {
+#ifdef DTRAIN_WITH_CUDA
+  if (a.device().is_cuda() || b.device().is_cuda()) {  // cuBLAS, strict f32 (ops_cuda.h)
+    if (a.dim() == 2) return cuda::matmul(a, b);
+    Tensor out = empty({a.shape()[0], a.shape()[1], b.shape()[2]}, a.options());
+    for (int64_t i = 0; i < a.shape()[0]; ++i) {
+      out.select(0, i).copy_(cuda::matmul(a.select(0, i), b.select(0, i)));
+    }
+    return out;
+  }
+#endif
   if (a.dim() == 2) {
     Tensor out = empty({a.shape()[0], b.shape()[1]}, a.options());
     if (a.shape()[1] == 0) {
@@ -111,6 +124,14 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   }
   Shape out_shape = x.shape();
   out_shape.back() = outf;
+#ifdef DTRAIN_WITH_CUDA
+  if (x.device().is_cuda() || weight.device().is_cuda()) {
+    // Composed from differentiable ops on the device: x W^T (cuBLAS) + b.
+    Tensor y = matmul(x.reshape({-1, in}), weight.t());
+    if (bias.defined()) y = add(y, bias);
+    return y.reshape(out_shape);
+  }
+#endif
   int64_t m = x.numel() / std::max<int64_t>(in, 1);
   if (in == 0) m = shape_numel(out_shape) / std::max<int64_t>(outf, 1);
   Tensor x2 = x.contiguous();

@@ -271,6 +271,9 @@ Tensor last_step(const Tensor& seq, const LstmDims& d) {
 }  // namespace
 
 LstmResult lstm(const Tensor& x, const LstmWeights& w, const Tensor& h0, const Tensor& c0) {
+  DTRAIN_CHECK(!x.defined() || x.device().is_cpu(), UnsupportedError,
+               "lstm on {}: the cuDNN LSTM is not implemented yet; run this model on the CPU",
+               x.device().str());
   const LstmDims d = check_lstm(x, w, h0, c0);
   auto s = std::make_shared<LstmSaved>();
   s->d = d;

@@ -3,6 +3,9 @@
 
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
@@ -80,9 +83,15 @@ Tensor sum(const Tensor& a, const std::vector<int64_t>& dims, bool keepdim) {
     kept.push_back(mask[i] ? 1 : a.shape()[i]);
     if (!mask[i]) squeezed.push_back(a.shape()[i]);
   }
-  Tensor x = a.contiguous();
-  Tensor out = empty(kept, a.options());
-  DTRAIN_DISPATCH_FLOAT(a.dtype(), "sum", [&] { reduce_sum_kernel<scalar_t>(x, mask, out); });
+  Tensor out;
+#ifdef DTRAIN_WITH_CUDA
+  if (a.device().is_cuda()) out = cuda::sum(a, mask, kept);  // strided input is fine
+#endif
+  if (!out.defined()) {
+    Tensor x = a.contiguous();
+    out = empty(kept, a.options());
+    DTRAIN_DISPATCH_FLOAT(a.dtype(), "sum", [&] { reduce_sum_kernel<scalar_t>(x, mask, out); });
+  }
   if (!keepdim) out = out.reshape(squeezed);
   if (!any_requires_grad({a})) return out;
   Shape in_shape = a.shape();

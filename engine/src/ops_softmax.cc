@@ -18,6 +18,9 @@
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/functors.h"
 #include "dtrain/engine/ops.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
@@ -159,11 +162,11 @@ void softmax_backward_kernel(const T* dy, const T* y, T* dx, const SoftmaxGeomet
       if (log) {
         T s = row_sum(dyr, c);
 #pragma omp simd
-        for (int64_t j = 0; j < c; ++j) dxr[j] = dyr[j] - fn::fast_exp(yr[j]) * s;
+        for (int64_t j = 0; j < c; ++j) dxr[j] = fn::LogSoftmaxBwd{}(dyr[j], yr[j], s);
       } else {
         T s = row_dot(dyr, yr, c);
 #pragma omp simd
-        for (int64_t j = 0; j < c; ++j) dxr[j] = yr[j] * (dyr[j] - s);
+        for (int64_t j = 0; j < c; ++j) dxr[j] = fn::SoftmaxBwd{}(dyr[j], yr[j], s);
       }
     }
     return;
@@ -189,9 +192,9 @@ void softmax_backward_kernel(const T* dy, const T* y, T* dx, const SoftmaxGeomet
       const T* __restrict yr = yb + i * inner;
       T* __restrict dxr = dxb + i * inner;
       if (log) {
-        for (int64_t k = 0; k < inner; ++k) dxr[k] = dyr[k] - fn::fast_exp(yr[k]) * s[k];
+        for (int64_t k = 0; k < inner; ++k) dxr[k] = fn::LogSoftmaxBwd{}(dyr[k], yr[k], s[k]);
       } else {
-        for (int64_t k = 0; k < inner; ++k) dxr[k] = yr[k] * (dyr[k] - s[k]);
+        for (int64_t k = 0; k < inner; ++k) dxr[k] = fn::SoftmaxBwd{}(dyr[k], yr[k], s[k]);
       }
     }
   }
@@ -201,15 +204,27 @@ Tensor softmax_impl(const Tensor& x, int64_t dim, bool log) {
   const char* op = log ? "log_softmax" : "softmax";
   DTRAIN_CHECK(x.defined(), InvalidArgument, "{}: undefined input", op);
   SoftmaxGeometry geo = softmax_geometry(x, dim, op);
-  Tensor xc = x.detach().contiguous();
-  Tensor y = empty(x.shape(), x.options());
-  DTRAIN_DISPATCH_FLOAT(x.dtype(), op, [&] {
-    softmax_forward_kernel<scalar_t>(xc.data<scalar_t>(), y.data<scalar_t>(), geo, log);
-  });
+  Tensor y;
+#ifdef DTRAIN_WITH_CUDA
+  if (x.device().is_cuda()) y = cuda::softmax_forward(x, geo.outer, geo.c, geo.inner, log);
+#endif
+  if (!y.defined()) {
+    Tensor xc = x.detach().contiguous();
+    y = empty(x.shape(), x.options());
+    DTRAIN_DISPATCH_FLOAT(x.dtype(), op, [&] {
+      softmax_forward_kernel<scalar_t>(xc.data<scalar_t>(), y.data<scalar_t>(), geo, log);
+    });
+  }
   if (!any_requires_grad({x})) return y;
   Tensor saved = y.detach();
   return make_function(op, {x}, {y}, [saved, geo, log, op](const std::vector<Tensor>& g) {
     if (!g[0].defined()) return std::vector<Tensor>{Tensor()};
+#ifdef DTRAIN_WITH_CUDA
+    if (saved.device().is_cuda()) {
+      return std::vector<Tensor>{
+          cuda::softmax_backward(g[0], saved, geo.outer, geo.c, geo.inner, log)};
+    }
+#endif
     Tensor dy = g[0].contiguous();
     Tensor dx = empty(saved.shape(), saved.options());
     DTRAIN_DISPATCH_FLOAT(saved.dtype(), op, [&] {
@@ -289,6 +304,20 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& target) {
                shape_str(logits.shape()));
   DTRAIN_CHECK(c > 0, ShapeError, "cross_entropy: logits {} have no classes",
                shape_str(logits.shape()));
+#ifdef DTRAIN_WITH_CUDA
+  if (logits.device().is_cuda()) {
+    bool grad = any_requires_grad({logits});
+    cuda::CrossEntropyResult r = cuda::cross_entropy(logits.detach(), target, grad);
+    if (!grad) return r.loss;
+    Tensor probs = r.probs, tgt = target.detach();
+    return make_function(
+        "cross_entropy", {logits, target}, {r.loss}, [probs, tgt, n](const std::vector<Tensor>& g) {
+          if (!g[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
+          double scale = g[0].item() / static_cast<double>(n);
+          return std::vector<Tensor>{cuda::cross_entropy_backward(probs, tgt, scale), Tensor()};
+        })[0];
+  }
+#endif
   Tensor tc = target.contiguous();
   const int64_t* pt = tc.data<int64_t>();
   check_targets(pt, n, c);

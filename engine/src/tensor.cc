@@ -5,6 +5,9 @@
 #include <cstring>
 
 #include "dtrain/engine/autograd.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
@@ -138,6 +141,7 @@ void strided_convert(const Tensor& src, void* dst, DType dst_type) {
 double Tensor::item() const {
   DTRAIN_CHECK(numel() == 1, ShapeError, "item() needs a one-element tensor, got {}",
                shape_str(shape()));
+  if (device().is_cuda()) return to(Device::cpu()).item();
   double out = 0;
   strided_convert(*this, &out, DType::f64);
   return out;
@@ -145,6 +149,7 @@ double Tensor::item() const {
 
 template <typename T>
 std::vector<T> Tensor::to_vector() const {
+  if (device().is_cuda()) return to(Device::cpu()).to_vector<T>();
   std::vector<T> out(static_cast<size_t>(numel()));
   strided_convert(*this, out.data(), dtype_of<T>::value);
   return out;
@@ -180,6 +185,9 @@ Tensor empty_like(const Tensor& t) { return empty(t.shape(), t.options()); }
 Tensor scalar_tensor(double value, TensorOptions options) { return full({}, value, options); }
 
 Tensor arange(int64_t n, TensorOptions options) {
+  if (options.device.is_cuda()) {
+    return arange(n, TensorOptions{options.dtype, Device::cpu()}).to(options.device);
+  }
   Tensor t = empty({n}, options);
   dispatch_all(options.dtype, [&](auto z) {
     using T = decltype(z);
@@ -214,6 +222,9 @@ Tensor make_view(const Tensor& base, Shape shape, Shape strides, int64_t offset)
 }
 
 void Tensor::fill_(double value) {
+#ifdef DTRAIN_WITH_CUDA
+  if (device().is_cuda()) return cuda::fill(*this, value);
+#endif
   dispatch_all(dtype(), [&](auto z) {
     using T = decltype(z);
     T v = convert<T>(value);
@@ -231,6 +242,9 @@ void Tensor::fill_(double value) {
 void Tensor::copy_(const Tensor& src) {
   DTRAIN_CHECK(src.numel() == numel(), ShapeError, "copy_: source {} does not match destination {}",
                shape_str(src.shape()), shape_str(shape()));
+#ifdef DTRAIN_WITH_CUDA
+  if (device().is_cuda() || src.device().is_cuda()) return cuda::copy(*this, src);
+#endif
   if (is_contiguous()) {
     strided_convert(src, raw_data(), dtype());
     return;
@@ -247,7 +261,22 @@ void Tensor::copy_(const Tensor& src) {
 
 Tensor Tensor::to(DType dt) const {
   Tensor out = empty(shape(), TensorOptions{dt, device()});
+#ifdef DTRAIN_WITH_CUDA
+  if (device().is_cuda()) {
+    cuda::copy(out, *this);
+    return out;
+  }
+#endif
   strided_convert(*this, out.raw_data(), dt);
+  return out;
+}
+
+Tensor Tensor::to(Device d) const {
+  if (d == device()) return *this;
+  Tensor out = empty(shape(), TensorOptions{dtype(), d});  // checks that d exists
+#ifdef DTRAIN_WITH_CUDA
+  cuda::copy(out, *this);
+#endif
   return out;
 }
 
@@ -356,10 +385,10 @@ Tensor Tensor::narrow(int64_t d, int64_t start, int64_t length) const {
   Shape s = shape();
   s[a] = length;
   Shape in_shape = shape();
-  DType dt = dtype();
+  TensorOptions opts = options();
   return view_op(*this, "narrow", s, strides(), impl_->offset + start * strides()[a],
-                 [in_shape, dt, a, start, length](const std::vector<Tensor>& g) {
-                   Tensor gi = zeros(in_shape, TensorOptions{}.with_dtype(dt));
+                 [in_shape, opts, a, start, length](const std::vector<Tensor>& g) {
+                   Tensor gi = zeros(in_shape, opts);
                    gi.narrow(a, start, length).copy_(g[0]);
                    return std::vector<Tensor>{gi};
                  });

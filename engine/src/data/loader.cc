@@ -6,6 +6,10 @@
 #include <utility>
 
 #include "dtrain/common/error.h"
+#include "dtrain/engine/cuda/runtime.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain::data {
 
@@ -53,6 +57,7 @@ DataLoader::DataLoader(std::shared_ptr<const Dataset> dataset, DistributedSample
       batch_size_(batch_size),
       options_(options) {
   DTRAIN_CHECK(dataset_ != nullptr, InvalidArgument, "DataLoader: dataset is null");
+  cuda::require_device(options.device);  // "no CUDA device: ..." before any epoch
   DTRAIN_CHECK(batch_size >= 1, InvalidArgument, "DataLoader: batch_size must be >= 1, got {}",
                batch_size);
   DTRAIN_CHECK(options.prefetch >= 0, InvalidArgument, "DataLoader: prefetch must be >= 0, got {}",
@@ -82,6 +87,12 @@ DataLoader::Item DataLoader::make_item(size_t batch_index) const {
   try {
     item.batch = dataset_->get_batch(std::span<const int64_t>(plan_.data() + begin, count));
     item.count = static_cast<int64_t>(count);
+#ifdef DTRAIN_WITH_CUDA
+    if (options_.device.is_cuda()) {
+      item.batch.input = cuda::to_device_async(item.batch.input, options_.device);
+      item.batch.target = cuda::to_device_async(item.batch.target, options_.device);
+    }
+#endif
   } catch (...) {
     item.error = std::current_exception();
   }

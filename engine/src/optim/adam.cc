@@ -7,6 +7,9 @@
 
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/functors.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain::optim {
 
@@ -50,6 +53,13 @@ void Adam::step() {
                                 static_cast<float>(weight_decay_), static_cast<float>(bias_c1),
                                 static_cast<float>(bias_c2),       decoupled_};
     const int64_t n = p.numel();
+#ifdef DTRAIN_WITH_CUDA
+    if (p.device().is_cuda()) {  // one fused kernel per parameter, same functor
+      cuda::adam_update(p, g, slot_tensor(exp_avg_slot_, i), slot_tensor(exp_avg_sq_slot_, i),
+                        update);
+      continue;
+    }
+#endif
     DTRAIN_DISPATCH_FLOAT(p.dtype(), name().c_str(), [&] {
       scalar_t* pp = p.data<scalar_t>();
       const scalar_t* gp = g.data<scalar_t>();

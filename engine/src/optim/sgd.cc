@@ -4,6 +4,9 @@
 
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/functors.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain::optim {
 
@@ -39,6 +42,13 @@ void SGD::step() {
     fn::SgdUpdate update = base;
     update.first_step = !has_slot_tensor(momentum_slot_, i);
     const int64_t n = p.numel();
+#ifdef DTRAIN_WITH_CUDA
+    if (p.device().is_cuda()) {  // one fused kernel per parameter, same functor
+      cuda::sgd_update(p, g, use_momentum ? slot_tensor(momentum_slot_, i) : Tensor(), update);
+      ++steps_[i];
+      continue;
+    }
+#endif
     DTRAIN_DISPATCH_FLOAT(p.dtype(), "SGD", [&] {
       scalar_t* pp = p.data<scalar_t>();
       const scalar_t* gp = g.data<scalar_t>();

@@ -1,7 +1,7 @@
 // Kernel arithmetic shared by the CPU and CUDA backends.
 //
 // Each functor is a tiny struct with a DTRAIN_HD call operator. The CPU kernels call
-// them in their loops; the CUDA kernels (a later issue) call the very same functors,
+// them in their loops; the CUDA kernels (engine/src/cuda/*.cu) call the very same functors,
 // so the CPU tests exercise the exact arithmetic the GPU runs. Keep them free of
 // anything that does not compile under nvcc (no exceptions, no std:: containers).
 #pragma once
@@ -61,6 +61,27 @@ struct SigmoidBwd {  // uses y = sigmoid(x)
   }
 };
 
+// ---- elementwise unary (the scalar ops and exp/log) ----
+struct Affine {  // alpha * x + beta: mul_scalar (beta 0), add_scalar (alpha 1)
+  double alpha, beta;
+  template <typename T>
+  DTRAIN_HD T operator()(T x) const {
+    return T(alpha) * x + T(beta);
+  }
+};
+struct Exp {
+  template <typename T>
+  DTRAIN_HD T operator()(T x) const {
+    return std::exp(x);
+  }
+};
+struct Log {
+  template <typename T>
+  DTRAIN_HD T operator()(T x) const {
+    return std::log(x);
+  }
+};
+
 // ---- elementwise binary ----
 struct Add {
   template <typename T>
@@ -96,6 +117,43 @@ struct Min {
   template <typename T>
   DTRAIN_HD T operator()(T a, T b) const {
     return a < b ? a : b;
+  }
+};
+
+// ---- dropout: a counter-based mask, so element i's draw does not depend on order ----
+// splitmix64 of (seed, i): the GPU kernel and a CPU check evaluate the same bits.
+DTRAIN_HD uint32_t hash_u32(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return static_cast<uint32_t>(z >> 32);
+}
+struct DropoutMask {  // element i is kept (scaled by 1/(1-p)) with probability 1 - p
+  uint64_t seed;
+  float p;
+  float scale;
+  DTRAIN_HD float operator()(uint64_t i) const {
+    float u = static_cast<float>(hash_u32(seed, i) >> 8) * (1.0f / 16777216.0f);
+    return u >= p ? scale : 0.f;
+  }
+};
+
+// ---- mixed precision: dynamic loss scaling (amp.h) ----
+DTRAIN_HD bool is_finite(double x) { return x - x == 0.0; }  // false for NaN and +-inf
+// After each step: an inf/NaN gradient multiplies the scale by backoff and restarts
+// the count; growth_interval finite steps in a row multiply it by growth.
+struct LossScaleUpdate {
+  float growth, backoff;
+  int growth_interval;
+  DTRAIN_HD void operator()(bool found_nonfinite, float& scale, int& good_steps) const {
+    if (found_nonfinite) {
+      scale *= backoff;
+      good_steps = 0;
+    } else if (++good_steps >= growth_interval) {
+      scale *= growth;
+      good_steps = 0;
+    }
   }
 };
 
@@ -186,6 +244,30 @@ template <typename T>
 DTRAIN_HD T fast_tanh(T x) {
   return T(2) / (T(1) + fast_exp(T(-2) * x)) - T(1);
 }
+
+// ---- softmax, log_softmax and cross-entropy backward (per element) ----
+// s is the row's combine result: sum(dy * y) for softmax, sum(dy) for log_softmax.
+struct SoftmaxBwd {
+  template <typename T>
+  DTRAIN_HD T operator()(T dy, T y, T s) const {
+    return y * (dy - s);
+  }
+};
+struct LogSoftmaxBwd {  // y = log p
+  template <typename T>
+  DTRAIN_HD T operator()(T dy, T y, T s) const {
+    return dy - fast_exp(y) * s;
+  }
+};
+// dx = (p - onehot) * scale for one logit, rounded as p * scale - (target ? scale : 0);
+// is_target says whether it is the row's class.
+struct CrossEntropyBwd {
+  template <typename T>
+  DTRAIN_HD T operator()(T p, bool is_target, T scale) const {
+    T d = p * scale;
+    return is_target ? d - scale : d;
+  }
+};
 
 // One LSTM cell element, PyTorch's gate order and equations:
 //   i = sigmoid(a_i), f = sigmoid(a_f), g = tanh(a_g), o = sigmoid(a_o)

@@ -77,6 +77,10 @@ struct TensorOptions {
     dtype = d;
     return *this;
   }
+  TensorOptions& with_device(Device d) {
+    device = d;
+    return *this;
+  }
 };
 
 class Tensor {
@@ -96,7 +100,8 @@ class Tensor {
   bool is_contiguous() const;
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype()); }
 
-  // Typed access. Throws DTypeError when T does not match dtype().
+  // Typed access. Throws DTypeError when T does not match dtype(). For a CUDA tensor
+  // the pointer is device memory: hand it to kernels, never dereference it on the host.
   template <typename T>
   T* data() const {
     check_dtype(dtype_of<T>::value);
@@ -112,9 +117,13 @@ class Tensor {
   std::vector<T> to_vector() const;
 
   Tensor contiguous() const;
-  Tensor clone() const;           // deep copy, no autograd history
-  Tensor detach() const;          // same data, no autograd history
-  Tensor to(DType dtype) const;   // converts (not differentiable)
+  Tensor clone() const;          // deep copy, no autograd history
+  Tensor detach() const;         // same data, no autograd history
+  Tensor to(DType dtype) const;  // converts (not differentiable)
+  // Copies to another device (cpu <-> cuda:N); *this when already there. Not
+  // differentiable: move parameters before building the graph. A CUDA device that does
+  // not exist throws UnsupportedError "no CUDA device: <driver's error>".
+  Tensor to(Device device) const;
   void copy_(const Tensor& src);  // same numel; not recorded by autograd
   void fill_(double value);       // not recorded by autograd
   void zero_() { fill_(0.0); }

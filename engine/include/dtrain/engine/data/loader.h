@@ -7,8 +7,13 @@
 // next batches on one background thread into a bounded queue while the trainer
 // works on the current one.
 //
-// Deliberately not here: multiple worker processes, pinned memory, device copies,
-// augmentation (a Dataset can wrap another to add it).
+// With options.device a CUDA device, each batch is staged in pinned host memory and
+// copied to the device asynchronously on the device's copy stream (on the prefetch
+// thread when prefetch > 0); the compute stream is ordered after the copy with an
+// event, so next() hands out device tensors ready to use.
+//
+// Deliberately not here: multiple worker processes, augmentation (a Dataset can wrap
+// another to add it).
 //
 // Resuming: the loader advances its sampler's position only when next() hands a
 // batch to the caller, never when a batch is merely prefetched, so sampler().state()
@@ -70,8 +75,9 @@ class TensorDataset : public Dataset {
 Tensor gather_rows(const Tensor& src, std::span<const int64_t> indices);
 
 struct DataLoaderOptions {
-  int64_t prefetch = 2;    // batches built ahead on a background thread; 0 = none, no thread
-  bool drop_last = false;  // drop a final batch smaller than batch_size
+  int64_t prefetch = 2;           // batches built ahead on a background thread; 0 = none, no thread
+  bool drop_last = false;         // drop a final batch smaller than batch_size
+  Device device = Device::cpu();  // where next() delivers batches (cuda: pinned + async)
 };
 
 class DataLoader {

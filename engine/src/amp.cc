@@ -1,0 +1,106 @@
+// Mixed precision (amp.h): loss scaling and master weights, device-independent.
+#include "dtrain/engine/amp.h"
+
+#include <cmath>
+
+#include "dtrain/engine/autograd.h"
+#include "dtrain/engine/functors.h"
+#include "dtrain/engine/ops.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
+
+namespace dtrain::amp {
+
+bool has_nonfinite(const Tensor& t) {
+  DTRAIN_CHECK(t.defined() && is_floating(t.dtype()), DTypeError,
+               "has_nonfinite: expected a floating tensor, got {}",
+               t.defined() ? dtype_name(t.dtype()) : "an undefined one");
+#ifdef DTRAIN_WITH_CUDA
+  if (t.device().is_cuda()) return cuda::count_nonfinite(t) > 0;
+#endif
+  Tensor c = t.dtype() == DType::f64 ? t.contiguous() : t.to(DType::f64);
+  const double* p = c.data<double>();
+  for (int64_t i = 0, n = c.numel(); i < n; ++i) {
+    if (!fn::is_finite(p[i])) return true;
+  }
+  return false;
+}
+
+LossScaler::LossScaler(LossScalerOptions options)
+    : options_(options), scale_(static_cast<float>(options.enabled ? options.init_scale : 1.0)) {
+  DTRAIN_CHECK(options.init_scale > 0 && std::isfinite(options.init_scale), InvalidArgument,
+               "LossScaler: init_scale must be positive and finite, got {}", options.init_scale);
+  DTRAIN_CHECK(options.growth_factor > 1.0, InvalidArgument,
+               "LossScaler: growth_factor must be > 1, got {}", options.growth_factor);
+  DTRAIN_CHECK(options.backoff_factor > 0.0 && options.backoff_factor < 1.0, InvalidArgument,
+               "LossScaler: backoff_factor must be in (0,1), got {}", options.backoff_factor);
+  DTRAIN_CHECK(options.growth_interval >= 1, InvalidArgument,
+               "LossScaler: growth_interval must be >= 1, got {}", options.growth_interval);
+}
+
+Tensor LossScaler::scale(const Tensor& loss) const {
+  return scale_ == 1.0f ? loss : mul_scalar(loss, static_cast<double>(scale_));
+}
+
+bool LossScaler::unscale(const std::vector<Tensor>& params) const {
+  NoGradGuard no_grad;
+  bool found = false;
+  const double inv = 1.0 / static_cast<double>(scale_);
+  for (const Tensor& p : params) {
+    Tensor g = p.grad();
+    if (!g.defined()) continue;
+    if (scale_ != 1.0f) g.copy_(mul_scalar(g, inv));
+    found = found || has_nonfinite(g);
+  }
+  return found;
+}
+
+void LossScaler::update(bool found_nonfinite) {
+  if (found_nonfinite) ++skipped_;
+  if (!options_.enabled) return;
+  fn::LossScaleUpdate{static_cast<float>(options_.growth_factor),
+                      static_cast<float>(options_.backoff_factor),
+                      options_.growth_interval}(found_nonfinite, scale_, good_steps_);
+}
+
+bool LossScaler::step(optim::Optimizer& opt) {
+  bool found = unscale(opt.params());
+  if (!found) opt.step();
+  update(found);
+  return !found;
+}
+
+MasterWeights::MasterWeights(std::vector<Tensor> model_params) : model_(std::move(model_params)) {
+  master_.reserve(model_.size());
+  for (const Tensor& p : model_) {
+    DTRAIN_CHECK(p.defined() && is_floating(p.dtype()), DTypeError,
+                 "MasterWeights: parameter '{}' is not a floating tensor", p.name());
+    if (p.dtype() == DType::f32) {
+      master_.push_back(p);
+      continue;
+    }
+    Tensor m = p.detach().to(DType::f32);
+    m.set_requires_grad(true);
+    m.set_name(p.name());
+    master_.push_back(m);
+  }
+}
+
+void MasterWeights::copy_grads_to_master() {
+  for (size_t i = 0; i < model_.size(); ++i) {
+    if (model_[i].is_same(master_[i])) continue;
+    Tensor g = model_[i].grad();
+    master_[i].set_grad(g.defined() ? g.to(DType::f32) : Tensor());
+    model_[i].set_grad(Tensor());
+  }
+}
+
+void MasterWeights::copy_master_to_model() {
+  for (size_t i = 0; i < model_.size(); ++i) {
+    if (model_[i].is_same(master_[i])) continue;
+    Tensor(model_[i]).copy_(master_[i]);  // rounds f32 -> bf16/f16
+  }
+}
+
+}  // namespace dtrain::amp
