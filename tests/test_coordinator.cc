@@ -645,6 +645,22 @@ TEST(CoordinatorRecovery, LostWorkerStartsANewGenerationTheSurvivorsRejoin) {
   EXPECT_EQ(c.status().state, JobState::kRunning);
 }
 
+TEST(CoordinatorRecovery, SilentRankIsLostAndStartsANewGeneration) {
+  ServerOptions o = recovering_options(2, 1);
+  o.heartbeat_timeout = 300ms;
+  CoordinatorServer server(o);
+  join_ranked(server, 2);
+  CoordinatorClient c0 = connect(server);
+  HeartbeatSender alive(c0, {.rank = 0, .generation = 1, .interval = 50ms, .on_change = {}});
+  c0.heartbeat(1, 1);  // rank 1 is monitored from here on, and then stays silent
+  ASSERT_TRUE(eventually([&] { return alive.last().last.generation == 2; }));
+  EXPECT_EQ(alive.last().last.state, JobState::kRecovering);
+  JobStatus st = c0.status();
+  EXPECT_EQ(st.restarts, 1);
+  EXPECT_EQ(st.failed_rank, 1);
+  EXPECT_TRUE(contains(st.reason, "no heartbeat")) << st.reason;
+}
+
 TEST(CoordinatorRecovery, ExhaustedRestartsFailTheJobWithTheReason) {
   CoordinatorServer server(recovering_options(2, 1));
   join_ranked(server, 2);
