@@ -22,9 +22,11 @@
 namespace dtrain::comm::shm {
 namespace {
 
-// Mappings are made with MAP_POPULATE: a first touch of a ring page costs a page
-// fault in each process, which on the development VMs made the first 8 MiB through
-// a ring (all small and medium messages of a benchmark sweep) ten times slower.
+// Mappings are made with MAP_POPULATE and each producer writes its ring once before
+// using it (ByteRing::prefault): a first touch (or first write) of a ring page costs
+// a page fault in each process, which on the development VMs made the first 8 MiB
+// through a ring (all small and medium messages of a benchmark sweep) up to ten
+// times slower.
 //
 // Layout (offsets in bytes):
 //   0     Header
@@ -102,6 +104,8 @@ std::string host_identity() {
   return std::string(host.data()) + "/" + boot + "/" + link_of("/proc/self/ns/mnt") + "/" +
          link_of("/proc/self/ns/ipc");
 }
+
+void ByteRing::prefault() { std::memset(data_, 0, cap_); }
 
 size_t ByteRing::write(const std::byte* src, size_t left) {
   std::atomic_ref<uint64_t> head(*head_), tail(*tail_);

@@ -56,6 +56,10 @@ class ByteRing {
       : head_(head), tail_(tail), data_(data), cap_(capacity) {}
   bool valid() const { return data_ != nullptr; }
 
+  // Producer, before its first write: writes every page of the data once through
+  // this mapping, so that the writes of the transfers take no page faults.
+  void prefault();
+
   // Producer: copies up to `left` bytes of one message (whose remaining bytes start at
   // `src`) into the ring and publishes them; the last piece of a message is published
   // with its padding. Returns the bytes of `src` taken (0 when the ring is full).

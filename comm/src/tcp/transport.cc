@@ -198,6 +198,7 @@ void Transport::map_segments(Store& store, const TcpOptions& opts, const std::ve
     shm_peer_.push_back(shm::Segment::open(name, p, size_, nonce));
     Peer& peer = peers_[p];
     peer.shm_out = shm_peer_.back().ring(rank_);
+    peer.shm_out.prefault();  // nothing is in it yet: we are its only writer
     peer.shm_bell = shm_peer_.back().bell();
     peer.shm_in = shm_own_.ring(p);
     store.set(shm_mapped_key(opts.tag, p, rank_), "1");
