@@ -99,9 +99,9 @@ TEST(BackendCheck, RelativeErrorCatchesNanAndShape) {
 void expect_all_pass(DType dt, check::Precision precision) {
   for (const check::Result& r : check::run_all(kGpu, dt, precision)) {
     if (r.skipped) {
-      // Only the ops without a CUDA kernel yet may skip (conv2d, max_pool2d, lstm), and
-      // f16/bf16 embedding backward (no atomic add in half types).
-      bool known = r.note == "no CUDA kernel yet (cuDNN)" ||
+      // Only the op without a CUDA kernel yet may skip (lstm), and f16/bf16 embedding
+      // backward (no atomic add in half types).
+      bool known = r.note == "no CUDA kernel yet (cuDNN LSTM)" ||
                    (r.op.rfind("embedding", 0) == 0 && dt != DType::f32);
       EXPECT_TRUE(known) << r.op << " skipped: " << r.note;
       continue;
@@ -231,9 +231,9 @@ TEST(CudaErrors, TypedErrorsOnTheDevicePath) {
   EXPECT_THROW(embedding(w, from_vector(std::vector<int64_t>{0, 4}, {2}).to(kGpu)),
                InvalidArgument);
   EXPECT_THROW(add(zeros({2}), zeros({2}, TensorOptions{DType::f32, kGpu})), InvalidArgument);
-  EXPECT_THROW(conv2d(zeros({1, 1, 4, 4}, TensorOptions{DType::f32, kGpu}),
-                      zeros({1, 1, 3, 3}, TensorOptions{DType::f32, kGpu}), Tensor()),
-               UnsupportedError);
+  LstmWeights lw{zeros({8, 3}, TensorOptions{DType::f32, kGpu}),
+                 zeros({8, 2}, TensorOptions{DType::f32, kGpu}), Tensor(), Tensor()};
+  EXPECT_THROW(lstm(zeros({1, 4, 3}, TensorOptions{DType::f32, kGpu}), lw), UnsupportedError);
 }
 
 }  // namespace

@@ -22,6 +22,9 @@
 
 #include "cpu/conv.h"
 #include "dtrain/engine/autograd.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
@@ -51,16 +54,19 @@ PoolAlgo resolve(PoolAlgo algo, DType dtype) {
 
 void check_conv_tensors(const Tensor& x, const Tensor& w, const Tensor& b) {
   DTRAIN_CHECK(x.defined() && w.defined(), InvalidArgument, "conv2d: undefined input or weight");
-  DTRAIN_CHECK(x.device().is_cpu() && w.device().is_cpu(), UnsupportedError,
-               "conv2d: only CPU tensors are supported in this build");
+  DTRAIN_CHECK(x.device() == w.device(), InvalidArgument,
+               "conv2d: input on {} but weight on {}; move them with .to(device)", x.device().str(),
+               w.device().str());
   DTRAIN_CHECK(x.dim() == 4, ShapeError, "conv2d: expected input [N,C,H,W], got {}",
                shape_str(x.shape()));
   DTRAIN_CHECK(w.dim() == 4, ShapeError, "conv2d: expected weight [O,C,kh,kw], got {}",
                shape_str(w.shape()));
   DTRAIN_CHECK(x.dtype() == w.dtype(), DTypeError, "conv2d: input is {} but weight is {}",
                dtype_name(x.dtype()), dtype_name(w.dtype()));
-  DTRAIN_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64, DTypeError,
-               "conv2d: unsupported dtype {} (f32 or f64 expected)", dtype_name(x.dtype()));
+  DTRAIN_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64 ||
+                   (x.device().is_cuda() && (x.dtype() == DType::f16 || x.dtype() == DType::bf16)),
+               DTypeError, "conv2d: unsupported dtype {} on {} (f32 or f64; f16/bf16 on CUDA)",
+               dtype_name(x.dtype()), x.device().str());
   const Shape &xs = x.shape(), &ws = w.shape();
   DTRAIN_CHECK(ws[0] > 0 && ws[1] > 0 && ws[2] > 0 && ws[3] > 0, ShapeError,
                "conv2d: weight {} has an empty dimension", shape_str(ws));
@@ -70,6 +76,8 @@ void check_conv_tensors(const Tensor& x, const Tensor& w, const Tensor& b) {
   if (!b.defined()) return;
   DTRAIN_CHECK(b.dtype() == x.dtype(), DTypeError, "conv2d: input is {} but bias is {}",
                dtype_name(x.dtype()), dtype_name(b.dtype()));
+  DTRAIN_CHECK(b.device() == x.device(), InvalidArgument, "conv2d: input on {} but bias on {}",
+               x.device().str(), b.device().str());
   DTRAIN_CHECK(b.dim() == 1 && b.shape()[0] == ws[0], ShapeError,
                "conv2d: bias {} does not match weight {} (expected [{}])", shape_str(b.shape()),
                shape_str(ws), ws[0]);
@@ -93,12 +101,12 @@ cpu::ConvGeom check_conv(const Tensor& x, const Tensor& w, const Tensor& b,
 
 cpu::PoolGeom check_pool(const Tensor& x, const MaxPool2dOptions& opt) {
   DTRAIN_CHECK(x.defined(), InvalidArgument, "max_pool2d: undefined input");
-  DTRAIN_CHECK(x.device().is_cpu(), UnsupportedError,
-               "max_pool2d: only CPU tensors are supported in this build");
   DTRAIN_CHECK(x.dim() == 4, ShapeError, "max_pool2d: expected input [N,C,H,W], got {}",
                shape_str(x.shape()));
-  DTRAIN_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64, DTypeError,
-               "max_pool2d: unsupported dtype {} (f32 or f64 expected)", dtype_name(x.dtype()));
+  DTRAIN_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64 ||
+                   (x.device().is_cuda() && (x.dtype() == DType::f16 || x.dtype() == DType::bf16)),
+               DTypeError, "max_pool2d: unsupported dtype {} on {} (f32 or f64; f16/bf16 on CUDA)",
+               dtype_name(x.dtype()), x.device().str());
   DTRAIN_CHECK(opt.kernel >= 1, InvalidArgument, "max_pool2d: kernel must be >= 1, got {}",
                opt.kernel);
   DTRAIN_CHECK(opt.stride >= 0, InvalidArgument,
@@ -246,6 +254,20 @@ PoolAlgo default_pool_algo(DType dtype) {
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dOptions opt,
               ConvAlgo algo) {
   cpu::ConvGeom g = check_conv(x, weight, bias, opt);
+#ifdef DTRAIN_WITH_CUDA
+  if (x.device().is_cuda() || weight.device().is_cuda()) {  // cuDNN (cuda/cudnn_ops.cc)
+    Tensor y = cuda::conv2d_forward(x, weight, bias, g);
+    if (!any_requires_grad({x, weight, bias})) return y;
+    bool gx = x.requires_grad(), gw = weight.requires_grad();
+    bool gb = bias.defined() && bias.requires_grad();
+    Tensor xs = gw ? x.detach() : Tensor(), ws = weight.detach();
+    return make_function("conv2d", {x, weight, bias}, {y},
+                         [xs, ws, g, gx, gw, gb](const std::vector<Tensor>& grads) {
+                           if (!grads[0].defined()) return std::vector<Tensor>(3);
+                           return cuda::conv2d_backward(grads[0], xs, ws, g, gx, gw, gb);
+                         })[0];
+  }
+#endif
   ConvAlgo a = resolve(algo, x.dtype());
   Tensor xc = x.detach().contiguous(), wc = weight.detach().contiguous();
   Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
@@ -261,10 +283,6 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dO
 }
 
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dOptions opt) {
-  DTRAIN_CHECK(!x.defined() || x.device().is_cpu(), UnsupportedError,
-               "conv2d on {}: the cuDNN convolution is not implemented yet; run this model "
-               "on the CPU",
-               x.device().str());
   return conv2d(x, weight, bias, opt, ConvAlgo::kAuto);
 }
 
@@ -306,6 +324,17 @@ Tensor pool_backward(PoolAlgo a, const cpu::PoolGeom& g, const Tensor& winners,
 
 Tensor max_pool2d(const Tensor& x, MaxPool2dOptions opt, PoolAlgo algo) {
   cpu::PoolGeom g = check_pool(x, opt);
+#ifdef DTRAIN_WITH_CUDA
+  if (x.device().is_cuda()) {  // cuDNN (cuda/cudnn_ops.cc)
+    Tensor y = cuda::max_pool2d_forward(x, g);
+    if (!any_requires_grad({x})) return y;
+    Tensor xs = x.detach(), ys = y.detach();
+    return make_function("max_pool2d", {x}, {y}, [xs, ys, g](const std::vector<Tensor>& grads) {
+      if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
+      return std::vector<Tensor>{cuda::max_pool2d_backward(grads[0], xs, ys, g)};
+    })[0];
+  }
+#endif
   PoolAlgo a = resolve(algo, x.dtype());
   Tensor xc = x.detach().contiguous();
   Tensor y = empty({g.n, g.c, g.oh, g.ow}, x.options());
@@ -323,10 +352,6 @@ Tensor max_pool2d(const Tensor& x, MaxPool2dOptions opt, PoolAlgo algo) {
 }
 
 Tensor max_pool2d(const Tensor& x, MaxPool2dOptions opt) {
-  DTRAIN_CHECK(!x.defined() || x.device().is_cpu(), UnsupportedError,
-               "max_pool2d on {}: the cuDNN pooling is not implemented yet; run this model "
-               "on the CPU",
-               x.device().str());
   return max_pool2d(x, opt, PoolAlgo::kAuto);
 }
 

@@ -2,7 +2,7 @@
 //
 // DeviceContext holds what every op on a device shares: the compute stream (created
 // non-blocking, so it never synchronises with the legacy default stream), the cuBLAS
-// handle bound to that stream and its workspace. context(index)
+// and cuDNN handles bound to that stream and cuBLAS's workspace. context(index)
 // creates it on first use; like the caching allocator it is one of the few
 // process-wide objects, fixed after creation and safe to use from any thread (the
 // handles are only used on the compute stream, whose order is the program order of
@@ -13,6 +13,7 @@
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <cudnn.h>
 
 #include "dtrain/common/error.h"
 
@@ -43,7 +44,8 @@ struct DeviceContext {
   cudaStream_t stream = nullptr;       // compute: every kernel and cuBLAS call
   cudaStream_t copy_stream = nullptr;  // host-to-device batch copies (DataLoader)
   cublasHandle_t cublas = nullptr;
-  void* workspace = nullptr;  // cuBLAS workspace, workspace_bytes on this device
+  cudnnHandle_t cudnn = nullptr;  // bound to the compute stream
+  void* workspace = nullptr;      // cuBLAS workspace, workspace_bytes on this device
   size_t workspace_bytes = 0;
 };
 

@@ -128,11 +128,17 @@ std::vector<OpSpec> op_list() {
   add_op("conv2d(s=2,p=1) [2,3,9,9]x[4,3,3,3]", {{{2, 3, 9, 9}}, {{4, 3, 3, 3}}, {{4}}},
          [](const V& x, const Side&) {
            return conv2d(x[0], x[1], x[2], {2, 1});
-         })
-      ->cpu_only = true;
+         });
+  add_op("conv2d(p=2) [3,2,7,6]x[5,2,5,3]", {{{3, 2, 7, 6}}, {{5, 2, 5, 3}}, {{5}}},
+         [](const V& x, const Side&) {
+           return conv2d(x[0], x[1], x[2], {1, 2});
+         });
   add_op("max_pool2d(k=2) [2,3,8,8]", {{{2, 3, 8, 8}}}, [](const V& x, const Side&) {
     return max_pool2d(x[0], {2, 0, 0});
-  })->cpu_only = true;
+  });
+  add_op("max_pool2d(k=3,s=2,p=1) [2,3,9,7]", {{{2, 3, 9, 7}}}, [](const V& x, const Side&) {
+    return max_pool2d(x[0], {3, 2, 1});
+  });
   add_op("lstm [2,5,4] H=3", {{{2, 5, 4}}, {{12, 4}}, {{12, 3}}, {{12}}, {{12}}},
          [](const V& x, const Side&) {
            return lstm(x[0], {x[1], x[2], x[3], x[4]}).output;
@@ -269,7 +275,7 @@ std::vector<Result> run_all(const Device& device, DType dtype, Precision precisi
     r.tolerance = tolerance(device, dtype, precision);
     if (spec.cpu_only && device.is_cuda()) {
       r.skipped = true;
-      r.note = "no CUDA kernel yet (cuDNN)";
+      r.note = "no CUDA kernel yet (cuDNN LSTM)";
       results.push_back(r);
       continue;
     }

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/conv.h"
 #include "cuda/kernels.h"
 #include "dtrain/engine/tensor.h"
 
@@ -61,6 +62,16 @@ Tensor embedding(const Tensor& weight, const Tensor& indices, const Shape& out_s
 Tensor embedding_backward(const Tensor& dy, const Tensor& indices, const Shape& weight_shape);
 // {y, mask}
 std::pair<Tensor, Tensor> dropout(const Tensor& x, const fn::DropoutMask& m);
+
+// ---- convolution and max pooling (cuDNN), NCHW, geometry checked by the front end ----
+// Strict f32 math (no TF32) for f32; f16/bf16 on the tensor cores; f64 in f64.
+Tensor conv2d_forward(const Tensor& x, const Tensor& w, const Tensor& b, const cpu::ConvGeom& g);
+// {dx, dw, db}; each only when asked for (gx, gw, gb).
+std::vector<Tensor> conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                    const cpu::ConvGeom& g, bool gx, bool gw, bool gb);
+Tensor max_pool2d_forward(const Tensor& x, const cpu::PoolGeom& g);
+Tensor max_pool2d_backward(const Tensor& dy, const Tensor& x, const Tensor& y,
+                           const cpu::PoolGeom& g);
 
 // ---- GEMM (cuBLAS) ----
 // kStrict: f32 in full f32; kTf32: f32 inputs rounded to TF32 on the tensor cores.

@@ -131,6 +131,12 @@ DeviceContext& context(int index) {
     DTRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->copy_stream, cudaStreamNonBlocking));
     DTRAIN_CUBLAS_CHECK(cublasCreate(&ctx->cublas));
     DTRAIN_CUBLAS_CHECK(cublasSetStream(ctx->cublas, ctx->stream));
+    cudnnStatus_t st = cudnnCreate(&ctx->cudnn);
+    DTRAIN_CHECK(st == CUDNN_STATUS_SUCCESS, UnsupportedError, "cuDNN: cudnnCreate failed: {}",
+                 cudnnGetErrorString(st));
+    st = cudnnSetStream(ctx->cudnn, ctx->stream);
+    DTRAIN_CHECK(st == CUDNN_STATUS_SUCCESS, UnsupportedError, "cuDNN: cudnnSetStream failed: {}",
+                 cudnnGetErrorString(st));
     ctx->workspace_bytes = size_t{32} << 20;
     ctx->workspace = device_allocator(index)->allocate(ctx->workspace_bytes);
     DTRAIN_CUBLAS_CHECK(cublasSetWorkspace(ctx->cublas, ctx->workspace, ctx->workspace_bytes));
