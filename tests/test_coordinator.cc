@@ -708,6 +708,52 @@ TEST(CoordinatorRecovery, ANewProcessUnderARunningRankStartsANewGeneration) {
   EXPECT_EQ(r1.peers[1].pid, 4242);
 }
 
+TEST(CoordinatorRecovery, ElasticRendezvousGoesOnWithFewerAfterTheRejoinTimeout) {
+  ServerOptions o = recovering_options(3, 2);
+  o.min_workers = 2;
+  o.rejoin_timeout = 300ms;
+  CoordinatorServer server(o);
+  join_ranked(server, 3);
+  CoordinatorClient c = connect(server);
+  EXPECT_EQ(c.report_failure(1, "node gone", 0, 1), JobState::kRecovering);
+  auto t0 = std::chrono::steady_clock::now();
+  // Ranks 0 and 2 come back; rank 1 does not.
+  std::vector<std::future<JoinResult>> back;
+  for (int r : {0, 2}) {
+    back.push_back(std::async(std::launch::async, [&server, r] {
+      CoordinatorClient w = connect(server);
+      JoinOptions j = worker(r);
+      j.rank = r;
+      return w.join(j);
+    }));
+  }
+  JoinResult r0 = back[0].get();
+  JoinResult r2 = back[1].get();
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, 300ms);
+  EXPECT_EQ(r0.world_size, 2);
+  EXPECT_EQ(r0.rank, 0);
+  EXPECT_EQ(r2.rank, 1);  // ranks 0..n-1 in the order of the previous ranks
+  EXPECT_EQ(r2.generation, 2u);
+  JobStatus st = c.status();
+  EXPECT_EQ(st.state, JobState::kRunning);
+  EXPECT_EQ(st.world_size, 2);
+  // A barrier of this generation needs the two, not three.
+  auto b0 = std::async(std::launch::async, [&] { c.barrier("e", 0, 2, 5s); });
+  c.barrier("e", 1, 2, 5s);
+  b0.get();
+}
+
+TEST(CoordinatorRecovery, WithoutElasticTheRendezvousWaitsForEveryWorker) {
+  CoordinatorServer server(recovering_options(3, 2));
+  join_ranked(server, 3);
+  CoordinatorClient c = connect(server);
+  c.report_failure(1, "node gone", 0, 1);
+  JoinOptions j = worker(0, 500ms);
+  j.rank = 0;
+  std::string msg = thrown<dtrain::TimeoutError>([&] { c.join(j); });
+  EXPECT_TRUE(contains(msg, "1 of 3 workers joined")) << msg;
+}
+
 TEST(CoordinatorRecovery, CheckpointIsCommittedOnlyWhenEveryShardIsIn) {
   auto root = fresh_dir("commit");
   CoordinatorServer server(server_options(2));

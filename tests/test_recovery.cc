@@ -340,6 +340,33 @@ TEST(Recovery, CoordinatorKilledMidRunTheJobCompletes) {
   EXPECT_EQ(losses(dir / "metrics.jsonl"), losses(ref / "metrics.jsonl"));
 }
 
+// ---- elastic: a worker that cannot come back ----
+
+TEST(Recovery, ElasticJobGoesOnWithFewerWorkers) {
+  fs::path dir = scratch("elastic");
+  // Rank 2 is killed at step 7; its restarts never come back (the wrapper exits
+  // before dtrain starts), so after its restarts the job goes on with ranks 0 and 1.
+  std::string worker =
+      "sh -c 'if [ -n \"$DTRAIN_RESTART_COUNT\" ] && [ \"$DTRAIN_RANK\" = 2 ]; then exit 9; fi; "
+      "exec " +
+      kBin + " " +
+      train(dir, "--batch 60 --max-steps 30 --ckpt-every 5 --ckpt-dir " + (dir / "ckpt").string()) +
+      "'";
+  Result r = dtrain::testing::run_command(
+      "env DTRAIN_TEST_KILL_AT=2:7 " + kBin +
+          " launch --nproc 3 --min-workers 2 --rejoin-timeout 2 --max-restarts 2 -- " + worker,
+      300);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(contains(r.out, "rank 2 exited with code 9; restarts exhausted: not started again"))
+      << r.out;
+  EXPECT_TRUE(contains(r.out, "2 of 3 workers re-joined")) << r.out;
+  EXPECT_TRUE(contains(r.out, "resumed from step-00000005")) << r.out;
+  EXPECT_TRUE(contains(r.out, "written by 3 worker(s), now 2")) << r.out;
+  std::map<int64_t, double> curve = losses(dir / "metrics.jsonl");
+  ASSERT_FALSE(curve.empty());
+  EXPECT_EQ(curve.rbegin()->first, 30);
+}
+
 // ---- acceptance 6: resume with another number of workers (seed-cnn demo) ----
 
 struct Resize {

@@ -4,11 +4,14 @@
 //   dtrain coordinator --port 29500 --world-size 2 [--bind ADDR] [--job-id ID]
 //                      [--token T | env DTRAIN_JOB_TOKEN] [--heartbeat-timeout S]
 //                      [--heartbeat-interval S] [--max-restarts N] [--state-dir DIR]
+//                      [--min-workers M] [--rejoin-timeout S]
 //
 // With --max-restarts N > 0 a lost worker starts a new generation (the survivors
 // re-join, the lost rank's launcher restarts it) up to N times; after that the job
 // FAILS. --state-dir keeps job.json (generation, restarts, state, last committed
 // checkpoint): a coordinator restarted on the same folder continues the job.
+// --min-workers M (elastic): when fewer than --world-size workers come back within
+// --rejoin-timeout after a loss, but at least M, the job goes on with them.
 //
 // Prints one line with the bound address on stdout ("... listening on HOST:PORT"),
 // then the job's events on stderr. Signals: SIGINT and SIGTERM are blocked before
@@ -45,6 +48,8 @@ struct CoordinatorConfig {
   double heartbeat_interval_s = 1.0;
   int max_restarts = 3;
   std::string state_dir;
+  int min_workers = 0;
+  double rejoin_timeout_s = 10.0;
 };
 
 // Blocks SIGINT/SIGTERM on this thread (and every thread started after) for its
@@ -93,6 +98,11 @@ int run_coordinator(const CoordinatorConfig& c) {
       std::chrono::milliseconds(std::max<int64_t>(1, std::llround(c.heartbeat_interval_s * 1000)));
   o.max_restarts = c.max_restarts;
   o.state_dir = c.state_dir;
+  DTRAIN_CHECK(std::isfinite(c.rejoin_timeout_s) && c.rejoin_timeout_s >= 0, InvalidArgument,
+               "--rejoin-timeout must be >= 0 seconds, got {}", c.rejoin_timeout_s);
+  o.min_workers = c.min_workers;
+  o.rejoin_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(std::llround(c.rejoin_timeout_s * 1000)));
   o.log = [](const std::string& line) {
     fmt::print(stderr, "dtrain coordinator: {}\n", line);
     std::fflush(stderr);
@@ -147,6 +157,14 @@ Command add_coordinator_command(CLI::App& app) {
   cmd->add_option("--state-dir", c->state_dir,
                   "Folder for job.json; a coordinator restarted on it continues the job "
                   "(default: none)");
+  cmd->add_option("--min-workers", c->min_workers,
+                  "Elastic: go on with at least this many workers when the others do not "
+                  "re-join within --rejoin-timeout (0: off; --world-size is the maximum)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--rejoin-timeout", c->rejoin_timeout_s,
+                  "Elastic: seconds a recovering rendezvous waits for every worker")
+      ->capture_default_str();
   return {cmd, [c] { return run_coordinator(*c); }};
 }
 

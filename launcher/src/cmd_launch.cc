@@ -3,7 +3,8 @@
 //
 //   dtrain launch --nproc N [--coordinator HOST:PORT] [--job-id ID] [--token T]
 //                 [--grace-period S] [--max-restarts N] [--heartbeat-interval S]
-//                 [--heartbeat-timeout S] [--state-dir DIR] -- <command ...>
+//                 [--heartbeat-timeout S] [--state-dir DIR]
+//                 [--min-workers M [--rejoin-timeout S]] -- <command ...>
 //
 // 1. Without --coordinator it spawns `<this binary> coordinator --port 0
 //    --world-size N ...` and reads the address it binds from its stdout (the first
@@ -19,7 +20,10 @@
 //    survivors re-join the next generation by themselves (see train.cc) and every
 //    rank resumes from the last committed checkpoint. A coordinator launch started
 //    that dies is started again on the same port and state folder (--state-dir;
-//    default a private folder removed at exit), so the job goes on.
+//    default a private folder removed at exit), so the job goes on. Elastic
+//    (--min-workers M < N): a worker past its restarts is left out instead of failing
+//    the job, and the coordinator goes on with the workers that re-join within
+//    --rejoin-timeout while at least M remain.
 // 4. Past the restarts, when a worker exits non-zero or is killed, it says which rank failed and
 // how
 //    ("rank 1 was killed by signal 9 (SIGKILL)"), gives the other workers
@@ -83,6 +87,8 @@ struct LaunchOptions {
   double heartbeat_interval = 1.0;
   double heartbeat_timeout = 30.0;
   std::string state_dir;  // the coordinator's; empty: a private temporary folder
+  int min_workers = 0;    // elastic when 0 < min_workers < nproc
+  double rejoin_timeout = 10.0;
   std::vector<std::string> command;
 };
 
@@ -352,7 +358,11 @@ std::vector<std::string> Launcher::coordinator_argv(int port) const {
           "--heartbeat-timeout",
           fmt::format("{}", opt_.heartbeat_timeout),
           "--state-dir",
-          opt_.state_dir};
+          opt_.state_dir,
+          "--min-workers",
+          std::to_string(opt_.min_workers),
+          "--rejoin-timeout",
+          fmt::format("{}", opt_.rejoin_timeout)};
 }
 
 void Launcher::start_coordinator() {
@@ -535,6 +545,17 @@ void Launcher::on_exit(Child& c) {
                describe_status(c.status), worker_restarts_, opt_.max_restarts);
     std::fflush(stderr);
     restart_ranks_.push_back(c.rank);
+    return;
+  }
+  const bool elastic = opt_.min_workers > 0 && opt_.min_workers < opt_.nproc;
+  int left = 0;
+  for (const Child& w : children_) left += (w.rank >= 0 && w.running) ? 1 : 0;
+  if (!job_failed && elastic && left >= opt_.min_workers) {
+    fmt::print(stderr,
+               "dtrain launch: {} {}; restarts exhausted: not started again, the job goes on "
+               "with {} worker(s) (elastic, --min-workers {})\n",
+               c.label, describe_status(c.status), left, opt_.min_workers);
+    std::fflush(stderr);
     return;
   }
   failure_ = fmt::format("{} {}", c.label, describe_status(c.status));
@@ -740,6 +761,15 @@ Command add_launch_command(CLI::App& app) {
   l->add_option("--state-dir", o->state_dir,
                 "The coordinator's state folder (job.json); default: a private temporary "
                 "folder removed at exit");
+  l->add_option("--min-workers", o->min_workers,
+                "Elastic: go on with at least this many workers when others cannot come back "
+                "(0: off; --nproc is the maximum)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  l->add_option("--rejoin-timeout", o->rejoin_timeout,
+                "Elastic: seconds the coordinator waits for every worker to re-join")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   l->add_option("command", o->command, "The worker command, after --")->required();
   return {l, [o] {
             if (o->token.empty()) {

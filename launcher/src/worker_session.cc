@@ -172,7 +172,10 @@ coordinator::JoinResult WorkerSession::join_job(coordinator::JoinOptions jo) {
     jo.timeout = std::max(left, std::chrono::milliseconds(1));
     try {
       coordinator::JoinResult joined = c.client->join(jo);
-      DTRAIN_CHECK(joined.world_size == identity_.world_size, InvalidArgument,
+      // Fewer (elastic, after a loss) is fine; more means another job's coordinator.
+      DTRAIN_CHECK(joined.world_size == identity_.world_size ||
+                       (joined.generation > 1 && joined.world_size < identity_.world_size),
+                   InvalidArgument,
                    "coordinator {} runs a job of {} workers but this worker was started as one "
                    "of {}",
                    identity_.coordinator, joined.world_size, identity_.world_size);

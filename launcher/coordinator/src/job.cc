@@ -94,6 +94,7 @@ void Job::load_state() {
         reason_ = j.value("reason", "");
       } else {
         state_ = v1::JOB_STATE_RECOVERING;
+        recovering_since_ = Clock::now();
       }
     } catch (const nlohmann::json::exception& e) {
       DTRAIN_THROW(DataFormatError, "coordinator: state file {} is malformed: {}", path, e.what());
@@ -172,12 +173,12 @@ Status Job::check_rank(int rank) const {
   if (!ranked_) {
     return Status(StatusCode::FAILED_PRECONDITION,
                   fmt::format("the rendezvous of job '{}' has not completed ({} of {} joined)",
-                              config_.job_id, members_.size(), config_.world_size));
+                              config_.job_id, members_.size(), world_));
   }
-  if (rank < 0 || rank >= config_.world_size) {
+  if (rank < 0 || rank >= world_) {
     return Status(StatusCode::INVALID_ARGUMENT,
                   fmt::format("rank {} is out of range for job '{}' (world size {})", rank,
-                              config_.job_id, config_.world_size));
+                              config_.job_id, world_));
   }
   return Status::OK;
 }
@@ -196,19 +197,29 @@ Job::Member* Job::member_by_id(uint64_t id) {
 // ---- Join ----
 
 void Job::complete_rendezvous() {
-  std::vector<bool> taken(static_cast<size_t>(config_.world_size), false);
-  for (Member& m : members_) {
-    if (m.requested_rank >= 0) {
-      m.rank = m.requested_rank;
-      taken[static_cast<size_t>(m.rank)] = true;
+  world_ = static_cast<int>(members_.size());
+  if (world_ == config_.world_size) {
+    std::vector<bool> taken(static_cast<size_t>(world_), false);
+    for (Member& m : members_) {
+      if (m.requested_rank >= 0) {
+        m.rank = m.requested_rank;
+        taken[static_cast<size_t>(m.rank)] = true;
+      }
     }
-  }
-  int next = 0;
-  for (Member& m : members_) {  // join order
-    if (m.requested_rank >= 0) continue;
-    while (taken[static_cast<size_t>(next)]) ++next;
-    m.rank = next;
-    taken[static_cast<size_t>(next)] = true;
+    int next = 0;
+    for (Member& m : members_) {  // join order
+      if (m.requested_rank >= 0) continue;
+      while (taken[static_cast<size_t>(next)]) ++next;
+      m.rank = next;
+      taken[static_cast<size_t>(next)] = true;
+    }
+  } else {
+    // Elastic, fewer workers: ranks 0..n-1 in the order of the ranks they asked for
+    // (their previous ones), then join order.
+    std::stable_sort(members_.begin(), members_.end(), [](const Member& a, const Member& b) {
+      return static_cast<unsigned>(a.requested_rank) < static_cast<unsigned>(b.requested_rank);
+    });
+    for (size_t i = 0; i < members_.size(); ++i) members_[i].rank = static_cast<int>(i);
   }
   std::sort(members_.begin(), members_.end(),
             [](const Member& a, const Member& b) { return a.rank < b.rank; });
@@ -221,8 +232,11 @@ void Job::complete_rendezvous() {
   }
   ranked_ = true;
   state_ = v1::JOB_STATE_RUNNING;
-  log(fmt::format("job '{}': rendezvous complete, {} workers, generation {}", config_.job_id,
-                  config_.world_size, generation_));
+  log(fmt::format(
+      "job '{}': rendezvous complete, {} workers{}, generation {}", config_.job_id, world_,
+      world_ < config_.world_size ? fmt::format(" (elastic: {} of {})", world_, config_.world_size)
+                                  : "",
+      generation_));
   persist();
   cv_.notify_all();
 }
@@ -294,6 +308,7 @@ Status Job::join(const v1::JoinRequest& req, const CallWait& wait, v1::JoinRespo
   if (members_.size() == static_cast<size_t>(config_.world_size)) complete_rendezvous();
 
   WaitEnd end = wait_until(lock, wait, [&] {
+    go_on_with_fewer();
     return generation_ != gen ||
            (state_ != v1::JOB_STATE_WAITING && state_ != v1::JOB_STATE_RECOVERING);
   });
@@ -303,7 +318,7 @@ Status Job::join(const v1::JoinRequest& req, const CallWait& wait, v1::JoinRespo
     const Member* me = member_by_id(id);
     resp->set_job_id(config_.job_id);
     resp->set_rank(me->rank);
-    resp->set_world_size(config_.world_size);
+    resp->set_world_size(world_);
     resp->set_generation(generation_);
     resp->set_local_rank(me->local_rank);
     int local_size = 0;
@@ -389,7 +404,7 @@ Status Job::barrier(const v1::BarrierRequest& req, const CallWait& wait,
         fmt::format("rank {} is already waiting at barrier '{}'", req.rank(), req.name()));
   }
   resp->set_generation(generation_);
-  if (b.arrived.size() == static_cast<size_t>(config_.world_size)) {
+  if (b.arrived.size() == static_cast<size_t>(world_)) {
     ++b.round;
     b.arrived.clear();
     cv_.notify_all();
@@ -401,7 +416,7 @@ Status Job::barrier(const v1::BarrierRequest& req, const CallWait& wait,
   });
   if (end == WaitEnd::kReady && b.round != round) return Status::OK;
   std::vector<int> missing;
-  for (int r = 0; r < config_.world_size; ++r) {
+  for (int r = 0; r < world_; ++r) {
     if (b.arrived.count(r) == 0) missing.push_back(r);
   }
   const size_t arrived = b.arrived.size();
@@ -413,8 +428,8 @@ Status Job::barrier(const v1::BarrierRequest& req, const CallWait& wait,
   return wait_end_status(
       end, fmt::format("barrier '{}' of job '{}' timed out after {}: {} of {} ranks arrived, "
                        "missing ranks {}",
-                       req.name(), config_.job_id, format_duration(wait.limit), arrived,
-                       config_.world_size, rank_list(missing)));
+                       req.name(), config_.job_id, format_duration(wait.limit), arrived, world_,
+                       rank_list(missing)));
 }
 
 // ---- Key-value store ----
@@ -487,7 +502,7 @@ Status Job::status(const v1::GetJobStatusRequest& req, v1::JobStatus* resp) {
   Clock::time_point now = Clock::now();
   resp->set_job_id(config_.job_id);
   resp->set_state(state_);
-  resp->set_world_size(config_.world_size);
+  resp->set_world_size(world_);
   resp->set_generation(generation_);
   resp->set_reason(reason_);
   resp->set_failed_rank(failed_rank_);
@@ -530,6 +545,7 @@ void Job::lose(int rank, const std::string& reason) {
   ++restarts_;
   ++generation_;
   state_ = v1::JOB_STATE_RECOVERING;
+  recovering_since_ = Clock::now();
   reason_ = reason;
   failed_rank_ = rank;
   members_.clear();
@@ -542,6 +558,19 @@ void Job::lose(int rank, const std::string& reason) {
                   config_.world_size));
   persist();
   cv_.notify_all();
+}
+
+void Job::go_on_with_fewer() {
+  const int min = config_.min_workers;
+  if (state_ != v1::JOB_STATE_RECOVERING || min <= 0 || min >= config_.world_size) return;
+  const size_t n = members_.size();
+  if (n < static_cast<size_t>(min) || n >= static_cast<size_t>(config_.world_size)) return;
+  if (Clock::now() - recovering_since_ < config_.rejoin_timeout) return;
+  log(fmt::format(
+      "job '{}': {} of {} workers re-joined within {}: going on with them (elastic, "
+      "--min-workers {})",
+      config_.job_id, n, config_.world_size, format_duration(config_.rejoin_timeout), min));
+  complete_rendezvous();
 }
 
 Status Job::stale_generation(uint64_t gen, const std::string& what) const {
@@ -572,7 +601,8 @@ Status Job::report_failure(const v1::ReportFailureRequest& req, v1::ReportFailur
       by = fmt::format(" (reported by rank {})", req.reporter_rank());
     }
     std::string why = req.reason().empty() ? std::string("no reason given") : req.reason();
-    if (state_ == v1::JOB_STATE_RUNNING && rank >= 0) {
+    if (state_ == v1::JOB_STATE_RUNNING && rank >= 0 &&
+        static_cast<size_t>(rank) < members_.size()) {
       Member& m = members_[static_cast<size_t>(rank)];
       if (m.state == v1::WORKER_STATE_ALIVE) m.state = v1::WORKER_STATE_FAILED;
     }
@@ -657,12 +687,12 @@ Status Job::commit_shard(const v1::CommitShardRequest& req, v1::CommitShardRespo
   PendingCheckpoint& p = it->second;
   p.shards[req.shard().rank()] = req.shard();
   resp->set_shards_in(static_cast<int32_t>(p.shards.size()));
-  if (p.shards.size() == static_cast<size_t>(config_.world_size)) {
+  if (p.shards.size() == static_cast<size_t>(world_)) {
     ckpt::Manifest m;
     m.name = name;
     m.step = req.step();
     m.epoch = p.epoch;
-    m.world_size = config_.world_size;
+    m.world_size = world_;
     m.generation = p.generation;
     for (const auto& [rank, d] : p.shards) {
       m.shards.push_back(ckpt::ShardEntry{rank, d.file(), d.bytes(), d.checksum()});

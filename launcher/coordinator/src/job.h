@@ -50,7 +50,11 @@ struct JobConfig {
   // Restarts (generation bumps after a lost worker) before the job FAILS; 0: a lost
   // worker fails the job at once.
   int max_restarts = 0;
-  std::string state_dir;                        // empty: nothing persisted
+  std::string state_dir;  // empty: nothing persisted
+  // Elastic: when a recovering rendezvous has at least min_workers (0 or
+  // world_size: off) but not all after rejoin_timeout, the job goes on with those.
+  int min_workers = 0;
+  std::chrono::milliseconds rejoin_timeout{10000};
   std::function<void(const std::string&)> log;  // may be empty
 };
 
@@ -122,6 +126,8 @@ class Job {
   grpc::Status stale_generation(uint64_t gen, const std::string& what) const;  // REQUIRES: mu_
   void load_state();  // from config_.state_dir/job.json, when there is one (constructor)
   void persist();     // REQUIRES: mu_ held
+  // Elastic: completes a recovering rendezvous with fewer workers once allowed.
+  void go_on_with_fewer();            // REQUIRES: mu_ held
   Member* member_by_id(uint64_t id);  // REQUIRES: mu_ held
   void log(const std::string& line) const;
 
@@ -140,8 +146,10 @@ class Job {
   int failed_rank_ = -1;                             // GUARDED_BY(mu_)
   bool shutdown_ = false;                            // GUARDED_BY(mu_)
   int restarts_ = 0;                                 // GUARDED_BY(mu_)
-  v1::CheckpointRef last_checkpoint_;                // GUARDED_BY(mu_)
-  std::map<int64_t, PendingCheckpoint> pending_;     // by step  GUARDED_BY(mu_)
+  int world_ = config_.world_size;  // this generation's workers (elastic: fewer)  GUARDED_BY(mu_)
+  Clock::time_point recovering_since_;            // GUARDED_BY(mu_)
+  v1::CheckpointRef last_checkpoint_;             // GUARDED_BY(mu_)
+  std::map<int64_t, PendingCheckpoint> pending_;  // by step  GUARDED_BY(mu_)
 };
 
 }  // namespace dtrain::coordinator

@@ -162,7 +162,7 @@ struct CoordinatorServer::Impl {
       : options(std::move(o)),
         job(JobConfig{options.job_id, options.world_size, options.heartbeat_timeout,
                       options.heartbeat_interval, options.max_restarts, options.state_dir,
-                      options.log}),
+                      options.min_workers, options.rejoin_timeout, options.log}),
         service(job, options.token) {}
 
   void monitor_loop() {
@@ -191,6 +191,10 @@ CoordinatorServer::CoordinatorServer(ServerOptions options) {
   DTRAIN_CHECK(options.heartbeat_interval.count() > 0, InvalidArgument,
                "coordinator: the heartbeat interval must be positive, got {} ms",
                options.heartbeat_interval.count());
+  DTRAIN_CHECK(options.min_workers >= 0 && options.min_workers <= options.world_size,
+               InvalidArgument,
+               "coordinator: --min-workers must be in 0..{} (the world size), got {}",
+               options.world_size, options.min_workers);
   DTRAIN_CHECK(options.max_restarts >= 0, InvalidArgument,
                "coordinator: --max-restarts must be >= 0, got {}", options.max_restarts);
   impl_ = std::make_unique<Impl>(std::move(options));

@@ -39,6 +39,11 @@ struct ServerOptions {
   // a coordinator started on a folder holding this job's job.json continues it.
   // Empty: nothing is persisted.
   std::string state_dir;
+  // Elastic: a recovering rendezvous that has at least min_workers (0 or world_size:
+  // off) but not all of them after rejoin_timeout goes on with those (ranks
+  // 0..n-1 in the order of their previous ranks); world_size is then the maximum.
+  int min_workers = 0;
+  std::chrono::milliseconds rejoin_timeout{10000};
   // Receives one line per event (joins, rendezvous, failures). Called from gRPC
   // threads with the job locked: keep it short and never call back into the server.
   std::function<void(const std::string&)> log;
