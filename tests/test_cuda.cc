@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <thread>
 
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/cuda/op_check.h"
@@ -63,6 +64,23 @@ TEST(CudaRuntime, NoDeviceIsOneClearError) {
   EXPECT_TRUE(cuda::devices().empty());
   // The CPU keeps working after the failed requests.
   EXPECT_EQ(sum(ones({3})).item(), 3.0);
+}
+
+TEST(CudaRuntime, Tf32GuardIsScopedAndNests) {
+  EXPECT_FALSE(cuda::AllowTf32Guard::enabled());
+  {
+    cuda::AllowTf32Guard on;
+    EXPECT_TRUE(cuda::AllowTf32Guard::enabled());
+    {
+      cuda::AllowTf32Guard off(false);
+      EXPECT_FALSE(cuda::AllowTf32Guard::enabled());
+    }
+    EXPECT_TRUE(cuda::AllowTf32Guard::enabled());
+    bool other_thread = true;
+    std::thread([&] { other_thread = cuda::AllowTf32Guard::enabled(); }).join();
+    EXPECT_FALSE(other_thread);  // thread-local
+  }
+  EXPECT_FALSE(cuda::AllowTf32Guard::enabled());
 }
 
 TEST(CudaRuntime, VersionsAreReported) {
@@ -215,6 +233,27 @@ TEST(CudaTraining, SgdStepsMatchCpu) {
     EXPECT_NEAR(gpu_losses[i], cpu_losses[i], 1e-5 * std::fabs(cpu_losses[i])) << "step " << i;
   }
   EXPECT_LE(check::max_relative_error(gpu_w, cpu_w), 1e-5);
+}
+
+// matmul under AllowTf32Guard: TF32 accuracy (1e-3), and not bit-identical to strict f32
+// on a product whose inputs have more than TF32's 10 mantissa bits.
+TEST(CudaOps, MatmulHonoursTf32Guard) {
+  DTRAIN_REQUIRE_GPU();
+  Generator gen(8);
+  std::vector<float> av(64 * 96), bv(96 * 48);
+  for (auto& e : av) e = static_cast<float>(gen.uniform(-1, 1));
+  for (auto& e : bv) e = static_cast<float>(gen.uniform(-1, 1));
+  Tensor a = from_vector(av, {64, 96}), b = from_vector(bv, {96, 48});
+  Tensor want = matmul(a, b);
+  Tensor strict = matmul(a.to(kGpu), b.to(kGpu));
+  Tensor tf32;
+  {
+    cuda::AllowTf32Guard allow;
+    tf32 = matmul(a.to(kGpu), b.to(kGpu));
+  }
+  EXPECT_LE(check::max_relative_error(strict, want), 1e-5);
+  EXPECT_LE(check::max_relative_error(tf32, want), 1e-3);
+  EXPECT_GT(check::max_relative_error(tf32, want), 1e-6);
 }
 
 TEST(CudaErrors, TypedErrorsOnTheDevicePath) {

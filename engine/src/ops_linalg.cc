@@ -4,6 +4,7 @@
 #include "dtrain/engine/ops.h"
 #ifdef DTRAIN_WITH_CUDA
 #include "cuda/ops_cuda.h"
+#include "dtrain/engine/cuda/runtime.h"
 #endif
 
 namespace dtrain {
@@ -46,11 +47,13 @@ void gemm2d(const Tensor& a, const Tensor& b, Tensor& out, double beta) {
 
 Tensor matmul_nograd(const Tensor& a, const Tensor& b) {
 #ifdef DTRAIN_WITH_CUDA
-  if (a.device().is_cuda() || b.device().is_cuda()) {  // cuBLAS, strict f32 (ops_cuda.h)
-    if (a.dim() == 2) return cuda::matmul(a, b);
+  if (a.device().is_cuda() || b.device().is_cuda()) {  // cuBLAS (ops_cuda.h)
+    const cuda::MathMode mode =
+        cuda::AllowTf32Guard::enabled() ? cuda::MathMode::kTf32 : cuda::MathMode::kStrict;
+    if (a.dim() == 2) return cuda::matmul(a, b, mode);
     Tensor out = empty({a.shape()[0], a.shape()[1], b.shape()[2]}, a.options());
     for (int64_t i = 0; i < a.shape()[0]; ++i) {
-      out.select(0, i).copy_(cuda::matmul(a.select(0, i), b.select(0, i)));
+      out.select(0, i).copy_(cuda::matmul(a.select(0, i), b.select(0, i), mode));
     }
     return out;
   }

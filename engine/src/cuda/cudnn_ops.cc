@@ -5,6 +5,7 @@
 
 #include "cuda/context.h"
 #include "cuda/ops_cuda.h"
+#include "dtrain/engine/cuda/runtime.h"
 
 namespace dtrain::cuda {
 
@@ -80,10 +81,13 @@ struct ConvDesc {
     DTRAIN_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(d, i32(g.pad), i32(g.pad), i32(g.stride),
                                                        i32(g.stride), 1, 1, CUDNN_CROSS_CORRELATION,
                                                        compute));
-    // f32 stays f32 (CUDNN_DEFAULT_MATH would allow TF32); half types use tensor cores.
+    // f32 stays f32 (FMA math) unless an AllowTf32Guard is alive (default math lets
+    // cuDNN use TF32); half types use the tensor cores.
     bool half = dt == DType::f16 || dt == DType::bf16;
-    DTRAIN_CUDNN_CHECK(
-        cudnnSetConvolutionMathType(d, half ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
+    cudnnMathType_t math = half                        ? CUDNN_TENSOR_OP_MATH
+                           : AllowTf32Guard::enabled() ? CUDNN_DEFAULT_MATH
+                                                       : CUDNN_FMA_MATH;
+    DTRAIN_CUDNN_CHECK(cudnnSetConvolutionMathType(d, math));
   }
   ~ConvDesc() { cudnnDestroyConvolutionDescriptor(d); }
   ConvDesc(const ConvDesc&) = delete;

@@ -70,4 +70,23 @@ Versions versions();
 // Waits until every queued operation on `device`'s compute stream has finished.
 void synchronize(const Device& device);
 
+// While a guard lives, f32 matmuls and convolutions issued by the calling thread may
+// use TF32 tensor cores (10-bit mantissa inputs, f32 accumulation; about 1e-3 relative
+// error). Off by default: f32 means f32. Thread-local like NoGradGuard; guards nest.
+class AllowTf32Guard {
+ public:
+  explicit AllowTf32Guard(bool allow = true) : previous_(flag()) { flag() = allow; }
+  ~AllowTf32Guard() { flag() = previous_; }
+  AllowTf32Guard(const AllowTf32Guard&) = delete;
+  AllowTf32Guard& operator=(const AllowTf32Guard&) = delete;
+  static bool enabled() { return flag(); }
+
+ private:
+  static bool& flag() {
+    thread_local bool allow = false;
+    return allow;
+  }
+  bool previous_;
+};
+
 }  // namespace dtrain::cuda
