@@ -14,6 +14,7 @@
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/cuda/op_check.h"
 #include "dtrain/engine/cuda/runtime.h"
+#include "dtrain/engine/data/loader.h"
 #include "dtrain/engine/ops.h"
 #include "dtrain/engine/optim/sgd.h"
 #include "dtrain/engine/random.h"
@@ -174,6 +175,51 @@ TEST(CudaTensor, CopiesRoundTripExactly) {
   Tensor h = x.to(DType::bf16);
   EXPECT_EQ(x.to(kGpu).to(DType::bf16).to(Device::cpu()).to(DType::f32).to_vector<float>(),
             h.to(DType::f32).to_vector<float>());
+}
+
+std::shared_ptr<data::TensorDataset> small_dataset() {
+  std::vector<float> x(23 * 3);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i) * 0.5f;
+  std::vector<int64_t> y(23);
+  for (size_t i = 0; i < y.size(); ++i) y[i] = static_cast<int64_t>(i % 4);
+  return std::make_shared<data::TensorDataset>(from_vector(x, {23, 3}), from_vector(y, {23}));
+}
+
+TEST(CudaLoader, NoDeviceFailsAtConstruction) {
+  if (cuda::device_count() > 0) GTEST_SKIP() << "a CUDA device is present";
+  try {
+    data::DataLoader loader(small_dataset(), data::DistributedSampler(23, 0, 1, 5), 4,
+                            {.device = kGpu});
+    FAIL() << "a loader for cuda:0 was made without a device";
+  } catch (const UnsupportedError& e) {
+    EXPECT_EQ(e.message(), "no CUDA device: " + cuda::device_error());
+  }
+}
+
+// Batches delivered on the device (pinned staging, copy stream) equal the host batches.
+TEST(CudaLoader, DeviceBatchesEqualHostBatches) {
+  DTRAIN_REQUIRE_GPU();
+  for (int64_t prefetch : {0, 2}) {
+    data::DataLoader host(small_dataset(), data::DistributedSampler(23, 0, 1, 5), 4,
+                          {.prefetch = prefetch});
+    data::DataLoader dev(small_dataset(), data::DistributedSampler(23, 0, 1, 5), 4,
+                         {.prefetch = prefetch, .device = kGpu});
+    host.begin_epoch(0);
+    dev.begin_epoch(0);
+    data::Batch hb, db;
+    int batches = 0;
+    while (host.next(hb)) {
+      ASSERT_TRUE(dev.next(db));
+      EXPECT_EQ(db.input.device(), kGpu);
+      // Consume on the compute stream right away: the copy must be ordered before it.
+      EXPECT_EQ(mul_scalar(db.input, 2.0).to_vector<float>(),
+                mul_scalar(hb.input, 2.0).to_vector<float>());
+      EXPECT_EQ(db.target.to_vector<int64_t>(), hb.target.to_vector<int64_t>());
+      ++batches;
+    }
+    EXPECT_FALSE(dev.next(db));
+    EXPECT_EQ(batches, 6);
+  }
 }
 
 #ifdef DTRAIN_WITH_CUDA
