@@ -214,14 +214,13 @@ void run_ranks(int n, const TcpOptions& topts, milliseconds timeout,
       n, [&](int) { return topts; }, timeout, body);
 }
 
-TcpOptions without_shm(TcpOptions o) {
-  o.shm = false;
-  return o;
-}
-
 // The data path between ranks of one host: shared memory (the default), plain TCP
 // (the fast path off), or a mix (odd ranks turn it off: their pairs use TCP).
 enum class Path { kShm, kTcp, kMixed };
+const char* path_name(Path p) {
+  return p == Path::kShm ? "shm" : p == Path::kTcp ? "tcp" : "mixed";
+}
+void PrintTo(Path p, std::ostream* os) { *os << path_name(p); }
 
 class TcpWorld : public ::testing::TestWithParam<std::tuple<int, Path>> {
  protected:
@@ -447,11 +446,8 @@ INSTANTIATE_TEST_SUITE_P(WorldSizes, TcpWorld,
                                             ::testing::Values(Path::kShm, Path::kTcp,
                                                               Path::kMixed)),
                          [](const auto& info) {
-                           const Path p = std::get<1>(info.param);
-                           return "size" + std::to_string(std::get<0>(info.param)) +
-                                  (p == Path::kShm   ? "_shm"
-                                   : p == Path::kTcp ? "_tcp"
-                                                     : "_mixed");
+                           return "size" + std::to_string(std::get<0>(info.param)) + "_" +
+                                  path_name(std::get<1>(info.param));
                          });
 
 TEST(TcpComm, LargeCountsWithDefaultChunks) {

@@ -20,10 +20,11 @@
 // reduce, post_recv_reduce) from the ring in our own segment; see shm/segment.h.
 // A wait with only shared-memory work spins like above, then sleeps on our
 // segment's doorbell (futex) for at most kShmCheckInterval at a time, reading the
-// control sockets between sleeps: a dead peer (control EOF without "bye") or an
-// "abort" is noticed within that interval, and a peer that said "bye" while we still
-// expect data from it is reported as closed. fail() rings our own and every
-// same-host peer's doorbell, so nobody sleeps through a failure.
+// control sockets between sleeps (with TCP work pending as well, it polls the
+// sockets and looks at the rings at least that often): a dead peer (control EOF
+// without "bye") or an "abort" is noticed within that interval, and a peer that
+// said "bye" while we still expect data from it is reported as closed. fail() rings
+// our own and every same-host peer's doorbell, so nobody sleeps through a failure.
 //
 // Failure: fail() records the first reason, sends "abort" (with the rank where the
 // failure started and its reason) to every peer, shuts every socket down and wakes

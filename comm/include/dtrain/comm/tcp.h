@@ -70,10 +70,8 @@ struct TcpOptions {
   bool shm = true;
   // Capacity of each shared-memory ring (one per direction and same-host pair); a
   // multiple of 4096. Allocated in /dev/shm when the communicator is created.
-  // Measured (2 ranks, 2-core VM): 1-2 MiB rings beat 8 MiB ones between 32 KiB and
-  // 256 KiB (a ring page's first use is slow there, and a small ring is reused
-  // sooner) and large messages did not tell them apart; 4 MiB keeps four 1 MiB
-  // chunks in flight.
+  // Measured (2 ranks, 2-core VM): large messages did not tell 1, 2 and 8 MiB rings
+  // apart; 4 MiB keeps four 1 MiB chunks in flight.
   size_t shm_ring_bytes = 4 << 20;
 
   // Defaults, overridden by DTRAIN_TCP_BIND, DTRAIN_TCP_ADVERTISE,
