@@ -659,6 +659,7 @@ TEST(CoordinatorRecovery, SilentRankIsLostAndStartsANewGeneration) {
   EXPECT_EQ(st.restarts, 1);
   EXPECT_EQ(st.failed_rank, 1);
   EXPECT_TRUE(contains(st.reason, "no heartbeat")) << st.reason;
+  EXPECT_EQ(st.failed_pid, 1001);  // the silent process, for its launcher to kill
 }
 
 TEST(CoordinatorRecovery, ExhaustedRestartsFailTheJobWithTheReason) {

@@ -340,6 +340,35 @@ TEST(Recovery, CoordinatorKilledMidRunTheJobCompletes) {
   EXPECT_EQ(losses(dir / "metrics.jsonl"), losses(ref / "metrics.jsonl"));
 }
 
+// ---- a hung worker: missed heartbeats ----
+
+TEST(Recovery, StoppedWorkerIsDeclaredLostKilledAndRestarted) {
+  fs::path ref = scratch("stop-ref"), dir = scratch("stop");
+  Result a = launch(2, "", train(ref, "--max-steps 40"));
+  ASSERT_EQ(a.code, 0) << a.out;
+  std::string cmd =
+      "env DTRAIN_TEST_COMMIT_DELAY_MS=200 " + kBin +
+      " launch --nproc 2 --heartbeat-interval 0.3 --heartbeat-timeout 2 -- dtrain " +
+      train(dir, "--max-steps 40 --ckpt-every 5 --ckpt-dir " + (dir / "ckpt").string());
+  Background job(cmd, dir / "launch.log");
+  ASSERT_TRUE(job.wait_for_output("checkpoint step-00000010 committed", std::chrono::seconds(120)))
+      << job.output();
+  pid_t victim = find_process({(dir / "metrics.jsonl").string(), std::string("train") + '\0'}, 1);
+  ASSERT_GT(victim, 0);
+  ASSERT_EQ(::kill(victim, SIGSTOP), 0);  // alive but silent: only its heartbeats tell
+  int code = job.wait(std::chrono::seconds(120));
+  std::string out = job.output();
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_TRUE(contains(out, "lost: no heartbeat")) << out;
+  EXPECT_TRUE(
+      contains(out, "the coordinator declared rank 1 (pid " + std::to_string(victim) + ") lost"))
+      << out;
+  EXPECT_TRUE(contains(out, "rank 1 was killed by signal 9 (SIGKILL); starting it again")) << out;
+  EXPECT_TRUE(read_file(dir / "final.dtrn") == read_file(ref / "final.dtrn"))
+      << "final parameters differ from the uninterrupted run\n"
+      << out;
+}
+
 // ---- elastic: a worker that cannot come back ----
 
 TEST(Recovery, ElasticJobGoesOnWithFewerWorkers) {

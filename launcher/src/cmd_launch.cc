@@ -23,7 +23,9 @@
 //    default a private folder removed at exit), so the job goes on. Elastic
 //    (--min-workers M < N): a worker past its restarts is left out instead of failing
 //    the job, and the coordinator goes on with the workers that re-join within
-//    --rejoin-timeout while at least M remain.
+//    --rejoin-timeout while at least M remain. Once a second launch asks the
+//    coordinator for the job's status: a local worker it declared lost (missed
+//    heartbeats: hung, or stopped) is killed, so that it is restarted like a dead one.
 // 4. Past the restarts, when a worker exits non-zero or is killed, it says which rank failed and
 // how
 //    ("rank 1 was killed by signal 9 (SIGKILL)"), gives the other workers
@@ -267,6 +269,9 @@ class Launcher {
   // The coordinator's reason when it says the job FAILED; nullopt otherwise or
   // when it cannot be asked.
   std::optional<std::string> coordinator_failure();
+  // Kills a local worker the coordinator declared lost while it still runs.
+  void kill_lost_workers();
+  coordinator::CoordinatorClient* client();  // nullptr when the coordinator cannot be reached
   std::vector<std::string> worker_command() const;
   size_t add_child(std::string label, int rank, const std::vector<std::string>& argv,
                    const std::vector<std::string>& env);
@@ -306,6 +311,8 @@ class Launcher {
   bool restart_coordinator_ = false;
   std::string private_state_dir_;  // created by launch, removed at exit
   std::optional<coordinator::CoordinatorClient> client_;
+  Clock::time_point next_status_ = Clock::now();
+  uint64_t seen_generation_ = 1;
 };
 
 void Launcher::block_signals() {
@@ -429,23 +436,56 @@ void Launcher::start_worker(int r, int restart) {
   add_child(fmt::format("rank {}", r), r, worker_command(), env);
 }
 
-std::optional<std::string> Launcher::coordinator_failure() {
+coordinator::CoordinatorClient* Launcher::client() {
+  if (coordinator_address_.empty()) return nullptr;
   try {
     if (!client_) {
       coordinator::ClientOptions co;
       co.address = coordinator_address_;
       co.job_id = opt_.job_id;
       co.token = opt_.token;
-      co.connect_timeout = std::chrono::milliseconds(2000);
+      co.connect_timeout = std::chrono::milliseconds(1000);
       co.call_timeout = std::chrono::milliseconds(3000);
       client_.emplace(coordinator::CoordinatorClient::connect(co));
     }
-    coordinator::JobStatus st = client_->status();
-    if (st.state == coordinator::JobState::kFailed) return st.reason;
   } catch (const Error&) {
-    // Not reachable (restarting, or not a dtrain coordinator): launch's own count decides.
+    return nullptr;  // not reachable now (restarting, or not a dtrain coordinator)
+  }
+  return &*client_;
+}
+
+std::optional<std::string> Launcher::coordinator_failure() {
+  try {
+    if (coordinator::CoordinatorClient* c = client()) {
+      coordinator::JobStatus st = c->status();
+      if (st.state == coordinator::JobState::kFailed) return st.reason;
+    }
+  } catch (const Error&) {
+    // Not reachable: launch's own count decides.
   }
   return std::nullopt;
+}
+
+void Launcher::kill_lost_workers() {
+  coordinator::JobStatus st;
+  try {
+    coordinator::CoordinatorClient* c = client();
+    if (c == nullptr) return;
+    st = c->status();
+  } catch (const Error&) {
+    return;
+  }
+  if (st.generation <= seen_generation_) return;
+  seen_generation_ = st.generation;
+  if (st.failed_pid == 0) return;
+  for (const Child& c : children_) {
+    if (c.rank < 0 || !c.running || c.pid != st.failed_pid) continue;
+    fmt::print(stderr,
+               "dtrain launch: the coordinator declared {} (pid {}) lost ({}); killing it\n",
+               c.label, c.pid, st.reason);
+    std::fflush(stderr);
+    signal_group(c, SIGKILL);  // reaped and restarted like any dead worker
+  }
 }
 
 void Launcher::run_restarts() {
@@ -632,6 +672,11 @@ void Launcher::poll_once(std::chrono::milliseconds max_wait) {
   }
   reap();
   run_restarts();
+  if (!stopping_ && !failure_ && Clock::now() >= next_status_ && workers_running()) {
+    kill_lost_workers();
+    // Not reachable: ask again much later (a connection attempt blocks this loop).
+    next_status_ = Clock::now() + std::chrono::seconds(client_ ? 1 : 10);
+  }
   if (term_at_ && Clock::now() >= *term_at_) {
     term_at_.reset();
     if (workers_running()) stop_workers(SIGTERM);
@@ -710,6 +755,7 @@ int Launcher::run() {
       ::kill(-children_[s.child].pid, SIGKILL);
     }
   }
+  client_.reset();  // an open channel would hold the coordinator's shutdown up
   stop_coordinator();
   cleanup();
 

@@ -108,6 +108,7 @@ JobStatus from_proto(const v1::JobStatus& s) {
   j.generation = s.generation();
   j.reason = s.reason();
   j.failed_rank = s.failed_rank();
+  j.failed_pid = s.failed_pid();
   j.uptime = std::chrono::milliseconds(static_cast<int64_t>(s.uptime_ms()));
   j.last_checkpoint = from_proto(s.last_checkpoint());
   j.restarts = static_cast<int>(s.restarts());

@@ -258,6 +258,7 @@ Status Job::join(const v1::JoinRequest& req, const CallWait& wait, v1::JoinRespo
     for (const Member& m : members_) {
       if (m.rank != req.requested_rank() || m.state != v1::WORKER_STATE_ALIVE) continue;
       if (m.pid == req.pid() && m.host == req.host()) break;
+      failed_pid_ = m.pid;
       lose(m.rank, fmt::format("rank {} ({}, pid {}) was replaced by a new process ({}, pid {})",
                                m.rank, m.host, m.pid, req.host(), req.pid()));
       if (state_ == v1::JOB_STATE_FAILED) {
@@ -377,6 +378,7 @@ void Job::check_heartbeats() {
     auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heartbeat);
     if (silent <= config_.heartbeat_timeout) continue;
     m.state = v1::WORKER_STATE_LOST;
+    failed_pid_ = m.pid;
     lose(m.rank,
          fmt::format("rank {} ({}, pid {}) lost: no heartbeat for {} (timeout {})", m.rank, m.host,
                      m.pid, format_duration(silent), format_duration(config_.heartbeat_timeout)));
@@ -510,6 +512,7 @@ Status Job::status(const v1::GetJobStatusRequest& req, v1::JobStatus* resp) {
   *resp->mutable_last_checkpoint() = last_checkpoint_;
   resp->set_restarts(static_cast<uint32_t>(restarts_));
   resp->set_max_restarts(static_cast<uint32_t>(std::max(0, config_.max_restarts)));
+  resp->set_failed_pid(failed_pid_);
   for (const Member& m : members_) {
     v1::WorkerStatus* w = resp->add_workers();
     w->set_rank(m.rank >= 0 ? m.rank : m.requested_rank);
@@ -607,6 +610,7 @@ Status Job::report_failure(const v1::ReportFailureRequest& req, v1::ReportFailur
       if (m.state == v1::WORKER_STATE_ALIVE) m.state = v1::WORKER_STATE_FAILED;
     }
     std::string what = fmt::format("{} failed{}: {}", who, by, why);
+    failed_pid_ = 0;
     if (req.fatal()) {
       fail(rank, what);
     } else {

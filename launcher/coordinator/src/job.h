@@ -144,6 +144,7 @@ class Job {
   std::unordered_map<std::string, std::string> kv_;  // GUARDED_BY(mu_)
   std::string reason_;                               // GUARDED_BY(mu_)
   int failed_rank_ = -1;                             // GUARDED_BY(mu_)
+  int64_t failed_pid_ = 0;                           // GUARDED_BY(mu_)
   bool shutdown_ = false;                            // GUARDED_BY(mu_)
   int restarts_ = 0;                                 // GUARDED_BY(mu_)
   int world_ = config_.world_size;  // this generation's workers (elastic: fewer)  GUARDED_BY(mu_)

@@ -80,6 +80,7 @@ struct JobStatus {
   std::vector<WorkerStatus> workers;  // by rank once running, in join order before
   std::string reason;                 // why the job failed, when it did
   int failed_rank = -1;
+  int64_t failed_pid = 0;  // the process the last loss names, when known
   std::chrono::milliseconds uptime{0};
   CheckpointRef last_checkpoint;
   int restarts = 0;
