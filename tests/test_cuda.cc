@@ -118,10 +118,8 @@ TEST(BackendCheck, RelativeErrorCatchesNanAndShape) {
 void expect_all_pass(DType dt, check::Precision precision) {
   for (const check::Result& r : check::run_all(kGpu, dt, precision)) {
     if (r.skipped) {
-      // Only the op without a CUDA kernel yet may skip (lstm), and f16/bf16 embedding
-      // backward (no atomic add in half types).
-      bool known = r.note == "no CUDA kernel yet (cuDNN LSTM)" ||
-                   (r.op.rfind("embedding", 0) == 0 && dt != DType::f32);
+      // Only f16/bf16 embedding backward may skip (no atomic add in half types).
+      bool known = r.op.rfind("embedding", 0) == 0 && dt != DType::f32;
       EXPECT_TRUE(known) << r.op << " skipped: " << r.note;
       continue;
     }
@@ -316,9 +314,8 @@ TEST(CudaErrors, TypedErrorsOnTheDevicePath) {
   EXPECT_THROW(embedding(w, from_vector(std::vector<int64_t>{0, 4}, {2}).to(kGpu)),
                InvalidArgument);
   EXPECT_THROW(add(zeros({2}), zeros({2}, TensorOptions{DType::f32, kGpu})), InvalidArgument);
-  LstmWeights lw{zeros({8, 3}, TensorOptions{DType::f32, kGpu}),
-                 zeros({8, 2}, TensorOptions{DType::f32, kGpu}), Tensor(), Tensor()};
-  EXPECT_THROW(lstm(zeros({1, 4, 3}, TensorOptions{DType::f32, kGpu}), lw), UnsupportedError);
+  LstmWeights lw{zeros({8, 3}), zeros({8, 2}), Tensor(), Tensor()};  // on the CPU
+  EXPECT_THROW(lstm(zeros({1, 4, 3}, TensorOptions{DType::f32, kGpu}), lw), InvalidArgument);
 }
 
 }  // namespace

@@ -32,6 +32,9 @@
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/functors.h"
 #include "dtrain/engine/ops.h"
+#ifdef DTRAIN_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace dtrain {
 
@@ -271,10 +274,26 @@ Tensor last_step(const Tensor& seq, const LstmDims& d) {
 }  // namespace
 
 LstmResult lstm(const Tensor& x, const LstmWeights& w, const Tensor& h0, const Tensor& c0) {
-  DTRAIN_CHECK(!x.defined() || x.device().is_cpu(), UnsupportedError,
-               "lstm on {}: the cuDNN LSTM is not implemented yet; run this model on the CPU",
-               x.device().str());
   const LstmDims d = check_lstm(x, w, h0, c0);
+#ifdef DTRAIN_WITH_CUDA
+  if (x.device().is_cuda() || w.w_ih.device().is_cuda()) {  // cuDNN (cuda/cudnn_ops.cc)
+    cuda::LstmForward f = cuda::lstm_forward(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, h0, c0);
+    const std::vector<Tensor> inputs{x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, h0, c0};
+    if (!any_requires_grad(inputs)) return {f.output, f.h_n, f.c_n};
+    std::shared_ptr<cuda::LstmState> state = f.state;
+    std::vector<Tensor> outs = make_function(
+        "lstm", inputs, {f.output, f.h_n, f.c_n}, [state](const std::vector<Tensor>& g) {
+          if (!g[0].defined() && !g[1].defined() && !g[2].defined()) {
+            return std::vector<Tensor>(7);
+          }
+          return cuda::lstm_backward(*state, g[0], g[1], g[2]);
+        });
+    return {outs[0], outs[1], outs[2]};
+  }
+#else
+  DTRAIN_CHECK(x.device().is_cpu(), UnsupportedError, "lstm on {}: no CUDA backend",
+               x.device().str());
+#endif
   auto s = std::make_shared<LstmSaved>();
   s->d = d;
   s->x = x.detach().contiguous();

@@ -1,7 +1,12 @@
 // conv2d and max_pool2d, forward and backward, on cuDNN 9 (its legacy convolution and
 // pooling API: one call per direction, algorithms chosen by cuDNN's heuristics, the
-// workspace from the device's caching allocator). NCHW as the CPU backend.
+// workspace from the device's caching allocator), NCHW as the CPU backend; and the
+// one-layer LSTM on cuDNN's RNN API (weights copied gate by gate into cuDNN's weight
+// space, the reserve space kept for backward).
 #include <cudnn.h>
+
+#include <memory>
+#include <vector>
 
 #include "cuda/context.h"
 #include "cuda/ops_cuda.h"
@@ -246,6 +251,190 @@ Tensor max_pool2d_backward(const Tensor& dy, const Tensor& x, const Tensor& y,
                                           dyc.raw_data(), xd.d, xc.raw_data(), s.zero(), xd.d,
                                           dx.raw_data()));
   return dx;
+}
+
+}  // namespace dtrain::cuda
+
+// ---- LSTM ----
+
+namespace dtrain::cuda {
+
+namespace {
+
+struct RnnDesc {
+  cudnnRNNDescriptor_t d = nullptr;
+  cudnnDropoutDescriptor_t drop = nullptr;
+  RnnDesc(cudnnHandle_t h, DType dt, int64_t input, int64_t hidden) {
+    DTRAIN_CUDNN_CHECK(cudnnCreateDropoutDescriptor(&drop));
+    DTRAIN_CUDNN_CHECK(cudnnSetDropoutDescriptor(drop, h, 0.f, nullptr, 0, 0));  // one layer
+    DTRAIN_CUDNN_CHECK(cudnnCreateRNNDescriptor(&d));
+    bool half = dt == DType::f16 || dt == DType::bf16;
+    cudnnDataType_t math = dt == DType::f64 ? CUDNN_DATA_DOUBLE : CUDNN_DATA_FLOAT;
+    DTRAIN_CUDNN_CHECK(
+        cudnnSetRNNDescriptor_v8(d, CUDNN_RNN_ALGO_STANDARD, CUDNN_LSTM, CUDNN_RNN_DOUBLE_BIAS,
+                                 CUDNN_UNIDIRECTIONAL, CUDNN_LINEAR_INPUT, cudnn_type(dt, "lstm"),
+                                 math, half ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH, i32(input),
+                                 i32(hidden), i32(hidden), 1, drop, CUDNN_RNN_PADDED_IO_DISABLED));
+  }
+  ~RnnDesc() {
+    cudnnDestroyRNNDescriptor(d);
+    cudnnDestroyDropoutDescriptor(drop);
+  }
+  RnnDesc(const RnnDesc&) = delete;
+  RnnDesc& operator=(const RnnDesc&) = delete;
+};
+
+struct RnnDataDesc {
+  cudnnRNNDataDescriptor_t d = nullptr;
+  RnnDataDesc(DType dt, int64_t t, int64_t b, int64_t v) {
+    std::vector<int> lengths(static_cast<size_t>(b), i32(t));
+    DTRAIN_CUDNN_CHECK(cudnnCreateRNNDataDescriptor(&d));
+    DTRAIN_CUDNN_CHECK(cudnnSetRNNDataDescriptor(d, cudnn_type(dt, "lstm"),
+                                                 CUDNN_RNN_DATA_LAYOUT_BATCH_MAJOR_UNPACKED, i32(t),
+                                                 i32(b), i32(v), lengths.data(), nullptr));
+  }
+  ~RnnDataDesc() { cudnnDestroyRNNDataDescriptor(d); }
+  RnnDataDesc(const RnnDataDesc&) = delete;
+  RnnDataDesc& operator=(const RnnDataDesc&) = delete;
+};
+
+struct StateDesc {  // h and c: [layers = 1, B, H]
+  cudnnTensorDescriptor_t d = nullptr;
+  StateDesc(DType dt, int64_t b, int64_t h) {
+    int dims[3] = {1, i32(b), i32(h)}, strides[3] = {i32(b * h), i32(h), 1};
+    DTRAIN_CUDNN_CHECK(cudnnCreateTensorDescriptor(&d));
+    DTRAIN_CUDNN_CHECK(cudnnSetTensorNdDescriptor(d, cudnn_type(dt, "lstm"), 3, dims, strides));
+  }
+  ~StateDesc() { cudnnDestroyTensorDescriptor(d); }
+  StateDesc(const StateDesc&) = delete;
+  StateDesc& operator=(const StateDesc&) = delete;
+};
+
+// Copies between dtrain's [4H, K] gate-stacked matrices / [4H] biases and cuDNN's weight
+// space (linear layer k = input gate k, 4 + k = recurrent gate k; same gate order).
+void weight_params(cudnnHandle_t h, const RnnDesc& r, size_t bytes, const void* space, int id,
+                   void** m, void** b) {
+  cudnnTensorDescriptor_t md = nullptr, bd = nullptr;
+  DTRAIN_CUDNN_CHECK(cudnnCreateTensorDescriptor(&md));
+  DTRAIN_CUDNN_CHECK(cudnnCreateTensorDescriptor(&bd));
+  cudnnStatus_t st = cudnnGetRNNWeightParams(h, r.d, 0, bytes, space, id, md, m, bd, b);
+  cudnnDestroyTensorDescriptor(md);
+  cudnnDestroyTensorDescriptor(bd);
+  DTRAIN_CUDNN_CHECK(st);
+}
+
+}  // namespace
+
+struct LstmState {
+  int64_t B, T, I, H;
+  DType dt;
+  Device dev;
+  std::unique_ptr<RnnDesc> rnn;
+  std::unique_ptr<RnnDataDesc> xd, yd;
+  std::unique_ptr<StateDesc> hd;
+  Tensor x, y, hx, cx, weights, reserve, seq_lengths;
+  size_t weight_bytes = 0, work_bytes = 0, reserve_bytes = 0;
+};
+
+LstmForward lstm_forward(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                         const Tensor& b_ih, const Tensor& b_hh, const Tensor& h0,
+                         const Tensor& c0) {
+  check_same_device("lstm", {x, w_ih, w_hh, b_ih, b_hh, h0, c0});
+  auto s = std::make_shared<LstmState>();
+  s->B = x.shape()[0], s->T = x.shape()[1], s->I = x.shape()[2], s->H = w_hh.shape()[1];
+  s->dt = x.dtype();
+  s->dev = x.device();
+  const int64_t B = s->B, T = s->T, H = s->H;
+  DeviceContext& ctx = context(s->dev.index);
+  cudnnHandle_t h = ctx.cudnn;
+  s->rnn = std::make_unique<RnnDesc>(h, s->dt, s->I, H);
+  s->xd = std::make_unique<RnnDataDesc>(s->dt, T, B, s->I);
+  s->yd = std::make_unique<RnnDataDesc>(s->dt, T, B, H);
+  s->hd = std::make_unique<StateDesc>(s->dt, B, H);
+  s->x = contig(x);
+  s->hx = h0.defined() ? contig(h0) : zeros({B, H}, x.options());
+  s->cx = c0.defined() ? contig(c0) : zeros({B, H}, x.options());
+  s->seq_lengths = full({B}, static_cast<double>(T), TensorOptions{DType::i32, s->dev});
+  DTRAIN_CUDNN_CHECK(cudnnGetRNNWeightSpaceSize(h, s->rnn->d, &s->weight_bytes));
+  s->weights = zeros({static_cast<int64_t>(s->weight_bytes)}, TensorOptions{DType::u8, s->dev});
+  const size_t esize = dtype_size(s->dt);
+  const Tensor mats[2] = {contig(w_ih), contig(w_hh)};
+  const Tensor biases[2] = {b_ih.defined() ? contig(b_ih) : Tensor(),
+                            b_hh.defined() ? contig(b_hh) : Tensor()};
+  const int64_t cols[2] = {s->I, H};
+  for (int part = 0; part < 2; ++part) {
+    for (int gate = 0; gate < 4; ++gate) {
+      void *m = nullptr, *b = nullptr;
+      weight_params(h, *s->rnn, s->weight_bytes, s->weights.raw_data(), part * 4 + gate, &m, &b);
+      const char* src = static_cast<const char*>(mats[part].raw_data());
+      DTRAIN_CUDA_CHECK(cudaMemcpyAsync(m, src + gate * H * cols[part] * esize,
+                                        static_cast<size_t>(H * cols[part]) * esize,
+                                        cudaMemcpyDeviceToDevice, ctx.stream));
+      if (biases[part].defined()) {
+        const char* bsrc = static_cast<const char*>(biases[part].raw_data());
+        DTRAIN_CUDA_CHECK(cudaMemcpyAsync(b, bsrc + gate * H * esize,
+                                          static_cast<size_t>(H) * esize, cudaMemcpyDeviceToDevice,
+                                          ctx.stream));
+      }
+    }
+  }
+  DTRAIN_CUDNN_CHECK(cudnnGetRNNTempSpaceSizes(h, s->rnn->d, CUDNN_FWD_MODE_TRAINING, s->xd->d,
+                                               &s->work_bytes, &s->reserve_bytes));
+  Tensor work = workspace(s->dev, s->work_bytes);
+  s->reserve = workspace(s->dev, s->reserve_bytes);
+  LstmForward r;
+  r.output = empty({B, T, H}, x.options());
+  r.h_n = empty({B, H}, x.options());
+  r.c_n = empty({B, H}, x.options());
+  DTRAIN_CUDNN_CHECK(cudnnRNNForward(
+      h, s->rnn->d, CUDNN_FWD_MODE_TRAINING, s->seq_lengths.data<int32_t>(), s->xd->d,
+      s->x.raw_data(), s->yd->d, r.output.raw_data(), s->hd->d, s->hx.raw_data(), r.h_n.raw_data(),
+      s->hd->d, s->cx.raw_data(), r.c_n.raw_data(), s->weight_bytes, s->weights.raw_data(),
+      s->work_bytes, ptr(work), s->reserve_bytes, ptr(s->reserve)));
+  s->y = r.output.detach();
+  r.state = s;
+  return r;
+}
+
+std::vector<Tensor> lstm_backward(LstmState& s, const Tensor& d_out, const Tensor& d_hn,
+                                  const Tensor& d_cn) {
+  const int64_t B = s.B, T = s.T, H = s.H;
+  const TensorOptions opts{s.dt, s.dev};
+  DeviceContext& ctx = context(s.dev.index);
+  cudnnHandle_t h = ctx.cudnn;
+  Tensor dy = d_out.defined() ? contig(d_out) : zeros({B, T, H}, opts);
+  Tensor dhy = d_hn.defined() ? contig(d_hn) : zeros({B, H}, opts);
+  Tensor dcy = d_cn.defined() ? contig(d_cn) : zeros({B, H}, opts);
+  Tensor dx = empty({B, T, s.I}, opts), dhx = empty({B, H}, opts), dcx = empty({B, H}, opts);
+  Tensor work = workspace(s.dev, s.work_bytes);
+  DTRAIN_CUDNN_CHECK(cudnnRNNBackwardData_v8(
+      h, s.rnn->d, s.seq_lengths.data<int32_t>(), s.yd->d, s.y.raw_data(), dy.raw_data(), s.xd->d,
+      dx.raw_data(), s.hd->d, s.hx.raw_data(), dhy.raw_data(), dhx.raw_data(), s.hd->d,
+      s.cx.raw_data(), dcy.raw_data(), dcx.raw_data(), s.weight_bytes, s.weights.raw_data(),
+      s.work_bytes, ptr(work), s.reserve_bytes, ptr(s.reserve)));
+  Tensor dweights = zeros({static_cast<int64_t>(s.weight_bytes)}, TensorOptions{DType::u8, s.dev});
+  DTRAIN_CUDNN_CHECK(cudnnRNNBackwardWeights_v8(
+      h, s.rnn->d, CUDNN_WGRAD_MODE_ADD, s.seq_lengths.data<int32_t>(), s.xd->d, s.x.raw_data(),
+      s.hd->d, s.hx.raw_data(), s.yd->d, s.y.raw_data(), s.weight_bytes, dweights.raw_data(),
+      s.work_bytes, ptr(work), s.reserve_bytes, ptr(s.reserve)));
+  const size_t esize = dtype_size(s.dt);
+  const int64_t cols[2] = {s.I, H};
+  Tensor dmats[2] = {empty({4 * H, s.I}, opts), empty({4 * H, H}, opts)};
+  Tensor dbias[2] = {empty({4 * H}, opts), empty({4 * H}, opts)};
+  for (int part = 0; part < 2; ++part) {
+    for (int gate = 0; gate < 4; ++gate) {
+      void *m = nullptr, *b = nullptr;
+      weight_params(h, *s.rnn, s.weight_bytes, dweights.raw_data(), part * 4 + gate, &m, &b);
+      char* dst = static_cast<char*>(dmats[part].raw_data());
+      DTRAIN_CUDA_CHECK(cudaMemcpyAsync(dst + gate * H * cols[part] * esize, m,
+                                        static_cast<size_t>(H * cols[part]) * esize,
+                                        cudaMemcpyDeviceToDevice, ctx.stream));
+      char* bdst = static_cast<char*>(dbias[part].raw_data());
+      DTRAIN_CUDA_CHECK(cudaMemcpyAsync(bdst + gate * H * esize, b, static_cast<size_t>(H) * esize,
+                                        cudaMemcpyDeviceToDevice, ctx.stream));
+    }
+  }
+  return {dx, dmats[0], dmats[1], dbias[0], dbias[1], dhx, dcx};
 }
 
 }  // namespace dtrain::cuda

@@ -40,8 +40,7 @@ struct OpSpec {
   std::vector<Input> inputs;
   OpFn fn;
   bool backward = true;
-  bool gemm = false;      // also checked in TF32
-  bool cpu_only = false;  // no CUDA kernel yet
+  bool gemm = false;  // also checked in TF32
 };
 
 Tensor gemm2(const Tensor& a, const Tensor& b, const Side& s) {
@@ -142,8 +141,13 @@ std::vector<OpSpec> op_list() {
   add_op("lstm [2,5,4] H=3", {{{2, 5, 4}}, {{12, 4}}, {{12, 3}}, {{12}}, {{12}}},
          [](const V& x, const Side&) {
            return lstm(x[0], {x[1], x[2], x[3], x[4]}).output;
-         })
-      ->cpu_only = true;
+         });
+  add_op("lstm h_n+c_n [3,4,5] H=6 with h0,c0",
+         {{{3, 4, 5}}, {{24, 5}}, {{24, 6}}, {{24}}, {{24}}, {{3, 6}}, {{3, 6}}},
+         [](const V& x, const Side&) {
+           LstmResult r = lstm(x[0], {x[1], x[2], x[3], x[4]}, x[5], x[6]);
+           return add(r.h_n, mul_scalar(r.c_n, 0.5));
+         });
   auto optimizer_op = [&](std::string name, std::function<void(Tensor&)> run) {
     add_op(std::move(name), {{{13, 7}, -1, 1, 0, false}, {{13, 7}, -1, 1, 0, false}},
            [run](const V& x, const Side&) {
@@ -273,12 +277,6 @@ std::vector<Result> run_all(const Device& device, DType dtype, Precision precisi
     r.backend = device.str();
     r.dtype = dname;
     r.tolerance = tolerance(device, dtype, precision);
-    if (spec.cpu_only && device.is_cuda()) {
-      r.skipped = true;
-      r.note = "no CUDA kernel yet (cuDNN LSTM)";
-      results.push_back(r);
-      continue;
-    }
     try {
       Generator gen(op_seed);
       std::vector<Tensor> bases;

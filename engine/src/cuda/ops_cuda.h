@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -72,6 +73,20 @@ std::vector<Tensor> conv2d_backward(const Tensor& dy, const Tensor& x, const Ten
 Tensor max_pool2d_forward(const Tensor& x, const cpu::PoolGeom& g);
 Tensor max_pool2d_backward(const Tensor& dy, const Tensor& x, const Tensor& y,
                            const cpu::PoolGeom& g);
+
+// ---- LSTM (cuDNN RNN API), one layer, batch_first, PyTorch's gate order i, f, g, o ----
+struct LstmState;  // descriptors, weight and reserve space of one forward, for backward
+struct LstmForward {
+  Tensor output, h_n, c_n;  // [B,T,H], [B,H], [B,H]
+  std::shared_ptr<LstmState> state;
+};
+// b_ih/b_hh/h0/c0 may be undefined (zeros).
+LstmForward lstm_forward(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                         const Tensor& b_ih, const Tensor& b_hh, const Tensor& h0,
+                         const Tensor& c0);
+// {dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0}; d_out/d_hn/d_cn may be undefined (zeros).
+std::vector<Tensor> lstm_backward(LstmState& s, const Tensor& d_out, const Tensor& d_hn,
+                                  const Tensor& d_cn);
 
 // ---- GEMM (cuBLAS) ----
 // kStrict: f32 in full f32; kTf32: f32 inputs rounded to TF32 on the tensor cores.
