@@ -176,4 +176,16 @@ TEST(Launch, MissingCommandOrNprocIsACommandLineError) {
   EXPECT_EQ(launch("--nproc 0 -- true").code, 2);
 }
 
+TEST(Launch, MaxWorkersIsTheNumberOfWorkersStarted) {
+  ShellRun r = launch("--max-workers 2 -- sh -c \"echo size \\$DTRAIN_WORLD_SIZE\"");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(count(r.out, "] size 2\n"), 2) << r.out;
+  ShellRun differ = launch("--nproc 3 --max-workers 2 -- true");
+  EXPECT_EQ(differ.code, 1) << differ.out;
+  EXPECT_TRUE(contains(differ.out, "--max-workers 2 differs from --nproc 3")) << differ.out;
+  ShellRun too_few = launch("--nproc 2 --min-workers 3 -- true");
+  EXPECT_EQ(too_few.code, 1) << too_few.out;
+  EXPECT_TRUE(contains(too_few.out, "--min-workers 3 is more than the 2 workers")) << too_few.out;
+}
+
 }  // namespace

@@ -4,7 +4,7 @@
 //   dtrain coordinator --port 29500 --world-size 2 [--bind ADDR] [--job-id ID]
 //                      [--token T | env DTRAIN_JOB_TOKEN] [--heartbeat-timeout S]
 //                      [--heartbeat-interval S] [--max-restarts N] [--state-dir DIR]
-//                      [--min-workers M] [--rejoin-timeout S]
+//                      [--min-workers M] [--max-workers N] [--rejoin-timeout S]
 //
 // With --max-restarts N > 0 a lost worker starts a new generation (the survivors
 // re-join, the lost rank's launcher restarts it) up to N times; after that the job
@@ -49,6 +49,7 @@ struct CoordinatorConfig {
   int max_restarts = 3;
   std::string state_dir;
   int min_workers = 0;
+  int max_workers = 0;  // --max-workers: the same as world_size when given
   double rejoin_timeout_s = 10.0;
 };
 
@@ -81,7 +82,12 @@ class BlockedSignals {
   sigset_t old_{};
 };
 
-int run_coordinator(const CoordinatorConfig& c) {
+int run_coordinator(CoordinatorConfig c) {
+  if (c.world_size == 0) c.world_size = c.max_workers;
+  DTRAIN_CHECK(c.max_workers == 0 || c.max_workers == c.world_size, InvalidArgument,
+               "coordinator: --max-workers {} differs from --world-size {}: the job starts with "
+               "its maximum and can only shrink (to --min-workers)",
+               c.max_workers, c.world_size);
   DTRAIN_CHECK(std::isfinite(c.heartbeat_timeout_s) && c.heartbeat_timeout_s >= 0, InvalidArgument,
                "--heartbeat-timeout must be >= 0 seconds, got {}", c.heartbeat_timeout_s);
   coordinator::ServerOptions o;
@@ -135,9 +141,14 @@ Command add_coordinator_command(CLI::App& app) {
   cmd->add_option("--port", c->port, "Port to listen on (0: any free port)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
-  cmd->add_option("--world-size", c->world_size, "Number of workers in the job")
-      ->required()
+  // One of --world-size and --max-workers is required (a usage error otherwise).
+  CLI::Option_group* size = cmd->add_option_group("size", "How many workers (one is required)");
+  size->add_option("--world-size", c->world_size, "Number of workers in the job")->check(kPositive);
+  size->add_option("--max-workers", c->max_workers,
+                   "Elastic: the most workers the job runs with (the same as --world-size, "
+                   "which it may replace)")
       ->check(kPositive);
+  size->require_option(1, 2);
   cmd->add_option("--bind", c->bind, "Address to listen on (0.0.0.0: every interface)")
       ->capture_default_str();
   cmd->add_option("--job-id", c->job_id, "Job id every worker must name")->capture_default_str();

@@ -4,7 +4,7 @@
 //   dtrain launch --nproc N [--coordinator HOST:PORT] [--job-id ID] [--token T]
 //                 [--grace-period S] [--max-restarts N] [--heartbeat-interval S]
 //                 [--heartbeat-timeout S] [--state-dir DIR]
-//                 [--min-workers M [--rejoin-timeout S]] -- <command ...>
+//                 [--min-workers M [--rejoin-timeout S]] [--max-workers N] -- <command ...>
 //
 // 1. Without --coordinator it spawns `<this binary> coordinator --port 0
 //    --world-size N ...` and reads the address it binds from its stdout (the first
@@ -90,6 +90,7 @@ struct LaunchOptions {
   double heartbeat_timeout = 30.0;
   std::string state_dir;  // the coordinator's; empty: a private temporary folder
   int min_workers = 0;    // elastic when 0 < min_workers < nproc
+  int max_workers = 0;    // --max-workers: the same as nproc when given
   double rejoin_timeout = 10.0;
   std::vector<std::string> command;
 };
@@ -774,9 +775,17 @@ Command add_launch_command(CLI::App& app) {
   CLI::App* l = app.add_subcommand(
       "launch",
       "Start N local workers (and a coordinator) running a command: launch --nproc N -- cmd ...");
-  l->add_option("--nproc", o->nproc, "Number of worker processes on this host")
-      ->required()
-      ->check(kPositive);
+  // One of --nproc and --max-workers is required (a usage error otherwise).
+  CLI::Option_group* size = l->add_option_group("size", "How many workers (one is required)");
+  CLI::Option* nproc =
+      size->add_option("--nproc", o->nproc, "Number of worker processes on this host")
+          ->check(kPositive);
+  CLI::Option* max_workers =
+      size->add_option("--max-workers", o->max_workers,
+                       "Elastic: the most workers the job runs with; launch starts this many "
+                       "(the same as --nproc, which it may replace)")
+          ->check(kPositive);
+  size->require_option(1, 2);
   l->add_option("--coordinator", o->coordinator,
                 "HOST:PORT of a running coordinator (default: start one on loopback)");
   l->add_option("--job-id", o->job_id, "Job id the workers join with")->capture_default_str();
@@ -809,7 +818,7 @@ Command add_launch_command(CLI::App& app) {
                 "folder removed at exit");
   l->add_option("--min-workers", o->min_workers,
                 "Elastic: go on with at least this many workers when others cannot come back "
-                "(0: off; --nproc is the maximum)")
+                "(0: off; --nproc / --max-workers is the maximum)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   l->add_option("--rejoin-timeout", o->rejoin_timeout,
@@ -817,7 +826,16 @@ Command add_launch_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   l->add_option("command", o->command, "The worker command, after --")->required();
-  return {l, [o] {
+  return {l, [o, nproc, max_workers] {
+            if (*max_workers && !*nproc) o->nproc = o->max_workers;
+            DTRAIN_CHECK(!*max_workers || o->max_workers == o->nproc, InvalidArgument,
+                         "launch: --max-workers {} differs from --nproc {}: launch starts the "
+                         "maximum, so give one of them (the job can shrink to --min-workers, "
+                         "never grow past the workers it started with)",
+                         o->max_workers, o->nproc);
+            DTRAIN_CHECK(o->min_workers <= o->nproc, InvalidArgument,
+                         "launch: --min-workers {} is more than the {} workers launch starts",
+                         o->min_workers, o->nproc);
             if (o->token.empty()) {
               if (const char* t = std::getenv("DTRAIN_JOB_TOKEN")) o->token = t;
             }
