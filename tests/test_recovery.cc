@@ -230,6 +230,41 @@ TEST_P(KilledWorker, JobFinishesWithTheUninterruptedRunsParameters) {
 
 INSTANTIATE_TEST_SUITE_P(Workers, KilledWorker, ::testing::Values(2, 4));
 
+// The same, with the kill coming from outside at a moment nobody chose: a random
+// worker is SIGKILLed once the metrics file shows a random number of steps, wherever
+// it is then (forward, backward, inside an all-reduce, writing a shard).
+TEST(Recovery, ExternalKillAtARandomMomentFinishesBitExact) {
+  fs::path ref = scratch("ext-ref"), run = scratch("ext-kill");
+  Result a = launch(2, "", train(ref, "--max-steps 150"));
+  ASSERT_EQ(a.code, 0) << a.out;
+
+  std::mt19937 rng(std::random_device{}());
+  const int rank = static_cast<int>(rng() % 2u);
+  const size_t after = 10 + rng() % 100;  // steps logged before the kill: 10..109
+  // Commits held 50 ms each stretch the run to about 1.5 s, long enough to aim at.
+  std::string cmd =
+      "env DTRAIN_TEST_COMMIT_DELAY_MS=50 " + kBin + " launch --nproc 2 -- dtrain " +
+      train(run, "--max-steps 150 --ckpt-every 5 --ckpt-dir " + (run / "ckpt").string());
+  Background job(cmd, run / "launch.log");
+  auto deadline = Clock::now() + std::chrono::seconds(120);
+  while (losses(run / "metrics.jsonl").size() < after && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  pid_t victim = find_process({std::string("train") + '\0', run.string()}, rank);
+  ASSERT_GT(victim, 0) << job.output();
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+  SCOPED_TRACE("killed rank " + std::to_string(rank) + " after " + std::to_string(after) +
+               " logged steps");
+  int code = job.wait(std::chrono::seconds(120));
+  std::string out = job.output();
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_TRUE(contains(out, "rank " + std::to_string(rank) + " was killed by signal 9")) << out;
+  EXPECT_TRUE(read_file(run / "final.dtrn") == read_file(ref / "final.dtrn"))
+      << "final parameters differ from the uninterrupted run\n"
+      << out;
+  EXPECT_EQ(losses(run / "metrics.jsonl"), losses(ref / "metrics.jsonl"));
+}
+
 // ---- acceptance 2: a worker killed while a checkpoint is being written ----
 
 TEST(Recovery, WorkerKilledMidCheckpointLeavesThePreviousOneLatest) {
