@@ -305,6 +305,19 @@ void load(const CheckpointStore& store, const Manifest& m, TrainingState& s, int
   const int64_t epoch = meta_field<int64_t>(meta, "epoch", own.path);
   nlohmann::json extra = meta.value("extra", nlohmann::json::object());
 
+  // Archives load on the CPU. A model on a device gets its optimizer state there too
+  // (per-parameter slots; the scalars "lr", "num_params", "state.<i>.step" stay on the
+  // CPU); the model's own load_state_dict copies across devices itself.
+  if (s.optimizer != nullptr && !s.optimizer->params().empty()) {
+    const Device dev = s.optimizer->params().front().device();
+    if (!dev.is_cpu()) {
+      for (auto& [k, t] : optim_sd) {
+        const bool scalar = k == "lr" || k == "num_params" ||
+                            (k.size() > 5 && k.compare(k.size() - 5, 5, ".step") == 0);
+        if (!scalar && t.defined()) t = t.to(dev);
+      }
+    }
+  }
   // Apply. The optimizer validates before it changes anything, so it goes first.
   if (s.optimizer != nullptr) {
     try {

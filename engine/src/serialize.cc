@@ -244,10 +244,9 @@ void save_archive(const std::string& path, const TensorMap& tensors,
     DTRAIN_CHECK(!name.empty(), InvalidArgument, "save_archive '{}': empty tensor name", path);
     DTRAIN_CHECK(t.defined(), InvalidArgument, "save_archive '{}': tensor '{}' is undefined", path,
                  name);
-    DTRAIN_CHECK(t.device().is_cpu(), UnsupportedError,
-                 "save_archive '{}': tensor '{}' is on {}; copy it to the CPU first", path, name,
-                 t.device().str());
-    Tensor c = t.contiguous();
+    // A device tensor is copied to the host (to() waits for the copy); CPU tensors are
+    // written from their own memory as before.
+    Tensor c = t.device().is_cpu() ? t.contiguous() : t.contiguous().to(Device::cpu());
     offset = align_up(offset);
     list.push_back({{"name", name},
                     {"dtype", dtype_name(c.dtype())},

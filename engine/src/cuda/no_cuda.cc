@@ -26,4 +26,9 @@ Versions versions() {
 
 void synchronize(const Device& device) { require_device(device); }
 
+void* compute_stream(const Device& device) {
+  require_device(device);
+  DTRAIN_THROW(UnsupportedError, "no CUDA device: {} has no compute stream", device.str());
+}
+
 }  // namespace dtrain::cuda

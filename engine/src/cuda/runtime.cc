@@ -150,6 +150,13 @@ void synchronize(const Device& device) {
   DTRAIN_CUDA_CHECK(cudaStreamSynchronize(context(device.index).stream));
 }
 
+void* compute_stream(const Device& device) {
+  require_device(device);
+  DTRAIN_CHECK(device.is_cuda(), UnsupportedError, "no CUDA device: {} has no compute stream",
+               device.str());
+  return context(device.index).stream;
+}
+
 // ---- allocators (allocator.h) ----
 
 void* CachingCudaAllocator::allocate(size_t nbytes) {

@@ -166,6 +166,28 @@ void Module::set_requires_grad(bool requires_grad) {
   }
 }
 
+void Module::to(const Device& device) {
+  NoGradGuard no_grad;
+  std::vector<Tensor> all = parameters();
+  for (const Tensor& b : buffers()) all.push_back(b);
+  std::vector<std::pair<TensorImpl*, Tensor>> moves;  // validated and copied first
+  for (const Tensor& t : all) {
+    if (t.device() == device) continue;
+    bool seen = false;  // a tied tensor is moved once
+    for (const auto& m : moves) seen = seen || m.first == t.impl();
+    if (seen) continue;
+    moves.emplace_back(t.impl(), t.contiguous().to(device));
+  }
+  for (auto& [impl, moved] : moves) {
+    if (impl->grad != nullptr && Tensor(impl->grad).device() != device) {
+      impl->grad = Tensor(impl->grad).contiguous().to(device).impl_ptr();
+    }
+    impl->storage = moved.impl()->storage;
+    impl->offset = moved.impl()->offset;
+    impl->strides = moved.impl()->strides;
+  }
+}
+
 StateDict Module::state_dict() const {
   StateDict out;
   for (auto& [name, t] : named_parameters()) out.emplace(name, t.detach());

@@ -70,6 +70,11 @@ Versions versions();
 // Waits until every queued operation on `device`'s compute stream has finished.
 void synchronize(const Device& device);
 
+// The cudaStream_t (as void*) of `device`'s compute stream, for libraries that must
+// order their own work against the engine's (NcclOptions::compute_stream). Throws
+// UnsupportedError "no CUDA device: ..." for the CPU or a device that does not exist.
+void* compute_stream(const Device& device);
+
 // While a guard lives, f32 matmuls and convolutions issued by the calling thread may
 // use TF32 tensor cores (10-bit mantissa inputs, f32 accumulation; about 1e-3 relative
 // error). Off by default: f32 means f32. Thread-local like NoGradGuard; guards nest.

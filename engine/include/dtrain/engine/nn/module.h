@@ -107,6 +107,14 @@ class Module {
   // drops existing gradients, so an optimizer step cannot touch a frozen parameter.
   void set_requires_grad(bool requires_grad);
 
+  // ---- device ----
+  // Moves every parameter and buffer (and any gradient) of this module and its
+  // submodules to `device` in place: each tensor keeps its identity -- the handles held
+  // by layers, optimizers and hooks stay valid and parameters stay autograd leaves --
+  // and only its storage changes. Tensors already on `device` are not touched (to(cpu)
+  // of a CPU model is a no-op). Throws UnsupportedError when `device` does not exist.
+  void to(const Device& device);
+
   // ---- checkpoints ----
   // Parameters and buffers by dotted name (detached, sharing storage).
   StateDict state_dict() const;
