@@ -120,6 +120,14 @@ TEST(TrainCudaCli, BackendNcclOnTheCpuIsOneLine) {
   EXPECT_NE(r.out.find("--device cuda"), std::string::npos) << r.out;
 }
 
+TEST(TrainCudaCli, HostBackendWithCudaIsOneLine) {
+  testing::CommandResult r = testing::run_command(
+      std::string(DTRAIN_BIN) + " train --device cuda --backend tcp --epochs 1", 120);
+  EXPECT_NE(r.code, 0);
+  EXPECT_EQ(count_lines(r.out), 1) << r.out;
+  EXPECT_NE(r.out.find("--backend tcp moves host memory"), std::string::npos) << r.out;
+}
+
 TEST(TrainCudaCli, BackendNcclWithoutGpuIsOneLine) {
   if (cuda::device_count() > 0) GTEST_SKIP() << "a CUDA device is present";
   testing::CommandResult r = testing::run_command(

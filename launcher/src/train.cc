@@ -8,6 +8,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -43,10 +44,13 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 void validate(const TrainConfig& c) {
-  // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
-  cuda::require_device(cuda::parse_device(c.device));
   DTRAIN_CHECK(c.backend != "nccl" || c.device != "cpu", InvalidArgument,
                "--backend nccl: NCCL moves GPU memory; add --device cuda (one GPU per worker)");
+  DTRAIN_CHECK(c.device == "cpu" || c.backend == "nccl" || c.backend == "auto", InvalidArgument,
+               "--backend {} moves host memory; with --device {} use --backend nccl (or auto)",
+               c.backend, c.device);
+  // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
+  cuda::require_device(cuda::parse_device(c.device));
   DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp", InvalidArgument,
                "--model {}: dtrain train knows the MNIST models seed-cnn and mlp", c.model);
   DTRAIN_CHECK(c.epochs >= 1, InvalidArgument, "--epochs must be >= 1, got {}", c.epochs);
@@ -114,6 +118,23 @@ std::unique_ptr<optim::LRScheduler> make_schedule(const TrainConfig& c, optim::O
   return nullptr;
 }
 
+// Runs `collective` on n host values. A cuda run's communicator (nccl) reads device
+// memory only, so there the values travel through a small device tensor; on the CPU
+// the collective gets the host pointer as before.
+template <typename F>
+void on_host_values(const Device& device, void* values, int64_t n, DType dtype, F&& collective) {
+  if (device.is_cpu()) {
+    collective(values);
+    return;
+  }
+  Tensor host = empty({n}, TensorOptions{dtype, Device::cpu()});
+  std::memcpy(host.raw_data(), values, host.nbytes());
+  Tensor dev = host.to(device);
+  collective(dev.raw_data());
+  Tensor back = dev.to(Device::cpu());  // ordered after the collective on the compute stream
+  std::memcpy(values, back.raw_data(), back.nbytes());
+}
+
 // Correct argmax predictions over this rank's share of the test set (rows rank,
 // rank + size, ...), summed over ranks: every rank returns the global fraction.
 double evaluate(nn::Module& model, const data::MnistDataset& test, int64_t batch,
@@ -139,7 +160,8 @@ double evaluate(nn::Module& model, const data::MnistDataset& test, int64_t batch
       ++counts[1];
     }
   }
-  comm.allreduce(counts, 2, DType::i64, comm::ReduceOp::kSum);
+  on_host_values(device, counts, 2, DType::i64,
+                 [&](void* p) { comm.allreduce(p, 2, DType::i64, comm::ReduceOp::kSum); });
   model.train();
   return counts[1] > 0 ? static_cast<double>(counts[0]) / static_cast<double>(counts[1]) : 0.0;
 }
@@ -168,8 +190,8 @@ double unix_seconds() {
 // Rank 0 picks the checkpoint (--resume auto: the newest that verifies, naming each
 // one skipped and why) and broadcasts its step, so every rank loads the same one.
 std::optional<ckpt::Manifest> choose_checkpoint(const ckpt::CheckpointStore& store,
-                                                const std::string& resume,
-                                                comm::Communicator& comm) {
+                                                const std::string& resume, comm::Communicator& comm,
+                                                const Device& device) {
   int64_t step = -1;
   std::optional<ckpt::Manifest> m;
   if (comm.rank() == 0) {
@@ -182,7 +204,10 @@ std::optional<ckpt::Manifest> choose_checkpoint(const ckpt::CheckpointStore& sto
     }
     if (m) step = m->step;
   }
-  if (comm.size() > 1) comm.broadcast(&step, 1, DType::i64, 0);
+  if (comm.size() > 1) {
+    on_host_values(device, &step, 1, DType::i64,
+                   [&](void* p) { comm.broadcast(p, 1, DType::i64, 0); });
+  }
   if (step < 0) return std::nullopt;
   if (!m) m = store.read_manifest(ckpt::checkpoint_name(step));
   return m;
@@ -262,7 +287,7 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
   if (!config.ckpt_dir.empty()) store.emplace(fs::absolute(config.ckpt_dir).string());
   int64_t step = 0, start_epoch = 0;
   if (store && from.resume != "none") {
-    std::optional<ckpt::Manifest> m = choose_checkpoint(*store, from.resume, comm);
+    std::optional<ckpt::Manifest> m = choose_checkpoint(*store, from.resume, comm, device);
     if (m) {
       std::string saved_model = m->config.value("model", config.model);
       DTRAIN_CHECK(saved_model == config.model, CheckpointError,
@@ -428,7 +453,8 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
       if (step % config.log_every == 0 || step == total_steps) {
         double mean_loss = loss_value;
         if (world > 1) {  // the logged loss is the average over every rank's batch
-          comm.allreduce(&mean_loss, 1, DType::f64, comm::ReduceOp::kAvg);
+          on_host_values(device, &mean_loss, 1, DType::f64,
+                         [&](void* p) { comm.allreduce(p, 1, DType::f64, comm::ReduceOp::kAvg); });
         }
         if (metrics) {
           metrics->write({{"step", step},
