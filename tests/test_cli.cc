@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 
 #include "dtrain/engine/data/idx.h"
@@ -144,6 +145,28 @@ TEST(Demo, ReachesAccuracyOnRealMnist) {
   double acc = j.at("test_accuracy").get<double>();
   EXPECT_GE(acc, 0.97) << r.out;
   RecordProperty("test_accuracy", std::to_string(acc));
+}
+
+// The scaling benchmark's table: one row per worker count and one ratio per
+// interleaved round (what it measures is not checked here: timings are noisy).
+TEST(Cli, BenchScalingPrintsOneRatioPerRound) {
+  CliRun r = run("bench scaling --model mlp --batch 8 --steps 2 --reps 1 --rounds 2");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(contains(r.out, "2 interleaved round(s)")) << r.out;
+  std::istringstream in(r.out);
+  std::string line;
+  int rows = 0;
+  while (std::getline(in, line)) {
+    std::istringstream cols(line);
+    std::string workers, ms, sps, vs, eff, r1, r2;
+    if (!(cols >> workers >> ms >> sps >> vs >> eff >> r1 >> r2)) continue;
+    if (workers != "1" && workers != "2") continue;
+    ++rows;
+    EXPECT_EQ(r1.back(), 'x') << line;
+    EXPECT_EQ(r2.back(), 'x') << line;
+    if (workers == "1") EXPECT_EQ(vs, "1.00x") << line;
+  }
+  EXPECT_EQ(rows, 2) << r.out;
 }
 
 }  // namespace
