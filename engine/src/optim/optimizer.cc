@@ -157,7 +157,10 @@ void Optimizer::load_state_dict(const StateDict& dict) {
   for (size_t s = 0; s < slots_.size(); ++s) {
     for (size_t i = 0; i < params_.size(); ++i) {
       const Tensor& v = slot_values[s][i];
-      slots_[s].per_param[i] = v.defined() ? v.contiguous().clone() : Tensor();
+      // A slot lives where its parameter lives (state loads on the CPU; the model may
+      // be on a GPU). to() returns *this on the same device, hence the clone.
+      slots_[s].per_param[i] =
+          v.defined() ? v.contiguous().clone().to(params_[i].device()) : Tensor();
     }
   }
 }
