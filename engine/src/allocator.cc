@@ -11,12 +11,7 @@
 
 namespace dtrain {
 
-CachingHostAllocator::CachingHostAllocator(size_t max_cached_bytes)
-    : max_cached_(max_cached_bytes) {}
-
-CachingHostAllocator::~CachingHostAllocator() { empty_cache(); }
-
-size_t CachingHostAllocator::size_class(size_t nbytes) {
+size_t CachingAllocator::size_class(size_t nbytes) {
   if (nbytes <= 64) return 64;
   size_t p = 64;
   while (p < nbytes) {
@@ -27,8 +22,8 @@ size_t CachingHostAllocator::size_class(size_t nbytes) {
   return p;
 }
 
-void* CachingHostAllocator::allocate(size_t nbytes) {
-  size_t cls = size_class(nbytes);
+void* CachingAllocator::allocate(size_t nbytes) {
+  const size_t cls = block_class(nbytes);
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.allocations;
@@ -41,25 +36,22 @@ void* CachingHostAllocator::allocate(size_t nbytes) {
       stats_.bytes_in_use += cls;
       return p;
     }
-    ++stats_.system_allocs;
-    stats_.bytes_in_use += cls;
   }
-  void* p = std::aligned_alloc(64, cls);
+  void* p = raw_allocate(cls);
   if (p == nullptr) {
     empty_cache();
-    p = std::aligned_alloc(64, cls);
+    p = raw_allocate(cls);
   }
-  if (p == nullptr) {
-    std::lock_guard<std::mutex> lock(mu_);
-    stats_.bytes_in_use -= cls;
-    DTRAIN_THROW(InvalidArgument, "out of host memory allocating {} bytes", nbytes);
-  }
+  if (p == nullptr) out_of_memory(nbytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.system_allocs;
+  stats_.bytes_in_use += cls;
   return p;
 }
 
-void CachingHostAllocator::deallocate(void* ptr, size_t nbytes) {
+void CachingAllocator::deallocate(void* ptr, size_t nbytes) {
   if (ptr == nullptr) return;
-  size_t cls = size_class(nbytes);
+  const size_t cls = block_class(nbytes);
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.bytes_in_use -= cls;
@@ -69,21 +61,31 @@ void CachingHostAllocator::deallocate(void* ptr, size_t nbytes) {
       return;
     }
   }
-  std::free(ptr);
+  raw_free(ptr);
 }
 
-void CachingHostAllocator::empty_cache() {
+void CachingAllocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& [cls, blocks] : free_) {
-    for (void* p : blocks) std::free(p);
+    for (void* p : blocks) raw_free(p);
   }
   free_.clear();
   stats_.bytes_cached = 0;
 }
 
-AllocatorStats CachingHostAllocator::stats() const {
+AllocatorStats CachingAllocator::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
+}
+
+void* CachingHostAllocator::raw_allocate(size_t nbytes) {
+  return std::aligned_alloc(64, nbytes);  // size classes are multiples of 64
+}
+
+void CachingHostAllocator::raw_free(void* ptr) { std::free(ptr); }
+
+void CachingHostAllocator::out_of_memory(size_t nbytes) const {
+  DTRAIN_THROW(InvalidArgument, "out of host memory allocating {} bytes", nbytes);
 }
 
 Allocator* default_allocator(Device device) {

@@ -159,62 +159,10 @@ void* compute_stream(const Device& device) {
 
 // ---- allocators (allocator.h) ----
 
-void* CachingCudaAllocator::allocate(size_t nbytes) {
-  size_t cls = CachingHostAllocator::size_class(nbytes < 512 ? 512 : nbytes);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++stats_.allocations;
-    auto it = free_.find(cls);
-    if (it != free_.end() && !it->second.empty()) {
-      void* p = it->second.back();
-      it->second.pop_back();
-      ++stats_.cache_hits;
-      stats_.bytes_cached -= cls;
-      stats_.bytes_in_use += cls;
-      return p;
-    }
-  }
-  void* p = raw_allocate(cls);
-  if (p == nullptr) {
-    empty_cache();
-    p = raw_allocate(cls);
-  }
-  DTRAIN_CHECK(p != nullptr, UnsupportedError,
+void CachingCudaAllocator::out_of_memory(size_t nbytes) const {
+  DTRAIN_THROW(UnsupportedError,
                "out of memory on {} allocating {} bytes (after freeing the cache)", device().str(),
                nbytes);
-  std::lock_guard<std::mutex> lock(mu_);
-  ++stats_.system_allocs;
-  stats_.bytes_in_use += cls;
-  return p;
-}
-
-void CachingCudaAllocator::deallocate(void* ptr, size_t nbytes) {
-  if (ptr == nullptr) return;
-  size_t cls = CachingHostAllocator::size_class(nbytes < 512 ? 512 : nbytes);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stats_.bytes_in_use -= cls;
-    if (stats_.bytes_cached + cls <= max_cached_) {
-      free_[cls].push_back(ptr);
-      stats_.bytes_cached += cls;
-      return;
-    }
-  }
-  raw_free(ptr);
-}
-
-void CachingCudaAllocator::empty_cache() {
-  std::lock_guard<std::mutex> lock(mu_);
-  for (auto& [cls, blocks] : free_) {
-    for (void* p : blocks) raw_free(p);
-  }
-  free_.clear();
-  stats_.bytes_cached = 0;
-}
-
-AllocatorStats CachingCudaAllocator::stats() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return stats_;
 }
 
 CachingDeviceAllocator::CachingDeviceAllocator(int index, size_t max_cached_bytes)

@@ -41,28 +41,61 @@ struct AllocatorStats {
   size_t bytes_cached = 0;
 };
 
-class CachingHostAllocator final : public Allocator {
+// The caching shared by every allocator that keeps freed blocks (host memory here;
+// device and pinned memory in cuda/allocator.h): per-size-class free lists up to
+// max_cached bytes, statistics, and one retry after emptying the cache when the
+// system is out of memory. Subclasses reach the system through raw_allocate and
+// raw_free; a subclass that returns its blocks at destruction calls empty_cache()
+// in its own destructor (the base cannot: raw_free is gone by then).
+class CachingAllocator : public Allocator {
  public:
-  // Free blocks beyond max_cached_bytes are returned to the system.
-  explicit CachingHostAllocator(size_t max_cached_bytes = size_t{1} << 31);
-  ~CachingHostAllocator() override;
-  CachingHostAllocator(const CachingHostAllocator&) = delete;
-  CachingHostAllocator& operator=(const CachingHostAllocator&) = delete;
+  CachingAllocator(const CachingAllocator&) = delete;
+  CachingAllocator& operator=(const CachingAllocator&) = delete;
 
-  void* allocate(size_t nbytes) override;
-  void deallocate(void* ptr, size_t nbytes) override;
-  Device device() const override { return Device::cpu(); }
+  void* allocate(size_t nbytes) final;
+  void deallocate(void* ptr, size_t nbytes) final;
 
   // Returns every cached block to the system.
   void empty_cache();
   AllocatorStats stats() const;
+  // Powers of two and 1.5x powers of two, multiples of 64, at least 64.
   static size_t size_class(size_t nbytes);
 
+ protected:
+  // Requests below min_block bytes are served from min_block's size class.
+  CachingAllocator(size_t max_cached_bytes, size_t min_block)
+      : max_cached_(max_cached_bytes), min_block_(min_block) {}
+  ~CachingAllocator() override = default;
+  // A block of exactly nbytes (a size class); nullptr when out of memory, throws on
+  // other errors.
+  virtual void* raw_allocate(size_t nbytes) = 0;
+  virtual void raw_free(void* ptr) = 0;
+  // Throws the error for `nbytes` that could not be had even with the cache emptied.
+  [[noreturn]] virtual void out_of_memory(size_t nbytes) const = 0;
+
  private:
+  size_t block_class(size_t nbytes) const {
+    return size_class(nbytes < min_block_ ? min_block_ : nbytes);
+  }
   size_t max_cached_;
+  size_t min_block_;
   mutable std::mutex mu_;
   std::unordered_map<size_t, std::vector<void*>> free_;  // GUARDED_BY(mu_)
   AllocatorStats stats_;                                 // GUARDED_BY(mu_)
+};
+
+class CachingHostAllocator final : public CachingAllocator {
+ public:
+  // Free blocks beyond max_cached_bytes are returned to the system.
+  explicit CachingHostAllocator(size_t max_cached_bytes = size_t{1} << 31)
+      : CachingAllocator(max_cached_bytes, 64) {}
+  ~CachingHostAllocator() override { empty_cache(); }
+  Device device() const override { return Device::cpu(); }
+
+ private:
+  void* raw_allocate(size_t nbytes) override;  // 64-byte aligned
+  void raw_free(void* ptr) override;
+  [[noreturn]] void out_of_memory(size_t nbytes) const override;
 };
 
 Allocator* default_allocator(Device device);

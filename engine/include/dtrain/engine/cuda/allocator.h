@@ -26,32 +26,16 @@
 
 namespace dtrain::cuda {
 
-class CachingCudaAllocator : public Allocator {
- public:
-  CachingCudaAllocator(const CachingCudaAllocator&) = delete;
-  CachingCudaAllocator& operator=(const CachingCudaAllocator&) = delete;
-  ~CachingCudaAllocator() override = default;  // blocks live until process exit
-
-  void* allocate(size_t nbytes) override;
-  void deallocate(void* ptr, size_t nbytes) override;
-  // Returns every cached block to the driver.
-  void empty_cache();
-  AllocatorStats stats() const;
-
+// Device and pinned memory on the shared caching (allocator.h), with 512-byte minimum
+// blocks. Blocks live until process exit (the driver may be gone by the time static
+// destructors run), so no destructor empties the cache.
+class CachingCudaAllocator : public CachingAllocator {
  protected:
-  explicit CachingCudaAllocator(size_t max_cached_bytes) : max_cached_(max_cached_bytes) {}
-  // nullptr when out of memory; throws on other errors.
-  virtual void* raw_allocate(size_t nbytes) = 0;
-  virtual void raw_free(void* ptr) = 0;
-
- private:
-  size_t max_cached_;
-  mutable std::mutex mu_;
-  std::unordered_map<size_t, std::vector<void*>> free_;  // GUARDED_BY(mu_)
-  AllocatorStats stats_;                                 // GUARDED_BY(mu_)
+  explicit CachingCudaAllocator(size_t max_cached_bytes)
+      : CachingAllocator(max_cached_bytes, 512) {}
+  [[noreturn]] void out_of_memory(size_t nbytes) const override;
 };
 
-// cudaMalloc on one device.
 class CachingDeviceAllocator final : public CachingCudaAllocator {
  public:
   explicit CachingDeviceAllocator(int index, size_t max_cached_bytes = ~size_t{0});
