@@ -22,8 +22,13 @@
 //     not burn a core for the whole timeout; a live transfer keeps progressing).
 //   - Any failure of an operation aborts the communicator: the ring cannot resume from a
 //     half-finished step, and a timed-out MPI collective cannot be cancelled.
+//   - split() is a queued operation: the ring first all-gathers every rank's (color, key)
+//     (bounded by the timeout, so a rank that never joins gives TimeoutError instead of
+//     a hang), then every rank calls MPI_Comm_split on this communicator's MPI_Comm. The
+//     child owns the resulting MPI_Comm (freed on destruction), shares the MpiRuntime and
+//     the options, and checks that MPI ranked it as the gathered pairs say.
 //
-// Deliberately not here: split(), the choice between algorithms by message size (the
+// Deliberately not here: the choice between algorithms by message size (the
 // caller picks one per communicator), and fault recovery.
 #include <mpi.h>
 
@@ -42,6 +47,7 @@
 #include "dtrain/comm/mpi.h"
 #include "dtrain/comm/ring.h"
 #include "mpi/mpi_internal.h"
+#include "split.h"
 
 namespace dtrain::comm {
 namespace {
@@ -286,16 +292,20 @@ void reduce_16bit(void* in, void* inout, int* len, MPI_Datatype*) {
 
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator(std::shared_ptr<MpiRuntime> runtime, CommOptions opts, MpiOptions mpi)
-      : runtime_(std::move(runtime)), mpi_(mpi), timeout_ms_(opts.timeout.count()) {
+  // `owned`: MPI_COMM_NULL duplicates MPI_COMM_WORLD; otherwise the communicator to use
+  // (from split()), which this object then owns and frees.
+  MpiCommunicator(std::shared_ptr<MpiRuntime> runtime, CommOptions opts, MpiOptions mpi,
+                  MPI_Comm owned = MPI_COMM_NULL)
+      : runtime_(std::move(runtime)), mpi_(mpi), timeout_ms_(opts.timeout.count()), comm_(owned) {
     DTRAIN_CHECK(runtime_ != nullptr, InvalidArgument,
                  "mpi: make_mpi_communicator needs a runtime");
     DTRAIN_CHECK(opts.timeout.count() > 0, InvalidArgument,
                  "mpi: the timeout must be positive, got {} ms", ms_of(opts.timeout));
-    rank_ = runtime_->world_rank();
-    size_ = runtime_->world_size();
-    duplicate_world(Clock::now() + opts.timeout);
+    if (comm_ == MPI_COMM_NULL) {
+      duplicate_world(Clock::now() + opts.timeout);  // a timed-out idup is abandoned, not freed
+    }
     try {
+      if (owned != MPI_COMM_NULL) adopt_comm();
       create_16bit_ops();
     } catch (...) {
       release_mpi_objects();
@@ -449,6 +459,32 @@ class MpiCommunicator final : public Communicator {
     return std::chrono::milliseconds(timeout_ms_.load());
   }
 
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    split_detail::check_color(color, "mpi");
+    std::vector<int64_t> mine = {color, key}, all(2 * static_cast<size_t>(size_));
+    MPI_Comm child = MPI_COMM_NULL;
+    enqueue(fmt::format("split(color {}, key {})", color, key), [&](Deadline d) {
+      ring_->allgather(mine.data(), all.data(), 2, DType::i64, d);
+      auto lock = runtime_->lock_mpi();
+      MPI_CHECK(MPI_Comm_split(comm_, color == kNoColor ? MPI_UNDEFINED : color, key, &child),
+                "MPI_Comm_split");
+    })->wait();
+    const split_detail::Group g = split_detail::group_of(all, rank_);
+    if (child == MPI_COMM_NULL) {
+      DTRAIN_CHECK(g.rank < 0, CommError, "mpi: rank {}: MPI_Comm_split put color {} in no group",
+                   rank_, color);
+      return nullptr;
+    }
+    auto out =
+        std::make_unique<MpiCommunicator>(runtime_, CommOptions{timeout()}, mpi_, child);
+    DTRAIN_CHECK(out->rank() == g.rank && out->size() == static_cast<int>(g.members.size()),
+                 CommError,
+                 "mpi: rank {}: MPI_Comm_split (color {}, key {}) made rank {} of {}, expected "
+                 "rank {} of {}",
+                 rank_, color, key, out->rank(), out->size(), g.rank, g.members.size());
+    return out;
+  }
+
  private:
   struct Task {
     std::string what;
@@ -459,6 +495,8 @@ class MpiCommunicator final : public Communicator {
   // ---- setup and teardown ----
 
   void duplicate_world(Deadline deadline) {
+    rank_ = runtime_->world_rank();
+    size_ = runtime_->world_size();
     MPI_Request req = MPI_REQUEST_NULL;
     {
       auto lock = runtime_->lock_mpi();
@@ -468,6 +506,14 @@ class MpiCommunicator final : public Communicator {
     wait_collective({req}, deadline, "MPI_Comm_idup (creating the communicator)");
     auto lock = runtime_->lock_mpi();
     MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+  }
+
+  // A communicator from split(): rank and size from it, errors returned (not fatal).
+  void adopt_comm() {
+    auto lock = runtime_->lock_mpi();
+    MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    MPI_CHECK(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+    MPI_CHECK(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
   }
 
   void create_16bit_ops() {

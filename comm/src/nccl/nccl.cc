@@ -1,5 +1,7 @@
 // The nccl backend (nccl.h): NCCL collectives on a communication stream, ordered with
 // events against the compute stream, polled against the timeout, aborted on failure.
+// split() is ncclCommSplit (NCCL >= 2.18) on a non-blocking config, polled like creation;
+// the child gets its own communication stream on the same device.
 #include "dtrain/comm/nccl.h"
 
 #include <cuda_runtime.h>
@@ -12,6 +14,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+
+#include "split.h"
 
 namespace dtrain::comm {
 
@@ -103,9 +107,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void init(const ncclUniqueId& id) {
-    DTRAIN_NCCL_CUDA(cudaSetDevice(options_.device));
-    DTRAIN_NCCL_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    DTRAIN_NCCL_CUDA(cudaMalloc(&scratch_, sizeof(float)));
+    setup_device();
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;  // every call returns; wait_ready() polls against the timeout
     check(ncclCommInitRankConfig(&comm_, size_, id, rank_, &config), "ncclCommInitRankConfig");
@@ -170,6 +172,33 @@ class NcclCommunicator final : public Communicator {
   void set_timeout(std::chrono::milliseconds t) override { timeout_ = t; }
   std::chrono::milliseconds timeout() const override { return timeout_; }
 
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    split_detail::check_color(color, "nccl");
+    throw_if_aborted("split");
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0)
+    static_assert(kNoColor == NCCL_SPLIT_NOCOLOR, "kNoColor must be NCCL's no-color value");
+    NcclOptions child_options = options_;
+    child_options.comm.timeout = timeout_;
+    auto child = std::make_unique<NcclCommunicator>(-1, 0, child_options);
+    child->setup_device();
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t made = nullptr;
+    check(ncclCommSplit(comm_, color, key, &made, &config), "ncclCommSplit");
+    wait_ready("ncclCommSplit");
+    if (made == nullptr) return nullptr;  // kNoColor
+    child->comm_ = made;
+    child->wait_ready("communicator creation (split)");
+    child->check(ncclCommUserRank(made, &child->rank_), "ncclCommUserRank");
+    child->check(ncclCommCount(made, &child->size_), "ncclCommCount");
+    return child;
+#else
+    (void)key;
+    DTRAIN_THROW(UnsupportedError, "nccl: split needs NCCL >= 2.18 (built against {}.{})",
+                 NCCL_MAJOR, NCCL_MINOR);
+#endif
+  }
+
   // Polls until `done` (or, without an event, the communicator's pending state) finishes;
   // aborts on timeout or an asynchronous NCCL error.
   void wait_event(cudaEvent_t done, const std::string& what) {
@@ -210,6 +239,13 @@ class NcclCommunicator final : public Communicator {
     DTRAIN_NCCL_CUDA(cudaEventRecord(done, stream_));
     DTRAIN_NCCL_CUDA(cudaStreamWaitEvent(compute, done, 0));
     return work;
+  }
+
+  // The communication stream and the barrier's scratch on options_.device.
+  void setup_device() {
+    DTRAIN_NCCL_CUDA(cudaSetDevice(options_.device));
+    DTRAIN_NCCL_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DTRAIN_NCCL_CUDA(cudaMalloc(&scratch_, sizeof(float)));
   }
 
   void check(ncclResult_t r, const std::string& what) {

@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "dtrain/comm/tcp.h"
+#include "split.h"
 #include "tcp/transport.h"
 
 namespace dtrain::comm {
@@ -66,9 +67,13 @@ class TcpWork final : public Work {
 
 class TcpCommunicator final : public Communicator {
  public:
-  TcpCommunicator(std::unique_ptr<tcp::Transport> transport, CommOptions opts, RingOptions ring)
+  // `store` (kept for split()) must outlive this communicator and its children.
+  TcpCommunicator(std::unique_ptr<tcp::Transport> transport, CommOptions opts, Store& store,
+                  TcpOptions tcp)
       : transport_(std::move(transport)),
-        ring_(*transport_, ring),
+        ring_(*transport_, tcp.ring),
+        store_(&store),
+        tcp_(std::move(tcp)),
         timeout_ms_(opts.timeout.count()),
         worker_([this] { worker_loop(); }) {}
 
@@ -155,6 +160,21 @@ class TcpCommunicator final : public Communicator {
   }
   std::chrono::milliseconds timeout() const override {
     return std::chrono::milliseconds(timeout_ms_.load());
+  }
+
+  // Gathers every rank's (color, key) over this communicator, then the members of each
+  // group build their own mesh through the same store under a tag of their own.
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    split_detail::check_color(color, "tcp");
+    std::vector<int64_t> mine = {color, key}, all(2 * static_cast<size_t>(size()));
+    allgather(mine.data(), all.data(), 2, DType::i64);
+    const uint64_t seq = splits_++;  // the same on every rank: split is collective
+    split_detail::Group g = split_detail::group_of(all, rank());
+    if (g.rank < 0) return nullptr;
+    TcpOptions child = tcp_;
+    child.tag = fmt::format("{}/split{}/c{}", tcp_.tag, seq, color);
+    return make_tcp_communicator(*store_, g.rank, static_cast<int>(g.members.size()),
+                                 CommOptions{timeout()}, child);
   }
 
  private:
@@ -248,6 +268,9 @@ class TcpCommunicator final : public Communicator {
 
   std::unique_ptr<tcp::Transport> transport_;
   Ring ring_;  // used by the worker only
+  Store* store_;     // the store this communicator was built through (for split)
+  TcpOptions tcp_;   // its options: the children's tag derives from tcp_.tag
+  uint64_t splits_ = 0;  // splits done so far (issuing thread only)
   std::atomic<int64_t> timeout_ms_;
 
   std::mutex mu_;
@@ -307,7 +330,7 @@ std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int 
                "tcp: timeout must be positive, got {} ms", opts.timeout.count());
   auto transport =
       tcp::Transport::connect(store, rank, size, tcp, tcp::Clock::now() + opts.timeout);
-  return std::make_unique<TcpCommunicator>(std::move(transport), opts, tcp.ring);
+  return std::make_unique<TcpCommunicator>(std::move(transport), opts, store, tcp);
 }
 
 }  // namespace dtrain::comm

@@ -12,6 +12,9 @@
 // Collectives must be called by every rank in the same order with the same counts
 // and dtypes (as in MPI and NCCL).
 //
+// split() carves sub-communicators out of this one (MPI_Comm_split semantics), for the
+// model-parallel grids of parallel/ (tensor x pipeline x data groups).
+//
 // Thread-safety: a Communicator may be used from one issuing thread at a time
 // (DDP issues from the backward thread and waits from the same thread). abort() may
 // be called from any thread.
@@ -70,6 +73,15 @@ class Communicator {
 
   virtual void set_timeout(std::chrono::milliseconds timeout) = 0;
   virtual std::chrono::milliseconds timeout() const = 0;
+
+  static constexpr int kNoColor = -1;
+  // Collective over this communicator: ranks passing the same color form a new communicator,
+  // ranked by (key, parent rank). color == kNoColor: this rank joins none and gets nullptr.
+  // The child inherits the timeout; it is independent of the parent (own queue/connections)
+  // and may outlive nothing: destroy children before the parent's Store goes away.
+  // Colors are kNoColor or non-negative (InvalidArgument otherwise). Like every collective,
+  // it fails with CommError/TimeoutError when a peer is lost during it.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
   // Blocking forms.
   void allreduce(void* data, size_t count, DType dtype, ReduceOp op) {

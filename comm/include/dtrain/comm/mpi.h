@@ -37,8 +37,11 @@
 // the application initialised MPI itself, dtrain never finalises it. Every communicator
 // holds a shared_ptr to its runtime, so MPI outlives the communicators made from it.
 //
-// Not here: split() into subgroups, and fault recovery (mpirun aborts the job when a
-// process dies).
+// split(): MPI_Comm_split on the communicator's MPI_Comm, after an all-gather of the
+// (color, key) pairs that is bounded by the timeout; the child owns its MPI_Comm and
+// shares the MpiRuntime, the options and the timeout.
+//
+// Not here: fault recovery (mpirun aborts the job when a process dies).
 #pragma once
 
 #include <memory>

@@ -33,6 +33,13 @@
 // that fails tells the others why ("abort") and shuts its sockets down, so no rank
 // hangs. A failed communicator stays failed: later calls throw at once.
 //
+// Split: split() all-gathers every rank's (color, key) over the parent, and the ranks of
+// each group then build a fresh mesh (own sockets, shared-memory rings and worker
+// thread) through the parent's Store under the tag "<tag>/split<seq>/c<color>", seq
+// counting the splits this communicator has done (the same on every rank, since split
+// is collective). A group of one rank opens no sockets. Ranks in errors of a child are
+// its own ranks, not the parent's.
+//
 // Thread-safety: as Communicator (one issuing thread; abort() from any thread).
 #pragma once
 
@@ -83,7 +90,8 @@ struct TcpOptions {
 
 // Joins the group `rank` of `size` through `store`; blocks until the mesh is
 // connected (or throws TimeoutError/CommError after opts.timeout). Size 1 opens no
-// sockets and does not touch the store.
+// sockets and does not touch the store. The communicator keeps a reference to `store`
+// for split(): the store must outlive it and every communicator split from it.
 std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int size,
                                                     CommOptions opts);
 std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int size,
