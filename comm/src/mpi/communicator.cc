@@ -461,15 +461,25 @@ class MpiCommunicator final : public Communicator {
 
   std::unique_ptr<Communicator> split(int color, int key) override {
     split_detail::check_color(color, "mpi");
-    std::vector<int64_t> mine = {color, key}, all(2 * static_cast<size_t>(size_));
+    // (color, key) at [0, 2), every rank's pairs at [2, 2 + 2 * size). On failure MPI may
+    // still hold the ring's sends (they cannot be cancelled): the buffer is then leaked.
+    auto pairs = std::make_unique<std::vector<int64_t>>(2 + 2 * static_cast<size_t>(size_));
+    (*pairs)[0] = color;
+    (*pairs)[1] = key;
     MPI_Comm child = MPI_COMM_NULL;
-    enqueue(fmt::format("split(color {}, key {})", color, key), [&](Deadline d) {
-      ring_->allgather(mine.data(), all.data(), 2, DType::i64, d);
-      auto lock = runtime_->lock_mpi();
-      MPI_CHECK(MPI_Comm_split(comm_, color == kNoColor ? MPI_UNDEFINED : color, key, &child),
-                "MPI_Comm_split");
-    })->wait();
-    const split_detail::Group g = split_detail::group_of(all, rank_);
+    try {
+      enqueue(fmt::format("split(color {}, key {})", color, key), [&](Deadline d) {
+        ring_->allgather(pairs->data(), pairs->data() + 2, 2, DType::i64, d);
+        auto lock = runtime_->lock_mpi();
+        MPI_CHECK(MPI_Comm_split(comm_, color == kNoColor ? MPI_UNDEFINED : color, key, &child),
+                  "MPI_Comm_split");
+      })->wait();
+    } catch (...) {
+      (void)pairs.release();
+      throw;
+    }
+    const split_detail::Group g = split_detail::group_of(
+        std::vector<int64_t>(pairs->begin() + 2, pairs->end()), rank_);
     if (child == MPI_COMM_NULL) {
       DTRAIN_CHECK(g.rank < 0, CommError, "mpi: rank {}: MPI_Comm_split put color {} in no group",
                    rank_, color);
