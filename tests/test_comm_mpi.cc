@@ -534,8 +534,7 @@ std::vector<int> reference_group(int n, int rank, int (*color)(int), int (*key)(
   for (int r = 0; r < n; ++r) {
     if (color(r) == color(rank)) members.push_back(r);
   }
-  std::stable_sort(members.begin(), members.end(),
-                   [&](int a, int b) { return key(a) < key(b); });
+  std::stable_sort(members.begin(), members.end(), [&](int a, int b) { return key(a) < key(b); });
   return members;
 }
 
@@ -638,8 +637,8 @@ TEST_P(MpiComm, SplitKeyReversesTheOrder) {
   auto child = comm().split(by_column(me()), reversed(me()));
   ASSERT_NE(child, nullptr);
   const std::vector<int> members = reference_group(n(), me(), by_column, reversed);
-  EXPECT_EQ(child->rank(), static_cast<int>(std::find(members.begin(), members.end(), me()) -
-                                            members.begin()));
+  EXPECT_EQ(child->rank(),
+            static_cast<int>(std::find(members.begin(), members.end(), me()) - members.begin()));
   check_group(*child, members, 700);
 }
 

@@ -790,8 +790,7 @@ std::vector<int> reference_group(int n, int rank, const std::function<int(int)>&
   for (int r = 0; r < n; ++r) {
     if (color(r) == color(rank)) members.push_back(r);
   }
-  std::stable_sort(members.begin(), members.end(),
-                   [&](int a, int b) { return key(a) < key(b); });
+  std::stable_sort(members.begin(), members.end(), [&](int a, int b) { return key(a) < key(b); });
   return members;
 }
 
@@ -820,7 +819,8 @@ void check_group(Communicator& child, const std::vector<int>& members, int me, i
       Buffer mine(t, count), all(t, count * n), all_want(t, count * n);
       for (size_t i = 0; i < count; ++i) mine.set(i, input(me, i, t, salt + 1));
       for (int r = 0; r < n; ++r) {
-        for (size_t i = 0; i < count; ++i) all_want.set(r * count + i, input(members[r], i, t, salt + 1));
+        for (size_t i = 0; i < count; ++i)
+          all_want.set(r * count + i, input(members[r], i, t, salt + 1));
       }
       child.allgather(mine.data(), all.data(), count, t);
       EXPECT_EQ(compare(all, all_want), "") << "allgather " << at;
@@ -1049,9 +1049,7 @@ void expect_lost_peer_in_child(bool destroy) {
 TEST(TcpSplitFailure, DestroyedPeerInAChildFailsItsGroupQuickly) {
   expect_lost_peer_in_child(true);
 }
-TEST(TcpSplitFailure, AbortedPeerInAChildFailsItsGroupQuickly) {
-  expect_lost_peer_in_child(false);
-}
+TEST(TcpSplitFailure, AbortedPeerInAChildFailsItsGroupQuickly) { expect_lost_peer_in_child(false); }
 
 // The arithmetic on its own, against dtrain::Half / BFloat16 on values that round.
 TEST(Reduce, SixteenBitFloatsRoundLikeTheScalarConversions) {

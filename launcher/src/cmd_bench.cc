@@ -10,7 +10,8 @@
 // orchestrator prints as the nccl-tests table (size, count, type, redop, time, algbw,
 // busbw, #wrong; busbw = algbw x 2(n-1)/n). Then, where installed, it runs the peers
 // of ../shared/bench/peers (PyTorch Gloo, Open MPI's MPI_Allreduce) in the same run
-// and prints the ratios side by side.
+// and prints the ratios side by side. all_gather, reduce_scatter and sendrecv live in
+// cmd_bench_collectives.cc.
 #include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -30,6 +31,7 @@
 
 #include <sched.h>
 
+#include "cmd_bench_collectives.h"
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "dtrain/engine/nn/models.h"
@@ -48,19 +50,7 @@ namespace dtrain::cli {
 
 namespace fs = std::filesystem;
 
-namespace {
-
-struct BenchOptions {
-  int nproc = 2;
-  std::string backends = "tcp,tcp-noshm,mpi,mpi-native";
-  int64_t max_bytes = int64_t{64} << 20;
-  bool peers = true;
-  std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
-  // worker mode
-  bool worker = false;
-  std::string backend;
-  std::string out;
-};
+namespace bench_detail {
 
 std::string self_exe() {
   std::array<char, 4096> buf{};
@@ -96,6 +86,43 @@ std::vector<nlohmann::json> json_lines(const std::string& text) {
   return out;
 }
 
+std::string launch_command(const std::string& backend, int nproc, const std::string& worker) {
+  return backend == "tcp" || backend == "tcp-noshm"
+             ? fmt::format("{} launch --nproc {} -- {} 2>&1", self_exe(), nproc, worker)
+             : fmt::format("mpirun --allow-run-as-root --oversubscribe -np {} {} 2>&1", nproc,
+                           worker);
+}
+
+std::unique_ptr<WorkerSession> open_bench_session(const std::string& backend) {
+  SessionOptions so;
+  // tcp-noshm: the tcp backend with the shared-memory path off (read by
+  // TcpOptions::from_env when the session connects).
+  if (backend == "tcp-noshm") ::setenv("DTRAIN_SHM", "0", 1);
+  so.backend = backend == "mpi-native" ? "mpi" : backend == "tcp-noshm" ? "tcp" : backend;
+  so.mpi_native = backend == "mpi-native";
+  return WorkerSession::open(detect_worker_identity(process_env_reader()), so);
+}
+
+}  // namespace bench_detail
+
+namespace {
+
+using bench_detail::json_lines;
+using bench_detail::run_capture;
+using bench_detail::self_exe;
+
+struct BenchOptions {
+  int nproc = 2;
+  std::string backends = "tcp,tcp-noshm,mpi,mpi-native";
+  int64_t max_bytes = int64_t{64} << 20;
+  bool peers = true;
+  std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
+  // worker mode
+  bool worker = false;
+  std::string backend;
+  std::string out;
+};
+
 std::vector<int64_t> sweep_sizes(int64_t max_bytes) {
   std::vector<int64_t> sizes;
   for (int64_t b = 8; b <= max_bytes; b *= 2) sizes.push_back(b);
@@ -104,13 +131,7 @@ std::vector<int64_t> sweep_sizes(int64_t max_bytes) {
 
 // ---- worker: one rank of the sweep ----
 int run_worker(const BenchOptions& o) {
-  SessionOptions so;
-  // tcp-noshm: the tcp backend with the shared-memory path off (read by
-  // TcpOptions::from_env when the session connects).
-  if (o.backend == "tcp-noshm") ::setenv("DTRAIN_SHM", "0", 1);
-  so.backend = o.backend == "mpi-native" ? "mpi" : o.backend == "tcp-noshm" ? "tcp" : o.backend;
-  so.mpi_native = o.backend == "mpi-native";
-  auto session = WorkerSession::open(detect_worker_identity(process_env_reader()), so);
+  auto session = bench_detail::open_bench_session(o.backend);
   comm::Communicator& comm = session->comm();
   const int n = comm.size();
   std::ofstream out;
@@ -283,10 +304,7 @@ std::map<int64_t, nlohmann::json> run_backend(const BenchOptions& o, const std::
   std::string worker =
       fmt::format("{} bench allreduce --worker --backend {} --max-bytes {} --out {}", self, backend,
                   o.max_bytes, out.string());
-  std::string cmd = backend == "tcp" || backend == "tcp-noshm"
-                        ? fmt::format("{} launch --nproc {} -- {} 2>&1", self, o.nproc, worker)
-                        : fmt::format("mpirun --allow-run-as-root --oversubscribe -np {} {} 2>&1",
-                                      o.nproc, worker);
+  std::string cmd = bench_detail::launch_command(backend, o.nproc, worker);
   int st = 0;
   std::string log = run_capture(cmd, &st);
   std::map<int64_t, nlohmann::json> rows;
@@ -469,7 +487,9 @@ Command add_bench_command(CLI::App& app) {
   sc->add_flag("!--no-pin", so->pin, "Do not pin each worker to its own core");
   sc->add_flag("--worker", so->worker, "(internal) run as one rank");
   sc->add_option("--out", so->out, "(internal) where rank 0 writes its row");
-  return {bench, [o, so, ar, sc] {
+  auto collectives = add_collective_benches(*bench);
+  return {bench, [o, so, ar, sc, collectives] {
+            if (std::optional<int> rc = collectives()) return *rc;
             if (ar->parsed()) return o->worker ? run_worker(*o) : run_orchestrator(*o);
             return so->worker ? run_scaling_worker(*so) : run_scaling(*so);
           }};

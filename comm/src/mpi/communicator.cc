@@ -478,15 +478,14 @@ class MpiCommunicator final : public Communicator {
       (void)pairs.release();
       throw;
     }
-    const split_detail::Group g = split_detail::group_of(
-        std::vector<int64_t>(pairs->begin() + 2, pairs->end()), rank_);
+    const split_detail::Group g =
+        split_detail::group_of(std::vector<int64_t>(pairs->begin() + 2, pairs->end()), rank_);
     if (child == MPI_COMM_NULL) {
       DTRAIN_CHECK(g.rank < 0, CommError, "mpi: rank {}: MPI_Comm_split put color {} in no group",
                    rank_, color);
       return nullptr;
     }
-    auto out =
-        std::make_unique<MpiCommunicator>(runtime_, CommOptions{timeout()}, mpi_, child);
+    auto out = std::make_unique<MpiCommunicator>(runtime_, CommOptions{timeout()}, mpi_, child);
     DTRAIN_CHECK(out->rank() == g.rank && out->size() == static_cast<int>(g.members.size()),
                  CommError,
                  "mpi: rank {}: MPI_Comm_split (color {}, key {}) made rank {} of {}, expected "

@@ -267,9 +267,9 @@ class TcpCommunicator final : public Communicator {
   }
 
   std::unique_ptr<tcp::Transport> transport_;
-  Ring ring_;  // used by the worker only
-  Store* store_;     // the store this communicator was built through (for split)
-  TcpOptions tcp_;   // its options: the children's tag derives from tcp_.tag
+  Ring ring_;            // used by the worker only
+  Store* store_;         // the store this communicator was built through (for split)
+  TcpOptions tcp_;       // its options: the children's tag derives from tcp_.tag
   uint64_t splits_ = 0;  // splits done so far (issuing thread only)
   std::atomic<int64_t> timeout_ms_;
 

@@ -1,0 +1,37 @@
+// `dtrain bench all_gather | reduce_scatter | sendrecv` (cmd_bench_collectives.cc), and
+// the pieces of cmd_bench.cc both files use: spawning the workers of a backend, reading
+// their JSON lines, opening a worker's session.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "worker_session.h"
+
+namespace dtrain::cli {
+namespace bench_detail {
+
+std::string self_exe();
+// Runs `cmd` through the shell; returns its stdout and sets *status to its exit code.
+std::string run_capture(const std::string& cmd, int* status);
+// The lines of `text` that parse as JSON objects.
+std::vector<nlohmann::json> json_lines(const std::string& text);
+// `worker` (a command line) on `nproc` ranks of `backend`: tcp and tcp-noshm through
+// `dtrain launch`, mpi and mpi-native through mpirun.
+std::string launch_command(const std::string& backend, int nproc, const std::string& worker);
+// This worker's session on `backend` (tcp, tcp-noshm, mpi, mpi-native).
+std::unique_ptr<WorkerSession> open_bench_session(const std::string& backend);
+
+}  // namespace bench_detail
+
+// Registers the three collectives' subcommands on `bench`. The returned function runs the
+// one that was parsed and returns its exit code, or nullopt when none of them was.
+std::function<std::optional<int>()> add_collective_benches(CLI::App& bench);
+
+}  // namespace dtrain::cli
