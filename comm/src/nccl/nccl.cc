@@ -185,9 +185,14 @@ class NcclCommunicator final : public Communicator {
     config.blocking = 0;
     ncclComm_t made = nullptr;
     check(ncclCommSplit(comm_, color, key, &made, &config), "ncclCommSplit");
-    wait_ready("ncclCommSplit");
+    child->comm_ = made;  // owned by the child from here (aborted with it on failure)
+    try {
+      wait_ready("ncclCommSplit");
+    } catch (...) {
+      child->abort("the parent failed during ncclCommSplit");
+      throw;
+    }
     if (made == nullptr) return nullptr;  // kNoColor
-    child->comm_ = made;
     child->wait_ready("communicator creation (split)");
     child->check(ncclCommUserRank(made, &child->rank_), "ncclCommUserRank");
     child->check(ncclCommCount(made, &child->size_), "ncclCommCount");
