@@ -380,8 +380,7 @@ TEST(CudaTransformer, LayerNormGeluCatSplitMatchCpu) {
                          uniform_tensor({768}, gen, DType::f32)};
   expect_gpu_matches_cpu(
       "layer_norm -> gelu [3,70,768]", in,
-      [](const std::vector<Tensor>& x) { return gelu(layer_norm(x[0], x[1], x[2], 1e-5)); },
-      1e-5);
+      [](const std::vector<Tensor>& x) { return gelu(layer_norm(x[0], x[1], x[2], 1e-5)); }, 1e-5);
   std::vector<Tensor> qkv{uniform_tensor({2, 9, 3 * 48}, gen, DType::f32)};
   expect_gpu_matches_cpu(
       "split -> cat", qkv,

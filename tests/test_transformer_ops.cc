@@ -81,24 +81,22 @@ TEST(LayerNorm, ForwardMatchesFormulaF32) {
 TEST(LayerNorm, Gradcheck) {
   Generator gen(2);
   auto f = [](const V& in) { return layer_norm(in[0], in[1], in[2], 1e-5); };
-  gradcheck("layer_norm [4,7]", f, {leaf(randn({4, 7}, gen)), leaf(randn({7}, gen)),
-                                    leaf(randn({7}, gen))});
-  gradcheck("layer_norm [1,1]", f, {leaf(randn({1, 1}, gen)), leaf(randn({1}, gen)),
-                                    leaf(randn({1}, gen))});
-  gradcheck("layer_norm [5] (1-D)", f, {leaf(randn({5}, gen)), leaf(randn({5}, gen)),
-                                        leaf(randn({5}, gen))});
-  gradcheck(
-      "layer_norm no affine [3,2,6]",
-      [](const V& in) { return layer_norm(in[0], Tensor(), Tensor(), 1e-3); },
-      {leaf(randn({3, 2, 6}, gen))});
+  gradcheck("layer_norm [4,7]", f,
+            {leaf(randn({4, 7}, gen)), leaf(randn({7}, gen)), leaf(randn({7}, gen))});
+  gradcheck("layer_norm [1,1]", f,
+            {leaf(randn({1, 1}, gen)), leaf(randn({1}, gen)), leaf(randn({1}, gen))});
+  gradcheck("layer_norm [5] (1-D)", f,
+            {leaf(randn({5}, gen)), leaf(randn({5}, gen)), leaf(randn({5}, gen))});
+  gradcheck("layer_norm no affine [3,2,6]",
+            [](const V& in) { return layer_norm(in[0], Tensor(), Tensor(), 1e-3); },
+            {leaf(randn({3, 2, 6}, gen))});
   // Non-contiguous input: a transposed view; weight only.
-  gradcheck(
-      "layer_norm of [5,3,2]^T(0,2) weight only",
-      [](const V& in) { return layer_norm(in[0].transpose(0, 2), in[1], Tensor(), 1e-5); },
-      {leaf(randn({5, 3, 2}, gen)), leaf(randn({5}, gen))});
+  gradcheck("layer_norm of [5,3,2]^T(0,2) weight only",
+            [](const V& in) { return layer_norm(in[0].transpose(0, 2), in[1], Tensor(), 1e-5); },
+            {leaf(randn({5, 3, 2}, gen)), leaf(randn({5}, gen))});
   // Only the parameters require grad.
-  gradcheck("layer_norm params only", f, {randn({6, 9}, gen), leaf(randn({9}, gen)),
-                                          leaf(randn({9}, gen))});
+  gradcheck("layer_norm params only", f,
+            {randn({6, 9}, gen), leaf(randn({9}, gen)), leaf(randn({9}, gen))});
 }
 
 TEST(LayerNorm, ParallelRowsMatchOneThread) {
@@ -122,8 +120,11 @@ TEST(LayerNorm, BadShapesNameTheOp) {
   Tensor x = zeros({2, 3, 4});
   expect_error<ShapeError>([&] { layer_norm(x, ones({5}), Tensor()); },
                            {"layer_norm", "weight", "[2,3,4]", "[5]"});
-  expect_error<ShapeError>([&] { layer_norm(x, ones({4}), zeros({4, 1})); },
-                           {"layer_norm", "bias", "[4,1]"});
+  expect_error<ShapeError>(
+      [&] {
+        layer_norm(x, ones({4}), zeros({4, 1}));
+      },
+      {"layer_norm", "bias", "[4,1]"});
   expect_error<ShapeError>([&] { layer_norm(scalar_tensor(1.0), Tensor(), Tensor()); },
                            {"layer_norm", "[]"});
   expect_error<DTypeError>([&] { layer_norm(x, ones({4}, TensorOptions{DType::f64}), Tensor()); },
@@ -157,12 +158,14 @@ TEST(Gelu, ForwardMatchesFormula) {
   for (size_t i = 0; i < xv.size(); ++i) want[i] = gelu_oracle(xv[i]);
   EXPECT_LE(max_rel_error(gelu(x), from_vector(want, {1000})), 1e-6);
   // torch.nn.functional.gelu(torch.tensor([1., -0.5, 3.]), approximate="tanh")
-  std::vector<float> y = gelu(from_vector(std::vector<float>{1.f, -0.5f, 3.f}, {3})).to_vector<float>();
+  std::vector<float> y =
+      gelu(from_vector(std::vector<float>{1.f, -0.5f, 3.f}, {3})).to_vector<float>();
   EXPECT_NEAR(y[0], 0.841192f, 1e-5);
   EXPECT_NEAR(y[1], -0.154286f, 1e-5);
   EXPECT_NEAR(y[2], 2.996363f, 1e-5);
   // Saturates without NaN.
-  std::vector<float> big = gelu(from_vector(std::vector<float>{-100.f, 100.f}, {2})).to_vector<float>();
+  std::vector<float> big =
+      gelu(from_vector(std::vector<float>{-100.f, 100.f}, {2})).to_vector<float>();
   EXPECT_EQ(big[0], 0.f);
   EXPECT_EQ(big[1], 100.f);
 }
@@ -184,7 +187,8 @@ TEST(Gelu, Gradcheck) {
 Tensor attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
   const Shape& s = q.shape();
   const int64_t b = s[0], h = s[1], t = s[2], dh = s[3];
-  Tensor q3 = q.reshape({b * h, t, dh}), k3 = k.reshape({b * h, t, dh}), v3 = v.reshape({b * h, t, dh});
+  Tensor q3 = q.reshape({b * h, t, dh}), k3 = k.reshape({b * h, t, dh}),
+         v3 = v.reshape({b * h, t, dh});
   Tensor scores = matmul(q3, k3.transpose(1, 2)) * (1.0 / std::sqrt(static_cast<double>(dh)));
   if (causal) {
     std::vector<double> m(static_cast<size_t>(t * t), 0.0);
@@ -202,10 +206,11 @@ TEST(Attention, MatchesCompositionF32ForwardAndBackward) {
     Shape shape;
     bool causal;
   };
-  for (const Case& c : {Case{{2, 3, 130, 16}, true}, Case{{2, 3, 130, 16}, false},
-                        Case{{1, 2, 1, 5}, true}, Case{{3, 1, 64, 7}, true},
-                        Case{{1, 1, 65, 33}, false}}) {
-    Tensor q = leaf(randn(c.shape, gen)), k = leaf(randn(c.shape, gen)), v = leaf(randn(c.shape, gen));
+  for (const Case& c :
+       {Case{{2, 3, 130, 16}, true}, Case{{2, 3, 130, 16}, false}, Case{{1, 2, 1, 5}, true},
+        Case{{3, 1, 64, 7}, true}, Case{{1, 1, 65, 33}, false}}) {
+    Tensor q = leaf(randn(c.shape, gen)), k = leaf(randn(c.shape, gen)),
+           v = leaf(randn(c.shape, gen));
     Tensor gy = randn(c.shape, gen);
     Tensor y = scaled_dot_product_attention(q, k, v, c.causal);
     EXPECT_TRUE(y.is_contiguous());
@@ -233,14 +238,13 @@ TEST(Attention, Gradcheck) {
     }
     // Non-contiguous q, k, v: the GPT layout [B,T,H,Dh].transpose(1,2), and one
     // transposed in Dh (no unit stride: the kernel's contiguous fallback).
-    gradcheck(
-        "sdpa of transposed views" + tag,
-        [causal](const V& in) {
-          return scaled_dot_product_attention(in[0].transpose(1, 2), in[1].transpose(1, 2),
-                                              in[2].transpose(2, 3), causal);
-        },
-        {leaf(randn({2, 6, 3, 4}, gen)), leaf(randn({2, 6, 3, 4}, gen)),
-         leaf(randn({2, 3, 4, 6}, gen))});
+    gradcheck("sdpa of transposed views" + tag,
+              [causal](const V& in) {
+                return scaled_dot_product_attention(in[0].transpose(1, 2), in[1].transpose(1, 2),
+                                                    in[2].transpose(2, 3), causal);
+              },
+              {leaf(randn({2, 6, 3, 4}, gen)), leaf(randn({2, 6, 3, 4}, gen)),
+               leaf(randn({2, 3, 4, 6}, gen))});
   }
 }
 
@@ -295,16 +299,24 @@ TEST(Attention, ThreadCountDoesNotChangeResults) {
 
 TEST(Attention, BadShapesNameTheOpAndShapes) {
   Tensor a = zeros({2, 3, 4, 5});
-  expect_error<ShapeError>([&] { scaled_dot_product_attention(zeros({3, 4, 5}), a, a, true); },
-                           {"scaled_dot_product_attention", "[3,4,5]", "[2,3,4,5]"});
-  expect_error<ShapeError>([&] { scaled_dot_product_attention(a, zeros({2, 3, 6, 5}), a, false); },
-                           {"scaled_dot_product_attention", "[2,3,6,5]"});
   expect_error<ShapeError>(
-      [&] { scaled_dot_product_attention(zeros({1, 1, 2, 0}), zeros({1, 1, 2, 0}), zeros({1, 1, 2, 0}), false); },
+      [&] {
+        scaled_dot_product_attention(zeros({3, 4, 5}), a, a, true);
+      },
+      {"scaled_dot_product_attention", "[3,4,5]", "[2,3,4,5]"});
+  expect_error<ShapeError>(
+      [&] {
+        scaled_dot_product_attention(a, zeros({2, 3, 6, 5}), a, false);
+      },
+      {"scaled_dot_product_attention", "[2,3,6,5]"});
+  expect_error<ShapeError>(
+      [&] {
+        scaled_dot_product_attention(zeros({1, 1, 2, 0}), zeros({1, 1, 2, 0}), zeros({1, 1, 2, 0}),
+                                     false);
+      },
       {"scaled_dot_product_attention", "head dimension"});
-  expect_error<DTypeError>(
-      [&] { scaled_dot_product_attention(a, a.to(DType::f64), a, false); },
-      {"scaled_dot_product_attention", "f64"});
+  expect_error<DTypeError>([&] { scaled_dot_product_attention(a, a.to(DType::f64), a, false); },
+                           {"scaled_dot_product_attention", "f64"});
 }
 
 TEST(Attention, EmptySequence) {
@@ -339,9 +351,14 @@ TEST(CatSplit, ValuesAndViews) {
 TEST(CatSplit, Gradcheck) {
   Generator gen(12);
   gradcheck("cat dim 1 of three (one transposed)",
-            [](const V& in) { return cat({in[0], in[1].t(), in[2]}, 1); },
+            [](const V& in) {
+              return cat({in[0], in[1].t(), in[2]}, 1);
+            },
             {leaf(randn({3, 2}, gen)), leaf(randn({4, 3}, gen)), leaf(randn({3, 1}, gen))});
-  gradcheck("cat dim -1, one input without grad", [](const V& in) { return cat({in[0], in[1]}, -1); },
+  gradcheck("cat dim -1, one input without grad",
+            [](const V& in) {
+              return cat({in[0], in[1]}, -1);
+            },
             {leaf(randn({2, 3, 2}, gen)), randn({2, 3, 4}, gen)});
   gradcheck("split recombined out of order",
             [](const V& in) {
@@ -354,13 +371,19 @@ TEST(CatSplit, Gradcheck) {
 }
 
 TEST(CatSplit, BadArgumentsNameTheOp) {
-  expect_error<ShapeError>([] { cat({zeros({2, 3}), zeros({3, 3})}, 1); },
-                           {"cat", "[3,3]", "[2,3]"});
+  expect_error<ShapeError>(
+      [] {
+        cat({zeros({2, 3}), zeros({3, 3})}, 1);
+      },
+      {"cat", "[3,3]", "[2,3]"});
   expect_error<ShapeError>([] { cat({zeros({2, 3}), zeros({2, 3, 1})}, 0); }, {"cat", "[2,3,1]"});
   expect_error<InvalidArgument>([] { cat({}, 0); }, {"cat", "empty"});
   expect_error<InvalidArgument>([] { cat({zeros({2})}, 1); }, {"cat", "dimension 1"});
-  expect_error<DTypeError>([] { cat({zeros({2}), zeros({2}, TensorOptions{DType::f64})}, 0); },
-                           {"cat", "f64"});
+  expect_error<DTypeError>(
+      [] {
+        cat({zeros({2}), zeros({2}, TensorOptions{DType::f64})}, 0);
+      },
+      {"cat", "f64"});
   expect_error<InvalidArgument>([] { split(zeros({4}), 0, 0); }, {"split", "split_size"});
   expect_error<ShapeError>([] { split(scalar_tensor(1.0), 1, 0); }, {"split", "0-D"});
 }
@@ -377,14 +400,16 @@ TEST(ViewAutograd, ContiguousTransposeReshapeAreRecorded) {
   gradcheck("t().contiguous()", [](const V& in) { return in[0].t().contiguous(); },
             {leaf(randn({3, 4}, gen))});
   gradcheck("reshape of a transposed view",
-            [](const V& in) { return in[0].transpose(0, 2).reshape({-1, 6}); },
-            {leaf(randn({2, 3, 4}, gen))});
-  gradcheck("reshape -> transpose -> contiguous -> reshape",
             [](const V& in) {
-              return in[0].reshape({2, 3, 2, 2}).transpose(1, 2).contiguous().reshape({2, 12}) *
-                     2.0;
+              return in[0].transpose(0, 2).reshape({-1, 6});
             },
             {leaf(randn({2, 3, 4}, gen))});
+  gradcheck(
+      "reshape -> transpose -> contiguous -> reshape",
+      [](const V& in) {
+        return in[0].reshape({2, 3, 2, 2}).transpose(1, 2).contiguous().reshape({2, 12}) * 2.0;
+      },
+      {leaf(randn({2, 3, 4}, gen))});
 }
 
 }  // namespace

@@ -20,8 +20,8 @@ namespace {
 constexpr const char* kOp = "scaled_dot_product_attention";
 
 void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
-  DTRAIN_CHECK(q.defined() && k.defined() && v.defined(), InvalidArgument,
-               "{}: undefined input", kOp);
+  DTRAIN_CHECK(q.defined() && k.defined() && v.defined(), InvalidArgument, "{}: undefined input",
+               kOp);
   DTRAIN_CHECK(q.dim() == 4 && k.shape() == q.shape() && v.shape() == q.shape(), ShapeError,
                "{}: expected q, k, v of one shape [B,H,T,Dh], got q {} k {} v {}", kOp,
                shape_str(q.shape()), shape_str(k.shape()), shape_str(v.shape()));
@@ -86,9 +86,9 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   Saved s{Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), causal};
 #ifdef DTRAIN_WITH_CUDA
   if (q.device().is_cuda()) {
-    s.q = q.detach();
-    s.k = k.detach();
-    s.v = v.detach();
+    s.q = q.detach().contiguous();  // the kernels read contiguous heads; backward reuses them
+    s.k = k.detach().contiguous();
+    s.v = v.detach().contiguous();
     cuda::AttentionResult r = cuda::attention_forward(s.q, s.k, s.v, causal);
     s.out = r.out;
     s.lse = r.lse;

@@ -37,16 +37,16 @@ void check_norm_param(const Tensor& p, const char* what, const Tensor& x) {
   DTRAIN_CHECK(p.dim() == 1 && p.shape()[0] == d, ShapeError,
                "layer_norm: expected {} [{}] for input {}, got {}", what, d, shape_str(x.shape()),
                shape_str(p.shape()));
-  DTRAIN_CHECK(p.dtype() == x.dtype(), DTypeError, "layer_norm: {} is {} but the input is {}",
-               what, dtype_name(p.dtype()), dtype_name(x.dtype()));
+  DTRAIN_CHECK(p.dtype() == x.dtype(), DTypeError, "layer_norm: {} is {} but the input is {}", what,
+               dtype_name(p.dtype()), dtype_name(x.dtype()));
   DTRAIN_CHECK(p.device() == x.device(), InvalidArgument,
                "layer_norm: {} on {} but the input on {}", what, p.device().str(),
                x.device().str());
 }
 
 template <typename T>
-void layer_norm_forward_kernel(const T* x, const T* w, const T* b, int64_t rows, int64_t d,
-                               T eps, T* y, T* mean, T* rstd) {
+void layer_norm_forward_kernel(const T* x, const T* w, const T* b, int64_t rows, int64_t d, T eps,
+                               T* y, T* mean, T* rstd) {
   cpu::parallel_for(rows, cpu::threads_for(rows, rows * d), [&](int64_t r0, int64_t r1, int) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* __restrict xr = x + r * d;
@@ -165,8 +165,7 @@ void parallel_map(int64_t n, F f) {
 int64_t wrap_dim(int64_t dim, int64_t nd, const char* op, const Shape& shape) {
   DTRAIN_CHECK(nd > 0, ShapeError, "{}: cannot use a 0-D tensor {}", op, shape_str(shape));
   DTRAIN_CHECK(dim >= -nd && dim < nd, InvalidArgument,
-               "{}: dimension {} out of range for a {}-D tensor {}", op, dim, nd,
-               shape_str(shape));
+               "{}: dimension {} out of range for a {}-D tensor {}", op, dim, nd, shape_str(shape));
   return dim < 0 ? dim + nd : dim;
 }
 

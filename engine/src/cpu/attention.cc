@@ -146,8 +146,8 @@ template void attention_forward<float>(const AttentionGeom&, AttentionOperand<fl
                                        AttentionOperand<float>, AttentionOperand<float>, float*,
                                        float*);
 template void attention_forward<double>(const AttentionGeom&, AttentionOperand<double>,
-                                        AttentionOperand<double>, AttentionOperand<double>,
-                                        double*, double*);
+                                        AttentionOperand<double>, AttentionOperand<double>, double*,
+                                        double*);
 template void attention_backward<float>(const AttentionGeom&, AttentionOperand<float>,
                                         AttentionOperand<float>, AttentionOperand<float>,
                                         const float*, const float*, const float*, float*, float*,

@@ -38,7 +38,8 @@ void parallel_for(int64_t n, int threads, F&& body) {
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t chunk = (n + nt - 1) / nt;
-    const int64_t begin = std::min<int64_t>(n, t * chunk), end = std::min<int64_t>(n, begin + chunk);
+    const int64_t begin = std::min<int64_t>(n, t * chunk),
+                  end = std::min<int64_t>(n, begin + chunk);
     try {
       if (begin < end) body(begin, end, t);
     } catch (...) {

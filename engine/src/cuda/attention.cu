@@ -252,8 +252,8 @@ __global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T*
     stage(k + base, t, dh, j0, kFwdK, ks, ld);
     stage(v + base, t, dh, j0, kFwdK, vs, ld);
     __syncthreads();
-    score_grads<C>(qs, dos, ks, vs, ls, ds, kFwdQ, kFwdK, i0, j0, t, dh, ld, causal, scale,
-                   nullptr, dss);
+    score_grads<C>(qs, dos, ks, vs, ls, ds, kFwdQ, kFwdK, i0, j0, t, dh, ld, causal, scale, nullptr,
+                   dss);
     __syncthreads();
     for (int64_t e = threadIdx.x; e < kFwdQ * dh; e += blockDim.x) {
       const int64_t r = e / dh, d = e % dh;
@@ -269,9 +269,15 @@ __global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T*
   }
 }
 
-int64_t fwd_elems(int64_t dh) { return (2 * kFwdQ + 2 * kFwdK) * (dh + 1) + kFwdQ * kFwdK + 3 * kFwdQ; }
-int64_t dkv_elems(int64_t dh) { return (4 * kKvK + 2 * kKvQ) * (dh + 1) + 2 * kKvQ * kKvK + 2 * kKvQ; }
-int64_t dq_elems(int64_t dh) { return (3 * kFwdQ + 2 * kFwdK) * (dh + 1) + kFwdQ * kFwdK + 2 * kFwdQ; }
+int64_t fwd_elems(int64_t dh) {
+  return (2 * kFwdQ + 2 * kFwdK) * (dh + 1) + kFwdQ * kFwdK + 3 * kFwdQ;
+}
+int64_t dkv_elems(int64_t dh) {
+  return (4 * kKvK + 2 * kKvQ) * (dh + 1) + 2 * kKvQ * kKvK + 2 * kKvQ;
+}
+int64_t dq_elems(int64_t dh) {
+  return (3 * kFwdQ + 2 * kFwdK) * (dh + 1) + kFwdQ * kFwdK + 2 * kFwdQ;
+}
 
 int64_t compute_size(DType dt) { return dt == DType::f64 ? 8 : 4; }
 
@@ -296,9 +302,8 @@ int64_t attention_shared_bytes(DType dt, int64_t dh) {
   return e * compute_size(dt);
 }
 
-void attention_forward(DType dt, const void* q, const void* k, const void* v, int64_t bh,
-                       int64_t t, int64_t dh, bool causal, double scale, void* out, void* lse,
-                       void* stream) {
+void attention_forward(DType dt, const void* q, const void* k, const void* v, int64_t bh, int64_t t,
+                       int64_t dh, bool causal, double scale, void* out, void* lse, void* stream) {
   if (bh * t == 0) return;
   dispatch_floating(dt, "scaled_dot_product_attention", [&](auto tag) {
     using T = DTRAIN_ELEM_T(tag);
@@ -329,12 +334,11 @@ void attention_backward(DType dt, const void* q, const void* k, const void* v, c
         static_cast<const T*>(out), pdo, bh * t, dh, pd);
     const C sc = static_cast<C>(scale);
     const int64_t kv_tiles = (t + kKvK - 1) / kKvK, q_tiles = (t + kFwdQ - 1) / kFwdQ;
-    launch(attention_dkv_kernel<T>, bh * kv_tiles, dkv_elems(dh) * compute_size(dt), stream, pq,
-           pk, pv, pdo, pl, static_cast<const C*>(pd), t, dh, causal, sc, kv_tiles,
-           static_cast<T*>(dk), static_cast<T*>(dv));
+    launch(attention_dkv_kernel<T>, bh * kv_tiles, dkv_elems(dh) * compute_size(dt), stream, pq, pk,
+           pv, pdo, pl, static_cast<const C*>(pd), t, dh, causal, sc, kv_tiles, static_cast<T*>(dk),
+           static_cast<T*>(dv));
     launch(attention_dq_kernel<T>, bh * q_tiles, dq_elems(dh) * compute_size(dt), stream, pq, pk,
-           pv, pdo, pl, static_cast<const C*>(pd), t, dh, causal, sc, q_tiles,
-           static_cast<T*>(dq));
+           pv, pdo, pl, static_cast<const C*>(pd), t, dh, causal, sc, q_tiles, static_cast<T*>(dq));
   });
   check_launch("scaled_dot_product_attention backward");
 }

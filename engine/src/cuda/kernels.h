@@ -106,9 +106,8 @@ void gelu_forward(DType dt, const void* x, void* y, int64_t n, void* stream);
 void gelu_backward(DType dt, const void* dy, const void* x, void* dx, int64_t n, void* stream);
 // Attention over bh = B*H contiguous heads of [t, dh]: out [bh, t, dh], lse [bh, t] (stat
 // dtype). The caller checks attention_shared_bytes(dt, dh) against the device's limit.
-void attention_forward(DType dt, const void* q, const void* k, const void* v, int64_t bh,
-                       int64_t t, int64_t dh, bool causal, double scale, void* out, void* lse,
-                       void* stream);
+void attention_forward(DType dt, const void* q, const void* k, const void* v, int64_t bh, int64_t t,
+                       int64_t dh, bool causal, double scale, void* out, void* lse, void* stream);
 // dq, dk, dv (overwritten); `dvec` is device scratch of bh * t stat-dtype elements.
 void attention_backward(DType dt, const void* q, const void* k, const void* v, const void* out,
                         const void* lse, const void* dout, int64_t bh, int64_t t, int64_t dh,

@@ -404,12 +404,11 @@ std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const
     partial = empty({layer_norm_partial_rows(rows), 2, d},
                     TensorOptions{stat_dtype(x.dtype()), x.device()});
   }
-  cuda::layer_norm_backward(x.dtype(), dyc.raw_data(), xc.raw_data(), mean.raw_data(),
-                            rstd.raw_data(), data_or_null(wc), rows, d,
-                            gx ? dx.raw_data() : nullptr, gw ? dw.raw_data() : nullptr,
-                            gb ? db.raw_data() : nullptr,
-                            partial.defined() ? partial.raw_data() : nullptr,
-                            stream_of(x.device()));
+  cuda::layer_norm_backward(
+      x.dtype(), dyc.raw_data(), xc.raw_data(), mean.raw_data(), rstd.raw_data(), data_or_null(wc),
+      rows, d, gx ? dx.raw_data() : nullptr, gw ? dw.raw_data() : nullptr,
+      gb ? db.raw_data() : nullptr, partial.defined() ? partial.raw_data() : nullptr,
+      stream_of(x.device()));
   return {dx, dw, db};
 }
 
@@ -436,8 +435,8 @@ void check_attention_smem(const Tensor& q) {
   const int64_t dh = q.shape()[3];
   const int64_t need = attention_shared_bytes(q.dtype(), dh);
   int limit = 0;
-  DTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                           q.device().index));
+  DTRAIN_CUDA_CHECK(
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.device().index));
   DTRAIN_CHECK(need <= limit, UnsupportedError,
                "scaled_dot_product_attention on CUDA: head dimension {} ({}) needs {} bytes of "
                "shared memory, the device allows {}",
@@ -453,8 +452,8 @@ AttentionResult attention_forward(const Tensor& q, const Tensor& k, const Tensor
   AttentionResult r;
   r.out = empty(s, q.options());
   r.lse = empty({s[0], s[1], s[2]}, TensorOptions{stat_dtype(q.dtype()), q.device()});
-  cuda::attention_forward(q.dtype(), qc.raw_data(), kc.raw_data(), vc.raw_data(), s[0] * s[1],
-                          s[2], s[3], causal, 1.0 / std::sqrt(static_cast<double>(s[3])),
+  cuda::attention_forward(q.dtype(), qc.raw_data(), kc.raw_data(), vc.raw_data(), s[0] * s[1], s[2],
+                          s[3], causal, 1.0 / std::sqrt(static_cast<double>(s[3])),
                           r.out.raw_data(), r.lse.raw_data(), stream_of(q.device()));
   return r;
 }
@@ -470,8 +469,8 @@ std::vector<Tensor> attention_backward(const Tensor& dout, const Tensor& q, cons
   Tensor dvec = empty({s[0], s[1], s[2]}, TensorOptions{stat_dtype(q.dtype()), q.device()});
   cuda::attention_backward(q.dtype(), qc.raw_data(), kc.raw_data(), vc.raw_data(), oc.raw_data(),
                            lse.raw_data(), doc.raw_data(), s[0] * s[1], s[2], s[3], causal,
-                           1.0 / std::sqrt(static_cast<double>(s[3])), dq.raw_data(),
-                           dk.raw_data(), dv.raw_data(), dvec.raw_data(), stream_of(q.device()));
+                           1.0 / std::sqrt(static_cast<double>(s[3])), dq.raw_data(), dk.raw_data(),
+                           dv.raw_data(), dvec.raw_data(), stream_of(q.device()));
   return {dq, dk, dv};
 }
 

@@ -99,20 +99,20 @@ __global__ void layer_norm_cols_kernel(const T* dy, const T* x, const stat_t<T>*
   using S = stat_t<T>;
   const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
-  const int64_t r0 = c * kRowsPerChunk;
-  const int64_t r1 = rows < r0 + kRowsPerChunk ? rows : r0 + kRowsPerChunk;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    S sw = 0, sb = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      S g = static_cast<S>(load(dy, r * d + j));
-      S xhat = (static_cast<S>(load(x, r * d + j)) - mean[r]) * rstd[r];
-      sw += g * xhat;
-      sb += g;
+    const int64_t r0 = c * kRowsPerChunk;
+    const int64_t r1 = rows < r0 + kRowsPerChunk ? rows : r0 + kRowsPerChunk;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      S sw = 0, sb = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        S g = static_cast<S>(load(dy, r * d + j));
+        S xhat = (static_cast<S>(load(x, r * d + j)) - mean[r]) * rstd[r];
+        sw += g * xhat;
+        sb += g;
+      }
+      partial[(c * 2) * d + j] = sw;
+      partial[(c * 2 + 1) * d + j] = sb;
     }
-    partial[(c * 2) * d + j] = sw;
-    partial[(c * 2 + 1) * d + j] = sb;
-  }
   }
 }
 
@@ -200,7 +200,7 @@ void gelu_forward(DType dt, const void* x, void* y, int64_t n, void* stream) {
   dispatch_floating(dt, "gelu", [&](auto tag) {
     using T = DTRAIN_ELEM_T(tag);
     gelu_fwd_kernel<T><<<grid_for(n), kBlock, 0, as_stream(stream)>>>(static_cast<const T*>(x),
-                                                                     static_cast<T*>(y), n);
+                                                                      static_cast<T*>(y), n);
   });
   check_launch("gelu");
 }

@@ -98,8 +98,8 @@ LstmResult lstm(const Tensor& x, const LstmWeights& w, const Tensor& h0 = Tensor
                 const Tensor& c0 = Tensor());
 
 // ---- transformer ops (ops_transformer.cc, ops_attention.cc) ----
-// Normalises over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias (biased variance,
-// as torch.nn.functional.layer_norm). weight and bias are [D] or undefined.
+// Normalises over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias (biased
+// variance, as torch.nn.functional.layer_norm). weight and bias are [D] or undefined.
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
 // GELU, tanh approximation (GPT-2; torch gelu(approximate="tanh")).
 Tensor gelu(const Tensor& x);
