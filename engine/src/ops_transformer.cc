@@ -199,7 +199,7 @@ void cat_copy_cpu(const std::vector<Tensor>& xs, int64_t d, Tensor& out) {
   char* dst = static_cast<char*>(out.raw_data());
   int64_t off = 0;
   for (const Tensor& x : xs) {
-    Tensor xc = x.contiguous();
+    Tensor xc = x.detach().contiguous();
     const int64_t chunk = x.shape()[d] * inner;
     const char* src = static_cast<const char*>(xc.raw_data());
     for (int64_t o = 0; o < outer && chunk > 0; ++o) {
@@ -237,8 +237,8 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
     y = empty(x.shape(), x.options());
     s.mean = empty({rows}, x.options());
     s.rstd = empty({rows}, x.options());
-    Tensor wc = weight.defined() ? weight.contiguous() : Tensor();
-    Tensor bc = bias.defined() ? bias.contiguous() : Tensor();
+    Tensor wc = weight.defined() ? weight.detach().contiguous() : Tensor();
+    Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
     DTRAIN_DISPATCH_FLOAT(x.dtype(), "layer_norm", [&] {
       auto ptr = [](const Tensor& t) { return t.defined() ? t.data<scalar_t>() : nullptr; };
       layer_norm_forward_kernel<scalar_t>(s.x.data<scalar_t>(), ptr(wc), ptr(bc), rows, d,
