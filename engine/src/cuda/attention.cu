@@ -105,6 +105,7 @@ __global__ void attention_fwd_kernel(const T* q, const T* k, const T* v, int64_t
       const C p = sv == neg_inf<C>() ? C(0) : fn::fast_exp(sv - m_new);
       const C lt = warp_sum(p);
       ss[r * kFwdK + lane] = p;
+      __syncwarp();  // every lane has read ms[r] before lane 0 overwrites it
       if (lane == 0) {
         const C corr = m_old == neg_inf<C>() ? C(0) : fn::fast_exp(m_old - m_new);
         ls[r] = ls[r] * corr + lt;
