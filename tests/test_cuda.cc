@@ -5,9 +5,12 @@
 // With a device: every op against the CPU reference in f32, TF32, bf16 and f16
 // (check::run_all: random odd shapes, forward and backward, NaN-poisoned allocator
 // cache so unwritten outputs fail), plus copies, the caching allocator, a short
-// training run against the same run on the CPU, and typed errors on the device path.
+// training run against the same run on the CPU, the transformer ops (layer_norm, gelu,
+// attention, cat/split) at GPT-like shapes against the CPU, and typed errors on the
+// device path.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <string>
 #include <thread>
 
@@ -298,6 +301,94 @@ TEST(CudaOps, MatmulHonoursTf32Guard) {
   EXPECT_LE(check::max_relative_error(strict, want), 1e-5);
   EXPECT_LE(check::max_relative_error(tf32, want), 1e-3);
   EXPECT_GT(check::max_relative_error(tf32, want), 1e-6);
+}
+
+// The transformer ops at GPT-like shapes (several tiles, Dh 64/128, D 768) against the
+// CPU kernels on the same inputs; f64 with Dh 128 takes the kernels past the 48 KiB
+// default shared memory. (check::run_all above covers them at small shapes in every
+// dtype.)
+std::vector<Tensor> transformer_grads(const std::vector<Tensor>& inputs,
+                                      const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                                      const Device& d, uint64_t seed) {
+  std::vector<Tensor> in;
+  for (const Tensor& t : inputs) {
+    Tensor x = t.to(d);
+    x.set_requires_grad(true);
+    in.push_back(x);
+  }
+  Tensor y = f(in);
+  Generator gen(seed);
+  std::vector<double> w(static_cast<size_t>(y.numel()));
+  for (double& e : w) e = gen.uniform(-1, 1);
+  Tensor wt = from_vector(w, y.shape()).to(y.dtype()).to(d);
+  sum(mul(y, wt)).backward();
+  std::vector<Tensor> out{y.to(Device::cpu())};
+  for (const Tensor& x : in) out.push_back(x.grad().to(Device::cpu()));
+  return out;
+}
+
+Tensor uniform_tensor(const Shape& s, Generator& gen, DType dt) {
+  std::vector<double> v(static_cast<size_t>(shape_numel(s)));
+  for (double& e : v) e = gen.uniform(-1, 1);
+  return from_vector(v, s).to(dt);
+}
+
+void expect_gpu_matches_cpu(const std::string& name, const std::vector<Tensor>& inputs,
+                            const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                            double tol) {
+  std::vector<Tensor> want = transformer_grads(inputs, f, Device::cpu(), 5);
+  check::poison_allocator_cache(kGpu);
+  std::vector<Tensor> got = transformer_grads(inputs, f, kGpu, 5);
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_LE(check::max_relative_error(got[i], want[i]), tol)
+        << name << (i == 0 ? " forward" : " grad of input " + std::to_string(i - 1));
+  }
+}
+
+TEST(CudaTransformer, AttentionMatchesCpuAtGptShapes) {
+  DTRAIN_REQUIRE_GPU();
+  Generator gen(21);
+  for (bool causal : {true, false}) {
+    // [B,T,H,Dh] viewed as [B,H,T,Dh], as a GPT block hands them over.
+    Shape s{2, 200, 4, 64};
+    std::vector<Tensor> in{uniform_tensor(s, gen, DType::f32), uniform_tensor(s, gen, DType::f32),
+                           uniform_tensor(s, gen, DType::f32)};
+    expect_gpu_matches_cpu(
+        causal ? "sdpa causal f32" : "sdpa f32", in,
+        [causal](const std::vector<Tensor>& x) {
+          return scaled_dot_product_attention(x[0].transpose(1, 2), x[1].transpose(1, 2),
+                                              x[2].transpose(1, 2), causal);
+        },
+        2e-5);
+  }
+  Shape s{1, 3, 45, 128};
+  std::vector<Tensor> in{uniform_tensor(s, gen, DType::f64), uniform_tensor(s, gen, DType::f64),
+                         uniform_tensor(s, gen, DType::f64)};
+  expect_gpu_matches_cpu(
+      "sdpa causal f64 Dh=128", in,
+      [](const std::vector<Tensor>& x) {
+        return scaled_dot_product_attention(x[0], x[1], x[2], true);
+      },
+      1e-12);
+}
+
+TEST(CudaTransformer, LayerNormGeluCatSplitMatchCpu) {
+  DTRAIN_REQUIRE_GPU();
+  Generator gen(22);
+  std::vector<Tensor> in{uniform_tensor({3, 70, 768}, gen, DType::f32),
+                         uniform_tensor({768}, gen, DType::f32),
+                         uniform_tensor({768}, gen, DType::f32)};
+  expect_gpu_matches_cpu(
+      "layer_norm -> gelu [3,70,768]", in,
+      [](const std::vector<Tensor>& x) { return gelu(layer_norm(x[0], x[1], x[2], 1e-5)); }, 1e-5);
+  std::vector<Tensor> qkv{uniform_tensor({2, 9, 3 * 48}, gen, DType::f32)};
+  expect_gpu_matches_cpu(
+      "split -> cat", qkv,
+      [](const std::vector<Tensor>& x) {
+        std::vector<Tensor> c = split(x[0], 48, -1);
+        return cat({c[1], c[2] * 2.0, c[0]}, 1);
+      },
+      1e-6);
 }
 
 TEST(CudaErrors, TypedErrorsOnTheDevicePath) {

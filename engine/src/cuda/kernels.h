@@ -90,6 +90,32 @@ void embedding_backward(DType dt, const void* dy, const int64_t* idx, int64_t n,
 void dropout(DType dt, const void* x, void* y, void* mask, int64_t n, const fn::DropoutMask& m,
              void* stream);
 
+// ---- transformer ops (transformer.cu, attention.cu) ----
+// Layer norm over rows of d contiguous elements: y = LayerNormFwd(x, mean, rstd, w, b);
+// w/b nullable (ones/zeros). mean/rstd [rows] have the stat dtype (f64 for f64, else f32).
+void layer_norm_forward(DType dt, const void* x, const void* w, const void* b, int64_t rows,
+                        int64_t d, double eps, void* y, void* mean, void* rstd, void* stream);
+// dx (nullable) = LayerNormBwd per row; dw/db (nullable) = column sums of dy * xhat and dy.
+// `partial` is device scratch of layer_norm_partial_rows(rows) * 2 * d stat-dtype elements.
+void layer_norm_backward(DType dt, const void* dy, const void* x, const void* mean,
+                         const void* rstd, const void* w, int64_t rows, int64_t d, void* dx,
+                         void* dw, void* db, void* partial, void* stream);
+int64_t layer_norm_partial_rows(int64_t rows);
+// y = GeluFwd(x); dx = GeluBwd(dy, x), over n contiguous elements.
+void gelu_forward(DType dt, const void* x, void* y, int64_t n, void* stream);
+void gelu_backward(DType dt, const void* dy, const void* x, void* dx, int64_t n, void* stream);
+// Attention over bh = B*H contiguous heads of [t, dh]: out [bh, t, dh], lse [bh, t] (stat
+// dtype). The caller checks attention_shared_bytes(dt, dh) against the device's limit.
+void attention_forward(DType dt, const void* q, const void* k, const void* v, int64_t bh, int64_t t,
+                       int64_t dh, bool causal, double scale, void* out, void* lse, void* stream);
+// dq, dk, dv (overwritten); `dvec` is device scratch of bh * t stat-dtype elements.
+void attention_backward(DType dt, const void* q, const void* k, const void* v, const void* out,
+                        const void* lse, const void* dout, int64_t bh, int64_t t, int64_t dh,
+                        bool causal, double scale, void* dq, void* dk, void* dv, void* dvec,
+                        void* stream);
+// The most dynamic shared memory (bytes) any attention kernel needs for head size dh.
+int64_t attention_shared_bytes(DType dt, int64_t dh);
+
 // ---- fused optimizer updates (one kernel per parameter tensor) ----
 void sgd_update(DType dt, void* p, const void* g, void* buf, int64_t n, const fn::SgdUpdate& u,
                 void* stream);

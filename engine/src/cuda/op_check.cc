@@ -148,6 +148,26 @@ std::vector<OpSpec> op_list() {
            LstmResult r = lstm(x[0], {x[1], x[2], x[3], x[4]}, x[5], x[6]);
            return add(r.h_n, mul_scalar(r.c_n, 0.5));
          });
+  add_op("layer_norm [7,33] w,b", {{{7, 33}, -2, 2}, {{33}, 0.5, 1.5}, {{33}}},
+         [](const V& x, const Side&) { return layer_norm(x[0], x[1], x[2], 1e-5); });
+  add_op("layer_norm [3,4,300] no affine", {{{3, 4, 300}, -2, 2}},
+         [](const V& x, const Side&) { return layer_norm(x[0], Tensor(), Tensor(), 1e-5); });
+  add_op("gelu [17,19]", {{{17, 19}, -4, 4}}, [](const V& x, const Side&) { return gelu(x[0]); });
+  add_op(
+      "sdpa causal [2,3,37,8]", {{{2, 3, 37, 8}}, {{2, 3, 37, 8}}, {{2, 3, 37, 8}}},
+      [](const V& x, const Side&) { return scaled_dot_product_attention(x[0], x[1], x[2], true); });
+  add_op("sdpa [1,2,70,64] of [1,70,2,64]^T(1,2)",
+         {{{1, 70, 2, 64}}, {{1, 70, 2, 64}}, {{1, 70, 2, 64}}}, [](const V& x, const Side&) {
+           return scaled_dot_product_attention(x[0].transpose(1, 2), x[1].transpose(1, 2),
+                                               x[2].transpose(1, 2), false);
+         });
+  add_op("cat(dim=1) [3,2,4]+[3,5,4]", {{{3, 2, 4}}, {{3, 5, 4}}}, [](const V& x, const Side&) {
+    return cat({x[0], x[1]}, 1);
+  });
+  add_op("split(3, dim=-1) [4,8] recombined", {{{4, 8}}}, [](const V& x, const Side&) {
+    std::vector<Tensor> c = split(x[0], 3, -1);
+    return cat({mul_scalar(c[2], 2.0), c[0], c[1]}, 1);
+  });
   auto optimizer_op = [&](std::string name, std::function<void(Tensor&)> run) {
     add_op(std::move(name), {{{13, 7}, -1, 1, 0, false}, {{13, 7}, -1, 1, 0, false}},
            [run](const V& x, const Side&) {

@@ -2,6 +2,7 @@
 #include "cuda/ops_cuda.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cuda/context.h"
@@ -363,6 +364,114 @@ Tensor matmul(const Tensor& a, const Tensor& b, MathMode mode) {
   gemm(a.device(), a.dtype(), A.trans, B.trans, m, n, k, A.keep.raw_data(), A.ld, B.keep.raw_data(),
        B.ld, 0.0, out.raw_data(), std::max<int64_t>(n, 1), mode);
   return out;
+}
+
+// ---- transformer ops ----
+
+namespace {
+// Statistics (layer-norm mean/rstd, attention lse and D) are f64 for f64, else f32.
+DType stat_dtype(DType dt) { return dt == DType::f64 ? DType::f64 : DType::f32; }
+const void* data_or_null(const Tensor& t) { return t.defined() ? t.raw_data() : nullptr; }
+}  // namespace
+
+LayerNormResult layer_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                   int64_t rows, int64_t d, double eps) {
+  check_same_device("layer_norm", {x, weight, bias});
+  Tensor xc = contig(x);
+  Tensor wc = weight.defined() ? contig(weight) : Tensor();
+  Tensor bc = bias.defined() ? contig(bias) : Tensor();
+  LayerNormResult r;
+  r.y = empty(x.shape(), x.options());
+  r.mean = empty({rows}, TensorOptions{stat_dtype(x.dtype()), x.device()});
+  r.rstd = empty({rows}, TensorOptions{stat_dtype(x.dtype()), x.device()});
+  cuda::layer_norm_forward(x.dtype(), xc.raw_data(), data_or_null(wc), data_or_null(bc), rows, d,
+                           eps, r.y.raw_data(), r.mean.raw_data(), r.rstd.raw_data(),
+                           stream_of(x.device()));
+  return r;
+}
+
+std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                        const Tensor& rstd, const Tensor& weight, int64_t rows,
+                                        int64_t d, bool gx, bool gw, bool gb) {
+  check_same_device("layer_norm backward", {dy, x, weight});
+  Tensor dyc = contiguous_as(dy, x.dtype()), xc = contig(x);
+  Tensor wc = weight.defined() ? contig(weight) : Tensor();
+  Tensor dx = gx ? empty(x.shape(), x.options()) : Tensor();
+  Tensor dw = gw ? empty({d}, x.options()) : Tensor();
+  Tensor db = gb ? empty({d}, x.options()) : Tensor();
+  Tensor partial;
+  if (gw || gb) {
+    partial = empty({layer_norm_partial_rows(rows), 2, d},
+                    TensorOptions{stat_dtype(x.dtype()), x.device()});
+  }
+  cuda::layer_norm_backward(
+      x.dtype(), dyc.raw_data(), xc.raw_data(), mean.raw_data(), rstd.raw_data(), data_or_null(wc),
+      rows, d, gx ? dx.raw_data() : nullptr, gw ? dw.raw_data() : nullptr,
+      gb ? db.raw_data() : nullptr, partial.defined() ? partial.raw_data() : nullptr,
+      stream_of(x.device()));
+  return {dx, dw, db};
+}
+
+Tensor gelu_forward(const Tensor& x) {
+  Tensor xc = contig(x);
+  Tensor y = empty(x.shape(), x.options());
+  cuda::gelu_forward(x.dtype(), xc.raw_data(), y.raw_data(), x.numel(), stream_of(x.device()));
+  return y;
+}
+
+Tensor gelu_backward(const Tensor& dy, const Tensor& x) {
+  check_same_device("gelu backward", {dy, x});
+  Tensor dyc = contiguous_as(dy, x.dtype()), xc = contig(x);
+  Tensor dx = empty(x.shape(), x.options());
+  cuda::gelu_backward(x.dtype(), dyc.raw_data(), xc.raw_data(), dx.raw_data(), x.numel(),
+                      stream_of(x.device()));
+  return dx;
+}
+
+namespace {
+// Throws UnsupportedError when the attention kernels' tiles for this head size do not
+// fit the device's shared memory.
+void check_attention_smem(const Tensor& q) {
+  const int64_t dh = q.shape()[3];
+  const int64_t need = attention_shared_bytes(q.dtype(), dh);
+  int limit = 0;
+  DTRAIN_CUDA_CHECK(
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.device().index));
+  DTRAIN_CHECK(need <= limit, UnsupportedError,
+               "scaled_dot_product_attention on CUDA: head dimension {} ({}) needs {} bytes of "
+               "shared memory, the device allows {}",
+               dh, dtype_name(q.dtype()), need, limit);
+}
+}  // namespace
+
+AttentionResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
+  check_same_device("scaled_dot_product_attention", {q, k, v});
+  check_attention_smem(q);
+  const Shape& s = q.shape();
+  Tensor qc = contig(q), kc = contig(k), vc = contig(v);
+  AttentionResult r;
+  r.out = empty(s, q.options());
+  r.lse = empty({s[0], s[1], s[2]}, TensorOptions{stat_dtype(q.dtype()), q.device()});
+  cuda::attention_forward(q.dtype(), qc.raw_data(), kc.raw_data(), vc.raw_data(), s[0] * s[1], s[2],
+                          s[3], causal, 1.0 / std::sqrt(static_cast<double>(s[3])),
+                          r.out.raw_data(), r.lse.raw_data(), stream_of(q.device()));
+  return r;
+}
+
+std::vector<Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                       const Tensor& v, const Tensor& out, const Tensor& lse,
+                                       bool causal) {
+  check_same_device("scaled_dot_product_attention backward", {dout, q, k, v});
+  const Shape& s = q.shape();
+  Tensor qc = contig(q), kc = contig(k), vc = contig(v), oc = contig(out);
+  Tensor doc = contiguous_as(dout, q.dtype());
+  Tensor dq = empty(s, q.options()), dk = empty(s, q.options()), dv = empty(s, q.options());
+  Tensor dvec = empty({s[0], s[1], s[2]}, TensorOptions{stat_dtype(q.dtype()), q.device()});
+  cuda::attention_backward(q.dtype(), qc.raw_data(), kc.raw_data(), vc.raw_data(), oc.raw_data(),
+                           lse.raw_data(), doc.raw_data(), s[0] * s[1], s[2], s[3], causal,
+                           1.0 / std::sqrt(static_cast<double>(s[3])), dq.raw_data(), dk.raw_data(),
+                           dv.raw_data(), dvec.raw_data(), stream_of(q.device()));
+  return {dq, dk, dv};
 }
 
 void sgd_update(const Tensor& p, const Tensor& g, const Tensor& buf, const fn::SgdUpdate& u) {

@@ -100,6 +100,30 @@ void gemm(const Device& device, DType dt, bool trans_a, bool trans_b, int64_t m,
 // [M,K] x [K,N] -> [M,N] for contiguous or transposed 2-D views (no autograd).
 Tensor matmul(const Tensor& a, const Tensor& b, MathMode mode = MathMode::kStrict);
 
+// ---- transformer ops (shapes checked by the front ends) ----
+// x contiguous [rows, d]; weight/bias [d] or undefined. mean/rstd [rows] in the stat dtype
+// (f64 for f64 inputs, else f32).
+struct LayerNormResult {
+  Tensor y, mean, rstd;
+};
+LayerNormResult layer_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                   int64_t rows, int64_t d, double eps);
+// {dx, dweight, dbias}, each only when asked for (gx, gw, gb).
+std::vector<Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                        const Tensor& rstd, const Tensor& weight, int64_t rows,
+                                        int64_t d, bool gx, bool gw, bool gb);
+Tensor gelu_forward(const Tensor& x);
+Tensor gelu_backward(const Tensor& dy, const Tensor& x);
+// q, k, v [B,H,T,Dh] any strides (copied contiguous). out [B,H,T,Dh], lse [B,H,T] (stat dtype).
+struct AttentionResult {
+  Tensor out, lse;
+};
+AttentionResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal);
+// {dq, dk, dv}, contiguous.
+std::vector<Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                       const Tensor& v, const Tensor& out, const Tensor& lse,
+                                       bool causal);
+
 // ---- fused optimizer updates (in place; buf/m/v on the parameter's device) ----
 void sgd_update(const Tensor& p, const Tensor& g, const Tensor& buf, const fn::SgdUpdate& u);
 void adam_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,

@@ -178,6 +178,35 @@ Tensor Sigmoid::forward(const Tensor& x) {
   return sigmoid(x);
 }
 
+Tensor GELU::forward(const Tensor& x) {
+  check_floating_input(*this, x);
+  return gelu(x);
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+LayerNorm::LayerNorm(int64_t dim, double eps) : Module("LayerNorm"), dim_(dim), eps_(eps) {
+  DTRAIN_CHECK(dim > 0 && eps >= 0, InvalidArgument,
+               "LayerNorm: expected dim > 0 and eps >= 0, got dim {} eps {}", dim, eps);
+  weight = register_parameter("weight", empty({dim}));
+  bias = register_parameter("bias", empty({dim}));
+  reset_parameters();
+}
+
+void LayerNorm::reset_parameters() {
+  weight.detach().fill_(1.0);
+  bias.detach().fill_(0.0);
+}
+
+std::string LayerNorm::extra_repr() const { return fmt::format("{}, eps {}", dim_, eps_); }
+
+Tensor LayerNorm::forward(const Tensor& x) {
+  check_matches_params(*this, x, weight);
+  DTRAIN_CHECK(x.dim() >= 1 && x.size(-1) == dim_, ShapeError, "{}: expected input [*,{}], got {}",
+               describe(), dim_, shape_str(x.shape()));
+  return layer_norm(x, weight, bias, eps_);
+}
+
 // ---------------------------------------------------------------- Flatten
 
 Flatten::Flatten(int64_t start_dim, int64_t end_dim)

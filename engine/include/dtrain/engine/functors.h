@@ -269,6 +269,59 @@ struct CrossEntropyBwd {
   }
 };
 
+// ---- transformer ops: GELU, layer norm, attention ----
+// GELU, tanh approximation (GPT-2, torch gelu(approximate="tanh")):
+//   y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+// tanh is fast_tanh (vectorisable in f32, std::exp-exact in f64).
+struct GeluFwd {
+  template <typename T>
+  DTRAIN_HD T operator()(T x) const {
+    T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
+    return T(0.5) * x * (T(1) + fast_tanh(u));
+  }
+};
+struct GeluBwd {  // uses the forward input x (not y)
+  template <typename T>
+  DTRAIN_HD T operator()(T dy, T x) const {
+    const T c = T(0.7978845608028654);
+    T x2 = x * x;
+    T t = fast_tanh(c * (x + T(0.044715) * x2 * x));
+    T du = c * (T(1) + T(3 * 0.044715) * x2);
+    return dy * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du);
+  }
+};
+// 1 / sqrt(var + eps), the layer-norm row scale (var is the biased variance).
+template <typename T>
+DTRAIN_HD T layer_norm_rstd(T var, T eps) {
+  return T(1) / std::sqrt(var + eps);
+}
+// One element of layer norm: (x - mean) * rstd * w + b.
+struct LayerNormFwd {
+  template <typename T>
+  DTRAIN_HD T operator()(T x, T mean, T rstd, T w, T b) const {
+    return (x - mean) * rstd * w + b;
+  }
+};
+// dx of one element from g = dy * w, xhat = (x - mean) * rstd and the row means
+// mean_g = mean(g), mean_gx = mean(g * xhat):  dx = rstd (g - mean_g - xhat mean_gx).
+struct LayerNormBwd {
+  template <typename T>
+  DTRAIN_HD T operator()(T g, T xhat, T mean_g, T mean_gx, T rstd) const {
+    return rstd * (g - mean_g - xhat * mean_gx);
+  }
+};
+// Attention probability recomputed from a (scaled) score and its row's log-sum-exp;
+// masked scores (visible false) give 0. The score gradient is fn::SoftmaxBwd:
+// dS = P (dP - D), D = sum(dO * O) over the row.
+struct AttentionProb {
+  template <typename T>
+  DTRAIN_HD T operator()(T score, T lse, bool visible) const {
+    return visible ? fast_exp(score - lse) : T(0);
+  }
+};
+// Whether query i sees key j: everything, or j <= i when causal.
+DTRAIN_HD bool attention_visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
+
 // One LSTM cell element, PyTorch's gate order and equations:
 //   i = sigmoid(a_i), f = sigmoid(a_f), g = tanh(a_g), o = sigmoid(a_o)
 //   c = f * c_prev + i * g,  h = o * tanh(c)

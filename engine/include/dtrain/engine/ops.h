@@ -97,6 +97,20 @@ struct LstmResult {
 LstmResult lstm(const Tensor& x, const LstmWeights& w, const Tensor& h0 = Tensor(),
                 const Tensor& c0 = Tensor());
 
+// ---- transformer ops (ops_transformer.cc, ops_attention.cc) ----
+// Normalises over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias (biased
+// variance, as torch.nn.functional.layer_norm). weight and bias are [D] or undefined.
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
+// GELU, tanh approximation (GPT-2; torch gelu(approximate="tanh")).
+Tensor gelu(const Tensor& x);
+// Attention of q, k, v [B, H, T, Dh] (any strides) -> [B, H, T, Dh] contiguous:
+// softmax(q k^T / sqrt(Dh) + mask) v, mask = -inf above the diagonal when causal.
+Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal);
+// Concatenation along dim (shapes equal elsewhere) and torch.split-style chunks of split_size
+// (the last may be smaller); both differentiable.
+Tensor cat(const std::vector<Tensor>& xs, int64_t dim);
+std::vector<Tensor> split(const Tensor& x, int64_t split_size, int64_t dim);
+
 // Inverted dropout: zeroes each element with probability p and scales the rest by
 // 1/(1-p) when training; identity otherwise.
 Tensor dropout(const Tensor& x, double p, bool training, Generator& gen);

@@ -12,6 +12,7 @@
 //                   (kaiming_uniform with a = sqrt(5) reduces to this bound)
 //   Embedding       weight ~ N(0, 1)
 //   LSTM            every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H))
+//   LayerNorm       weight ones, bias zeros
 // Parameters are f32. Parameter names follow PyTorch's state_dict keys ("weight",
 // "bias", "weight_ih_l0", ...), so weights can be exchanged with PyTorch.
 //
@@ -141,6 +142,32 @@ class Sigmoid : public Module {
  public:
   Sigmoid() : Module("Sigmoid") {}
   Tensor forward(const Tensor& x) override;
+};
+
+// GELU, tanh approximation (GPT-2; torch.nn.GELU(approximate="tanh")).
+class GELU : public Module {
+ public:
+  GELU() : Module("GELU") {}
+  Tensor forward(const Tensor& x) override;
+};
+
+// ---- LayerNorm: normalises the last dimension of x [*, dim] (layer_norm in ops.h) ----
+// Parameters "weight" (ones) and "bias" (zeros), [dim], as torch.nn.LayerNorm.
+class LayerNorm : public Module {
+ public:
+  explicit LayerNorm(int64_t dim, double eps = 1e-5);
+  Tensor forward(const Tensor& x) override;
+  std::string extra_repr() const override;
+  void reset_parameters();
+  int64_t dim() const { return dim_; }
+  double eps() const { return eps_; }
+
+  Tensor weight;  // [dim]
+  Tensor bias;    // [dim]
+
+ private:
+  int64_t dim_;
+  double eps_;
 };
 
 // ---- Flatten: merges dims start_dim..end_dim (default: all but the batch dim) ----
