@@ -13,6 +13,8 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 
 # Packages the build, the tests and the demo need. python3-torch and
 # libopenblas0-pthread are for the benchmark's PyTorch peer (bench/README.md).
+# fortunes (with fortunes-min) is the character-level GPT demo's text corpus
+# (engine/include/dtrain/engine/data/text.h).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libopenblas-dev libopenblas0-pthread libdnnl-dev
@@ -20,6 +22,7 @@ DTRAIN_PACKAGES=(
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libopenmpi-dev openmpi-bin iproute2 procps
   libxxhash-dev
+  fortunes fortunes-min
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }
