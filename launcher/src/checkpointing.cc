@@ -92,12 +92,12 @@ void ShardedCheckpoints::on_checkpoint(const CheckpointState& state) {
 bool ShardedCheckpoints::begin(const std::string& name, const ckpt::TrainingState& st) const {
   if (!session_.has_coordinator()) return true;
   try {
-    session_.begin_checkpoint({0, 0, st.step, st.epoch, store_.root(), options_.run_config.dump(),
-                               options_.keep});
+    session_.begin_checkpoint(
+        {0, 0, st.step, st.epoch, store_.root(), options_.run_config.dump(), options_.keep});
     return true;
   } catch (const Error& e) {
-    fmt::print(stderr, "dtrain train: rank {}: checkpoint {} skipped: {}\n",
-               session_.comm().rank(), name, e.message());
+    fmt::print(stderr, "dtrain train: rank {}: checkpoint {} skipped: {}\n", session_.comm().rank(),
+               name, e.message());
     // The seam keeps a skipped checkpoint as long as a written one.
     std::this_thread::sleep_for(std::chrono::milliseconds(options_.test_commit_delay_ms));
     return false;

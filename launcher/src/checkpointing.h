@@ -34,11 +34,11 @@
 namespace dtrain::cli {
 
 struct CheckpointOptions {
-  std::string dir;               // the checkpoints' root folder (made absolute)
-  int keep = 3;                  // committed checkpoints kept (0: all)
-  std::string resume = "none";   // none | auto | a checkpoint name (step-00000120)
-  std::string model;             // the model a checkpoint to resume must hold
-  nlohmann::json run_config;     // written into every manifest ("model" among it)
+  std::string dir;              // the checkpoints' root folder (made absolute)
+  int keep = 3;                 // committed checkpoints kept (0: all)
+  std::string resume = "none";  // none | auto | a checkpoint name (step-00000120)
+  std::string model;            // the model a checkpoint to resume must hold
+  nlohmann::json run_config;    // written into every manifest ("model" among it)
   int64_t test_commit_delay_ms = 0;
 };
 

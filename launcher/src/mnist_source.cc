@@ -66,7 +66,8 @@ MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Comm
       train_(std::make_shared<data::MnistDataset>(origin_.dir, data::MnistSplit::kTrain,
                                                   mnist_options(options))),
       test_(origin_.dir, data::MnistSplit::kTest, mnist_options(options)),
-      loader_(train_, data::DistributedSampler(train_->size(), comm.rank(), comm.size(), options.seed),
+      loader_(train_,
+              data::DistributedSampler(train_->size(), comm.rank(), comm.size(), options.seed),
               options.local_batch, loader_options(options)) {}
 
 bool MnistBatchSource::next(TrainBatch& batch) {

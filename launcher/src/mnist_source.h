@@ -26,11 +26,11 @@
 namespace dtrain::cli {
 
 struct MnistSourceOptions {
-  std::string data;                // IDX folder; empty: the demo's MNIST subset
+  std::string data;                 // IDX folder; empty: the demo's MNIST subset
   std::string data_cache = "data";  // where the demo's data step caches its files
   bool normalize = true;
-  int64_t local_batch = 64;  // this rank's share of the global batch
-  uint64_t seed = 1;         // the shuffle of every epoch
+  int64_t local_batch = 64;       // this rank's share of the global batch
+  uint64_t seed = 1;              // the shuffle of every epoch
   Device device = Device::cpu();  // where batches are delivered
   int64_t eval_batch = 500;
 };
@@ -38,7 +38,7 @@ struct MnistSourceOptions {
 // Where the data came from, for the banner and the summary.
 struct MnistOrigin {
   std::string dir;
-  std::string source;  // "MNIST IDX files from <dir>", or what the demo's data step says
+  std::string source;      // "MNIST IDX files from <dir>", or what the demo's data step says
   bool generated = false;  // synthetic digits (the demo's fetch failed)
 };
 

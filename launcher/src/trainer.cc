@@ -51,8 +51,8 @@ TrainStats Trainer::fit() {
 
   const auto t0 = Clock::now();
   loop.window_start = t0;
-  for (int64_t epoch = loop.start_epoch;
-       epoch < options_.epochs && loop.step < loop.total_steps; ++epoch) {
+  for (int64_t epoch = loop.start_epoch; epoch < options_.epochs && loop.step < loop.total_steps;
+       ++epoch) {
     run_epoch(loop, epoch);
   }
   TrainStats stats;
@@ -60,8 +60,7 @@ TrainStats Trainer::fit() {
   stats.steps = loop.step;
   stats.final_loss = loop.loss;
   stats.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  stats.samples_per_s =
-      stats.seconds > 0 ? static_cast<double>(loop.samples) / stats.seconds : 0;
+  stats.samples_per_s = stats.seconds > 0 ? static_cast<double>(loop.samples) / stats.seconds : 0;
   for (Callback* c : parts_.callbacks) c->on_train_end(stats);
 
   stats.eval = parts_.data->evaluate(*parts_.model);  // every rank its share

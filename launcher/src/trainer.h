@@ -32,8 +32,9 @@
 //     void checkpoint_state(CheckpointState& s) const override;  // shard = tp rank, ...
 //     ...
 //   };
-//   Tensor gpt_loss(nn::Module& m, const TrainBatch& b) {
-//     return cross_entropy(m.forward(b.tensors[0]).view({-1, vocab}), b.tensors[1].view({-1}));
+//   Tensor gpt_loss(nn::Module& m, const TrainBatch& b) {   // logits [B,T,V]
+//     Tensor logits = m.forward(b.tensors[0]).reshape({-1, vocab});
+//     return cross_entropy(logits, b.tensors[1].reshape({-1}));
 //   }
 //   TokenSource data(...); TensorParallelPlan plan(mesh); optim::SGD opt(...);
 //   ProgressCallback progress(...);
@@ -145,8 +146,8 @@ class ParallelPlan {
 struct StepEnd {
   int64_t step = 0;  // steps done, counting those before a resume
   int64_t epoch = 0;
-  double loss = 0;  // this rank's loss of the step
-  double lr = 0;    // the optimizer's rate after the step (the schedule has moved on)
+  double loss = 0;           // this rank's loss of the step
+  double lr = 0;             // the optimizer's rate after the step (the schedule has moved on)
   double samples_per_s = 0;  // over the steps since the last log
 };
 
@@ -200,8 +201,8 @@ struct TrainerOptions {
 
 // The pieces fit() runs. Not owned: each must outlive the Trainer.
 struct TrainerParts {
-  std::shared_ptr<nn::Module> model;  // required
-  LossFn loss;                        // required
+  std::shared_ptr<nn::Module> model;        // required
+  LossFn loss;                              // required
   optim::Optimizer* optimizer = nullptr;    // required
   optim::LRScheduler* scheduler = nullptr;  // optional: stepped after every step
   BatchSource* data = nullptr;              // required
