@@ -47,6 +47,11 @@
 // files and recovery (checkpointing.h, recovery.h), flags (train.cc). A pipeline plan
 // will also need a forward-only hook for evaluation; evaluate() gets the model today.
 //
+// Where: trainer.h/.cc include only the engine (no coordinator, no WorkerSession,
+// no comm), so they can move into a library (parallel/) unchanged once a second
+// binary needs them; they sit beside their only user for now. A source's data
+// position is an engine DistributedSampler, what ckpt::TrainingState stores.
+//
 // Errors: a non-finite loss throws NumericalError naming the step, before backward;
 // whatever a plan, source or callback throws propagates out of fit() (a CommError
 // is what recovery.h catches). Thread-safety: one thread (the training thread).
