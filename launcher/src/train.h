@@ -22,6 +22,11 @@
 // path as a run passing through it, so the loss curve is bit-exact on the CPU
 // backend. A process restarted by its launcher joins the later generation and
 // resumes the same way.
+//
+// Layout: the loop is the Trainer (trainer.h); run_train composes one attempt from
+// MnistBatchSource (mnist_source.h), DataParallelPlan (ddp_plan.h), ShardedCheckpoints
+// (checkpointing.h) and the callbacks of train_callbacks.h, and run_with_recovery
+// (recovery.h) repeats it after a lost peer.
 #pragma once
 
 #include <cstdint>

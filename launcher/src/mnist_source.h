@@ -1,0 +1,76 @@
+// MnistBatchSource: the trainer's BatchSource for MNIST classification.
+//
+// The data: a user's IDX folder, or the demo's MNIST subset, which rank 0 prepares
+// (fetch + convert) first and the other ranks then read from its cache. Training
+// batches are this rank's slice of each global batch (a DistributedSampler over the
+// train split, shuffled per epoch) as {images f32 [B,1,28,28], labels i64 [B]};
+// evaluation gives every rank its share of the test split (rows rank, rank + size,
+// ...) and sums the correct argmax predictions over the ranks: "test_accuracy".
+// mnist_loss is the matching LossFn (cross entropy of the model's logits).
+//
+// Not here: the model (nn::make_model), augmentation, other data sets.
+// Thread-safety: the training thread (the DataLoader's prefetch thread is its own).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "dtrain/comm/communicator.h"
+#include "dtrain/engine/data/loader.h"
+#include "dtrain/engine/data/mnist.h"
+#include "dtrain/engine/data/sampler.h"
+#include "dtrain/engine/device.h"
+#include "trainer.h"
+
+namespace dtrain::cli {
+
+struct MnistSourceOptions {
+  std::string data;                 // IDX folder; empty: the demo's MNIST subset
+  std::string data_cache = "data";  // where the demo's data step caches its files
+  bool normalize = true;
+  int64_t local_batch = 64;       // this rank's share of the global batch
+  uint64_t seed = 1;              // the shuffle of every epoch
+  Device device = Device::cpu();  // where batches are delivered
+  int64_t eval_batch = 500;
+};
+
+// Where the data came from, for the banner and the summary.
+struct MnistOrigin {
+  std::string dir;
+  std::string source;      // "MNIST IDX files from <dir>", or what the demo's data step says
+  bool generated = false;  // synthetic digits (the demo's fetch failed)
+};
+
+class MnistBatchSource final : public BatchSource {
+ public:
+  // Collective (a barrier while rank 0 prepares the demo subset). Throws IoError /
+  // DataFormatError naming a missing or malformed file. REQUIRES: comm outlives it.
+  MnistBatchSource(const MnistSourceOptions& options, comm::Communicator& comm);
+
+  int64_t steps_per_epoch() const override { return loader_.num_batches(); }
+  void begin_epoch(int64_t epoch) override { loader_.begin_epoch(epoch); }
+  bool next(TrainBatch& batch) override;
+  bool epoch_done() const override;
+  data::DistributedSampler position() const override { return loader_.sampler(); }
+  void load_position(const data::SamplerState& state) override { loader_.load_state(state); }
+  Metrics evaluate(nn::Module& model) override;  // {"test_accuracy": fraction correct}
+
+  const MnistOrigin& origin() const { return origin_; }
+  int world_size() const { return comm_.size(); }  // ranks the batches are split over
+  int64_t train_size() const { return train_->size(); }
+  int64_t test_size() const { return test_.size(); }
+
+ private:
+  comm::Communicator& comm_;
+  MnistSourceOptions options_;
+  MnistOrigin origin_;
+  std::shared_ptr<data::MnistDataset> train_;
+  data::MnistDataset test_;
+  data::DataLoader loader_;
+};
+
+// cross_entropy(model(images), labels) for a batch of MnistBatchSource.
+Tensor mnist_loss(nn::Module& model, const TrainBatch& batch);
+
+}  // namespace dtrain::cli
