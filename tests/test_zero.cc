@@ -75,8 +75,8 @@ void run_ranks(int world, const std::string& tag, Fn fn) {
 
 struct Model {
   std::shared_ptr<nn::Linear> l1, l2;
-  std::shared_ptr<nn::Sequential> seq;              // the whole model
-  std::vector<std::shared_ptr<nn::Module>> units;   // the same layers as ZeRO-3 units
+  std::shared_ptr<nn::Sequential> seq;             // the whole model
+  std::vector<std::shared_ptr<nn::Module>> units;  // the same layers as ZeRO-3 units
   std::vector<Tensor> params() const { return seq->parameters(); }
 };
 
@@ -105,14 +105,14 @@ const Data& data() {
     std::vector<int64_t> y(kRows);
     for (float& v : x) v = static_cast<float>(gen.uniform(-2.0, 2.0));
     for (int64_t& v : y) v = static_cast<int64_t>(gen.next_u32() % 4);
-    return Data{dtrain::from_vector<float>(x, {kRows, 5}), dtrain::from_vector<int64_t>(y, {kRows})};
+    return Data{dtrain::from_vector<float>(x, {kRows, 5}),
+                dtrain::from_vector<int64_t>(y, {kRows})};
   }();
   return d;
 }
 
 // Forward + backward of step s's rows for `rank` of `world` (the mean over its slice).
-void forward_backward(const std::function<Tensor(const Tensor&)>& fwd, int s, int rank,
-                      int world) {
+void forward_backward(const std::function<Tensor(const Tensor&)>& fwd, int s, int rank, int world) {
   const int64_t local = kBatch / world;
   const int64_t start = (s * kBatch) % kRows + rank * local;
   Tensor x = data().x.narrow(0, start, local).clone();
@@ -129,12 +129,12 @@ std::vector<Tensor> snapshot(const std::vector<Tensor>& ps) {
 struct Oracle {
   std::vector<std::vector<Tensor>> params;  // after each step (1-based: params[s-1])
   std::vector<double> norms;
-  StateDict state_after_5;                  // in the unsharded AdamW's format
+  StateDict state_after_5;  // in the unsharded AdamW's format
 };
 
 // Merges two AdamW dicts (decayed and not) into the single-optimizer index space.
-StateDict merge_state(const StateDict& decay, const StateDict& plain,
-                      const std::vector<int>& which, const std::vector<int>& local) {
+StateDict merge_state(const StateDict& decay, const StateDict& plain, const std::vector<int>& which,
+                      const std::vector<int>& local) {
   StateDict out;
   out.emplace("lr", decay.at("lr"));
   out.emplace("num_params", dtrain::from_vector<int64_t>({int64_t(which.size())}, {}));
@@ -170,7 +170,8 @@ const Oracle& oracle() {
       opt_d.step();
       opt_p.step();
       out.params.push_back(snapshot(m.params()));
-      if (s == 4) out.state_after_5 = merge_state(opt_d.state_dict(), opt_p.state_dict(), which, local);
+      if (s == 4)
+        out.state_after_5 = merge_state(opt_d.state_dict(), opt_p.state_dict(), which, local);
     }
     return out;
   }();
@@ -273,7 +274,8 @@ void check_against_oracle(int stage, int world, size_t bucket_bytes = size_t{25}
                              " rank " + std::to_string(r);
     expect_close(rr.params, o.params.back(), what);
     ASSERT_EQ(rr.norms.size(), o.norms.size());
-    for (size_t s = 0; s < o.norms.size(); ++s) EXPECT_NEAR(rr.norms[s], o.norms[s], 1e-5 * o.norms[s]);
+    for (size_t s = 0; s < o.norms.size(); ++s)
+      EXPECT_NEAR(rr.norms[s], o.norms[s], 1e-5 * o.norms[s]);
   }
 }
 
@@ -319,8 +321,8 @@ TEST(ZeroMemory, ShardBytesFollowTheCeilFormula) {
                 [&](int r, Communicator& comm) {
                   res[static_cast<size_t>(r)] = train(stage, r, comm, 0, 1);
                 });
-      const int64_t shard = stage == 3 ? ceil_div(unit0, world) + ceil_div(unit1, world)
-                                       : ceil_div(p, world);
+      const int64_t shard =
+          stage == 3 ? ceil_div(unit0, world) + ceil_div(unit1, world) : ceil_div(p, world);
       const int64_t full = ceil_div(p, world) * world;
       for (const RankResult& rr : res) {
         const std::string what = "stage " + std::to_string(stage) + " dp " + std::to_string(world);
@@ -362,8 +364,8 @@ TEST(ZeroCheckpoint, FullStateEqualsAdamWAndReloadsAtAnotherDp) {
   for (int stage : {1, 3}) {  // resume at dp 3, as stage 1 and as stage 3
     std::vector<RankResult> second(3);
     run_ranks(3, "ckpt-b" + std::to_string(stage), [&](int r, Communicator& comm) {
-      second[static_cast<size_t>(r)] =
-          train(stage, r, comm, 5, kSteps, size_t{25} << 20, &first[0].full_state, &first[0].params);
+      second[static_cast<size_t>(r)] = train(stage, r, comm, 5, kSteps, size_t{25} << 20,
+                                             &first[0].full_state, &first[0].params);
     });
     for (const RankResult& rr : second) {
       expect_close(rr.params, o.params.back(), "resumed at dp 3 stage " + std::to_string(stage));
@@ -409,7 +411,8 @@ TEST(ClipGradNorm, ShardedSumsOwnedPartsAndCountsReplicasOnce) {
   std::vector<std::vector<float>> scaled(2);
   std::vector<double> norms(2);
   run_ranks(2, "clip", [&](int r, Communicator& comm) {
-    Tensor own = r == 0 ? dtrain::from_vector<float>({1, 2}, {2}) : dtrain::from_vector<float>({2}, {1});
+    Tensor own =
+        r == 0 ? dtrain::from_vector<float>({1, 2}, {2}) : dtrain::from_vector<float>({2}, {1});
     Tensor rep = dtrain::from_vector<float>({4}, {1});
     norms[size_t(r)] = par::clip_grad_norm_sharded({own, rep}, 2.5, {&comm}, {true, r == 0});
     scaled[size_t(r)] = rep.to_vector<float>();

@@ -94,8 +94,7 @@ std::vector<double> decay_matrices_only(const std::vector<Tensor>& params, doubl
 
 FlatLayout make_flat_layout(const std::vector<Shape>& shapes, int world, int64_t bucket_numel) {
   DTRAIN_CHECK(world >= 1 && bucket_numel >= 1, InvalidArgument,
-               "make_flat_layout: world {} and bucket_numel {} must be >= 1", world,
-               bucket_numel);
+               "make_flat_layout: world {} and bucket_numel {} must be >= 1", world, bucket_numel);
   FlatLayout l;
   l.world = world;
   l.shapes = shapes;
@@ -199,10 +198,14 @@ void ShardedAdamW::update(Flat& f, double c1, double c2) const {
     for (size_t i = 0; i < l.shapes.size(); ++i) {
       const int64_t a = std::max(f0, l.offsets[i]);
       const int64_t e = std::min(f1, l.offsets[i] + shape_numel(l.shapes[i]));
-      const fn::AdamUpdate u{static_cast<float>(lr_),   static_cast<float>(beta1_),
-                             static_cast<float>(beta2_), static_cast<float>(eps_),
-                             static_cast<float>(f.weight_decay[i]), static_cast<float>(c1),
-                             static_cast<float>(c2),     true};
+      const fn::AdamUpdate u{static_cast<float>(lr_),
+                             static_cast<float>(beta1_),
+                             static_cast<float>(beta2_),
+                             static_cast<float>(eps_),
+                             static_cast<float>(f.weight_decay[i]),
+                             static_cast<float>(c1),
+                             static_cast<float>(c2),
+                             true};
       for (int64_t j = a; j < e; ++j) {
         const int64_t k = s0 + j - f0;
         u(p[j], g[k], m[k], v[k]);
@@ -217,7 +220,8 @@ optim::StateDict ShardedAdamW::gather_full_state() const {
   out.emplace("num_params", i64_scalar(static_cast<int64_t>(num_params_)));
   if (step_ == 0) return out;  // AdamW creates its state on the first step
   for (const Flat& f : flats_) {
-    for (const auto& [name, shard] : {std::pair{"exp_avg", f.exp_avg}, {"exp_avg_sq", f.exp_avg_sq}}) {
+    for (const auto& [name, shard] :
+         {std::pair{"exp_avg", f.exp_avg}, {"exp_avg_sq", f.exp_avg_sq}}) {
       Tensor full = gather_flat(comm_, f.layout, shard);
       for (size_t i = 0; i < f.layout.shapes.size(); ++i) {
         out.emplace(fmt::format("state.{}.{}", f.first_index + i, name),
@@ -257,10 +261,10 @@ void ShardedAdamW::load_full_state(const optim::StateDict& dict) {
       for (const char* slot : {"step", "exp_avg", "exp_avg_sq"}) known.insert(key + slot);
       for (const char* slot : {"exp_avg", "exp_avg_sq"}) {
         const Tensor* t = get(key + slot);
-        DTRAIN_CHECK(step == 0 || (t && t->shape() == f.layout.shapes[i] &&
-                                   t->dtype() == DType::f32),
-                     DataFormatError, "ZeRO load_full_state: '{}{}' is missing or not f32 {}",
-                     key, slot, shape_str(f.layout.shapes[i]));
+        DTRAIN_CHECK(
+            step == 0 || (t && t->shape() == f.layout.shapes[i] && t->dtype() == DType::f32),
+            DataFormatError, "ZeRO load_full_state: '{}{}' is missing or not f32 {}", key, slot,
+            shape_str(f.layout.shapes[i]));
       }
     }
   }
@@ -272,7 +276,8 @@ void ShardedAdamW::load_full_state(const optim::StateDict& dict) {
   step_ = step;
   const int64_t r = comm_.rank();
   for (Flat& f : flats_) {
-    for (const auto& [slot, shard] : {std::pair{"exp_avg", f.exp_avg}, {"exp_avg_sq", f.exp_avg_sq}}) {
+    for (const auto& [slot, shard] :
+         {std::pair{"exp_avg", f.exp_avg}, {"exp_avg_sq", f.exp_avg_sq}}) {
       Tensor full = zeros({f.layout.total});
       for (size_t i = 0; step > 0 && i < f.layout.shapes.size(); ++i) {
         const Tensor* t = get(fmt::format("state.{}.{}", f.first_index + i, slot));
@@ -295,12 +300,12 @@ struct ZeroOptimizer::Buckets {
   comm::Communicator& comm;
   FlatLayout layout;
   Tensor grad_shard;
-  std::vector<size_t> bucket_of;                   // per parameter
-  std::vector<Tensor> full;                        // per bucket, alive while filling/in flight
-  std::vector<std::shared_ptr<comm::Work>> work;   // per bucket, while in flight
-  std::vector<size_t> pending;                     // per bucket: parameters not yet in
-  std::vector<bool> ready;                         // per parameter
-  size_t next = 0;                                 // the next bucket to launch
+  std::vector<size_t> bucket_of;                  // per parameter
+  std::vector<Tensor> full;                       // per bucket, alive while filling/in flight
+  std::vector<std::shared_ptr<comm::Work>> work;  // per bucket, while in flight
+  std::vector<size_t> pending;                    // per bucket: parameters not yet in
+  std::vector<bool> ready;                        // per parameter
+  size_t next = 0;                                // the next bucket to launch
   std::exception_ptr error;
   bool twice = false;
 
