@@ -32,7 +32,7 @@ void GptConfig::check(int tp) const {
 
 int64_t GptConfig::num_parameters() const {
   const int64_t c = n_embd;
-  const int64_t block = 2 * 2 * c + (4 * c * c + 4 * c) + (8 * c * c + 5 * c);
+  const int64_t block = 2 * 2 * c + (4 * c * c + 3 * c) + (8 * c * c + 5 * c);  // no key bias
   return vocab_size * c + block_size * c + n_layer * block + 2 * c;
 }
 
@@ -95,8 +95,12 @@ class GptBlock final : public Module {
     for (const char* n : {"q", "k", "v"}) {
       qkv_w_.push_back(gpt.add_param(*attn, fmt::format("{}_weight", n),
                                      p + fmt::format("attn.{}_weight", n), {C, C}, 0, std));
-      qkv_b_.push_back(gpt.add_param(*attn, fmt::format("{}_bias", n),
-                                     p + fmt::format("attn.{}_bias", n), {C}, 0, 0.0));
+      // No key bias: softmax is invariant to it (q.b_k shifts a whole row), so its
+      // gradient is rounding noise, which Adam would turn into full-size steps.
+      qkv_b_.push_back(std::string(n) == "k" ? Tensor()
+                                             : gpt.add_param(*attn, fmt::format("{}_bias", n),
+                                                             p + fmt::format("attn.{}_bias", n),
+                                                             {C}, 0, 0.0));
     }
     proj_w_ = gpt.add_param(*attn, "proj_weight", p + "attn.proj_weight", {C, C}, 1, resid);
     proj_b_ = gpt.add_param(*attn, "proj_bias", p + "attn.proj_bias", {C}, -1, 0.0);

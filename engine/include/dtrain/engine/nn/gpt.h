@@ -2,7 +2,8 @@
 //
 //   idx [B,T] -> wte(idx) + wpe(0..T-1) -> n_layer x Block -> ln_f -> x wte^T -> logits
 //   Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))          (pre-LayerNorm)
-//   attn:   causal self-attention, n_head heads, q/k/v/proj linears
+//   attn:   causal self-attention, n_head heads, q/k/v/proj linears (no key bias:
+//           softmax is invariant to it, so it could only learn rounding noise)
 //   mlp:    fc (C -> 4C), GELU (tanh), proj (4C -> C)
 // The output head is tied to the token embedding (one tensor, "wte.weight").
 //
