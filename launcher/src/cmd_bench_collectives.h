@@ -33,5 +33,7 @@ std::unique_ptr<WorkerSession> open_bench_session(const std::string& backend);
 // Registers the three collectives' subcommands on `bench`. The returned function runs the
 // one that was parsed and returns its exit code, or nullopt when none of them was.
 std::function<std::optional<int>()> add_collective_benches(CLI::App& bench);
+// `dtrain bench gpt` (cmd_bench_gpt.cc), registered the same way.
+std::function<std::optional<int>()> add_gpt_bench(CLI::App& bench);
 
 }  // namespace dtrain::cli
