@@ -8,6 +8,8 @@
 // parameters within 1e-5 relative, f32), and each rank must hold exactly its share.
 #include <gtest/gtest.h>
 
+#include "rank_threads.h"
+
 #include <cmath>
 #include <functional>
 #include <latch>
@@ -37,33 +39,9 @@ namespace par = dtrain::parallel;
 
 constexpr auto kTimeout = std::chrono::seconds(30);
 
-// Runs fn(world_comm) on `world` threads; any rank's failure fails the test.
+// Runs fn(world_comm) on `world` threads over tcp (rank_threads.h).
 void run_ranks(int world, const std::function<void(Communicator&)>& fn) {
-  dtrain::comm::MemoryStore store;
-  std::vector<std::string> errors(static_cast<size_t>(world));
-  std::latch done(world);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        dtrain::comm::TcpOptions topts;
-        topts.tag = "tp-test";
-        auto comm = dtrain::comm::make_tcp_communicator(store, r, world,
-                                                        dtrain::comm::CommOptions{kTimeout}, topts);
-        try {
-          fn(*comm);
-        } catch (const std::exception& e) {
-          errors[static_cast<size_t>(r)] = e.what();
-        }
-        done.arrive_and_wait();
-      } catch (const std::exception& e) {
-        errors[static_cast<size_t>(r)] = e.what();
-        done.count_down();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (int r = 0; r < world; ++r) EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  dtrain::testing::run_tcp_ranks(world, "tp-test", [&](int, Communicator& c) { fn(c); });
 }
 
 Tensor randn(const dtrain::Shape& shape, uint64_t seed) {

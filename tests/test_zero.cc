@@ -10,6 +10,8 @@
 // AdamW state and reloads at another dp (and stage), and the layout pads as stated.
 #include <gtest/gtest.h>
 
+#include "rank_threads.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -49,28 +51,7 @@ constexpr double kDecay = 0.1;
 
 template <typename Fn>
 void run_ranks(int world, const std::string& tag, Fn fn) {
-  dtrain::comm::MemoryStore store;
-  std::vector<std::string> errors(static_cast<size_t>(world));
-  std::latch done(world);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      std::unique_ptr<Communicator> comm;
-      try {
-        dtrain::set_num_threads(1);
-        dtrain::comm::TcpOptions tcp;
-        tcp.tag = tag;
-        comm = dtrain::comm::make_tcp_communicator(
-            store, r, world, dtrain::comm::CommOptions{std::chrono::seconds(20)}, tcp);
-        fn(r, *comm);
-      } catch (const std::exception& e) {
-        errors[static_cast<size_t>(r)] = e.what();
-      }
-      done.arrive_and_wait();
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  for (int r = 0; r < world; ++r) EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  dtrain::testing::run_tcp_ranks(world, tag, fn, std::chrono::seconds(20));
 }
 
 struct Model {
