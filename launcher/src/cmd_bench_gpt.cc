@@ -33,7 +33,7 @@ namespace {
 struct GptBenchOptions {
   int nproc = 8;
   int64_t steps = 20;
-  std::vector<std::string> meshes = {"dp=8", "dp=4,tp=2", "dp=2,tp=4", "tp=8", "dp=8+zero1",
+  std::vector<std::string> meshes = {"dp=8", "dp=4,tp=2", "dp=2,tp=4", "dp=4,tp=2+zero1", "dp=8+zero1",
                                      "dp=8+zero2"};
   std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
 };
@@ -79,7 +79,10 @@ Row run_config(const GptBenchOptions& o, const std::string& spec, int ranks) {
   std::smatch m;
   const std::regex line("\\(([0-9.]+) tokens/s, ([0-9.]+) GFLOP/s model\\)");
   if (st != 0 || !std::regex_search(out, m, line)) {
-    row.note = fmt::format("failed (status {})", st);
+    const size_t err = out.rfind("error: ");
+    row.note = fmt::format("failed (status {}): {}", st,
+                           err == std::string::npos ? "no summary line"
+                                                    : out.substr(err, out.find('\n', err) - err));
     return row;
   }
   row.tokens_per_s = std::stod(m[1]);
