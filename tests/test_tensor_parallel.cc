@@ -4,8 +4,7 @@
 // Oracles: the plain engine ops and a 1-process GPT. Each tensor-parallel piece
 // (f/g, the column/row linears, the vocab-parallel embedding and cross-entropy) must
 // give the values and gradients of its unsplit counterpart; a GPT trained on a
-// dp x tp mesh must follow the 1-process run step by step (losses and final
-// parameters within 1e-5 relative, f32), and each rank must hold exactly its share.
+// dp x tp mesh is in test_gpt_mesh.cc.
 #include <gtest/gtest.h>
 
 #include "rank_threads.h"
@@ -192,115 +191,6 @@ TEST(TensorParallel, BadIdsAndShapesAreRefused) {
   EXPECT_THROW(cfg.check(4), dtrain::InvalidArgument);  // 4 does not divide vocab 10
 }
 
-// ---------------------------------------------------------------- GPT on a mesh
-
-nn::GptConfig small_gpt() {
-  nn::GptConfig c;
-  c.vocab_size = 24;
-  c.block_size = 8;
-  c.n_layer = 2;
-  c.n_head = 4;
-  c.n_embd = 16;
-  c.seed = 42;
-  return c;
-}
-
-constexpr int kSteps = 20;
-constexpr int64_t kBatch = 4;
-
-struct RunResult {
-  std::vector<double> losses;
-  nn::StateDict params;  // this rank's (sliced) parameters
-};
-
-// AdamW with nanoGPT's decay groups, as two optimizers.
-struct GptOptim {
-  explicit GptOptim(const nn::Gpt& m)
-      : decay(m.decay_parameters(), dtrain::optim::AdamWOptions(3e-3).weight_decay(0.1)),
-        no_decay(m.no_decay_parameters(), dtrain::optim::AdamWOptions(3e-3).weight_decay(0.0)) {}
-  void step() {
-    decay.step();
-    no_decay.step();
-  }
-  dtrain::optim::AdamW decay, no_decay;
-};
-
-std::pair<Tensor, Tensor> batch_of(int step, const nn::GptConfig& c) {
-  Tensor x = random_ids({kBatch, c.block_size}, c.vocab_size, 1000 + step);
-  Tensor y = random_ids({kBatch, c.block_size}, c.vocab_size, 2000 + step);
-  return {x, y};
-}
-
-RunResult reference_run() {
-  auto model = std::make_shared<nn::Gpt>(small_gpt());
-  GptOptim opt(*model);
-  RunResult run;
-  for (int s = 0; s < kSteps; ++s) {
-    auto [x, y] = batch_of(s, model->config());
-    model->zero_grad();
-    Tensor loss = model->loss(x, y);
-    loss.backward();
-    opt.step();
-    run.losses.push_back(loss.item());
-  }
-  run.params = model->state_dict();
-  return run;
-}
-
-void expect_matches_reference(const RunResult& ref, const par::MeshShape& shape) {
-  run_ranks(shape.world(), [&](Communicator& world) {
-    par::ProcessMesh mesh(world, shape);
-    auto tp = std::make_shared<par::TensorParallel>(mesh.tp());
-    auto model = std::make_shared<nn::Gpt>(small_gpt(), tp);
-    par::DistributedDataParallel ddp(model, mesh.dp());
-    GptOptim opt(*model);
-    const int64_t rows = kBatch / shape.dp, r0 = mesh.coord().dp * rows;
-    for (int s = 0; s < kSteps; ++s) {
-      auto [x, y] = batch_of(s, model->config());
-      model->zero_grad();
-      Tensor loss = model->loss(x.narrow(0, r0, rows).contiguous(), y.narrow(0, r0, rows).contiguous());
-      loss.backward();
-      ddp.finish_gradient_sync();
-      opt.step();
-      double mean = loss.item();
-      mesh.dp().allreduce(&mean, 1, dtrain::DType::f64, dtrain::comm::ReduceOp::kAvg);
-      EXPECT_NEAR(mean, ref.losses[static_cast<size_t>(s)], 1e-5 * ref.losses[0]) << "step " << s;
-    }
-    int64_t held = 0, expected = 0;
-    for (const auto& [name, t] : model->state_dict()) {
-      const nn::ShardSpec& spec = model->shard_specs().at(name);
-      Tensor want = slice(ref.params.at(name), spec.dim, spec.rank, spec.parts);
-      EXPECT_LT(rel_diff(t, want), 1e-5) << name << " on rank " << world.rank();
-      held += t.numel();
-      expected += dtrain::shape_numel(spec.global_shape) / spec.parts;
-    }
-    EXPECT_EQ(held, expected);
-    EXPECT_EQ(held, model->num_parameters());
-  });
-}
-
-TEST(GptMesh, TensorAndDataParallelFollowTheOneProcessRun) {
-  const RunResult ref = reference_run();
-  ASSERT_LT(ref.losses.back(), ref.losses.front());  // it trains
-  for (const char* spec : {"dp=1,tp=1", "dp=2", "tp=2", "dp=2,tp=2", "tp=4"}) {
-    SCOPED_TRACE(spec);
-    expect_matches_reference(ref, par::MeshShape::parse(spec));
-  }
-}
-
-// Per-rank parameter elements under tp follow the formula: sharded tensors / tp.
-TEST(GptMesh, TensorParallelReallyShards) {
-  const nn::GptConfig c = small_gpt();
-  const int64_t C = c.n_embd, per_block_sharded = 4 * C * C + 2 * C + 8 * C * C + 4 * C;
-  const int64_t per_block_replicated = 4 * C + 2 * C;
-  for (int tp_size : {2, 4}) {
-    run_ranks(tp_size, [&](Communicator& tp) {
-      nn::Gpt model(c, std::make_shared<par::TensorParallel>(tp));
-      const int64_t want = c.vocab_size * C / tp_size + c.block_size * C + 2 * C +
-                           c.n_layer * (per_block_sharded / tp_size + per_block_replicated);
-      EXPECT_EQ(model.num_parameters(), want);
-    });
-  }
-}
+// The GPT on whole meshes: test_gpt_mesh.cc.
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <exception>
 
 #include "dtrain/common/error.h"
+#include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
 
 namespace dtrain::parallel {
@@ -169,6 +170,33 @@ PipelineStats run_pipeline_step(comm::Communicator& pp, const PipelineOptions& o
       stats.step_seconds > 0 ? 1.0 - stats.busy_seconds / stats.step_seconds : 0;
   stats.ideal_bubble = static_cast<double>(p - 1) / (m + p - 1);
   return stats;
+}
+
+double run_pipeline_forward(comm::Communicator& pp, const PipelineOptions& options,
+                            const StageForward& forward,
+                            const std::function<double(const Tensor& output)>& loss,
+                            const Tensor& input) {
+  NoGradGuard no_grad;
+  const int s = pp.rank(), p = pp.size();
+  Tensor x = input;
+  if (s > 0) {
+    x = empty(options.activation_shape,
+              TensorOptions().with_dtype(options.activation_dtype).with_device(options.device));
+    pp.recv(x.raw_data(), static_cast<size_t>(x.numel()), x.dtype(), s - 1);
+  }
+  Tensor out = forward(x);
+  double value = 0;
+  if (s == p - 1) {
+    value = loss(out);
+  } else {
+    DTRAIN_CHECK(out.shape() == options.activation_shape, ShapeError,
+                 "pipeline: stage {} output is {}, the activation is {}", s,
+                 shape_str(out.shape()), shape_str(options.activation_shape));
+    Tensor c = out.contiguous();
+    pp.send(c.raw_data(), static_cast<size_t>(c.numel()), c.dtype(), s + 1);
+  }
+  if (p > 1) pp.broadcast(&value, 1, DType::f64, p - 1);
+  return value;
 }
 
 }  // namespace dtrain::parallel

@@ -172,6 +172,35 @@ double ShardedAdamW::clip_grad_norm(double max_norm) {
   return clip_grad_norm_sharded(grads, max_norm, {&comm_});
 }
 
+double ShardedAdamW::clip_grad_norm(double max_norm,
+                                    const std::vector<comm::Communicator*>& more_groups,
+                                    const std::vector<bool>& counted) {
+  DTRAIN_CHECK(counted.empty() || counted.size() == num_params_, InvalidArgument,
+               "clip_grad_norm: {} counted flags for {} parameters", counted.size(), num_params_);
+  if (!reduced_) reduce_gradients();
+  reduced_ = true;
+  std::vector<comm::Communicator*> groups{&comm_};
+  groups.insert(groups.end(), more_groups.begin(), more_groups.end());
+  std::vector<Tensor> pieces;  // each parameter's overlap with this rank's shard
+  std::vector<bool> flags;
+  const int64_t r = comm_.rank();
+  for (const Flat& f : flats_) {
+    const FlatLayout& l = f.layout;
+    int64_t s0 = 0;
+    for (size_t b = 0; b < l.bucket_numel.size(); s0 += l.chunk(b), ++b) {
+      const int64_t f0 = l.bucket_begin[b] + r * l.chunk(b), f1 = f0 + l.chunk(b);
+      for (size_t i = 0; i < l.shapes.size(); ++i) {
+        const int64_t a = std::max(f0, l.offsets[i]);
+        const int64_t e = std::min(f1, l.offsets[i] + shape_numel(l.shapes[i]));
+        if (a >= e) continue;
+        pieces.push_back(f.grad.narrow(0, s0 + a - f0, e - a));
+        flags.push_back(counted.empty() || counted[f.first_index + i]);
+      }
+    }
+  }
+  return clip_grad_norm_sharded(pieces, max_norm, groups, flags);
+}
+
 void ShardedAdamW::step() {
   NoGradGuard no_grad;
   if (!reduced_) reduce_gradients();

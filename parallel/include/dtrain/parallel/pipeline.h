@@ -62,4 +62,12 @@ PipelineStats run_pipeline_step(comm::Communicator& pp, const PipelineOptions& o
                                 const StageForward& forward, const StageLoss& loss,
                                 const std::vector<Tensor>& inputs);
 
+// Forward only (evaluation): `input` (first stage) through every stage as one batch,
+// without a graph; the last stage's loss(output) is returned on every stage.
+// options.activation_shape is that batch's activation; schedule/microbatches unused.
+double run_pipeline_forward(comm::Communicator& pp, const PipelineOptions& options,
+                            const StageForward& forward,
+                            const std::function<double(const Tensor& output)>& loss,
+                            const Tensor& input);
+
 }  // namespace dtrain::parallel

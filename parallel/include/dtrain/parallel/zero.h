@@ -116,6 +116,12 @@ class ShardedAdamW {
   // Finishes the gradient reduction (idempotent within a step), then clips the
   // gradient shards by global norm over the dp group (clip.h). Returns the norm.
   double clip_grad_norm(double max_norm);
+  // The same inside a larger split (tensor/pipeline parallelism): the squares of the
+  // shard are summed over dp, then over each of `more_groups`; counted holds one flag
+  // per parameter (state-dict order; empty: all) and an unflagged parameter (one
+  // replicated across a tp group, counted by one of its ranks) is scaled, not summed.
+  double clip_grad_norm(double max_norm, const std::vector<comm::Communicator*>& more_groups,
+                        const std::vector<bool>& counted);
   // Finishes the reduction, updates this rank's shard, re-assembles parameters.
   void step();
 

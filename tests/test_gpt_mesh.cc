@@ -1,0 +1,115 @@
+// A GPT on every dp x tp x pp mesh of up to 8 ranks (threads over the real tcp
+// backend), through parallel::GptOnMesh, against the 1-process run: 20 AdamW steps,
+// losses and final parameter slices within 1e-5 relative (gpt_mesh_oracle.h), with
+// and without ZeRO-1/2 and gradient clipping, under 1F1B and GPipe; each split holds
+// exactly its share of the parameters; impossible splits are refused in one line.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "dtrain/common/error.h"
+#include "dtrain/parallel/mesh.h"
+#include "dtrain/parallel/schedule.h"
+#include "gpt_mesh_oracle.h"
+#include "rank_threads.h"
+
+namespace {
+
+using dtrain::comm::Communicator;
+namespace par = dtrain::parallel;
+namespace dt = dtrain::testing;
+
+const char* const kMeshes[] = {"dp=1",      "dp=2",      "tp=2",      "pp=2",
+                               "dp=2,tp=2", "tp=2,pp=2", "dp=2,pp=2", "dp=2,tp=2,pp=2"};
+
+void run_mesh(const std::string& spec, const dt::OracleRun& ref, par::GptMeshOptions o) {
+  SCOPED_TRACE(spec + " zero " + std::to_string(o.zero) + " clip " + std::to_string(o.clip));
+  const par::MeshShape shape = par::MeshShape::parse(spec);
+  if (shape.pp > 1) o.microbatches = 2;
+  dt::run_tcp_ranks(shape.world(), "gpt-mesh", [&](int, Communicator& world) {
+    par::ProcessMesh mesh(world, shape);
+    dt::expect_mesh_follows(ref, mesh, o);
+  });
+}
+
+TEST(GptMesh, EveryMeshFollowsTheOneProcessRun) {
+  const dt::OracleRun ref = dt::oracle_run(0);
+  ASSERT_LT(ref.losses.back(), ref.losses.front());  // it trains
+  for (const char* spec : kMeshes) run_mesh(spec, ref, {});
+}
+
+TEST(GptMesh, ZeroAndClippingOnEveryMesh) {
+  const double clip = 2.0;  // below the gradient norm of every step: always clips
+  const dt::OracleRun ref = dt::oracle_run(clip);
+  for (const char* spec : kMeshes) {
+    const bool pipelined = par::MeshShape::parse(spec).pp > 1;
+    run_mesh(spec, ref, {.clip = clip});
+    run_mesh(spec, ref, {.zero = 1, .clip = clip});
+    if (!pipelined) run_mesh(spec, ref, {.zero = 2, .clip = clip});
+  }
+}
+
+TEST(GptMesh, GPipeFourStagesAndAHandMadeSplit) {
+  const dt::OracleRun ref = dt::oracle_run(0);
+  run_mesh("pp=2", ref, {.schedule = par::ScheduleKind::kGPipe});
+  run_mesh("pp=4", ref, {});
+  run_mesh("pp=2", ref, {.stage_starts = {0, 1}});  // the embedding alone on stage 0
+}
+
+// Per-rank parameter elements: every tp-sliced tensor / tp, each stage its layers.
+TEST(GptMesh, EachSplitReallyShards) {
+  const dtrain::nn::GptConfig c = dt::small_gpt();
+  const int64_t C = c.n_embd, V = c.vocab_size, T = c.block_size;
+  const int64_t block_sliced = 12 * C * C + 6 * C, block_whole = 6 * C;  // 4 LayerNorm, 2 biases
+  for (const char* spec : {"tp=2", "pp=2", "tp=2,pp=2", "tp=4", "pp=4"}) {
+    SCOPED_TRACE(spec);
+    const par::MeshShape shape = par::MeshShape::parse(spec);
+    dt::run_tcp_ranks(shape.world(), "gpt-shards", [&](int, Communicator& world) {
+      par::ProcessMesh mesh(world, shape);
+      par::GptOnMesh run(mesh, c, {});
+      const dtrain::nn::GptStage& st = run.model()->stage();
+      const int64_t tp = shape.tp;
+      const int64_t want = (st.embedding ? V * C / tp + T * C : 0) +
+                           (st.end_block - st.first_block) * (block_sliced / tp + block_whole) +
+                           (st.head ? (st.embedding ? 0 : V * C / tp) + 2 * C : 0);
+      EXPECT_EQ(run.model()->num_parameters(), want) << "rank " << world.rank();
+      EXPECT_EQ(run.optimizer_state_bytes(), 8 * want);
+    });
+  }
+}
+
+TEST(GptMesh, ZeroShardsTheOptimizerState) {
+  for (int zero : {1, 2}) {
+    dt::run_tcp_ranks(4, "gpt-zero-bytes", [&](int, Communicator& world) {
+      par::ProcessMesh mesh(world, par::MeshShape::parse("dp=2,tp=2"));
+      par::GptOnMesh run(mesh, dt::small_gpt(), {.zero = zero});
+      const int64_t local = run.model()->num_parameters();
+      EXPECT_EQ(run.optimizer_state_bytes(), 8 * ((local + 1) / 2));
+    });
+  }
+}
+
+template <typename Error>
+void expect_refused(const std::string& spec, par::GptMeshOptions o, const std::string& text) {
+  const par::MeshShape shape = par::MeshShape::parse(spec);
+  dt::run_tcp_ranks(shape.world(), "gpt-refuse", [&](int, Communicator& world) {
+    par::ProcessMesh mesh(world, shape);
+    try {
+      par::GptOnMesh run(mesh, dt::small_gpt(), o);
+      ADD_FAILURE() << spec << " accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  });
+}
+
+TEST(GptMesh, ImpossibleSplitsAreRefused) {
+  // 2 blocks + embedding + head = 4 layers: 5 stages cannot be made.
+  expect_refused<dtrain::InvalidArgument>("pp=5", {}, "5 stages");
+  expect_refused<dtrain::UnsupportedError>("pp=2", {.zero = 2}, "ZeRO-2");
+  expect_refused<dtrain::InvalidArgument>("pp=2", {.stage_starts = {0, 4}}, "--stage-split");
+  EXPECT_THROW(par::parse_stage_starts("0,x", dt::small_gpt(), 2), dtrain::InvalidArgument);
+  EXPECT_EQ(par::parse_stage_starts("0,3", dt::small_gpt(), 2), (std::vector<int64_t>{0, 3}));
+}
+
+}  // namespace
