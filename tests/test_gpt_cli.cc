@@ -91,4 +91,53 @@ TEST(GptCli, TensorParallelSizeThatDoesNotDivideTheHeadsIsRefused) {
   EXPECT_TRUE(contains(r.out, "tp=2 does not divide the 3 heads")) << r.out;
 }
 
+// Pipeline parallel through dtrain launch: it trains, and it reports the measured
+// bubble next to (p-1)/(m+p-1).
+TEST(GptDemo, PipelineRunReportsItsBubble) {
+  fs::path dir = scratch("demo_pp2");
+  Result r = dtrain::testing::run_command(bin() + " launch --nproc 2 -- " + bin() + gpt_args(dir) +
+                                          " --parallel pp=2 --microbatches 4 --max-steps 40");
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::smatch m;
+  const std::regex bubble("measured bubble ([0-9.]+)% .* = ([0-9.]+)%");
+  ASSERT_TRUE(std::regex_search(r.out, m, bubble)) << r.out;
+  EXPECT_NEAR(std::stod(m[2]), 100.0 * (2 - 1) / (4 + 2 - 1), 0.05);
+  EXPECT_GT(std::stod(m[1]), 0.0);
+  EXPECT_LT(std::stod(m[1]), 100.0);
+  const std::regex line("final train loss ([0-9.]+), validation loss ([0-9.]+)");
+  ASSERT_TRUE(std::regex_search(r.out, m, line)) << r.out;
+  EXPECT_LT(std::stod(m[2]), 3.3756) << "40 steps should already beat the unigram baseline";
+}
+
+// --print-schedule: the stages and the timeline, no training.
+TEST(GptCli, PrintScheduleShowsStagesAndTimeline) {
+  fs::path dir = scratch("print_schedule");
+  Result r = dtrain::testing::run_command(bin() + " launch --nproc 2 -- " + bin() + gpt_args(dir) +
+                                          " --parallel pp=2 --microbatches 3 --pp-schedule gpipe "
+                                          "--stage-split 0,2 --print-schedule");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(contains(r.out, "stage 0: layers 0..1")) << r.out;
+  EXPECT_TRUE(contains(r.out, "stage 1: layers 2..5")) << r.out;
+  EXPECT_TRUE(contains(r.out, "gpipe schedule, 3 micro-batches")) << r.out;
+  EXPECT_TRUE(contains(r.out, "stage 1: .  F0 F1 F2 B0 B1 B2")) << r.out;
+  EXPECT_FALSE(contains(r.out, "validation loss")) << r.out;
+}
+
+// More stages than layers (4 blocks + embedding + head = 6), a bad split: one line.
+TEST(GptCli, StageCountAboveTheLayersIsRefused) {
+  fs::path dir = scratch("bad_pp");
+  Result r = dtrain::testing::run_command(bin() + gpt_args(dir) + " --parallel pp=8 --print-schedule "
+                                          "--n-layer 4");
+  EXPECT_NE(r.code, 0);
+  EXPECT_TRUE(contains(r.out, "needs 1 x 1 x 8 = 8 ranks")) << r.out;
+  Result many = dtrain::testing::run_command(bin() + " launch --nproc 8 -- " + bin() + gpt_args(dir) +
+                                             " --parallel pp=8 --n-layer 4 --print-schedule");
+  EXPECT_NE(many.code, 0);
+  EXPECT_TRUE(contains(many.out, "pipeline: 8 stages for a model of 6 layers")) << many.out;
+  Result split = dtrain::testing::run_command(bin() + " launch --nproc 2 -- " + bin() +
+                                              gpt_args(dir) + " --parallel pp=2 --stage-split 0,9");
+  EXPECT_NE(split.code, 0);
+  EXPECT_TRUE(contains(split.out, "--stage-split '0,9'")) << split.out;
+}
+
 }  // namespace

@@ -13,11 +13,10 @@
 #include "dtrain/engine/nn/gpt.h"
 #include "dtrain/engine/optim/adam.h"
 #include "dtrain/engine/serialize.h"
-#include "dtrain/parallel/clip.h"
-#include "dtrain/parallel/ddp.h"
+#include "dtrain/parallel/gpt_mesh.h"
 #include "dtrain/parallel/mesh.h"
 #include "dtrain/parallel/tensor_parallel.h"
-#include "dtrain/parallel/zero.h"
+#include "dtrain/parallel/schedule.h"
 #include "train_callbacks.h"
 #include "trainer.h"
 
@@ -65,6 +64,7 @@ class TextSource final : public BatchSource {
   void load_position(const data::SamplerState& /*state*/) override {}
   Metrics evaluate(nn::Module& model) override;
   const data::UnigramBaseline& baseline() const { return baseline_; }
+  void set_runner(parallel::GptOnMesh* run) { run_ = run; }
 
  private:
   data::DpSlice slice() const { return {mesh_.coord().dp, mesh_.shape().dp}; }
@@ -73,17 +73,17 @@ class TextSource final : public BatchSource {
   int64_t batch_, steps_, done_ = 0;
   Generator gen_;
   parallel::ProcessMesh& mesh_;
+  parallel::GptOnMesh* run_ = nullptr;
   data::UnigramBaseline baseline_{};
 };
 
-Metrics TextSource::evaluate(nn::Module& model) {
-  auto& gpt = dynamic_cast<nn::Gpt&>(model);
-  NoGradGuard no_grad;
+Metrics TextSource::evaluate(nn::Module& /*model*/) {
+  DTRAIN_CHECK(run_ != nullptr, InternalError, "gpt: evaluate before set_runner");
   const int64_t batches = val_.num_eval_batches(batch_, 20);
   double total = 0;
   for (int64_t i = 0; i < batches; ++i) {
     data::TokenBatch t = val_.eval_batch(i, batch_, slice());
-    total += gpt.loss(t.x, t.y).item();
+    total += run_->eval_loss(t.x, t.y);
   }
   double mean = batches > 0 ? total / static_cast<double>(batches) : 0.0;
   mesh_.dp().allreduce(&mean, 1, DType::f64, comm::ReduceOp::kAvg);
@@ -100,44 +100,23 @@ class LrClock final : public optim::Optimizer {
   void step() override {}
 };
 
-std::vector<double> decay_of(const std::vector<Tensor>& params, double wd) {
-  return parallel::decay_matrices_only(params, wd);
-}
-
+// The Trainer's view of a GptOnMesh (which owns the model, the optimizers and the
+// splits). Also averages the pipeline's measured bubble over the steps.
 class MeshPlan final : public ParallelPlan {
  public:
-  MeshPlan(parallel::ProcessMesh& mesh, const TrainConfig& c) : mesh_(mesh), config_(c) {}
+  MeshPlan(parallel::GptOnMesh& run) : run_(run), mesh_(run.mesh()) {}
 
-  void prepare(std::shared_ptr<nn::Module> model) override {
-    gpt_ = std::dynamic_pointer_cast<nn::Gpt>(model);
-    std::vector<Tensor> params = gpt_->parameters();
-    optim::AdamWOptions o = optim::AdamWOptions(config_.lr).betas(0.9, 0.95);
-    if (config_.zero > 0) {
-      zero_ = std::make_unique<parallel::ZeroOptimizer>(
-          params, decay_of(params, config_.weight_decay), mesh_.dp(), o,
-          parallel::ZeroOptions{.stage = config_.zero});
-      return;
+  void prepare(std::shared_ptr<nn::Module> /*model*/) override {}
+  double forward_backward(const TrainBatch& b, const StepFn& /*step*/) override {
+    const double loss = run_.forward_backward(b.tensors[0], b.tensors[1]);
+    if (mesh_.shape().pp > 1 && ++steps_ > 1) {  // the first step warms up
+      bubble_ += run_.pipeline_stats().bubble_fraction;
+      ideal_ = run_.pipeline_stats().ideal_bubble;
     }
-    ddp_ = std::make_unique<parallel::DistributedDataParallel>(gpt_, mesh_.dp());
-    decay_ = std::make_unique<optim::AdamW>(gpt_->decay_parameters(),
-                                            o.weight_decay(config_.weight_decay));
-    no_decay_ = std::make_unique<optim::AdamW>(gpt_->no_decay_parameters(), o.weight_decay(0));
+    return loss;
   }
-
-  double forward_backward(const TrainBatch& b, const StepFn& step) override {
-    if (zero_) zero_->zero_grad();
-    else gpt_->zero_grad();
-    StepLoss loss = step(*gpt_, b);
-    loss.loss.backward();
-    return loss.value;
-  }
-
-  void sync_gradients() override {
-    if (ddp_) ddp_->finish_gradient_sync();
-  }
-
-  void optimizer_step(optim::Optimizer& clock) override;
-
+  void sync_gradients() override { run_.sync_gradients(); }
+  void optimizer_step(optim::Optimizer& clock) override { run_.optimizer_step(clock.lr()); }
   double reduce_loss(double local) override {
     mesh_.dp().allreduce(&local, 1, DType::f64, comm::ReduceOp::kAvg);
     return local;
@@ -148,46 +127,20 @@ class MeshPlan final : public ParallelPlan {
   }
   bool is_logging_rank() const override { return mesh_.rank() == 0; }
   int rank() const override { return mesh_.rank(); }
+  // Collective over pp: the measured bubble averaged over the steps and the stages.
+  double mean_bubble() {
+    double b = steps_ > 1 ? bubble_ / static_cast<double>(steps_ - 1) : 0.0;
+    mesh_.pp().allreduce(&b, 1, DType::f64, comm::ReduceOp::kAvg);
+    return b;
+  }
+  double ideal_bubble() const { return ideal_; }
 
  private:
-  // Global gradient norm: sharded tensors count on every tp rank, replicated ones on
-  // tp rank 0 only; summed over tp (the dp replicas hold equal, averaged gradients).
-  void clip_replicated_dp(double max_norm);
-
+  parallel::GptOnMesh& run_;
   parallel::ProcessMesh& mesh_;
-  const TrainConfig& config_;
-  std::shared_ptr<nn::Gpt> gpt_;
-  std::unique_ptr<parallel::DistributedDataParallel> ddp_;
-  std::unique_ptr<optim::AdamW> decay_, no_decay_;
-  std::unique_ptr<parallel::ZeroOptimizer> zero_;
+  int64_t steps_ = 0;
+  double bubble_ = 0, ideal_ = 0;
 };
-
-void MeshPlan::clip_replicated_dp(double max_norm) {
-  std::vector<Tensor> grads;
-  std::vector<bool> counted;
-  for (const auto& [name, p] : gpt_->named_parameters()) {
-    if (!p.grad().defined()) continue;
-    grads.push_back(p.grad());
-    counted.push_back(gpt_->shard_specs().at(name).parts > 1 || mesh_.coord().tp == 0);
-  }
-  parallel::clip_grad_norm_sharded(grads, max_norm, {&mesh_.tp()}, counted);
-}
-
-void MeshPlan::optimizer_step(optim::Optimizer& clock) {
-  if (zero_) {
-    DTRAIN_CHECK(config_.clip <= 0 || mesh_.shape().tp == 1, UnsupportedError,
-                 "--clip with --zero needs tp=1 for now (the ZeRO norm reduces over dp only)");
-    if (config_.clip > 0) zero_->clip_grad_norm(config_.clip);
-    zero_->set_lr(clock.lr());
-    zero_->step();
-    return;
-  }
-  if (config_.clip > 0) clip_replicated_dp(config_.clip);
-  decay_->set_lr(clock.lr());
-  no_decay_->set_lr(clock.lr());
-  decay_->step();
-  no_decay_->step();
-}
 
 Tensor gpt_loss(nn::Module& model, const TrainBatch& b) {
   return dynamic_cast<nn::Gpt&>(model).loss(b.tensors[0], b.tensors[1]);
@@ -210,9 +163,9 @@ parallel::MeshShape mesh_shape(const TrainConfig& c, int world) {
   parallel::MeshShape s = c.parallel.empty() ? parallel::MeshShape{world, 1, 1}
                                              : parallel::MeshShape::parse(c.parallel);
   s.check_world(world);
-  DTRAIN_CHECK(s.pp == 1, UnsupportedError,
-               "--parallel {}: pipeline stages for the GPT are not wired into dtrain train yet "
-               "(use pp=1)", s.str());
+  DTRAIN_CHECK(s.pp == 1 || c.save.empty(), UnsupportedError,
+               "--save with pp={}: the single-file GPT checkpoint is gathered over tp only "
+               "for now; train with pp=1 to --save", s.pp);
   DTRAIN_CHECK(c.batch % s.dp == 0, InvalidArgument,
                "--batch {} cannot be split evenly over dp={}", c.batch, s.dp);
   return s;
@@ -255,49 +208,112 @@ void save_gpt(const TrainConfig& c, nn::Gpt& gpt, parallel::ProcessMesh& mesh, i
   fmt::print(stderr, "checkpoint: {}\n", c.save);
 }
 
+
+parallel::GptMeshOptions mesh_options(const TrainConfig& c, const nn::GptConfig& g, int pp) {
+  parallel::GptMeshOptions o;
+  o.lr = c.lr;
+  o.weight_decay = c.weight_decay;
+  o.zero = c.zero;
+  o.clip = c.clip;
+  o.microbatches = pp > 1 ? c.microbatches : 1;
+  o.schedule = parallel::parse_schedule(c.pp_schedule);
+  if (!c.stage_split.empty()) o.stage_starts = parallel::parse_stage_starts(c.stage_split, g, pp);
+  return o;
+}
+
+// --print-schedule: the stages' layers and the schedule's timeline (rank 0).
+void print_plan(const TrainConfig& c, parallel::GptOnMesh& run) {
+  const parallel::MeshShape& m = run.mesh().shape();
+  const nn::GptConfig& g = run.model()->config();
+  const std::vector<int64_t> layers = parallel::gpt_layer_params(g), starts = run.stage_starts();
+  fmt::print("mesh {}: {} stages over {} layers (embedding, {} blocks, head)\n", m.str(), m.pp,
+             layers.size(), g.n_layer);
+  for (size_t s = 0; s < starts.size(); ++s) {
+    const int64_t end = s + 1 < starts.size() ? starts[s + 1] : static_cast<int64_t>(layers.size());
+    int64_t params = 0;
+    for (int64_t l = starts[s]; l < end; ++l) params += layers[static_cast<size_t>(l)];
+    fmt::print("  stage {}: layers {}..{} ({} parameters)\n", s, starts[s], end - 1, params);
+  }
+  const parallel::ScheduleKind kind = parallel::parse_schedule(c.pp_schedule);
+  const int mb = m.pp > 1 ? c.microbatches : 1;
+  fmt::print("{} schedule, {} micro-batches, ideal bubble (p-1)/(m+p-1) = {:.1f}%\n{}",
+             parallel::schedule_name(kind), mb, 100.0 * (m.pp - 1) / (mb + m.pp - 1),
+             parallel::format_schedule(kind, m.pp, mb));
+}
+
+void print_banner(const TrainConfig& c, parallel::GptOnMesh& run, const data::PreparedText& corpus) {
+  const nn::Gpt& gpt = *run.model();
+  fmt::print(stderr, "dtrain train: {} ({} parameters, {} on this rank) on fortunes ({} tokens), "
+             "mesh {}, zero {}, batch {} x {} tokens, {} steps", gpt.config().str(),
+             gpt.config().num_parameters(), gpt.num_parameters(), corpus.train_tokens,
+             run.mesh().shape().str(), c.zero, c.batch, c.context, c.max_steps);
+  if (run.mesh().shape().pp > 1) {
+    fmt::print(stderr, ", {} schedule over {} micro-batches", c.pp_schedule, c.microbatches);
+  }
+  fmt::print(stderr, "\n");
+}
+
+void print_result(const TrainStats& stats, parallel::GptOnMesh& run, MeshPlan& plan) {
+  const double bubble = run.mesh().shape().pp > 1 ? plan.mean_bubble() : 0.0;  // collective
+  if (!plan.is_logging_rank()) return;
+  fmt::print("dtrain train: gpt on fortunes, mesh {}: {} steps in {:.1f} s ({:.0f} tokens/s, "
+             "{:.2f} GFLOP/s model), final train loss {:.4f}, validation loss {:.4f} "
+             "(perplexity {:.2f}) vs unigram baseline {:.4f} (perplexity {:.2f})\n",
+             run.mesh().shape().str(), stats.steps, stats.seconds, stats.samples_per_s,
+             stats.samples_per_s * run.model()->config().flops_per_token() / 1e9,
+             stats.final_loss, stats.eval.at("val_loss"), stats.eval.at("val_ppl"),
+             stats.eval.at("unigram_loss"), stats.eval.at("unigram_ppl"));
+  if (run.mesh().shape().pp > 1) {
+    fmt::print("pipeline: measured bubble {:.1f}% (mean over stages and steps) vs ideal "
+               "(p-1)/(m+p-1) = {:.1f}%\n", 100 * bubble, 100 * plan.ideal_bubble());
+  }
+}
+
 }  // namespace
 
 TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session) {
   const int world = session.size();
   parallel::ProcessMesh mesh(session.comm(), mesh_shape(config, world));
   const data::PreparedText corpus = prepare_corpus(config);
+  const nn::GptConfig g = model_config(config, corpus.vocab_size, mesh.shape().tp);
+  parallel::GptOnMesh run(mesh, g, mesh_options(config, g, mesh.shape().pp));
+  if (config.print_schedule) {
+    if (mesh.rank() == 0) print_plan(config, run);
+    TrainResult none;
+    none.world_size = world;
+    return none;
+  }
   TextSource data(corpus, config, mesh);
-  auto tp = std::make_shared<parallel::TensorParallel>(mesh.tp());
-  auto gpt = std::make_shared<nn::Gpt>(model_config(config, corpus.vocab_size, mesh.shape().tp), tp);
+  data.set_runner(&run);
   LrClock clock(config.lr);
-  TrainerOptions options{.epochs = 1, .max_steps = config.max_steps, .log_every = config.log_every};
+  TrainerOptions options;
+  options.epochs = 1;
+  options.max_steps = config.max_steps;
+  options.log_every = config.log_every;
   optim::CosineAnnealingLR schedule(
       clock, optim::CosineAnnealingOptions(config.max_steps).warmup_steps(config.warmup_steps)
                  .eta_min(config.lr / 10));
-  MeshPlan plan(mesh, config);
+  MeshPlan plan(run);
   std::optional<ProgressCallback> progress;
   std::optional<MetricsCallback> metrics;
   std::vector<Callback*> callbacks;
   if (plan.is_logging_rank()) {
-    fmt::print(stderr, "dtrain train: {} ({} parameters, {} on this rank) on fortunes ({} tokens), "
-               "mesh {}, zero {}, batch {} x {} tokens, {} steps\n", gpt->config().str(),
-               gpt->config().num_parameters(), gpt->num_parameters(), corpus.train_tokens,
-               mesh.shape().str(), config.zero, config.batch, config.context, config.max_steps);
+    print_banner(config, run, corpus);
     if (config.progress) callbacks.push_back(&progress.emplace("gpt"));
     callbacks.push_back(&metrics.emplace(config.metrics, nlohmann::json{{"workers", world}}));
   }
-  Trainer trainer({.model = gpt, .loss = gpt_loss, .optimizer = &clock, .scheduler = &schedule,
-                   .data = &data, .plan = &plan, .callbacks = callbacks},
+  Trainer trainer({.model = run.model(), .loss = gpt_loss, .optimizer = &clock,
+                   .scheduler = &schedule, .data = &data, .plan = &plan, .callbacks = callbacks},
                   options);
   TrainStats stats = trainer.fit();
-  if (!config.save.empty()) save_gpt(config, *gpt, mesh, corpus.vocab_size);
-  TrainResult r{.steps = stats.steps, .final_loss = stats.final_loss,
-                .samples_per_s = stats.samples_per_s, .seconds = stats.seconds,
-                .world_size = world};
-  if (plan.is_logging_rank()) {
-    fmt::print("dtrain train: gpt on fortunes, mesh {}: {} steps in {:.1f} s ({:.0f} tokens/s, "
-               "{:.2f} GFLOP/s model), final train loss {:.4f}, validation loss {:.4f} "
-               "(perplexity {:.2f}) vs unigram baseline {:.4f} (perplexity {:.2f})\n",
-               mesh.shape().str(), stats.steps, stats.seconds, stats.samples_per_s,
-               stats.samples_per_s * gpt->config().flops_per_token() / 1e9, stats.final_loss,
-               stats.eval.at("val_loss"), stats.eval.at("val_ppl"), stats.eval.at("unigram_loss"),
-               stats.eval.at("unigram_ppl"));
-  }
+  if (!config.save.empty()) save_gpt(config, *run.model(), mesh, corpus.vocab_size);
+  print_result(stats, run, plan);
+  TrainResult r;
+  r.steps = stats.steps;
+  r.final_loss = stats.final_loss;
+  r.samples_per_s = stats.samples_per_s;
+  r.seconds = stats.seconds;
+  r.world_size = world;
   return r;
 }
 

@@ -353,6 +353,14 @@ void add_gpt_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--n-layer", c.gpt_layers, "GPT: blocks")->capture_default_str()->check(kPositive);
   t->add_option("--n-head", c.gpt_heads, "GPT: heads")->capture_default_str()->check(kPositive);
   t->add_option("--n-embd", c.gpt_dim, "GPT: hidden size")->capture_default_str()->check(kPositive);
+  t->add_option("--microbatches", c.microbatches, "GPT, pp > 1: micro-batches per step")
+      ->capture_default_str()->check(kPositive);
+  t->add_option("--pp-schedule", c.pp_schedule, "GPT, pp > 1: 1f1b | gpipe")->capture_default_str();
+  t->add_option("--stage-split", c.stage_split,
+                "GPT, pp > 1: first layer of each stage, e.g. 0,3 (layers: embedding, blocks, "
+                "head; default: balanced by parameter count)");
+  t->add_flag("--print-schedule", c.print_schedule,
+              "GPT: print the pipeline stages and the schedule's timeline, then exit");
 }
 
 // Metrics, progress and checkpoints.

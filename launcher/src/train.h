@@ -67,6 +67,10 @@ struct TrainConfig {
   double clip = 1.0;     // global gradient-norm clip; 0: off
   int64_t context = 64;
   int64_t gpt_layers = 4, gpt_heads = 4, gpt_dim = 128;
+  int microbatches = 4;             // pp > 1: micro-batches per step
+  std::string pp_schedule = "1f1b"; // 1f1b | gpipe
+  std::string stage_split;          // "0,3": first layer of each stage; empty: balanced
+  bool print_schedule = false;      // print the stages and the schedule, do not train
   bool lr_given = false, weight_decay_given = false;  // else the GPT's own defaults
   // Test seams, from the environment (run_train reads them; see train.cc):
   // DTRAIN_TEST_KILL_AT=rank:step[:always] -- that rank kills itself (SIGKILL) after
