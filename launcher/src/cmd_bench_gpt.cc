@@ -33,8 +33,9 @@ namespace {
 struct GptBenchOptions {
   int nproc = 8;
   int64_t steps = 20;
-  std::vector<std::string> meshes = {"dp=8", "dp=4,tp=2", "dp=2,tp=4", "dp=4,tp=2+zero1", "dp=8+zero1",
-                                     "dp=8+zero2"};
+  std::vector<std::string> meshes = {"dp=8",           "dp=4,tp=2",      "dp=2,tp=4",
+                                     "dp=4,pp=2",      "dp=2,tp=2,pp=2", "dp=4,tp=2+zero1",
+                                     "dp=8+zero1",     "dp=8+zero2",     "dp=2,tp=2,pp=2+zero1"};
   std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
 };
 
