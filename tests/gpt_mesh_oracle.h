@@ -110,7 +110,7 @@ inline void expect_mesh_follows(const OracleRun& ref, parallel::ProcessMesh& mes
     ASSERT_NEAR(loss, want, 1e-5 * want) << "step " << s << " on rank " << mesh.rank();
   }
   const nn::Gpt& model = *run.model();
-  for (const auto& [name, t] : model.state_dict()) {
+  for (const auto& [name, t] : run.parameter_state()) {
     const nn::ShardSpec& spec = model.shard_specs().at(name);
     Tensor want = slice_of(ref.params.at(name), spec.dim, spec.rank, spec.parts);
     EXPECT_LT(rel_diff(t, want), kTol) << name << " on rank " << mesh.rank() << " of "

@@ -74,9 +74,9 @@ TEST(GptCli, BadMeshSpecAndShapesAreNamed) {
   Result heads = dtrain::testing::run_command(bin() + gpt_args(dir) + " --n-head 3");
   EXPECT_EQ(heads.code, 1);
   EXPECT_TRUE(contains(heads.out, "3 heads do not divide the hidden size 128")) << heads.out;
-  Result zero = dtrain::testing::run_command(bin() + gpt_args(dir) + " --zero 3");
+  Result zero = dtrain::testing::run_command(bin() + gpt_args(dir) + " --zero 4");
   EXPECT_EQ(zero.code, 1);
-  EXPECT_TRUE(contains(zero.out, "--zero 3")) << zero.out;
+  EXPECT_TRUE(contains(zero.out, "--zero 4")) << zero.out;
   Result mnist = dtrain::testing::run_command(bin() + " train --parallel tp=2");
   EXPECT_EQ(mnist.code, 1);
   EXPECT_TRUE(contains(mnist.out, "--parallel and --zero are for --model gpt")) << mnist.out;

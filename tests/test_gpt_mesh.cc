@@ -1,7 +1,7 @@
 // A GPT on every dp x tp x pp mesh of up to 8 ranks (threads over the real tcp
 // backend), through parallel::GptOnMesh, against the 1-process run: 20 AdamW steps,
 // losses and final parameter slices within 1e-5 relative (gpt_mesh_oracle.h), with
-// and without ZeRO-1/2 and gradient clipping, under 1F1B and GPipe; each split holds
+// and without ZeRO-1/2/3 and gradient clipping, under 1F1B and GPipe; each split holds
 // exactly its share of the parameters; impossible splits are refused in one line.
 #include <gtest/gtest.h>
 
@@ -46,6 +46,7 @@ TEST(GptMesh, ZeroAndClippingOnEveryMesh) {
     run_mesh(spec, ref, {.clip = clip});
     run_mesh(spec, ref, {.zero = 1, .clip = clip});
     if (!pipelined) run_mesh(spec, ref, {.zero = 2, .clip = clip});
+    run_mesh(spec, ref, {.zero = 3, .clip = clip});
   }
 }
 
@@ -78,13 +79,27 @@ TEST(GptMesh, EachSplitReallyShards) {
   }
 }
 
-TEST(GptMesh, ZeroShardsTheOptimizerState) {
-  for (int zero : {1, 2}) {
+// ZeRO-1/2: Adam state 8 bytes x ceil(P_local / dp). ZeRO-3: the blocks' parameters
+// and state are dp shards too (each block one padded flat unit); the rest as ZeRO-1.
+TEST(GptMesh, ZeroShardsStateAndParameters) {
+  const dtrain::nn::GptConfig c = dt::small_gpt();
+  const int64_t C = c.n_embd;
+  for (int zero : {1, 2, 3}) {
     dt::run_tcp_ranks(4, "gpt-zero-bytes", [&](int, Communicator& world) {
       par::ProcessMesh mesh(world, par::MeshShape::parse("dp=2,tp=2"));
-      par::GptOnMesh run(mesh, dt::small_gpt(), {.zero = zero});
-      const int64_t local = run.model()->num_parameters();
-      EXPECT_EQ(run.optimizer_state_bytes(), 8 * ((local + 1) / 2));
+      par::GptOnMesh run(mesh, c, {.zero = zero});
+      const int64_t dp = 2, tp = 2;
+      const int64_t block = (12 * C * C + 6 * C) / tp + 6 * C;
+      const int64_t rest = c.vocab_size * C / tp + c.block_size * C + 2 * C;
+      const int64_t local = rest + c.n_layer * block;
+      if (zero < 3) {
+        EXPECT_EQ(run.parameter_elements(), local);
+        EXPECT_EQ(run.optimizer_state_bytes(), 8 * ((local + dp - 1) / dp));
+        return;
+      }
+      const int64_t block_shard = (block + dp - 1) / dp;
+      EXPECT_EQ(run.parameter_elements(), rest + c.n_layer * block_shard);
+      EXPECT_EQ(run.optimizer_state_bytes(), 8 * ((rest + dp - 1) / dp + c.n_layer * block_shard));
     });
   }
 }
@@ -107,6 +122,7 @@ TEST(GptMesh, ImpossibleSplitsAreRefused) {
   // 2 blocks + embedding + head = 4 layers: 5 stages cannot be made.
   expect_refused<dtrain::InvalidArgument>("pp=5", {}, "5 stages");
   expect_refused<dtrain::UnsupportedError>("pp=2", {.zero = 2}, "ZeRO-2");
+  expect_refused<dtrain::InvalidArgument>("dp=1", {.zero = 4}, "--zero 4");
   expect_refused<dtrain::InvalidArgument>("pp=2", {.stage_starts = {0, 4}}, "--stage-split");
   EXPECT_THROW(par::parse_stage_starts("0,x", dt::small_gpt(), 2), dtrain::InvalidArgument);
   EXPECT_EQ(par::parse_stage_starts("0,3", dt::small_gpt(), 2), (std::vector<int64_t>{0, 3}));

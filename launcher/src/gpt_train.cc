@@ -245,7 +245,7 @@ void print_banner(const TrainConfig& c, parallel::GptOnMesh& run, const data::Pr
   const nn::Gpt& gpt = *run.model();
   fmt::print(stderr, "dtrain train: {} ({} parameters, {} on this rank) on fortunes ({} tokens), "
              "mesh {}, zero {}, batch {} x {} tokens, {} steps", gpt.config().str(),
-             gpt.config().num_parameters(), gpt.num_parameters(), corpus.train_tokens,
+             gpt.config().num_parameters(), run.parameter_elements(), corpus.train_tokens,
              run.mesh().shape().str(), c.zero, c.batch, c.context, c.max_steps);
   if (run.mesh().shape().pp > 1) {
     fmt::print(stderr, ", {} schedule over {} micro-batches", c.pp_schedule, c.microbatches);

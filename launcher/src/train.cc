@@ -49,8 +49,8 @@ void validate(const TrainConfig& c) {
                "into the GPT run yet");
   DTRAIN_CHECK(c.model == "gpt" || (c.parallel.empty() && c.zero == 0), InvalidArgument,
                "--parallel and --zero are for --model gpt (the MNIST models train with DDP)");
-  DTRAIN_CHECK(c.zero >= 0 && c.zero <= 2, InvalidArgument,
-               "--zero {}: expected 0 (DDP), 1 or 2", c.zero);
+  DTRAIN_CHECK(c.zero >= 0 && c.zero <= 3, InvalidArgument,
+               "--zero {}: expected 0 (DDP), 1, 2 or 3", c.zero);
   DTRAIN_CHECK(c.epochs >= 1, InvalidArgument, "--epochs must be >= 1, got {}", c.epochs);
   DTRAIN_CHECK(c.batch >= 1, InvalidArgument, "--batch must be >= 1, got {}", c.batch);
   DTRAIN_CHECK(c.lr > 0 && std::isfinite(c.lr), InvalidArgument, "--lr must be > 0, got {}", c.lr);
@@ -346,7 +346,7 @@ void add_optimization_options(CLI::App* t, TrainConfig& c) {
 // The GPT's mesh and shape.
 void add_gpt_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--parallel", c.parallel, "GPT mesh, e.g. dp=2,tp=2,pp=1 (default: dp = world)");
-  t->add_option("--zero", c.zero, "GPT: ZeRO stage over dp (0: DDP, 1, 2)")->capture_default_str();
+  t->add_option("--zero", c.zero, "GPT: ZeRO stage over dp (0: DDP, 1, 2, 3)")->capture_default_str();
   t->add_option("--clip", c.clip, "GPT: clip the global gradient norm (0: off)")
       ->capture_default_str();
   t->add_option("--context", c.context, "GPT: context length")->capture_default_str()->check(kPositive);

@@ -63,7 +63,7 @@ struct TrainConfig {
   std::string resume = "none";  // none | auto | a checkpoint name (step-00000120)
   // --model gpt (gpt_train.h): the mesh, ZeRO stage, clipping and the model's shape.
   std::string parallel;  // "dp=2,tp=2,pp=1"; empty: dp = world
-  int zero = 0;          // 0 (DDP), 1 or 2
+  int zero = 0;          // 0 (DDP), 1, 2 or 3
   double clip = 1.0;     // global gradient-norm clip; 0: off
   int64_t context = 64;
   int64_t gpt_layers = 4, gpt_heads = 4, gpt_dim = 128;

@@ -97,8 +97,8 @@ std::vector<int64_t> choose_starts(const nn::GptConfig& c, const GptMeshOptions&
 GptOnMesh::GptOnMesh(ProcessMesh& mesh, const nn::GptConfig& config, GptMeshOptions options)
     : mesh_(mesh), options_(std::move(options)) {
   const int pp = mesh.shape().pp;
-  DTRAIN_CHECK(options_.zero >= 0 && options_.zero <= 2, InvalidArgument,
-               "gpt mesh: --zero {} (0, 1 or 2 for the GPT)", options_.zero);
+  DTRAIN_CHECK(options_.zero >= 0 && options_.zero <= 3, InvalidArgument,
+               "gpt mesh: --zero {} (0, 1, 2 or 3)", options_.zero);
   DTRAIN_CHECK(options_.zero != 2 || pp == 1, UnsupportedError,
                "gpt mesh {}: ZeRO-2 reduces each gradient once per backward, a pipeline runs "
                "{} per step; use --zero 1 with pp > 1", mesh.shape().str(), options_.microbatches);
@@ -110,12 +110,11 @@ GptOnMesh::GptOnMesh(ProcessMesh& mesh, const nn::GptConfig& config, GptMeshOpti
     names_.push_back(name);
     params_.push_back(p);
   }
-  optim::AdamWOptions o = optim::AdamWOptions(options_.lr).betas(options_.beta1, options_.beta2);
   if (options_.zero > 0) {
-    zero_ = std::make_unique<ZeroOptimizer>(params_, decay_matrices_only(params_, options_.weight_decay),
-                                            mesh.dp(), o, ZeroOptions{.stage = options_.zero});
+    make_sharded();
     return;
   }
+  optim::AdamWOptions o = adam_options();
   if (pp == 1) ddp_ = std::make_unique<DistributedDataParallel>(gpt_, mesh.dp());
   // A stage may hold no bias or norm (the embedding alone): AdamW wants parameters.
   if (!gpt_->decay_parameters().empty()) {
@@ -127,17 +126,59 @@ GptOnMesh::GptOnMesh(ProcessMesh& mesh, const nn::GptConfig& config, GptMeshOpti
   }
 }
 
+optim::AdamWOptions GptOnMesh::adam_options() const {
+  return optim::AdamWOptions(options_.lr).betas(options_.beta1, options_.beta2);
+}
+
+// ZeRO-1/2: one ZeroOptimizer over every parameter. ZeRO-3: the blocks are
+// FullyShardedDataParallel units (gathered per block in forward and backward); the
+// embedding, its tied head copy and ln_f stay whole with ZeRO-1 state (the tie needs
+// the tensor at both ends of the model, as torch FSDP keeps it in the root unit).
+void GptOnMesh::make_sharded() {
+  const int stage = options_.zero == 3 ? 1 : options_.zero;
+  std::vector<Tensor> rest;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (options_.zero == 3 && names_[i].rfind("h.", 0) == 0) continue;
+    rest.push_back(params_[i]);
+    zero_names_.push_back(names_[i]);
+  }
+  if (!rest.empty()) {
+    zero_ = std::make_unique<ZeroOptimizer>(rest, decay_matrices_only(rest, options_.weight_decay),
+                                            mesh_.dp(), adam_options(), ZeroOptions{.stage = stage});
+    sharded_.push_back(zero_.get());
+  }
+  const std::vector<std::shared_ptr<nn::Module>> blocks = gpt_->block_modules();
+  if (options_.zero < 3 || blocks.empty()) return;
+  std::vector<Tensor> block_params;
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    for (const auto& [local, p] : blocks[k]->named_parameters()) {
+      block_params.push_back(p);
+      fsdp_names_.push_back(fmt::format("h.{}.{}", gpt_->stage().first_block + static_cast<int64_t>(k), local));
+    }
+  }
+  fsdp_ = std::make_unique<FullyShardedDataParallel>(
+      blocks, decay_matrices_only(block_params, options_.weight_decay), mesh_.dp(), adam_options());
+  sharded_.push_back(fsdp_.get());
+}
+
 GptOnMesh::~GptOnMesh() = default;
 
 void GptOnMesh::zero_grad() {
-  if (zero_) zero_->zero_grad();
-  else gpt_->zero_grad();
+  if (sharded_.empty()) gpt_->zero_grad();
+  for (ShardedAdamW* s : sharded_) s->zero_grad();
+}
+
+Tensor GptOnMesh::run_stage(const Tensor& in) {
+  Tensor h = gpt_->stage().embedding ? gpt_->embed(in) : in;
+  if (!fsdp_) return gpt_->run_blocks(h);
+  for (size_t u = 0; u < fsdp_->num_units(); ++u) h = fsdp_->forward_unit(u, h);
+  return h;
 }
 
 double GptOnMesh::forward_backward(const Tensor& x, const Tensor& y) {
   zero_grad();
   if (mesh_.shape().pp == 1) {
-    Tensor loss = gpt_->loss(x, y);
+    Tensor loss = gpt_->head_loss(run_stage(x), y);
     loss.backward();
     return loss.item();
   }
@@ -158,10 +199,7 @@ double GptOnMesh::pipelined(const Tensor& x, const Tensor& y) {
   po.schedule = options_.schedule;
   po.microbatches = m;
   po.activation_shape = {rows, x.size(1), gpt_->config().n_embd};
-  const bool embeds = gpt_->stage().embedding;
-  StageForward forward = [&](const Tensor& in) {
-    return gpt_->run_blocks(embeds ? gpt_->embed(in) : in);
-  };
+  StageForward forward = [&](const Tensor& in) { return run_stage(in); };
   StageLoss loss = [&](const Tensor& out, int i) {
     return gpt_->head_loss(out, targets[static_cast<size_t>(i)]);
   };
@@ -176,14 +214,16 @@ void GptOnMesh::sync_gradients() {
                  "gpt mesh: the embedding has no contiguous gradient to sum");
     e->allreduce(g.raw_data(), static_cast<size_t>(g.numel()), DType::f32, comm::ReduceOp::kSum);
   }
-  if (zero_) return;  // reduce-scattered inside clip / step
+  if (!sharded_.empty()) return;  // reduce-scattered inside backward, clip or step
   if (ddp_) ddp_->finish_gradient_sync();
   else allreduce_mean(params_, mesh_.dp());
 }
 
-std::vector<bool> GptOnMesh::counted_in_norm() const {
+// One flag per name: sliced over tp (every tp rank) or tp rank 0; the last stage's
+// copy of the tied embedding never.
+std::vector<bool> GptOnMesh::counted_in_norm(const std::vector<std::string>& names) const {
   std::vector<bool> counted;
-  for (const std::string& name : names_) {
+  for (const std::string& name : names) {
     const bool copy = name == "wte.weight" && !gpt_->stage().embedding;
     counted.push_back(!copy && (gpt_->shard_specs().at(name).parts > 1 || mesh_.coord().tp == 0));
   }
@@ -191,19 +231,24 @@ std::vector<bool> GptOnMesh::counted_in_norm() const {
 }
 
 double GptOnMesh::clip_gradients() {
-  std::vector<comm::Communicator*> groups{&mesh_.tp(), &mesh_.pp()};
-  if (zero_) return zero_->clip_grad_norm(options_.clip, groups, counted_in_norm());
   std::vector<Tensor> grads;
-  for (const Tensor& p : params_) grads.push_back(p.grad());
-  return clip_grad_norm_sharded(grads, options_.clip, groups, counted_in_norm());
+  std::vector<bool> flags;
+  if (sharded_.empty()) {
+    for (const Tensor& p : params_) grads.push_back(p.grad());
+    return clip_grad_norm_sharded(grads, options_.clip, {&mesh_.tp(), &mesh_.pp()},
+                                  counted_in_norm(names_));
+  }
+  if (zero_) zero_->owned_gradients(counted_in_norm(zero_names_), &grads, &flags);
+  if (fsdp_) fsdp_->owned_gradients(counted_in_norm(fsdp_names_), &grads, &flags);
+  return clip_grad_norm_sharded(grads, options_.clip, {&mesh_.dp(), &mesh_.tp(), &mesh_.pp()},
+                                flags);
 }
 
 void GptOnMesh::optimizer_step(double lr) {
   if (options_.clip > 0) clip_gradients();
-  if (zero_) {
-    zero_->set_lr(lr);
-    zero_->step();
-    return;
+  for (ShardedAdamW* s : sharded_) {
+    s->set_lr(lr);
+    s->step();
   }
   for (optim::AdamW* opt : {decay_.get(), no_decay_.get()}) {
     if (opt == nullptr) continue;
@@ -225,17 +270,36 @@ double GptOnMesh::eval_loss(const Tensor& x, const Tensor& y) {
   if (mesh_.shape().pp == 1) return gpt_->loss(x, y).item();
   PipelineOptions po;
   po.activation_shape = {x.size(0), x.size(1), gpt_->config().n_embd};
-  const bool embeds = gpt_->stage().embedding;
   return run_pipeline_forward(
-      mesh_.pp(), po, [&](const Tensor& in) { return gpt_->run_blocks(embeds ? gpt_->embed(in) : in); },
+      mesh_.pp(), po, [&](const Tensor& in) { return run_stage(in); },
       [&](const Tensor& out) { return gpt_->head_loss(out, y).item(); }, x);
 }
 
 int64_t GptOnMesh::optimizer_state_bytes() const {
-  if (zero_) return static_cast<int64_t>(zero_->memory().optimizer_state_bytes);
-  int64_t n = 0;
-  for (const Tensor& p : params_) n += p.numel();
-  return 8 * n;
+  if (sharded_.empty()) return 8 * gpt_->num_parameters();
+  int64_t bytes = 0;
+  for (const ShardedAdamW* s : sharded_) bytes += static_cast<int64_t>(s->memory().optimizer_state_bytes);
+  return bytes;
+}
+
+int64_t GptOnMesh::parameter_elements() const {
+  int64_t n = gpt_->num_parameters();  // ZeRO-3's released blocks count 0 here
+  if (fsdp_) {
+    for (const FlatLayout& l : fsdp_->layouts()) n += l.shard_numel();
+  }
+  return n;
+}
+
+nn::StateDict GptOnMesh::parameter_state() const {
+  nn::StateDict out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!fsdp_ || names_[i].rfind("h.", 0) != 0) out[names_[i]] = params_[i].clone();
+  }
+  if (fsdp_) {
+    const std::vector<Tensor> full = fsdp_->gather_full_parameters();
+    for (size_t i = 0; i < full.size(); ++i) out[fsdp_names_[i]] = full[i];
+  }
+  return out;
 }
 
 }  // namespace dtrain::parallel

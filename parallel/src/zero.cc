@@ -175,14 +175,20 @@ double ShardedAdamW::clip_grad_norm(double max_norm) {
 double ShardedAdamW::clip_grad_norm(double max_norm,
                                     const std::vector<comm::Communicator*>& more_groups,
                                     const std::vector<bool>& counted) {
+  std::vector<Tensor> pieces;
+  std::vector<bool> flags;
+  owned_gradients(counted, &pieces, &flags);
+  std::vector<comm::Communicator*> groups{&comm_};
+  groups.insert(groups.end(), more_groups.begin(), more_groups.end());
+  return clip_grad_norm_sharded(pieces, max_norm, groups, flags);
+}
+
+void ShardedAdamW::owned_gradients(const std::vector<bool>& counted, std::vector<Tensor>* pieces,
+                                   std::vector<bool>* flags) {
   DTRAIN_CHECK(counted.empty() || counted.size() == num_params_, InvalidArgument,
                "clip_grad_norm: {} counted flags for {} parameters", counted.size(), num_params_);
   if (!reduced_) reduce_gradients();
   reduced_ = true;
-  std::vector<comm::Communicator*> groups{&comm_};
-  groups.insert(groups.end(), more_groups.begin(), more_groups.end());
-  std::vector<Tensor> pieces;  // each parameter's overlap with this rank's shard
-  std::vector<bool> flags;
   const int64_t r = comm_.rank();
   for (const Flat& f : flats_) {
     const FlatLayout& l = f.layout;
@@ -193,12 +199,11 @@ double ShardedAdamW::clip_grad_norm(double max_norm,
         const int64_t a = std::max(f0, l.offsets[i]);
         const int64_t e = std::min(f1, l.offsets[i] + shape_numel(l.shapes[i]));
         if (a >= e) continue;
-        pieces.push_back(f.grad.narrow(0, s0 + a - f0, e - a));
-        flags.push_back(counted.empty() || counted[f.first_index + i]);
+        pieces->push_back(f.grad.narrow(0, s0 + a - f0, e - a));
+        flags->push_back(counted.empty() || counted[f.first_index + i]);
       }
     }
   }
-  return clip_grad_norm_sharded(pieces, max_norm, groups, flags);
 }
 
 void ShardedAdamW::step() {

@@ -234,6 +234,10 @@ Tensor Gpt::loss(const Tensor& idx, const Tensor& targets) {
   return head_loss(run_blocks(embed(idx)), targets);
 }
 
+std::vector<std::shared_ptr<Module>> Gpt::block_modules() const {
+  return {blocks_.begin(), blocks_.end()};
+}
+
 std::vector<Tensor> Gpt::decay_parameters() const {
   std::vector<Tensor> out;
   for (const Tensor& p : parameters()) {

@@ -8,7 +8,9 @@
 //                                       mesh.pp() with m micro-batches
 //   data parallel    ddp.h / zero.h     gradients averaged over mesh.dp(): DDP's
 //                                       bucketed all-reduce (pp = 1), one coalesced
-//                                       all-reduce (pp > 1), or ZeRO-1/2
+//                                       all-reduce (pp > 1), ZeRO-1/2, or ZeRO-3
+//                                       (blocks as FSDP units, the embedding, its
+//                                       tied copy and ln_f whole with ZeRO-1 state)
 //
 // A step is forward_backward (zeroes the gradients first), sync_gradients, then
 // optimizer_step; train_step does all three. In sync_gradients, when pp > 1, the
@@ -18,12 +20,13 @@
 // tensor sliced over tp counts on every tp rank, one replicated over tp on tp rank 0
 // only, the last stage's copy of the embedding not at all; the squares are summed
 // over tp and pp (and over dp under ZeRO, whose shards are disjoint).
+// Under ZeRO-3 the blocks' parameter tensors are empty between uses (their storage
+// is the dp shard); parameter_state() gathers them.
 //
 // Every mesh computes the 1-process step up to float summation order
 // (tests/test_gpt_mesh.cc). Refused (UnsupportedError, one line): ZeRO-2 with pp > 1
 // (its gradient hooks reduce once per backward, a pipeline runs m backwards per step).
-// Not here: ZeRO-3 for the GPT (FullyShardedDataParallel needs untied units),
-// sequence parallelism, interleaved stages. Thread-safety: one training thread.
+// Not here: sequence parallelism, interleaved stages. Thread-safety: one training thread.
 #pragma once
 
 #include <memory>
@@ -38,13 +41,15 @@
 namespace dtrain::parallel {
 
 class DistributedDataParallel;
+class FullyShardedDataParallel;
+class ShardedAdamW;
 class ZeroOptimizer;
 
 struct GptMeshOptions {
   double lr = 3e-3;
   double beta1 = 0.9, beta2 = 0.95;
   double weight_decay = 0.1;  // matrices and embeddings; biases and norms 0
-  int zero = 0;               // 0 (replicated optimizer), 1 or 2
+  int zero = 0;               // 0 (replicated optimizer), 1, 2 or 3
   double clip = 0;            // > 0: clip by global norm
   int microbatches = 1;       // pp > 1: micro-batches per step (divides the local batch)
   ScheduleKind schedule = ScheduleKind::k1F1B;
@@ -91,11 +96,19 @@ class GptOnMesh {
   const PipelineStats& pipeline_stats() const { return stats_; }
   // Bytes of AdamW state this rank holds (exp_avg + exp_avg_sq).
   int64_t optimizer_state_bytes() const;
+  // Parameter elements this rank holds (under ZeRO-3 the blocks' shards only).
+  int64_t parameter_elements() const;
+  // Collective over dp under ZeRO-3: this rank's parameters by global name (tp
+  // slices, ZeRO-3 blocks gathered over dp), copies.
+  nn::StateDict parameter_state() const;
 
  private:
+  optim::AdamWOptions adam_options() const;
+  void make_sharded();
   void zero_grad();
+  Tensor run_stage(const Tensor& in);  // embedding (first stage) and this stage's blocks
   double pipelined(const Tensor& x, const Tensor& y);
-  std::vector<bool> counted_in_norm() const;
+  std::vector<bool> counted_in_norm(const std::vector<std::string>& names) const;
   double clip_gradients();
 
   ProcessMesh& mesh_;
@@ -107,6 +120,9 @@ class GptOnMesh {
   std::unique_ptr<DistributedDataParallel> ddp_;
   std::unique_ptr<optim::AdamW> decay_, no_decay_;
   std::unique_ptr<ZeroOptimizer> zero_;
+  std::unique_ptr<FullyShardedDataParallel> fsdp_;  // ZeRO-3: the blocks
+  std::vector<std::string> zero_names_, fsdp_names_;  // their parameters, in their order
+  std::vector<ShardedAdamW*> sharded_;                // zero_ and fsdp_ when present
   PipelineStats stats_;
 };
 

@@ -122,6 +122,11 @@ class ShardedAdamW {
   // replicated across a tp group, counted by one of its ranks) is scaled, not summed.
   double clip_grad_norm(double max_norm, const std::vector<comm::Communicator*>& more_groups,
                         const std::vector<bool>& counted);
+  // Finishes the reduction and appends this rank's gradient shard, one piece per
+  // parameter overlapping it, with that parameter's flag from `counted` (one per
+  // parameter; empty: all true): what a norm over several sharded optimizers sums.
+  void owned_gradients(const std::vector<bool>& counted, std::vector<Tensor>* pieces,
+                       std::vector<bool>* flags);
   // Finishes the reduction, updates this rank's shard, re-assembles parameters.
   void step();
 
@@ -229,6 +234,10 @@ class FullyShardedDataParallel final : public ShardedAdamW {
                            const optim::AdamWOptions& options);
   Tensor forward(const Tensor& x);
   Tensor operator()(const Tensor& x) { return forward(x); }
+  // Unit u alone (forward() is every unit in turn), for a caller that runs other
+  // layers between units.
+  Tensor forward_unit(size_t u, const Tensor& x) { return unit_forward(u, x); }
+  size_t num_units() const { return units_.size(); }
   void zero_grad() override;
   // Collective: every unit's full parameters, for a checkpoint or an evaluation copy
   // (same order as the weight_decay list).

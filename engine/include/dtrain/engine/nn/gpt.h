@@ -119,6 +119,8 @@ class Gpt : public Module {
   std::vector<Tensor> no_decay_parameters() const;
   // The tied token embedding on this rank (undefined on stages with neither end).
   Tensor wte() const { return wte_; }
+  // This stage's blocks (x [B,T,C] -> x), first_block first: what ZeRO-3 wraps as units.
+  std::vector<std::shared_ptr<Module>> block_modules() const;
 
   // Registers a parameter of `owner` named `local`, global name `global`, drawn in
   // full (normal with `std`, or the constant `fill` when std == 0) and sliced along
