@@ -35,7 +35,8 @@ struct GptBenchOptions {
   int64_t steps = 20;
   std::vector<std::string> meshes = {"dp=8",           "dp=4,tp=2",      "dp=2,tp=4",
                                      "dp=4,pp=2",      "dp=2,tp=2,pp=2", "dp=4,tp=2+zero1",
-                                     "dp=8+zero1",     "dp=8+zero2",     "dp=2,tp=2,pp=2+zero1"};
+                                     "dp=8+zero1",     "dp=8+zero2",     "dp=8+zero3",
+                                     "dp=2,tp=2,pp=2+zero1"};
   std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
 };
 
@@ -115,14 +116,14 @@ int run_gpt_bench(const GptBenchOptions& o) {
   fmt::print("# peak {:.1f} GFLOP/s = measured 1-thread f32 GEMM x {} cores\n", peak, cores);
   std::vector<Row> rows{run_config(o, "dp=1", 1)};
   for (const auto& m : o.meshes) rows.push_back(run_config(o, m, o.nproc));
-  fmt::print("{:>14} {:>6} {:>12} {:>14} {:>7} {:>9}  {}\n", "mesh", "ranks", "tokens/s",
+  fmt::print("{:>20} {:>6} {:>12} {:>14} {:>7} {:>9}  {}\n", "mesh", "ranks", "tokens/s",
              "model GFLOP/s", "MFU", "vs 1 rank", "note");
   for (const Row& r : rows) {
     std::string note = r.note;
     if (note.empty() && r.ranks > static_cast<int>(cores)) {
       note = fmt::format("oversubscribed: {} ranks on {} cores", r.ranks, cores);
     }
-    fmt::print("{:>14} {:>6} {:>12.0f} {:>14.2f} {:>6.1f}% {:>8.2f}x  {}\n", r.mesh, r.ranks,
+    fmt::print("{:>20} {:>6} {:>12.0f} {:>14.2f} {:>6.1f}% {:>8.2f}x  {}\n", r.mesh, r.ranks,
                r.tokens_per_s, r.gflops, 100.0 * r.gflops / peak,
                rows[0].tokens_per_s > 0 ? r.tokens_per_s / rows[0].tokens_per_s : 0.0, note);
   }
