@@ -97,26 +97,39 @@ inline OracleRun oracle_run(double clip) {
   return run;
 }
 
-// On this rank of `mesh`: kSteps through GptOnMesh, compared with `ref`.
-inline void expect_mesh_follows(const OracleRun& ref, parallel::ProcessMesh& mesh,
-                                const parallel::GptMeshOptions& options) {
-  parallel::GptOnMesh run(mesh, small_gpt(), options);
+// Steps [from, to) of the oracle's run on this rank's dp rows, each loss checked.
+inline void follow_steps(const OracleRun& ref, parallel::GptOnMesh& run, int from, int to) {
+  parallel::ProcessMesh& mesh = run.mesh();
   const int64_t rows = kBatch / mesh.shape().dp, r0 = mesh.coord().dp * rows;
-  for (int s = 0; s < kSteps; ++s) {
+  for (int s = from; s < to; ++s) {
     auto [x, y] = batch_of(s, small_gpt());
     const double loss = run.train_step(x.narrow(0, r0, rows).contiguous(),
                                        y.narrow(0, r0, rows).contiguous(), kLr);
     const double want = ref.losses[static_cast<size_t>(s)];
     ASSERT_NEAR(loss, want, 1e-5 * want) << "step " << s << " on rank " << mesh.rank();
   }
+}
+
+// Every parameter slice of `run` against the oracle's final parameters.
+inline void expect_final_params(const OracleRun& ref, parallel::GptOnMesh& run,
+                                const parallel::GptMeshOptions& options) {
+  parallel::ProcessMesh& mesh = run.mesh();
   const nn::Gpt& model = *run.model();
   for (const auto& [name, t] : run.parameter_state()) {
     const nn::ShardSpec& spec = model.shard_specs().at(name);
     Tensor want = slice_of(ref.params.at(name), spec.dim, spec.rank, spec.parts);
     EXPECT_LT(rel_diff(t, want), kTol) << name << " on rank " << mesh.rank() << " of "
-                                       << mesh.shape().str()
-                                       << " zero " << options.zero << " clip " << options.clip;
+                                       << mesh.shape().str() << " zero " << options.zero
+                                       << " clip " << options.clip;
   }
+}
+
+// On this rank of `mesh`: kSteps through GptOnMesh, compared with `ref`.
+inline void expect_mesh_follows(const OracleRun& ref, parallel::ProcessMesh& mesh,
+                                const parallel::GptMeshOptions& options) {
+  parallel::GptOnMesh run(mesh, small_gpt(), options);
+  follow_steps(ref, run, 0, kSteps);
+  expect_final_params(ref, run, options);
 }
 
 }  // namespace dtrain::testing

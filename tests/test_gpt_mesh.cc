@@ -57,6 +57,33 @@ TEST(GptMesh, GPipeFourStagesAndAHandMadeSplit) {
   run_mesh("pp=2", ref, {.stage_starts = {0, 1}});  // the embedding alone on stage 0
 }
 
+// train_state() / load_train_state() on the same mesh: 10 steps, a fresh GptOnMesh
+// loads the state, 10 more steps follow the uninterrupted oracle run.
+TEST(GptMesh, TrainStateResumesTheRun) {
+  const dt::OracleRun ref = dt::oracle_run(0);
+  for (const char* spec : {"dp=2,tp=2", "tp=2,pp=2", "dp=2,pp=2"}) {
+    for (int zero : {0, 1, 3}) {
+      SCOPED_TRACE(std::string(spec) + " zero " + std::to_string(zero));
+      const par::MeshShape shape = par::MeshShape::parse(spec);
+      const par::GptMeshOptions o{.zero = zero, .microbatches = shape.pp > 1 ? 2 : 1};
+      dt::run_tcp_ranks(shape.world(), "gpt-resume", [&](int, Communicator& world) {
+        par::ProcessMesh mesh(world, shape);
+        dtrain::nn::StateDict state;
+        {
+          par::GptOnMesh first(mesh, dt::small_gpt(), o);
+          dt::follow_steps(ref, first, 0, dt::kSteps / 2);
+          state = first.train_state();
+        }
+        EXPECT_EQ(state.at("step").item(), dt::kSteps / 2);
+        par::GptOnMesh second(mesh, dt::small_gpt(), o);
+        second.load_train_state(state);
+        dt::follow_steps(ref, second, dt::kSteps / 2, dt::kSteps);
+        dt::expect_final_params(ref, second, o);
+      });
+    }
+  }
+}
+
 // Per-rank parameter elements: every tp-sliced tensor / tp, each stage its layers.
 TEST(GptMesh, EachSplitReallyShards) {
   const dtrain::nn::GptConfig c = dt::small_gpt();

@@ -641,4 +641,24 @@ std::vector<Tensor> FullyShardedDataParallel::gather_full_parameters() const {
   return out;
 }
 
+void FullyShardedDataParallel::load_full_parameters(const std::vector<Tensor>& full) {
+  DTRAIN_CHECK(full.size() == num_params_, ShapeError,
+               "FullyShardedDataParallel: {} parameters to load, the units hold {}", full.size(),
+               num_params_);
+  NoGradGuard no_grad;
+  size_t k = 0;
+  for (size_t u = 0; u < units_.size(); ++u) {
+    const FlatLayout& l = flats_[u].layout;
+    Tensor flat = zeros({l.total});
+    for (size_t i = 0; i < l.shapes.size(); ++i, ++k) {
+      DTRAIN_CHECK(full[k].shape() == l.shapes[i], ShapeError,
+                   "FullyShardedDataParallel: parameter {} is {}, the unit's is {}", k,
+                   shape_str(full[k].shape()), shape_str(l.shapes[i]));
+      flat_view(flat, l.shapes[i], l.offsets[i]).copy_(full[k]);
+    }
+    const int64_t s = l.shard_numel();
+    units_[u].shard.copy_(flat.narrow(0, comm_.rank() * s, s));
+  }
+}
+
 }  // namespace dtrain::parallel

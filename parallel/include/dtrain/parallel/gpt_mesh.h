@@ -29,6 +29,7 @@
 // Not here: sequence parallelism, interleaved stages. Thread-safety: one training thread.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -101,6 +102,14 @@ class GptOnMesh {
   // Collective over dp under ZeRO-3: this rank's parameters by global name (tp
   // slices, ZeRO-3 blocks gathered over dp), copies.
   nn::StateDict parameter_state() const;
+  // Everything a checkpoint needs, keyed independently of the mesh (collective over
+  // dp under ZeRO): parameter_state(), "<param>/exp_avg" and "<param>/exp_avg_sq"
+  // shaped like this rank's slice of the parameter (zeros before the first step),
+  // and "step" (i64 scalar, the optimizer's step count).
+  nn::StateDict train_state() const;
+  // The inverse, into this mesh's model and optimizers. ShapeError/DataFormatError
+  // naming the key when one is missing or of another shape; nothing is changed then.
+  void load_train_state(const nn::StateDict& state);
 
  private:
   optim::AdamWOptions adam_options() const;
@@ -110,6 +119,14 @@ class GptOnMesh {
   double pipelined(const Tensor& x, const Tensor& y);
   std::vector<bool> counted_in_norm(const std::vector<std::string>& names) const;
   double clip_gradients();
+  // An optimizer in use, its parameters' names in its order, and its state.
+  struct NamedOptimizer {
+    std::vector<std::string> names;
+    std::function<optim::StateDict()> save;
+    std::function<void(const optim::StateDict&)> load;
+  };
+  std::vector<NamedOptimizer> named_optimizers() const;
+  void check_train_state(const nn::StateDict& state) const;
 
   ProcessMesh& mesh_;
   GptMeshOptions options_;

@@ -242,6 +242,9 @@ class FullyShardedDataParallel final : public ShardedAdamW {
   // Collective: every unit's full parameters, for a checkpoint or an evaluation copy
   // (same order as the weight_decay list).
   std::vector<Tensor> gather_full_parameters() const;
+  // The inverse: every unit's full parameters (gather_full_parameters' order and
+  // shapes; ShapeError naming the index otherwise); this rank keeps its shard.
+  void load_full_parameters(const std::vector<Tensor>& full);
 
  private:
   struct Unit {
