@@ -212,4 +212,160 @@ TEST_F(CheckpointTest, FailedSaveThrowsEverywhereAndKeepsThePreviousCheckpoint) 
   EXPECT_SAME(reader.read("a", {8, 6}, DType::f32, -1, 0, 0), f.a);
 }
 
+// ---------------------------------------------------------------- GPT reshard
+
+nn::GptConfig small_gpt(uint64_t seed = 42) {
+  nn::GptConfig c;
+  c.vocab_size = 24;
+  c.block_size = 8;
+  c.n_layer = 2;
+  c.n_head = 4;
+  c.n_embd = 16;
+  c.seed = seed;
+  return c;
+}
+
+// The model's parameters, two fake optimizer slots derived from each, and a step.
+TensorMap make_state(const nn::Gpt& model) {
+  TensorMap state;
+  for (const auto& [name, p] : model.state_dict()) {
+    Tensor avg = p.clone(), sq = p.clone();
+    for (int64_t i = 0; i < p.numel(); ++i) {
+      const float v = p.contiguous().data<float>()[i];
+      avg.data<float>()[i] = v * 2 + 1;
+      sq.data<float>()[i] = v * v;
+    }
+    state[name] = p.clone();
+    state[name + "/exp_avg"] = avg;
+    state[name + "/exp_avg_sq"] = sq;
+  }
+  state["step"] = dtrain::scalar_tensor(7, dtrain::TensorOptions().with_dtype(DType::i64));
+  return state;
+}
+
+std::shared_ptr<nn::Gpt> gpt_on(par::ProcessMesh& mesh, const nn::GptConfig& c,
+                                nn::GptStage stage = {}) {
+  return std::make_shared<nn::Gpt>(c, std::make_shared<par::TensorParallel>(mesh.tp()), stage);
+}
+
+// The 2-stage split of small_gpt's 2 blocks.
+nn::GptStage stage_of(const par::ProcessMesh& mesh) {
+  if (mesh.shape().pp == 1) return {};
+  return mesh.is_first_stage() ? nn::GptStage{true, 0, 1, false} : nn::GptStage{false, 1, 2, true};
+}
+
+// Loads the checkpoint into a model built with another seed (so its own values are
+// wrong) and compares every key with the slice of the 1-process reference state.
+void expect_loads_reference(const std::string& dir, par::ProcessMesh& mesh, const TensorMap& ref) {
+  auto model = gpt_on(mesh, small_gpt(/*seed=*/99), stage_of(mesh));
+  const TensorMap like = make_state(*model);
+  const TensorMap got = par::load_gpt_sharded(dir, *model, like);
+  ASSERT_EQ(got.size(), like.size());
+  for (const auto& [key, t] : like) {
+    SCOPED_TRACE(key + " on rank " + std::to_string(mesh.rank()));
+    ASSERT_EQ(got.count(key), 1u);
+    auto spec = model->shard_specs().find(key.substr(0, key.find('/')));
+    const Tensor want = spec == model->shard_specs().end()
+                            ? ref.at(key)
+                            : slice(ref.at(key), spec->second.dim, spec->second.rank,
+                                    spec->second.parts);
+    EXPECT_SAME(got.at(key), want);
+    if (key == "wte.weight") {
+      EXPECT_FALSE(same_bits(t, want));  // the seeds really differ
+    }
+  }
+}
+
+void save_at(const std::string& dir, const par::MeshShape& shape) {
+  run_ranks(shape.world(), [&](Communicator& w) {
+    par::ProcessMesh mesh(w, shape);
+    auto model = gpt_on(mesh, small_gpt(), stage_of(mesh));
+    par::save_gpt_sharded(dir, *model, mesh, make_state(*model), {{"saved_at", shape.str()}});
+  });
+}
+
+void load_at(const std::string& dir, const par::MeshShape& shape, const TensorMap& ref) {
+  SCOPED_TRACE("loaded at " + shape.str());
+  run_ranks(shape.world(), [&](Communicator& w) {
+    par::ProcessMesh mesh(w, shape);
+    expect_loads_reference(dir, mesh, ref);
+  });
+}
+
+TEST_F(CheckpointTest, GptSavedAtDp2Tp2LoadsAtOtherMeshes) {
+  const TensorMap ref = make_state(nn::Gpt(small_gpt()));
+  save_at(dir_, {2, 2, 1});
+  EXPECT_EQ(par::ShardedCheckpointReader(dir_).meta()["saved_at"], "dp=2,tp=2,pp=1");
+  EXPECT_FALSE(fs::exists(dir_ + "/shard-2.dtrn"));  // dp index 1 writes nothing
+  for (const char* spec : {"tp=4", "dp=1", "dp=4", "pp=2"}) {
+    load_at(dir_, par::MeshShape::parse(spec), ref);
+  }
+}
+
+// A pipeline with tp saves too: the last stage's copy of wte is left to the first.
+TEST_F(CheckpointTest, GptSavedAtAPipelineLoadsAtTp2) {
+  const TensorMap ref = make_state(nn::Gpt(small_gpt()));
+  save_at(dir_, par::MeshShape::parse("tp=2,pp=2"));
+  par::ShardedCheckpointReader reader(dir_);
+  for (const std::string& name : reader.names()) EXPECT_EQ(ref.count(name), 1u) << name;
+  EXPECT_EQ(reader.names().size(), ref.size());
+  nlohmann::json manifest = nlohmann::json::parse(std::ifstream(dir_ + "/manifest.json"));
+  std::vector<std::string> wte_files;
+  for (const auto& p : manifest["tensors"]["wte.weight"]["pieces"]) wte_files.push_back(p["file"]);
+  EXPECT_EQ(wte_files, (std::vector<std::string>{"shard-0.dtrn", "shard-1.dtrn"}));  // stage 0
+  for (const char* last : {"/shard-2.dtrn", "/shard-3.dtrn"}) {
+    const dtrain::Archive a = dtrain::load_archive(dir_ + last);
+    EXPECT_EQ(a.tensors.count("wte.weight"), 0u) << last;
+    EXPECT_EQ(a.tensors.count("h.1.mlp.fc_weight"), 1u) << last;  // split over tp: both write
+  }
+  load_at(dir_, par::MeshShape::parse("tp=2"), ref);
+}
+
+TEST_F(CheckpointTest, GptOfAnotherShapeIsRefusedNamingTensorAndShapes) {
+  save_at(dir_, {1, 1, 1});
+  nn::GptConfig other = small_gpt();
+  other.n_embd = 8;
+  nn::Gpt model(other);
+  EXPECT_THROW(par::load_gpt_sharded(dir_, model, make_state(model)), dtrain::CheckpointError);
+  TensorMap like{{"wte.weight", model.state_dict().at("wte.weight")}};
+  try {
+    par::load_gpt_sharded(dir_, model, like);
+    FAIL() << "a checkpoint of another width loaded";
+  } catch (const dtrain::CheckpointError& e) {
+    const std::string m = e.what();
+    const Shape saved{small_gpt().vocab_size, small_gpt().n_embd};
+    const Shape wanted{other.vocab_size, other.n_embd};
+    for (const std::string& want : {dir_, std::string("wte.weight"), dtrain::shape_str(saved),
+                                    dtrain::shape_str(wanted)}) {
+      EXPECT_NE(m.find(want), std::string::npos) << m;
+    }
+    EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+  }
+  TensorMap extra{{"no.such.tensor", dtrain::zeros({2})}};
+  EXPECT_THROW(par::load_gpt_sharded(dir_, model, extra), dtrain::CheckpointError);
+}
+
+// A slot of the wrong shape on one rank fails the save there (ShapeError naming the
+// key) and on every other rank (CheckpointError); nothing is written.
+TEST_F(CheckpointTest, GptSaveWithABadSlotFailsOnEveryRank) {
+  std::atomic<int> errors{0};
+  run_ranks(2, [&](Communicator& w) {
+    par::ProcessMesh mesh(w, par::MeshShape::parse("tp=2"));
+    auto model = gpt_on(mesh, small_gpt());
+    TensorMap state = make_state(*model);
+    if (w.rank() == 1) state["wpe.weight/exp_avg"] = dtrain::zeros({3});
+    try {
+      par::save_gpt_sharded(dir_, *model, mesh, state, {});
+    } catch (const dtrain::ShapeError& e) {
+      if (w.rank() == 1) ++errors;
+      EXPECT_NE(std::string(e.what()).find("wpe.weight/exp_avg"), std::string::npos) << e.what();
+    } catch (const dtrain::CheckpointError&) {
+      if (w.rank() == 0) ++errors;
+    }
+  });
+  EXPECT_EQ(errors.load(), 2);
+  EXPECT_FALSE(fs::exists(dir_));
+  EXPECT_FALSE(fs::exists(dir_ + ".tmp"));
+}
+
 }  // namespace
