@@ -5,9 +5,13 @@
 // exactly its share of the parameters; impossible splits are refused in one line.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <string>
 
 #include "dtrain/common/error.h"
+#include "dtrain/parallel/gpt_checkpoint.h"
 #include "dtrain/parallel/mesh.h"
 #include "dtrain/parallel/schedule.h"
 #include "gpt_mesh_oracle.h"
@@ -18,6 +22,7 @@ namespace {
 using dtrain::comm::Communicator;
 namespace par = dtrain::parallel;
 namespace dt = dtrain::testing;
+namespace fs = std::filesystem;
 
 const char* const kMeshes[] = {"dp=1",      "dp=2",      "tp=2",      "pp=2",
                                "dp=2,tp=2", "tp=2,pp=2", "dp=2,pp=2", "dp=2,tp=2,pp=2"};
@@ -82,6 +87,40 @@ TEST(GptMesh, TrainStateResumesTheRun) {
       });
     }
   }
+}
+
+// Acceptance: a checkpoint saved at one mesh loads at another (gpt_checkpoint.h) and
+// the run goes on as if uninterrupted: saved after 10 steps at (dp=2,tp=2)+ZeRO-1,
+// loaded at pp=4 and at 1 process; saved at dp=2+ZeRO-3, loaded at tp=2,pp=2.
+void reshard(const dt::OracleRun& ref, const std::string& from, par::GptMeshOptions from_o,
+             const std::string& to, par::GptMeshOptions to_o) {
+  SCOPED_TRACE(from + " -> " + to);
+  const fs::path dir = fs::temp_directory_path() / ("dtrain_gpt_reshard_" + std::to_string(::getpid()));
+  const par::MeshShape a = par::MeshShape::parse(from), b = par::MeshShape::parse(to);
+  if (a.pp > 1) from_o.microbatches = 2;
+  if (b.pp > 1) to_o.microbatches = 2;
+  dt::run_tcp_ranks(a.world(), "gpt-save", [&](int, Communicator& world) {
+    par::ProcessMesh mesh(world, a);
+    par::GptOnMesh run(mesh, dt::small_gpt(), from_o);
+    dt::follow_steps(ref, run, 0, dt::kSteps / 2);
+    par::save_gpt_sharded(dir.string(), *run.model(), mesh, run.train_state(), {{"mesh", from}});
+  });
+  dt::run_tcp_ranks(b.world(), "gpt-load", [&](int, Communicator& world) {
+    par::ProcessMesh mesh(world, b);
+    par::GptOnMesh run(mesh, dt::small_gpt(), to_o);
+    run.load_train_state(par::load_gpt_sharded(dir.string(), *run.model(), run.train_state()));
+    dt::follow_steps(ref, run, dt::kSteps / 2, dt::kSteps);
+    dt::expect_final_params(ref, run, to_o);
+  });
+  fs::remove_all(dir);
+}
+
+TEST(GptMesh, CheckpointsLoadAtAnotherMesh) {
+  const dt::OracleRun ref = dt::oracle_run(0);
+  reshard(ref, "dp=2,tp=2", {.zero = 1}, "pp=4", {});
+  reshard(ref, "dp=2,tp=2", {.zero = 1}, "dp=1", {});
+  reshard(ref, "dp=2", {.zero = 3}, "tp=2,pp=2", {});
+  reshard(ref, "tp=2,pp=2", {}, "dp=4", {.zero = 2});
 }
 
 // Per-rank parameter elements: every tp-sliced tensor / tp, each stage its layers.
