@@ -13,10 +13,12 @@
 #include "dtrain/engine/nn/gpt.h"
 #include "dtrain/engine/optim/adam.h"
 #include "dtrain/engine/serialize.h"
+#include "dtrain/parallel/gpt_checkpoint.h"
 #include "dtrain/parallel/gpt_mesh.h"
 #include "dtrain/parallel/mesh.h"
 #include "dtrain/parallel/tensor_parallel.h"
 #include "dtrain/parallel/schedule.h"
+#include "gpt_checkpoints.h"
 #include "train_callbacks.h"
 #include "trainer.h"
 
@@ -35,7 +37,8 @@ data::PreparedText prepare_corpus(const TrainConfig& c) {
   return data::prepare_text_corpus(text, dir.string());
 }
 
-// A Sampler-shaped position for checkpoints (GPT checkpoints are not written yet).
+// A Sampler-shaped position for the Trainer (the GPT's position is its step: each
+// step's batch is drawn from a generator seeded by (seed, step), see TextSource).
 data::DistributedSampler no_position() { return data::DistributedSampler(1, 0, 1, 0, false); }
 
 class TextSource final : public BatchSource {
@@ -45,21 +48,27 @@ class TextSource final : public BatchSource {
         val_(data::TokenDataset::from_file(p.val_path, c.context)),
         batch_(c.batch),
         steps_(c.max_steps),
-        gen_(c.seed),
+        seed_(c.seed),
         mesh_(mesh) {
     baseline_ = data::unigram_baseline(train_.tokens(), val_.tokens(), p.vocab_size);
   }
   int64_t steps_per_epoch() const override { return steps_; }
-  void begin_epoch(int64_t /*epoch*/) override { done_ = 0; }
+  void begin_epoch(int64_t /*epoch*/) override {
+    done_ = resume_;
+    resume_ = 0;
+  }
+  // Step `step`'s batch comes next (a resumed run draws what the uninterrupted one would).
+  void resume_at(int64_t step) { resume_ = step; }
   bool next(TrainBatch& b) override {
-    if (done_ == steps_) return false;
+    if (done_ >= steps_) return false;
+    Generator gen(seed_ ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(done_ + 1)));
     ++done_;
-    data::TokenBatch t = train_.sample_batch(batch_, gen_, slice());
+    data::TokenBatch t = train_.sample_batch(batch_, gen, slice());
     b.tensors = {t.x, t.y};
     b.samples = batch_ * train_.block_size();  // tokens: samples/s reads as tokens/s
     return true;
   }
-  bool epoch_done() const override { return done_ == steps_; }
+  bool epoch_done() const override { return done_ >= steps_; }
   data::DistributedSampler position() const override { return no_position(); }
   void load_position(const data::SamplerState& /*state*/) override {}
   Metrics evaluate(nn::Module& model) override;
@@ -70,8 +79,8 @@ class TextSource final : public BatchSource {
   data::DpSlice slice() const { return {mesh_.coord().dp, mesh_.shape().dp}; }
 
   data::TokenDataset train_, val_;
-  int64_t batch_, steps_, done_ = 0;
-  Generator gen_;
+  int64_t batch_, steps_, done_ = 0, resume_ = 0;
+  uint64_t seed_;
   parallel::ProcessMesh& mesh_;
   parallel::GptOnMesh* run_ = nullptr;
   data::UnigramBaseline baseline_{};
@@ -163,29 +172,9 @@ parallel::MeshShape mesh_shape(const TrainConfig& c, int world) {
   parallel::MeshShape s = c.parallel.empty() ? parallel::MeshShape{world, 1, 1}
                                              : parallel::MeshShape::parse(c.parallel);
   s.check_world(world);
-  DTRAIN_CHECK(s.pp == 1 || c.save.empty(), UnsupportedError,
-               "--save with pp={}: the single-file GPT checkpoint is gathered over tp only "
-               "for now; train with pp=1 to --save", s.pp);
   DTRAIN_CHECK(c.batch % s.dp == 0, InvalidArgument,
                "--batch {} cannot be split evenly over dp={}", c.batch, s.dp);
   return s;
-}
-
-// Gathers the tensor-parallel shards into the full model on every rank (for --save).
-nn::StateDict full_state(nn::Gpt& gpt, comm::Communicator& tp) {
-  nn::StateDict out;
-  for (const auto& [name, t] : gpt.state_dict()) {
-    const nn::ShardSpec& spec = gpt.shard_specs().at(name);
-    if (spec.parts == 1) {
-      out[name] = t.clone();
-      continue;
-    }
-    Tensor stacked = parallel::gather_stacked(t, tp);  // [tp, ...shard]
-    std::vector<Tensor> parts;
-    for (int r = 0; r < spec.parts; ++r) parts.push_back(stacked.select(0, r));
-    out[name] = cat(parts, spec.dim).contiguous();
-  }
-  return out;
 }
 
 // The tokenizer travels inside the checkpoint, so `dtrain generate` needs nothing else.
@@ -194,18 +183,26 @@ std::vector<int> tokenizer_bytes(const TrainConfig& c) {
   return {tok.bytes().begin(), tok.bytes().end()};
 }
 
-void save_gpt(const TrainConfig& c, nn::Gpt& gpt, parallel::ProcessMesh& mesh, int64_t vocab) {
-  nn::StateDict full = full_state(gpt, mesh.tp());
-  if (mesh.rank() != 0) return;
-  nn::Gpt single(gpt.config());
-  single.load_state_dict(full);
-  const nn::GptConfig& g = gpt.config();
-  save_checkpoint(c.save, single, nullptr,
-                  {{"model", "gpt"}, {"vocab_size", g.vocab_size}, {"tokens", vocab},
-                   {"block_size", g.block_size}, {"n_layer", g.n_layer}, {"n_head", g.n_head},
-                   {"n_embd", g.n_embd}, {"seed", g.seed},
-                   {"tokenizer_bytes", tokenizer_bytes(c)}});
-  fmt::print(stderr, "checkpoint: {}\n", c.save);
+// --save: the whole model in one file for `dtrain generate`, from any mesh: the
+// ranks write their slices as a sharded checkpoint, rank 0 reads it back whole.
+void save_gpt(const TrainConfig& c, parallel::GptOnMesh& run, int64_t vocab) {
+  parallel::ProcessMesh& mesh = run.mesh();
+  const std::string shards = c.save + ".shards";
+  parallel::save_gpt_sharded(shards, *run.model(), mesh, run.parameter_state(),
+                             {{"format", "dtrain-gpt-parameters"}});
+  if (mesh.rank() == 0) {
+    const nn::GptConfig& g = run.model()->config();
+    nn::Gpt single(g);
+    single.load_state_dict(parallel::load_gpt_sharded(shards, single, single.state_dict()));
+    save_checkpoint(c.save, single, nullptr,
+                    {{"model", "gpt"}, {"vocab_size", g.vocab_size}, {"tokens", vocab},
+                     {"block_size", g.block_size}, {"n_layer", g.n_layer}, {"n_head", g.n_head},
+                     {"n_embd", g.n_embd}, {"seed", g.seed},
+                     {"tokenizer_bytes", tokenizer_bytes(c)}});
+    fs::remove_all(shards);
+    fmt::print(stderr, "checkpoint: {}\n", c.save);
+  }
+  mesh.world().barrier();
 }
 
 
@@ -294,19 +291,24 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session) 
       clock, optim::CosineAnnealingOptions(config.max_steps).warmup_steps(config.warmup_steps)
                  .eta_min(config.lr / 10));
   MeshPlan plan(run);
+  GptCheckpoints checkpoints(config, run, schedule, [&](int64_t step) { data.resume_at(step); });
+  const bool ckpt = !config.ckpt_dir.empty();
+  if (ckpt) options.checkpoint_every = config.ckpt_every;
   std::optional<ProgressCallback> progress;
   std::optional<MetricsCallback> metrics;
   std::vector<Callback*> callbacks;
+  if (ckpt) callbacks.push_back(&checkpoints);
   if (plan.is_logging_rank()) {
     print_banner(config, run, corpus);
     if (config.progress) callbacks.push_back(&progress.emplace("gpt"));
     callbacks.push_back(&metrics.emplace(config.metrics, nlohmann::json{{"workers", world}}));
   }
   Trainer trainer({.model = run.model(), .loss = gpt_loss, .optimizer = &clock,
-                   .scheduler = &schedule, .data = &data, .plan = &plan, .callbacks = callbacks},
+                   .scheduler = &schedule, .data = &data, .plan = &plan,
+                   .resume = ckpt ? &checkpoints : nullptr, .callbacks = callbacks},
                   options);
   TrainStats stats = trainer.fit();
-  if (!config.save.empty()) save_gpt(config, *run.model(), mesh, corpus.vocab_size);
+  if (!config.save.empty()) save_gpt(config, run, corpus.vocab_size);
   print_result(stats, run, plan);
   TrainResult r;
   r.steps = stats.steps;

@@ -3,20 +3,22 @@
 // The corpus is Debian's fortunes (engine/.../data/text.h), prepared once into
 // <data-cache>/fortunes (vocab.json, train.tok, val.tok); the vocabulary is padded
 // to a multiple of 64, the same model on every mesh (tp = 2, 4, ... divide it). The run goes
-// through the same Trainer as MNIST (trainer.h) with two GPT pieces:
-//   - TextSource: every step the same global batch of random windows for every
-//     mesh (dp rank r keeps rows r, r + dp, ...), and a validation sweep that
-//     reports val_loss, val_ppl and the corpus' unigram baseline;
-//   - MeshPlan: the ProcessMesh of --parallel (dp x pp x tp, pp = 1 for now), the
-//     GPT with its tensor-parallel seams over mesh.tp(), and the data-parallel side
-//     over mesh.dp(): DDP + AdamW (nanoGPT's decay groups), or ZeRO-1/2
-//     (--zero 1|2), with gradient clipping by the global norm (--clip).
+// through the same Trainer as MNIST (trainer.h) with the GPT's pieces:
+//   - TextSource: step k's global batch is drawn from a generator seeded by (seed, k),
+//     the same for every mesh (dp rank r keeps its rows), so a resumed run sees the
+//     uninterrupted run's batches; a validation sweep reports val_loss, val_ppl and
+//     the corpus' unigram baseline;
+//   - MeshPlan: the Trainer's view of a parallel::GptOnMesh on the ProcessMesh of
+//     --parallel (dp x pp x tp; --microbatches, --pp-schedule, --stage-split), with
+//     DDP / ZeRO-1/2/3 over dp (--zero) and global-norm clipping (--clip);
+//   - GptCheckpoints (gpt_checkpoints.h): --ckpt-dir/--resume, sharded checkpoints
+//     that load at any mesh.
 // The Trainer's optimizer is only the schedule's clock (the LR it sets is copied
-// into the plan's real optimizer before each update).
+// into the mesh's optimizers before each update). --save writes the whole model in
+// one file (for `dtrain generate`) from any mesh; --print-schedule prints the stages
+// and the pipeline timeline and exits.
 //
-// Not yet: pipeline stages (pp > 1 is refused with a clear line), ZeRO-3 for the GPT,
-// sharded GPT checkpoints (--ckpt-dir/--resume are refused; --save writes the
-// gathered model for `dtrain generate`).
+// Not yet: --device cuda for the GPT, bf16 autocast, sequence parallelism.
 #pragma once
 
 #include "train.h"

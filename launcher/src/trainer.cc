@@ -16,7 +16,8 @@ struct Trainer::Loop {
   int64_t start_epoch = 0;
   int64_t first_step = 0;
   int64_t total_steps = 0;
-  double loss = 0;
+  double loss = 0;         // this rank's, of the last step
+  double logged_loss = 0;  // combined over the ranks (reduce_loss), of the last logged step
   int64_t samples = 0;
   int64_t window_samples = 0;
   Clock::time_point window_start;
@@ -58,7 +59,7 @@ TrainStats Trainer::fit() {
   TrainStats stats;
   stats.start_step = loop.first_step;
   stats.steps = loop.step;
-  stats.final_loss = loop.loss;
+  stats.final_loss = loop.logged_loss;
   stats.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   stats.samples_per_s = stats.seconds > 0 ? static_cast<double>(loop.samples) / stats.seconds : 0;
   for (Callback* c : parts_.callbacks) c->on_train_end(stats);
@@ -117,7 +118,7 @@ void Trainer::after_step(Loop& loop, const StepEnd& end) {
   for (Callback* c : parts_.callbacks) c->on_step_end(end);
   if (end.step % options_.log_every == 0 || end.step == loop.total_steps) {
     StepEnd log = end;
-    log.loss = parts_.plan->reduce_loss(end.loss);
+    log.loss = loop.logged_loss = parts_.plan->reduce_loss(end.loss);
     for (Callback* c : parts_.callbacks) c->on_log(log);
     loop.window_start = Clock::now();
     loop.window_samples = 0;
