@@ -142,5 +142,61 @@ TEST(MasterWeights, KeepsF32CopiesAndRoundsBack) {
   }
 }
 
+// ---- autocast ----
+
+double max_rel(const Tensor& a, const Tensor& b) {
+  Tensor x = a.contiguous(), y = b.contiguous();
+  double d = 0, m = 1e-30;
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    d = std::max(d, std::abs(double(x.data<float>()[i]) - y.data<float>()[i]));
+    m = std::max(m, std::abs(double(y.data<float>()[i])));
+  }
+  return d / m;
+}
+
+// Oracle: the f32 linear of operands rounded to bf16 by hand; the gradients are the
+// GEMMs of the bf16-rounded gradient with the rounded operands.
+TEST(Autocast, LinearIsABf16GemmWithF32Accumulation) {
+  Generator gen(5);
+  Tensor x = random_tensor({2, 7, 33}, gen).set_requires_grad(true);
+  Tensor w = random_tensor({9, 33}, gen).set_requires_grad(true);
+  Tensor b = random_tensor({9}, gen).set_requires_grad(true);
+  Tensor g = random_tensor({2, 7, 9}, gen);
+  Tensor y;
+  {
+    amp::AutocastGuard autocast(DType::bf16);
+    EXPECT_EQ(amp::AutocastGuard::dtype(), DType::bf16);
+    y = linear(x, w, b);
+    sum(y * g).backward();
+  }
+  EXPECT_EQ(amp::AutocastGuard::dtype(), DType::f32);
+  const Tensor xr = amp::round_through(x.detach(), DType::bf16);
+  const Tensor wr = amp::round_through(w.detach(), DType::bf16);
+  const Tensor gr = amp::round_through(g, DType::bf16);
+  EXPECT_LT(max_rel(y.detach(), linear(xr, wr, b.detach())), 1e-6);
+  EXPECT_GT(max_rel(y.detach(), linear(x.detach(), w.detach(), b.detach())), 1e-4)
+      << "the operands were not rounded";
+  EXPECT_LT(max_rel(x.grad(), matmul(gr.reshape({14, 9}), wr).reshape({2, 7, 33})), 1e-6);
+  EXPECT_LT(max_rel(w.grad(), matmul(gr.reshape({14, 9}).t(), xr.reshape({14, 33}))), 1e-6);
+  EXPECT_LT(max_rel(b.grad(), sum(g.reshape({14, 9}), {0})), 1e-6);
+  // bf16 keeps 8 significant bits: every rounded operand is within 2^-8 relative.
+  EXPECT_LT(max_rel(xr, x.detach()), std::ldexp(1.0, -8));
+}
+
+TEST(Autocast, GuardNestsAndRefusesF32) {
+  {
+    amp::AutocastGuard outer(DType::bf16);
+    {
+      amp::AutocastGuard inner(DType::f16);
+      EXPECT_EQ(amp::AutocastGuard::dtype(), DType::f16);
+    }
+    EXPECT_EQ(amp::AutocastGuard::dtype(), DType::bf16);
+    amp::AutocastGuard off(DType::bf16, false);
+    EXPECT_EQ(amp::AutocastGuard::dtype(), DType::bf16);
+  }
+  EXPECT_EQ(amp::AutocastGuard::dtype(), DType::f32);
+  EXPECT_THROW(amp::AutocastGuard(DType::f32), DTypeError);
+}
+
 }  // namespace
 }  // namespace dtrain

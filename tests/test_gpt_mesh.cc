@@ -123,6 +123,44 @@ TEST(GptMesh, CheckpointsLoadAtAnotherMesh) {
   reshard(ref, "tp=2,pp=2", {}, "dp=4", {.zero = 2});
 }
 
+// bf16 autocast (amp.h): the run trains like the f32 one (losses within 2%) but is
+// not it (the GEMM operands are rounded: up to ~5e-5 apart here); a tp x pp mesh
+// follows the 1-process bf16 run much closer than the f32 one (bf16 roundings of
+// sums that differ in the last f32 bit may flip, so not to 1e-5).
+TEST(GptMesh, Bf16AutocastTrainsAndSplits) {
+  const dt::OracleRun f32 = dt::oracle_run(0);
+  std::vector<double> one;
+  dt::run_tcp_ranks(1, "gpt-bf16", [&](int, Communicator& world) {
+    par::ProcessMesh mesh(world, par::MeshShape{});
+    par::GptOnMesh run(mesh, dt::small_gpt(), {.bf16 = true});
+    for (int s = 0; s < dt::kSteps; ++s) {
+      auto [x, y] = dt::batch_of(s, dt::small_gpt());
+      one.push_back(run.train_step(x, y, dt::kLr));
+    }
+  });
+  double max_diff = 0;
+  for (int s = 0; s < dt::kSteps; ++s) {
+    const double a = one[static_cast<size_t>(s)], b = f32.losses[static_cast<size_t>(s)];
+    EXPECT_NEAR(a, b, 0.02 * b) << "step " << s;
+    max_diff = std::max(max_diff, std::abs(a - b) / b);
+  }
+  EXPECT_GT(max_diff, 1e-5) << "bf16 autocast changed nothing";
+  EXPECT_LT(one.back(), one.front());
+  dt::run_tcp_ranks(4, "gpt-bf16-mesh", [&](int, Communicator& world) {
+    par::ProcessMesh mesh(world, par::MeshShape::parse("tp=2,pp=2"));
+    par::GptOnMesh run(mesh, dt::small_gpt(), {.microbatches = 2, .bf16 = true});
+    double to_bf16 = 0, to_f32 = 0;
+    for (int s = 0; s < dt::kSteps; ++s) {
+      auto [x, y] = dt::batch_of(s, dt::small_gpt());
+      const double loss = run.train_step(x, y, dt::kLr), want = one[static_cast<size_t>(s)];
+      EXPECT_NEAR(loss, want, 1e-4 * want) << "step " << s;
+      to_bf16 += std::abs(loss - want);
+      to_f32 += std::abs(loss - f32.losses[static_cast<size_t>(s)]);
+    }
+    EXPECT_LT(to_bf16, 0.5 * to_f32) << "the mesh run is not the bf16 run";
+  });
+}
+
 // Per-rank parameter elements: every tp-sliced tensor / tp, each stage its layers.
 TEST(GptMesh, EachSplitReallyShards) {
   const dtrain::nn::GptConfig c = dt::small_gpt();

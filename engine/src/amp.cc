@@ -103,4 +103,56 @@ void MasterWeights::copy_master_to_model() {
   }
 }
 
+// ---- autocast ----
+
+namespace {
+
+DType& autocast_state() {
+  thread_local DType active = DType::f32;
+  return active;
+}
+
+// a [m,k] @ b [k,n] with both operands rounded to `dt`; backward rounds the gradient.
+Tensor rounded_mm(const Tensor& a, const Tensor& b, DType dt) {
+  Tensor ar = round_through(a, dt), br = round_through(b, dt);
+  Tensor y;
+  {
+    NoGradGuard no_grad;
+    y = matmul(ar, br);
+  }
+  auto backward = [ar, br, dt](const std::vector<Tensor>& g) {
+    if (!g[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
+    NoGradGuard no_grad;
+    Tensor gr = round_through(g[0], dt);
+    return std::vector<Tensor>{matmul(gr, br.t()), matmul(ar.t(), gr)};
+  };
+  return make_function("autocast_mm", {a, b}, {y}, backward)[0];
+}
+
+}  // namespace
+
+AutocastGuard::AutocastGuard(DType dtype, bool enabled) : previous_(autocast_state()) {
+  DTRAIN_CHECK(dtype == DType::bf16 || dtype == DType::f16, DTypeError,
+               "autocast: {} is not a 16-bit float type (bf16 or f16)", dtype_name(dtype));
+  if (enabled) autocast_state() = dtype;
+}
+
+AutocastGuard::~AutocastGuard() { autocast_state() = previous_; }
+
+DType AutocastGuard::dtype() { return autocast_state(); }
+
+Tensor round_through(const Tensor& t, DType dtype) {
+  NoGradGuard no_grad;
+  return t.to(dtype).to(t.dtype());
+}
+
+Tensor autocast_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, DType dtype) {
+  const int64_t in = weight.size(1), out = weight.size(0);
+  Shape out_shape = x.shape();
+  out_shape.back() = out;
+  Tensor y = rounded_mm(x.reshape({-1, in}), weight.t(), dtype);
+  if (bias.defined()) y = add(y, bias);
+  return y.reshape(out_shape);
+}
+
 }  // namespace dtrain::amp

@@ -1,5 +1,6 @@
 // matmul and linear on OpenBLAS GEMM. Transposed views go to BLAS as transposes.
 #include "cpu/blas.h"
+#include "dtrain/engine/amp.h"
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
 #ifdef DTRAIN_WITH_CUDA
@@ -124,6 +125,9 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   if (bias.defined()) {
     DTRAIN_CHECK(bias.dim() == 1 && bias.shape()[0] == outf, ShapeError,
                  "linear: bias must be [{}], got {}", outf, shape_str(bias.shape()));
+  }
+  if (x.dtype() == DType::f32 && amp::AutocastGuard::dtype() != DType::f32) {  // amp.h
+    return amp::autocast_linear(x, weight, bias, amp::AutocastGuard::dtype());
   }
   Shape out_shape = x.shape();
   out_shape.back() = outf;

@@ -214,6 +214,7 @@ parallel::GptMeshOptions mesh_options(const TrainConfig& c, const nn::GptConfig&
   o.clip = c.clip;
   o.microbatches = pp > 1 ? c.microbatches : 1;
   o.schedule = parallel::parse_schedule(c.pp_schedule);
+  o.bf16 = c.bf16;
   if (!c.stage_split.empty()) o.stage_starts = parallel::parse_stage_starts(c.stage_split, g, pp);
   return o;
 }
@@ -241,9 +242,10 @@ void print_plan(const TrainConfig& c, parallel::GptOnMesh& run) {
 void print_banner(const TrainConfig& c, parallel::GptOnMesh& run, const data::PreparedText& corpus) {
   const nn::Gpt& gpt = *run.model();
   fmt::print(stderr, "dtrain train: {} ({} parameters, {} on this rank) on fortunes ({} tokens), "
-             "mesh {}, zero {}, batch {} x {} tokens, {} steps", gpt.config().str(),
+             "mesh {}, zero {}{}, batch {} x {} tokens, {} steps", gpt.config().str(),
              gpt.config().num_parameters(), run.parameter_elements(), corpus.train_tokens,
-             run.mesh().shape().str(), c.zero, c.batch, c.context, c.max_steps);
+             run.mesh().shape().str(), c.zero, c.bf16 ? ", bf16 autocast" : "", c.batch,
+             c.context, c.max_steps);
   if (run.mesh().shape().pp > 1) {
     fmt::print(stderr, ", {} schedule over {} micro-batches", c.pp_schedule, c.microbatches);
   }

@@ -18,7 +18,8 @@
 // one file (for `dtrain generate`) from any mesh; --print-schedule prints the stages
 // and the pipeline timeline and exits.
 //
-// Not yet: --device cuda for the GPT, bf16 autocast, sequence parallelism.
+// --bf16: autocast of the linears (amp.h). Not yet: --device cuda for the GPT,
+// sequence parallelism.
 #pragma once
 
 #include "train.h"

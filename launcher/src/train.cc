@@ -359,6 +359,9 @@ void add_gpt_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--stage-split", c.stage_split,
                 "GPT, pp > 1: first layer of each stage, e.g. 0,3 (layers: embedding, blocks, "
                 "head; default: balanced by parameter count)");
+  t->add_flag("--bf16", c.bf16,
+              "GPT: bf16 autocast (the linears' GEMMs on bf16 operands, f32 accumulation and "
+              "master weights)");
   t->add_flag("--print-schedule", c.print_schedule,
               "GPT: print the pipeline stages and the schedule's timeline, then exit");
 }

@@ -71,6 +71,7 @@ struct TrainConfig {
   std::string pp_schedule = "1f1b"; // 1f1b | gpipe
   std::string stage_split;          // "0,3": first layer of each stage; empty: balanced
   bool print_schedule = false;      // print the stages and the schedule, do not train
+  bool bf16 = false;                // GPT: bf16 autocast of the linears (amp.h)
   bool lr_given = false, weight_decay_given = false;  // else the GPT's own defaults
   // Test seams, from the environment (run_train reads them; see train.cc):
   // DTRAIN_TEST_KILL_AT=rank:step[:always] -- that rank kills itself (SIGKILL) after

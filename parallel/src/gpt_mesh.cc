@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "dtrain/common/error.h"
+#include "dtrain/engine/amp.h"
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
 #include "dtrain/parallel/clip.h"
@@ -176,6 +177,7 @@ Tensor GptOnMesh::run_stage(const Tensor& in) {
 }
 
 double GptOnMesh::forward_backward(const Tensor& x, const Tensor& y) {
+  amp::AutocastGuard autocast(DType::bf16, options_.bf16);
   zero_grad();
   if (mesh_.shape().pp == 1) {
     Tensor loss = gpt_->head_loss(run_stage(x), y);
@@ -267,6 +269,7 @@ double GptOnMesh::train_step(const Tensor& x, const Tensor& y, double lr) {
 
 double GptOnMesh::eval_loss(const Tensor& x, const Tensor& y) {
   NoGradGuard no_grad;
+  amp::AutocastGuard autocast(DType::bf16, options_.bf16);
   if (mesh_.shape().pp == 1) return gpt_->loss(x, y).item();
   PipelineOptions po;
   po.activation_shape = {x.size(0), x.size(1), gpt_->config().n_embd};

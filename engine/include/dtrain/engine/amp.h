@@ -82,4 +82,38 @@ class MasterWeights {
   std::vector<Tensor> master_;
 };
 
+// ---- autocast: matrix products in bf16 inside a scope ----
+//
+// While an AutocastGuard(DType::bf16) is alive on this thread, linear() on f32
+// inputs runs as a bf16 GEMM with f32 accumulation (what tensor cores do with
+// bf16 operands and an f32 accumulator): both operands are rounded to bf16 (round to
+// nearest even), multiplied (a product of two bf16 values is exact in f32) and summed
+// in f32; the bias is added in f32. Backward rounds the incoming gradient to bf16 and
+// runs the two GEMMs the same way, so the f32 parameters get the gradients a bf16
+// run computes. Everything else (LayerNorm, softmax, attention, losses, the
+// optimizer) stays f32, as torch.autocast keeps its "float32 list". The rounding is
+// the same code on the CPU and on CUDA (Tensor::to(bf16) and back), so CPU tests
+// cover the arithmetic; on CUDA the products then run on f32 cuBLAS (not yet the
+// bf16 tensor-core GEMM, which would be faster, not different).
+// Thread-safety: the mode is per thread (as NoGradGuard's).
+class AutocastGuard {
+ public:
+  // dtype: bf16 or f16 (DTypeError otherwise); enabled = false leaves it off.
+  explicit AutocastGuard(DType dtype = DType::bf16, bool enabled = true);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+  // The active autocast dtype on this thread; f32 when none.
+  static DType dtype();
+
+ private:
+  DType previous_;
+};
+
+// t rounded to `dtype` and back to t's dtype (not differentiable).
+Tensor round_through(const Tensor& t, DType dtype);
+// x [..., in] W[out, in]^T + b with the operands rounded to `dtype` (see above);
+// differentiable. What linear() calls under an AutocastGuard.
+Tensor autocast_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, DType dtype);
+
 }  // namespace dtrain::amp

@@ -54,6 +54,7 @@ struct GptMeshOptions {
   double clip = 0;            // > 0: clip by global norm
   int microbatches = 1;       // pp > 1: micro-batches per step (divides the local batch)
   ScheduleKind schedule = ScheduleKind::k1F1B;
+  bool bf16 = false;          // autocast: the linears' GEMMs in bf16 (amp.h)
   std::vector<int64_t> stage_starts = {};  // first layer of each stage; empty: balanced
 };
 
