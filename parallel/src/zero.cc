@@ -1,5 +1,5 @@
-// ZeRO stages 1-3 (see zero.h): the flat layout, the shard-local AdamW, the full-state
-// gather/load, the stage-2 bucket hooks and the stage-3 unit function.
+// ZeRO stages 1-2 (see zero.h): the flat layout, the shard-local AdamW, the full-state
+// gather/load and the stage-2 bucket hooks (stage 3: fsdp.cc; flat buffers: flat.h).
 //
 // Coordinates: a "flat" index addresses the padded flat buffer of one layout; bucket b
 // covers [bucket_begin[b], +bucket_numel[b]) and rank r owns its piece
@@ -19,68 +19,13 @@
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/functors.h"
 #include "dtrain/parallel/clip.h"
+#include "flat.h"
 
 namespace dtrain::parallel {
 
 namespace {
 
-Tensor flat_view(const Tensor& flat, const Shape& shape, int64_t offset) {
-  return make_view(flat, shape, contiguous_strides(shape), flat.impl()->offset + offset);
-}
-
-// Moves p's storage into `flat` at `offset` (p keeps its identity, as in Module::to).
-void point_into(const Tensor& p, const Tensor& flat, const Shape& shape, int64_t offset) {
-  TensorImpl* impl = p.impl();
-  impl->storage = flat.impl()->storage;
-  impl->offset = flat.impl()->offset + offset;
-  impl->shape = shape;
-  impl->strides = contiguous_strides(shape);
-}
-
-void check_params(const std::vector<Tensor>& params, const std::vector<double>& wd,
-                  const char* who) {
-  DTRAIN_CHECK(!params.empty(), InvalidArgument, "{}: got no parameters", who);
-  DTRAIN_CHECK(wd.size() == params.size(), InvalidArgument,
-               "{}: {} weight decay values for {} parameters", who, wd.size(), params.size());
-  std::set<const TensorImpl*> seen;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const Tensor& p = params[i];
-    DTRAIN_CHECK(p.defined() && p.is_leaf() && p.is_contiguous(), InvalidArgument,
-                 "{}: parameter {} must be a defined, contiguous leaf tensor", who, i);
-    DTRAIN_CHECK(p.dtype() == DType::f32, DTypeError, "{}: parameter {} {} is {}, expected f32",
-                 who, i, shape_str(p.shape()), dtype_name(p.dtype()));
-    DTRAIN_CHECK(p.device().is_cpu(), UnsupportedError,
-                 "{}: parameter {} is on {}; sharded AdamW runs on the CPU only for now", who, i,
-                 p.device().str());
-    DTRAIN_CHECK(seen.insert(p.impl()).second, InvalidArgument,
-                 "{}: parameter {} appears more than once", who, i);
-    DTRAIN_CHECK(std::isfinite(wd[i]) && wd[i] >= 0.0, InvalidArgument,
-                 "{}: weight decay {} of parameter {} must be finite and >= 0", who, wd[i], i);
-  }
-}
-
-// The flat buffer of `params` (laid out by l), with rank 0's values on every rank.
-Tensor pack_broadcast(comm::Communicator& comm, const FlatLayout& l,
-                      const std::vector<Tensor>& params) {
-  Tensor flat = zeros({l.total});
-  NoGradGuard no_grad;
-  for (size_t i = 0; i < params.size(); ++i) {
-    flat_view(flat, l.shapes[i], l.offsets[i]).copy_(params[i]);
-  }
-  comm.broadcast(flat.raw_data(), static_cast<size_t>(l.total), DType::f32, 0);
-  return flat;
-}
-
-// All-gathers a shard (bucket pieces at their shard offsets) into a full flat buffer.
-Tensor gather_flat(comm::Communicator& comm, const FlatLayout& l, const Tensor& shard) {
-  Tensor full = empty({l.total});
-  int64_t s = 0;
-  for (size_t b = 0; b < l.bucket_numel.size(); s += l.chunk(b), ++b) {
-    comm.allgather(shard.data<float>() + s, full.data<float>() + l.bucket_begin[b],
-                   static_cast<size_t>(l.chunk(b)), DType::f32);
-  }
-  return full;
-}
+using namespace flat;
 
 Tensor i64_scalar(int64_t v) { return from_vector<int64_t>({v}, {}); }
 
@@ -506,158 +451,6 @@ void ZeroOptimizer::after_update() {
     float* bucket = f.param.data<float>() + l.bucket_begin[b];
     comm_.allgather(bucket + comm_.rank() * l.chunk(b), bucket, static_cast<size_t>(l.chunk(b)),
                     DType::f32);
-  }
-}
-
-// ---- ZeRO-3 ----
-
-namespace {
-
-// Re-enables autograd inside a backward function (the engine runs backward under
-// NoGradGuard).
-class EnableGradGuard {
- public:
-  EnableGradGuard() : prev_(GradMode::is_enabled()) { GradMode::set_enabled(true); }
-  ~EnableGradGuard() { GradMode::set_enabled(prev_); }
-  EnableGradGuard(const EnableGradGuard&) = delete;
-  EnableGradGuard& operator=(const EnableGradGuard&) = delete;
-
- private:
-  bool prev_;
-};
-
-}  // namespace
-
-FullyShardedDataParallel::FullyShardedDataParallel(std::vector<std::shared_ptr<nn::Module>> units,
-                                                   std::vector<double> weight_decay,
-                                                   comm::Communicator& comm,
-                                                   const optim::AdamWOptions& options)
-    : ShardedAdamW(comm, options), empty_(empty({0})) {
-  param_is_full_ = false;
-  std::vector<Tensor> all;
-  for (const auto& m : units) {
-    DTRAIN_CHECK(m != nullptr, InvalidArgument, "FullyShardedDataParallel: a unit is null");
-    for (const Tensor& p : m->parameters()) all.push_back(p);
-  }
-  check_params(all, weight_decay, "FullyShardedDataParallel");
-  const int64_t r = comm.rank();
-  for (const auto& m : units) {
-    Unit u{m, m->parameters(), Tensor()};
-    Flat f;
-    std::vector<Shape> shapes;
-    for (const Tensor& p : u.params) shapes.push_back(p.shape());
-    f.layout = make_flat_layout(shapes, comm.size(), std::numeric_limits<int64_t>::max());
-    f.first_index = num_params_;
-    f.weight_decay.assign(weight_decay.begin() + static_cast<int64_t>(num_params_),
-                          weight_decay.begin() + static_cast<int64_t>(num_params_ + shapes.size()));
-    num_params_ += shapes.size();
-    const int64_t s = f.layout.shard_numel();
-    Tensor full = pack_broadcast(comm, f.layout, u.params);
-    u.shard = full.narrow(0, r * s, s).clone();
-    u.shard.set_requires_grad(true);
-    f.param = u.shard;
-    init_shard(f);
-    for (Tensor& p : u.params) p.set_grad(Tensor());
-    units_.push_back(std::move(u));
-    flats_.push_back(std::move(f));
-    release(units_.size() - 1);
-  }
-  zero_grad();
-}
-
-Tensor FullyShardedDataParallel::gather(size_t u) const {
-  const FlatLayout& l = flats_[u].layout;
-  Tensor full = gather_flat(comm_, l, units_[u].shard);
-  for (size_t i = 0; i < l.shapes.size(); ++i) {
-    point_into(units_[u].params[i], full, l.shapes[i], l.offsets[i]);
-  }
-  return full;
-}
-
-void FullyShardedDataParallel::release(size_t u) const {
-  for (const Tensor& p : units_[u].params) point_into(p, empty_, {0}, 0);
-}
-
-Tensor FullyShardedDataParallel::forward(const Tensor& x) {
-  Tensor h = x;
-  for (size_t u = 0; u < units_.size(); ++u) h = unit_forward(u, h);
-  return h;
-}
-
-Tensor FullyShardedDataParallel::unit_forward(size_t u, const Tensor& x) {
-  struct Gathered {  // releases the unit's full parameters on every path out
-    const FullyShardedDataParallel* self;
-    size_t u;
-    Tensor full;
-    ~Gathered() { self->release(u); }
-  };
-  Tensor y;
-  {
-    NoGradGuard no_grad;
-    Gathered g{this, u, gather(u)};
-    y = units_[u].module->forward(x);
-  }
-  const bool need_dx = x.requires_grad();
-  auto backward = [this, u, xd = x.detach(), need_dx](const std::vector<Tensor>& gy) {
-    Gathered g{this, u, gather(u)};
-    const Unit& unit = units_[u];
-    const FlatLayout& l = flats_[u].layout;
-    std::vector<Tensor> inputs = unit.params;
-    Tensor xi = xd.detach();
-    if (need_dx) inputs.push_back(xi.set_requires_grad(true));
-    std::vector<Tensor> grads;
-    {
-      EnableGradGuard grad_mode;
-      Tensor y2 = unit.module->forward(xi);
-      grads = dtrain::grad({y2}, inputs, {gy[0].defined() ? gy[0] : zeros_like(y2)});
-    }
-    Tensor flat = zeros({l.total});
-    for (size_t i = 0; i < l.shapes.size(); ++i) {
-      flat_view(flat, l.shapes[i], l.offsets[i]).copy_(grads[i]);
-    }
-    Tensor shard_grad = empty({l.shard_numel()});
-    comm_.reduce_scatter(flat.raw_data(), shard_grad.raw_data(),
-                         static_cast<size_t>(l.shard_numel()), DType::f32, comm::ReduceOp::kAvg);
-    return std::vector<Tensor>{need_dx ? grads.back() : Tensor(), shard_grad};
-  };
-  return make_function("fsdp_unit", {x, units_[u].shard}, {y}, backward)[0];
-}
-
-void FullyShardedDataParallel::zero_grad() {
-  reduced_ = false;
-  for (size_t u = 0; u < units_.size(); ++u) {
-    flats_[u].grad.zero_();
-    units_[u].shard.set_grad(flats_[u].grad);
-  }
-}
-
-std::vector<Tensor> FullyShardedDataParallel::gather_full_parameters() const {
-  std::vector<Tensor> out;
-  for (size_t u = 0; u < units_.size(); ++u) {
-    Tensor full = gather(u);
-    for (const Tensor& p : units_[u].params) out.push_back(p.clone());
-    release(u);
-  }
-  return out;
-}
-
-void FullyShardedDataParallel::load_full_parameters(const std::vector<Tensor>& full) {
-  DTRAIN_CHECK(full.size() == num_params_, ShapeError,
-               "FullyShardedDataParallel: {} parameters to load, the units hold {}", full.size(),
-               num_params_);
-  NoGradGuard no_grad;
-  size_t k = 0;
-  for (size_t u = 0; u < units_.size(); ++u) {
-    const FlatLayout& l = flats_[u].layout;
-    Tensor flat = zeros({l.total});
-    for (size_t i = 0; i < l.shapes.size(); ++i, ++k) {
-      DTRAIN_CHECK(full[k].shape() == l.shapes[i], ShapeError,
-                   "FullyShardedDataParallel: parameter {} is {}, the unit's is {}", k,
-                   shape_str(full[k].shape()), shape_str(l.shapes[i]));
-      flat_view(flat, l.shapes[i], l.offsets[i]).copy_(full[k]);
-    }
-    const int64_t s = l.shard_numel();
-    units_[u].shard.copy_(flat.narrow(0, comm_.rank() * s, s));
   }
 }
 
