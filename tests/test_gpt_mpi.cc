@@ -85,6 +85,7 @@ TEST(GptMpi, EveryMeshFollowsTheOneProcessRun) {
   for (const char* spec : kMeshes) {
     run_mesh(spec, ref, {});
     if (par::MeshShape::parse(spec).pp == 1) run_mesh(spec, ref, {.zero = 2});
+    if (par::MeshShape::parse(spec).dp > 1) run_mesh(spec, ref, {.zero = 3});
   }
 }
 
