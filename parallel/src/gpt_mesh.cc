@@ -100,9 +100,6 @@ GptOnMesh::GptOnMesh(ProcessMesh& mesh, const nn::GptConfig& config, GptMeshOpti
   const int pp = mesh.shape().pp;
   DTRAIN_CHECK(options_.zero >= 0 && options_.zero <= 3, InvalidArgument,
                "gpt mesh: --zero {} (0, 1, 2 or 3)", options_.zero);
-  DTRAIN_CHECK(options_.zero != 2 || pp == 1, UnsupportedError,
-               "gpt mesh {}: ZeRO-2 reduces each gradient once per backward, a pipeline runs "
-               "{} per step; use --zero 1 with pp > 1", mesh.shape().str(), options_.microbatches);
   config.check(mesh.shape().tp);
   starts_ = choose_starts(config, options_, pp);
   gpt_ = std::make_shared<nn::Gpt>(config, std::make_shared<TensorParallel>(mesh.tp()),
@@ -131,42 +128,59 @@ optim::AdamWOptions GptOnMesh::adam_options() const {
   return optim::AdamWOptions(options_.lr).betas(options_.beta1, options_.beta2);
 }
 
-// ZeRO-1/2: one ZeroOptimizer over every parameter. ZeRO-3: the blocks are
+// ZeRO-1/2: one ZeroOptimizer over the parameters. ZeRO-3: the blocks are
 // FullyShardedDataParallel units (gathered per block in forward and backward); the
 // embedding, its tied head copy and ln_f stay whole with ZeRO-1 state (the tie needs
 // the tensor at both ends of the model, as torch FSDP keeps it in the root unit).
+// ZeRO-2 with pp > 1: the tied embedding gets its own ZeRO-1 optimizer, because its
+// gradient must be summed over the embedding group before it is reduce-scattered,
+// and stage 2 reduce-scatters inside backward.
 void GptOnMesh::make_sharded() {
-  const int stage = options_.zero == 3 ? 1 : options_.zero;
-  std::vector<Tensor> rest;
+  const int zero = options_.zero;
+  std::vector<size_t> main, tied;
   for (size_t i = 0; i < params_.size(); ++i) {
-    if (options_.zero == 3 && names_[i].rfind("h.", 0) == 0) continue;
-    rest.push_back(params_[i]);
-    zero_names_.push_back(names_[i]);
+    if (zero == 3 && names_[i].rfind("h.", 0) == 0) continue;
+    const bool tie = zero == 2 && mesh_.shape().pp > 1 && names_[i] == "wte.weight";
+    (tie ? tied : main).push_back(i);
   }
-  if (!rest.empty()) {
-    zero_ = std::make_unique<ZeroOptimizer>(rest, decay_matrices_only(rest, options_.weight_decay),
-                                            mesh_.dp(), adam_options(), ZeroOptions{.stage = stage});
-    sharded_.push_back(zero_.get());
-  }
+  add_zero_part(main, zero == 3 ? 1 : zero);
+  add_zero_part(tied, 1);
   const std::vector<std::shared_ptr<nn::Module>> blocks = gpt_->block_modules();
-  if (options_.zero < 3 || blocks.empty()) return;
+  if (zero < 3 || blocks.empty()) return;
+  ShardedPart part;
   std::vector<Tensor> block_params;
   for (size_t k = 0; k < blocks.size(); ++k) {
     for (const auto& [local, p] : blocks[k]->named_parameters()) {
       block_params.push_back(p);
-      fsdp_names_.push_back(fmt::format("h.{}.{}", gpt_->stage().first_block + static_cast<int64_t>(k), local));
+      part.names.push_back(
+          fmt::format("h.{}.{}", gpt_->stage().first_block + static_cast<int64_t>(k), local));
     }
   }
-  fsdp_ = std::make_unique<FullyShardedDataParallel>(
+  auto fsdp = std::make_shared<FullyShardedDataParallel>(
       blocks, decay_matrices_only(block_params, options_.weight_decay), mesh_.dp(), adam_options());
-  sharded_.push_back(fsdp_.get());
+  fsdp_ = fsdp.get();
+  part.opt = std::move(fsdp);
+  parts_.push_back(std::move(part));
+}
+
+void GptOnMesh::add_zero_part(const std::vector<size_t>& which, int stage) {
+  if (which.empty()) return;
+  ShardedPart part;
+  std::vector<Tensor> params;
+  for (size_t i : which) {
+    params.push_back(params_[i]);
+    part.names.push_back(names_[i]);
+  }
+  part.opt = std::make_shared<ZeroOptimizer>(params, decay_matrices_only(params, options_.weight_decay),
+                                             mesh_.dp(), adam_options(), ZeroOptions{.stage = stage});
+  parts_.push_back(std::move(part));
 }
 
 GptOnMesh::~GptOnMesh() = default;
 
 void GptOnMesh::zero_grad() {
-  if (sharded_.empty()) gpt_->zero_grad();
-  for (ShardedAdamW* s : sharded_) s->zero_grad();
+  if (parts_.empty()) gpt_->zero_grad();
+  for (ShardedPart& p : parts_) p.opt->zero_grad();
 }
 
 Tensor GptOnMesh::run_stage(const Tensor& in) {
@@ -216,7 +230,7 @@ void GptOnMesh::sync_gradients() {
                  "gpt mesh: the embedding has no contiguous gradient to sum");
     e->allreduce(g.raw_data(), static_cast<size_t>(g.numel()), DType::f32, comm::ReduceOp::kSum);
   }
-  if (!sharded_.empty()) return;  // reduce-scattered inside backward, clip or step
+  if (!parts_.empty()) return;  // reduce-scattered inside backward, clip or step
   if (ddp_) ddp_->finish_gradient_sync();
   else allreduce_mean(params_, mesh_.dp());
 }
@@ -235,22 +249,21 @@ std::vector<bool> GptOnMesh::counted_in_norm(const std::vector<std::string>& nam
 double GptOnMesh::clip_gradients() {
   std::vector<Tensor> grads;
   std::vector<bool> flags;
-  if (sharded_.empty()) {
+  if (parts_.empty()) {
     for (const Tensor& p : params_) grads.push_back(p.grad());
     return clip_grad_norm_sharded(grads, options_.clip, {&mesh_.tp(), &mesh_.pp()},
                                   counted_in_norm(names_));
   }
-  if (zero_) zero_->owned_gradients(counted_in_norm(zero_names_), &grads, &flags);
-  if (fsdp_) fsdp_->owned_gradients(counted_in_norm(fsdp_names_), &grads, &flags);
+  for (ShardedPart& p : parts_) p.opt->owned_gradients(counted_in_norm(p.names), &grads, &flags);
   return clip_grad_norm_sharded(grads, options_.clip, {&mesh_.dp(), &mesh_.tp(), &mesh_.pp()},
                                 flags);
 }
 
 void GptOnMesh::optimizer_step(double lr) {
   if (options_.clip > 0) clip_gradients();
-  for (ShardedAdamW* s : sharded_) {
-    s->set_lr(lr);
-    s->step();
+  for (ShardedPart& p : parts_) {
+    p.opt->set_lr(lr);
+    p.opt->step();
   }
   for (optim::AdamW* opt : {decay_.get(), no_decay_.get()}) {
     if (opt == nullptr) continue;
@@ -279,9 +292,9 @@ double GptOnMesh::eval_loss(const Tensor& x, const Tensor& y) {
 }
 
 int64_t GptOnMesh::optimizer_state_bytes() const {
-  if (sharded_.empty()) return 8 * gpt_->num_parameters();
+  if (parts_.empty()) return 8 * gpt_->num_parameters();
   int64_t bytes = 0;
-  for (const ShardedAdamW* s : sharded_) bytes += static_cast<int64_t>(s->memory().optimizer_state_bytes);
+  for (const ShardedPart& p : parts_) bytes += static_cast<int64_t>(p.opt->memory().optimizer_state_bytes);
   return bytes;
 }
 

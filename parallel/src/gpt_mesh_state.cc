@@ -20,20 +20,18 @@ nn::StateDict GptOnMesh::parameter_state() const {
   }
   if (fsdp_) {
     const std::vector<Tensor> full = fsdp_->gather_full_parameters();
-    for (size_t i = 0; i < full.size(); ++i) out[fsdp_names_[i]] = full[i];
+    const std::vector<std::string>& names = parts_.back().names;  // fsdp_ is the last part
+    for (size_t i = 0; i < full.size(); ++i) out[names[i]] = full[i];
   }
   return out;
 }
 
 std::vector<GptOnMesh::NamedOptimizer> GptOnMesh::named_optimizers() const {
   std::vector<NamedOptimizer> out;
-  if (zero_) {
-    out.push_back({zero_names_, [this] { return zero_->gather_full_state(); },
-                   [this](const optim::StateDict& d) { zero_->load_full_state(d); }});
-  }
-  if (fsdp_) {
-    out.push_back({fsdp_names_, [this] { return fsdp_->gather_full_state(); },
-                   [this](const optim::StateDict& d) { fsdp_->load_full_state(d); }});
+  for (const ShardedPart& p : parts_) {
+    ShardedAdamW* opt = p.opt.get();
+    out.push_back({p.names, [opt] { return opt->gather_full_state(); },
+                   [opt](const optim::StateDict& d) { opt->load_full_state(d); }});
   }
   for (optim::AdamW* opt : {decay_.get(), no_decay_.get()}) {
     if (opt == nullptr) continue;
@@ -93,7 +91,7 @@ void GptOnMesh::load_train_state(const nn::StateDict& state) {
     params_[i].copy_(state.at(names_[i]));
   }
   if (fsdp_) {
-    for (const std::string& name : fsdp_names_) blocks.push_back(state.at(name));
+    for (const std::string& name : parts_.back().names) blocks.push_back(state.at(name));
     fsdp_->load_full_parameters(blocks);
   }
   const int64_t step = static_cast<int64_t>(state.at("step").item());

@@ -18,6 +18,7 @@
 #include "dtrain/common/error.h"
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/functors.h"
+#include "dtrain/engine/ops.h"
 #include "dtrain/parallel/clip.h"
 #include "flat.h"
 
@@ -287,6 +288,10 @@ struct ZeroOptimizer::Buckets {
   size_t next = 0;                                // the next bucket to launch
   std::exception_ptr error;
   bool twice = false;
+  // Micro-batches: round k > 0 of one step (backward k) reduce-scatters into scratch
+  // and finish() adds it to the shard, so the shard sums the rounds.
+  int round = 0;
+  std::vector<Tensor> scratch;  // per bucket, rounds > 0
 
   Buckets(comm::Communicator& c, FlatLayout l, Tensor shard)
       : comm(c), layout(std::move(l)), grad_shard(std::move(shard)) {
@@ -298,15 +303,25 @@ struct ZeroOptimizer::Buckets {
     }
     full.resize(nb);
     work.resize(nb);
+    scratch.resize(nb);
     reset();
   }
   void reset() {
+    start_round();
+    error = nullptr;
+    twice = false;
+    round = 0;
+  }
+  void start_round() {
     pending.assign(full.size(), 0);
     for (size_t b : bucket_of) ++pending[b];
     ready.assign(bucket_of.size(), false);
     next = 0;
-    error = nullptr;
-    twice = false;
+  }
+  float* target(size_t b) {
+    if (round == 0) return grad_shard.data<float>() + shard_offset(layout, b);
+    if (!scratch[b].defined()) scratch[b] = empty({layout.chunk(b)});
+    return scratch[b].data<float>();
   }
   // Puts parameter i's gradient (undefined: zeros) into its bucket; launches what is due.
   void add(size_t i, const Tensor& g) {
@@ -320,9 +335,9 @@ struct ZeroOptimizer::Buckets {
     --pending[b];
     while (!error && next < full.size() && pending[next] == 0) {
       try {
-        work[next] = comm.reduce_scatter_async(
-            full[next].raw_data(), grad_shard.data<float>() + shard_offset(layout, next),
-            static_cast<size_t>(layout.chunk(next)), DType::f32, comm::ReduceOp::kAvg);
+        work[next] = comm.reduce_scatter_async(full[next].raw_data(), target(next),
+                                               static_cast<size_t>(layout.chunk(next)),
+                                               DType::f32, comm::ReduceOp::kAvg);
         if (next > 0) finish(next - 1);  // at most two full buckets alive
       } catch (...) {
         error = std::current_exception();
@@ -334,11 +349,22 @@ struct ZeroOptimizer::Buckets {
     if (work[b]) {
       std::shared_ptr<comm::Work> w = std::move(work[b]);
       w->wait();
+      if (round > 0) {
+        NoGradGuard no_grad;
+        Tensor piece = grad_shard.narrow(0, shard_offset(layout, b), layout.chunk(b));
+        piece.copy_(piece + scratch[b]);
+      }
     }
     full[b] = Tensor();  // the full gradient of this bucket is gone
   }
+  // A gradient for a parameter already in: a new backward (micro-batch) when the last
+  // one delivered every gradient, an error otherwise.
   void on_grad(size_t i, const Tensor& param) {
-    if (ready[i]) {
+    if (ready[i] && next == full.size()) {
+      if (std::exception_ptr e = wait_all(); e && !error) error = e;
+      start_round();
+      ++round;
+    } else if (ready[i]) {
       twice = true;
       return;
     }
@@ -440,8 +466,9 @@ void ZeroOptimizer::reduce_gradients() {
   b.reset();
   if (error) std::rethrow_exception(error);
   DTRAIN_CHECK(!twice, InvalidArgument,
-               "ZeroOptimizer stage 2: a parameter received two gradients before step(); "
-               "gradient accumulation over several backward passes needs stage 1");
+               "ZeroOptimizer stage 2: a parameter received a second gradient before the "
+               "backward pass had delivered all of them (accumulation works per whole "
+               "backward pass)");
 }
 
 void ZeroOptimizer::after_update() {

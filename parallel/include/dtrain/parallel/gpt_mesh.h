@@ -24,8 +24,7 @@
 // is the dp shard); parameter_state() gathers them.
 //
 // Every mesh computes the 1-process step up to float summation order
-// (tests/test_gpt_mesh.cc). Refused (UnsupportedError, one line): ZeRO-2 with pp > 1
-// (its gradient hooks reduce once per backward, a pipeline runs m backwards per step).
+// (tests/test_gpt_mesh.cc).
 // Not here: sequence parallelism, interleaved stages. Thread-safety: one training thread.
 #pragma once
 
@@ -115,6 +114,7 @@ class GptOnMesh {
  private:
   optim::AdamWOptions adam_options() const;
   void make_sharded();
+  void add_zero_part(const std::vector<size_t>& which, int stage);
   void zero_grad();
   Tensor run_stage(const Tensor& in);  // embedding (first stage) and this stage's blocks
   double pipelined(const Tensor& x, const Tensor& y);
@@ -137,10 +137,15 @@ class GptOnMesh {
   std::vector<Tensor> params_;
   std::unique_ptr<DistributedDataParallel> ddp_;
   std::unique_ptr<optim::AdamW> decay_, no_decay_;
-  std::unique_ptr<ZeroOptimizer> zero_;
-  std::unique_ptr<FullyShardedDataParallel> fsdp_;  // ZeRO-3: the blocks
-  std::vector<std::string> zero_names_, fsdp_names_;  // their parameters, in their order
-  std::vector<ShardedAdamW*> sharded_;                // zero_ and fsdp_ when present
+  // Under ZeRO: the sharded optimizers, each with its parameters' names in its order
+  // (ZeRO-1/2 over the parameters, a ZeRO-1 one for the tied embedding under ZeRO-2
+  // with pp > 1, the FSDP units of ZeRO-3 last).
+  struct ShardedPart {
+    std::shared_ptr<ShardedAdamW> opt;
+    std::vector<std::string> names;
+  };
+  std::vector<ShardedPart> parts_;
+  FullyShardedDataParallel* fsdp_ = nullptr;  // ZeRO-3: the blocks (in parts_)
   PipelineStats stats_;
 };
 

@@ -56,9 +56,12 @@
 // broadcasts rank 0's parameters. Collectives are issued from the training thread,
 // in the same order on every rank. Errors of the communicator (CommError,
 // TimeoutError) surface from step()/clip_grad_norm()/zero_grad() of the step.
-// Thread-safety: one thread at a time. Not here: gradient accumulation over several
-// backward passes at stage 2 (a second gradient for a parameter before step() is an
-// InvalidArgument), mixed dtypes, parameter groups other than the weight decay.
+// Gradient accumulation over several backward passes (micro-batches): stage 1 adds
+// into the flat gradient; stage 2 reduce-scatters each backward's buckets and adds
+// them into the shard (each backward must deliver every gradient once; a second
+// gradient for a parameter within one backward is an InvalidArgument at step()).
+// Thread-safety: one thread at a time. Not here: mixed dtypes, parameter groups other
+// than the weight decay.
 #pragma once
 
 #include <cstddef>
