@@ -74,7 +74,11 @@ struct OracleRun {
   std::vector<double> losses;
   std::vector<double> grad_norms;  // before clipping (0 when not clipped)
   nn::StateDict params;
+  double eval_loss = 0;  // the trained model's loss on eval_batch(), without grad
 };
+
+// A batch no step trained on, evaluated after the run.
+inline std::pair<Tensor, Tensor> eval_batch() { return batch_of(99, small_gpt()); }
 
 // One process, plain AdamW (nanoGPT's decay groups), optional clipping.
 inline OracleRun oracle_run(double clip) {
@@ -94,6 +98,9 @@ inline OracleRun oracle_run(double clip) {
     run.losses.push_back(loss.item());
   }
   run.params = model.state_dict();
+  auto [ex, ey] = eval_batch();
+  NoGradGuard no_grad;
+  run.eval_loss = model.loss(ex, ey).item();
   return run;
 }
 
@@ -130,6 +137,10 @@ inline void expect_mesh_follows(const OracleRun& ref, parallel::ProcessMesh& mes
   parallel::GptOnMesh run(mesh, small_gpt(), options);
   follow_steps(ref, run, 0, kSteps);
   expect_final_params(ref, run, options);
+  auto [ex, ey] = eval_batch();  // evaluation through the same splits (ZeRO-3 gathers)
+  EXPECT_NEAR(run.eval_loss(ex, ey), ref.eval_loss, kTol * ref.eval_loss)
+      << "eval on rank " << mesh.rank() << " of " << mesh.shape().str() << " zero "
+      << options.zero;
 }
 
 }  // namespace dtrain::testing

@@ -191,6 +191,29 @@ TEST(GptCheckpoint, ResumesAtAnotherMesh) {
   }
 }
 
+double validation_loss(const Result& r) {
+  std::smatch m;
+  const std::regex line("validation loss ([0-9.]+)");
+  EXPECT_TRUE(std::regex_search(r.out, m, line)) << r.out;
+  return m.empty() ? -1 : std::stod(m[1]);
+}
+
+// ZeRO-3 through `dtrain train`: parameters live as shards, so training and the
+// validation pass both gather per block; both follow the 1-process run.
+TEST(GptCli, ZeroThreeTrainsAndEvaluatesLikeOneProcess) {
+  fs::path dir = scratch("zero3");
+  Result z3 = dtrain::testing::run_command(bin() + " launch --nproc 2 -- " + bin() +
+                                           small_gpt(dir, "z3.jsonl", 10) + " --zero 3 --keep 0");
+  ASSERT_EQ(z3.code, 0) << z3.out;
+  EXPECT_TRUE(contains(z3.out, "mesh dp=2,tp=1,pp=1, zero 3")) << z3.out;
+  Result one = dtrain::testing::run_command(bin() + small_gpt(dir, "one.jsonl", 10) + " --keep 0");
+  ASSERT_EQ(one.code, 0) << one.out;
+  const auto lz = logged_losses(dir / "z3.jsonl"), l1 = logged_losses(dir / "one.jsonl");
+  ASSERT_EQ(lz.size(), 10u);
+  for (const auto& [step, loss] : l1) EXPECT_NEAR(lz.at(step), loss, 1e-5 * loss) << step;
+  EXPECT_NEAR(validation_loss(z3), validation_loss(one), 2e-4) << z3.out << one.out;
+}
+
 // --save from a split model is the 1-process model: greedy samples from both agree.
 TEST(GptCheckpoint, SaveFromAMeshFeedsGenerate) {
   fs::path dir = scratch("save_generate");

@@ -283,7 +283,7 @@ double GptOnMesh::train_step(const Tensor& x, const Tensor& y, double lr) {
 double GptOnMesh::eval_loss(const Tensor& x, const Tensor& y) {
   NoGradGuard no_grad;
   amp::AutocastGuard autocast(DType::bf16, options_.bf16);
-  if (mesh_.shape().pp == 1) return gpt_->loss(x, y).item();
+  if (mesh_.shape().pp == 1) return gpt_->head_loss(run_stage(x), y).item();  // FSDP-aware
   PipelineOptions po;
   po.activation_shape = {x.size(0), x.size(1), gpt_->config().n_embd};
   return run_pipeline_forward(
