@@ -1,7 +1,9 @@
-// Open MPI's all-gather, reduce-scatter and send/recv in the nccl-tests format: the peer of
+// Open MPI's all-reduce, all-gather, reduce-scatter and send/recv in the nccl-tests format:
+// the peer of `dtrain bench allreduce` (launcher/src/cmd_bench.cc, every doubling size
+// where ../shared/bench/peers/mpi_allreduce.cpp measures six) and of
 // `dtrain bench all_gather | reduce_scatter | sendrecv` (launcher/src/cmd_bench_collectives.cc),
 // which compiles it with mpicxx and runs it under mpirun on the same sizes:
-//   peers_mpi_collectives <all_gather|reduce_scatter|sendrecv> <min_bytes> <max_bytes>
+//   peers_mpi_collectives <all_reduce|all_gather|reduce_scatter|sendrecv> <min_bytes> <max_bytes>
 // Same shapes, inputs, timing and #wrong as dtrain's workers: float; sizes doubling from
 // min_bytes; per size 3 warm-ups, then the median of 20 repetitions (5 from 16 MiB), each
 // after refilling the receive buffer and a barrier. MPI_Allgather, MPI_Reduce_scatter_block
@@ -30,6 +32,16 @@ struct Run {
 
 void setup(Run& r) {
   const bool ag = r.coll == "all_gather", rs = r.coll == "reduce_scatter";
+  if (r.coll == "all_reduce") {  // in place: recv holds the input, then the sum
+    r.recv.resize(r.count);
+    r.want.resize(r.count);
+    for (long i = 0; i < r.count; ++i) {
+      float sum = 0;
+      for (int p = 0; p < r.n; ++p) sum += value(p, i);
+      r.want[i] = sum;
+    }
+    return;
+  }
   r.send.resize(rs ? r.count * r.n : r.count);
   for (long i = 0; i < long(r.send.size()); ++i) r.send[i] = value(r.rank, i);
   r.recv.assign(ag ? r.count * r.n : r.count, -1.0f);
@@ -47,8 +59,15 @@ void setup(Run& r) {
   }
 }
 
+void refill(Run& r) {
+  if (r.coll != "all_reduce") return std::fill(r.recv.begin(), r.recv.end(), -1.0f);
+  for (long i = 0; i < r.count; ++i) r.recv[i] = value(r.rank, i);
+}
+
 void run_once(Run& r) {
-  if (r.coll == "all_gather") {
+  if (r.coll == "all_reduce") {
+    MPI_Allreduce(MPI_IN_PLACE, r.recv.data(), int(r.count), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+  } else if (r.coll == "all_gather") {
     MPI_Allgather(r.send.data(), int(r.count), MPI_FLOAT, r.recv.data(), int(r.count), MPI_FLOAT,
                   MPI_COMM_WORLD);
   } else if (r.coll == "reduce_scatter") {
@@ -71,13 +90,15 @@ int main(int argc, char** argv) {
   r.coll = argc > 1 ? argv[1] : "all_gather";
   const long min_bytes = argc > 2 ? std::atol(argv[2]) : 8;
   const long max_bytes = argc > 3 ? std::atol(argv[3]) : 64L << 20;
-  if (r.coll != "all_gather" && r.coll != "reduce_scatter" && r.coll != "sendrecv") {
+  if (r.coll != "all_gather" && r.coll != "reduce_scatter" && r.coll != "sendrecv" &&
+      r.coll != "all_reduce") {
     if (r.rank == 0) std::fprintf(stderr, "unknown collective %s\n", r.coll.c_str());
     MPI_Finalize();
     return 2;
   }
-  const int ranks = r.coll == "sendrecv" ? 1 : r.n;
-  const double factor = r.coll == "sendrecv" ? 1.0 : double(r.n - 1) / r.n;
+  const bool ar = r.coll == "all_reduce";
+  const int ranks = r.coll == "sendrecv" || ar ? 1 : r.n;
+  const double factor = r.coll == "sendrecv" ? 1.0 : (ar ? 2.0 : 1.0) * double(r.n - 1) / r.n;
   if (r.rank == 0)
     std::fprintf(stderr, "%12s %12s %12s %12s %12s %7s\n", "size(B)", "count", "time(us)",
                  "algbw(GB/s)", "busbw(GB/s)", "#wrong");
@@ -88,7 +109,7 @@ int main(int argc, char** argv) {
     const int iters = nbytes < (16L << 20) ? 20 : 5;
     std::vector<double> samples;
     for (int i = 0; i < iters + 3; ++i) {
-      std::fill(r.recv.begin(), r.recv.end(), -1.0f);
+      refill(r);
       MPI_Barrier(MPI_COMM_WORLD);
       double t = MPI_Wtime();
       run_once(r);

@@ -288,7 +288,7 @@ class MpiComm : public testing::TestWithParam<MpiAlgorithm> {
   int n() const { return world_size(); }
   int me() const { return world_rank(); }
   std::vector<size_t> counts() const {
-    return {0, 1, 7, static_cast<size_t>(37 * n() + 1), kLarge};
+    return {0, 1, 7, 1023, static_cast<size_t>(37 * n() + 1), kLarge};
   }
 
   std::unique_ptr<Communicator> comm_;
@@ -677,7 +677,9 @@ TEST_P(MpiComm, SplitWithoutPeersTimesOut) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Algorithms, MpiComm,
-                         testing::Values(MpiAlgorithm::kRing, MpiAlgorithm::kNative), AlgoName());
+                         testing::Values(MpiAlgorithm::kRing, MpiAlgorithm::kNative,
+                                         MpiAlgorithm::kAuto),
+                         AlgoName());
 
 TEST(MpiRuntime, OneRuntimePerProcessMatchingHowMpiWasInitialised) {
   auto again = MpiRuntime::init();

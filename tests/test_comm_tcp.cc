@@ -149,7 +149,9 @@ double input(int rank, size_t i, DType t, int salt = 0) {
   return t == DType::u8 ? v + 8 : v;
 }
 
-std::vector<size_t> counts_for(int n) { return {0, 1, 7, static_cast<size_t>(n) * 37 + 1, 100003}; }
+std::vector<size_t> counts_for(int n) {
+  return {0, 1, 7, 1023, static_cast<size_t>(n) * 37 + 1, 100003};
+}
 
 std::string what(const char* op, DType t, size_t count, const char* extra = "") {
   return fmt::format("{} {} count {} {}", op, dtype_name(t), count, extra);
@@ -225,15 +227,21 @@ const char* path_name(Path p) {
 }
 void PrintTo(Path p, std::ostream* os) { *os << path_name(p); }
 
-class TcpWorld : public ::testing::TestWithParam<std::tuple<int, Path>> {
+// World size, data path, and the algorithm every collective is forced to (auto: by
+// size; a forced one-host algorithm gets slots large enough for most counts).
+class TcpWorld : public ::testing::TestWithParam<std::tuple<int, Path, Algo>> {
  protected:
   int world() const { return std::get<0>(GetParam()); }
   Path path() const { return std::get<1>(GetParam()); }
+  Algo algo() const { return std::get<2>(GetParam()); }
   std::function<TcpOptions(int)> on_path(TcpOptions base) const {
     const Path p = path();
+    const Algo a = algo();
     return [=](int rank) {
       TcpOptions o = base;
       o.shm = p == Path::kShm || (p == Path::kMixed && rank % 2 == 0);
+      o.algos.algo.fill(a);
+      if (a == Algo::kLocal) o.algos.local_max_bytes = 4 << 20;
       return o;
     };
   }
@@ -444,14 +452,55 @@ TEST_P(TcpWorld, RejectsBadArgumentsWithoutFailing) {
   });
 }
 
+std::string world_name(const ::testing::TestParamInfo<std::tuple<int, Path, Algo>>& info) {
+  const Algo a = std::get<2>(info.param);
+  return "size" + std::to_string(std::get<0>(info.param)) + "_" +
+         path_name(std::get<1>(info.param)) +
+         (a == Algo::kAuto ? std::string() : std::string("_") + algo_name(a));
+}
+
 INSTANTIATE_TEST_SUITE_P(WorldSizes, TcpWorld,
                          ::testing::Combine(::testing::Values(1, 2, 3, 4),
                                             ::testing::Values(Path::kShm, Path::kTcp,
-                                                              Path::kMixed)),
-                         [](const auto& info) {
-                           return "size" + std::to_string(std::get<0>(info.param)) + "_" +
-                                  path_name(std::get<1>(info.param));
-                         });
+                                                              Path::kMixed),
+                                            ::testing::Values(Algo::kAuto)),
+                         world_name);
+// Each algorithm forced, at world sizes that are and are not powers of two.
+INSTANTIATE_TEST_SUITE_P(OneHost, TcpWorld,
+                         ::testing::Combine(::testing::Values(2, 3, 5), ::testing::Values(Path::kShm),
+                                            ::testing::Values(Algo::kLocal, Algo::kRing)),
+                         world_name);
+INSTANTIATE_TEST_SUITE_P(AcrossHosts, TcpWorld,
+                         ::testing::Combine(::testing::Values(2, 3, 5, 6),
+                                            ::testing::Values(Path::kTcp),
+                                            ::testing::Values(Algo::kRecursiveDoubling,
+                                                              Algo::kRing)),
+                         world_name);
+
+TEST(Algorithm, ChosenBySizeAndOverridable) {
+  AlgoOptions o;
+  AlgoCapabilities one_host{true, false, o.local_max_bytes}, hosts{}, mpi{false, true, 0};
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, one_host), Algo::kLocal);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.local_max_bytes, one_host), Algo::kLocal);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.local_max_bytes + 1, one_host),
+            Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, hosts), Algo::kRecursiveDoubling);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllgather, 8, hosts), Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.small_max_bytes + 1, hosts), Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kBroadcast, 8, mpi), Algo::kNative);
+  o[Collective::kAllreduce] = Algo::kRing;
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, one_host), Algo::kRing);
+  o[Collective::kAllreduce] = Algo::kLocal;  // cannot run across hosts: the ring does
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, hosts), Algo::kRing);
+  EXPECT_EQ(parse_algo("rd", "x"), Algo::kRecursiveDoubling);
+  try {
+    parse_algo("tree", "DTRAIN_ALLREDUCE_ALGO");
+    ADD_FAILURE() << "no throw";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("DTRAIN_ALLREDUCE_ALGO 'tree'"), std::string::npos)
+        << e.what();
+  }
+}
 
 TEST(TcpComm, LargeCountsWithDefaultChunks) {
   for (int n : {2, 3}) {

@@ -337,14 +337,17 @@ std::map<int64_t, nlohmann::json> run_peer(const BenchOptions& o, const std::str
       *note += "openmpi: mpicxx not installed, skipped\n";
       return rows;
     }
+    // The project's copy of the peer (bench/peers_mpi_collectives.cpp): the same
+    // MPI_Allreduce timing at every doubling size, not only the shared peer's six.
     fs::path bin =
         fs::temp_directory_path() / fmt::format("dtrain-peer-mpi-allreduce-{}", getpid());
-    run_capture(
-        fmt::format("mpicxx -O2 -o {} {}/mpi_allreduce.cpp 2>&1", bin.string(), o.peers_dir), &st);
+    run_capture(fmt::format("mpicxx -O2 -o {} {}/bench/peers_mpi_collectives.cpp 2>&1",
+                            bin.string(), DTRAIN_SOURCE_DIR),
+                &st);
     if (st == 0) {
       text = run_capture(fmt::format("mpirun --allow-run-as-root --oversubscribe -np {} {} "
-                                     "2>/dev/null",
-                                     o.nproc, bin.string()),
+                                     "all_reduce 8 {} 2>/dev/null",
+                                     o.nproc, bin.string(), o.max_bytes),
                          &st);
     }
     fs::remove(bin);
@@ -374,6 +377,68 @@ void print_nccl_table(const std::string& backend, int nproc,
   }
 }
 
+using Rows = std::map<int64_t, nlohmann::json>;
+
+double busbw_at(const Rows& rows, int64_t s) {
+  auto it = rows.find(s);
+  return it == rows.end() ? -1.0 : it->second["busbw_GBps"].get<double>();
+}
+
+std::string ratio_cell(double a, double b) {
+  return a > 0 && b > 0 ? fmt::format(" {:>12.2f}", a / b) : fmt::format(" {:>12}", "-");
+}
+
+// The smallest message's time (8 B: latency) of each backend against Open MPI's.
+void print_latency(std::map<std::string, Rows>& ours, std::map<std::string, Rows>& peers) {
+  if (!peers.count("openmpi") || peers["openmpi"].empty()) return;
+  const auto& [bytes, peer] = *peers["openmpi"].begin();
+  const double t_peer = peer["time_us"].get<double>();
+  for (const auto& [b, rows] : ours) {
+    auto it = rows.find(bytes);
+    if (it == rows.end()) continue;
+    const double t = it->second["time_us"].get<double>();
+    fmt::print("# {} B latency: {} {:.2f} us, openmpi {:.2f} us ({:.2f}x Open MPI's time)\n",
+               bytes, b, t, t_peer, t / t_peer);
+  }
+}
+
+// busbw of every backend and peer at every size, then ours / peer for each pair that
+// the acceptance compares (tcp and mpi against Open MPI and Gloo).
+void print_side_by_side(const BenchOptions& o, const std::vector<std::string>& backends,
+                        std::map<std::string, Rows>& ours, std::map<std::string, Rows>& peers) {
+  std::vector<std::string> cols = backends;
+  for (const auto& [p, rows] : peers) {
+    if (!rows.empty()) cols.push_back(p);
+  }
+  std::vector<std::pair<std::string, std::string>> ratios;
+  for (const char* b : {"tcp", "mpi"}) {
+    for (const char* p : {"openmpi", "gloo"}) {
+      if (ours.count(b) && peers.count(p) && !peers[p].empty()) ratios.emplace_back(b, p);
+    }
+  }
+  fmt::print("# busbw (GB/s) side by side, {} ranks on this host\n", o.nproc);
+  std::string head = fmt::format("{:>12}", "size(B)");
+  for (const auto& c : cols) head += fmt::format(" {:>10}", c);
+  for (const auto& [b, p] : ratios) head += fmt::format(" {:>12}", b + "/" + p);
+  fmt::print("{}\n", head);
+  std::map<int64_t, bool> sizes;
+  for (const auto& [b, rows] : ours) {
+    for (const auto& [sz, j] : rows) sizes[sz] = true;
+  }
+  for (const auto& [sz, unused] : sizes) {
+    std::string line = fmt::format("{:>12}", sz);
+    for (const auto& c : cols) {
+      const double v = busbw_at(ours.count(c) ? ours[c] : peers[c], sz);
+      line += v < 0 ? fmt::format(" {:>10}", "-") : fmt::format(" {:>10.3f}", v);
+    }
+    for (const auto& [b, p] : ratios) {
+      line += ratio_cell(busbw_at(ours[b], sz), busbw_at(peers[p], sz));
+    }
+    fmt::print("{}\n", line);
+  }
+  print_latency(ours, peers);
+}
+
 int run_orchestrator(const BenchOptions& o) {
   std::vector<std::string> backends;
   std::stringstream ss(o.backends);
@@ -392,58 +457,7 @@ int run_orchestrator(const BenchOptions& o) {
     peers["gloo"] = run_peer(o, "gloo", &note);
     peers["openmpi"] = run_peer(o, "openmpi", &note);
   }
-  // Side by side at the sizes the peers measure.
-  std::vector<std::string> cols;
-  for (const auto& b : backends) cols.push_back(b);
-  for (const auto& [p, rows] : peers) {
-    if (!rows.empty()) cols.push_back(p);
-  }
-  fmt::print("# busbw (GB/s) side by side, {} ranks on this host\n", o.nproc);
-  std::string head = fmt::format("{:>12}", "size(B)");
-  for (const auto& c : cols) head += fmt::format(" {:>10}", c);
-  if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp")) {
-    head += fmt::format(" {:>10}", "tcp/gloo");
-  }
-  if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp-noshm")) {
-    head += fmt::format(" {:>12}", "noshm/gloo");
-  }
-  if (peers.count("openmpi") && !peers["openmpi"].empty() && ours.count("mpi")) {
-    head += fmt::format(" {:>12}", "mpi/openmpi");
-  }
-  fmt::print("{}\n", head);
-  std::map<int64_t, bool> sizes;
-  for (const auto& [p, rows] : peers) {
-    for (const auto& [b, j] : rows) sizes[b] = true;
-  }
-  if (sizes.empty()) {
-    for (const auto& [b, rows] : ours) {
-      for (const auto& [s, j] : rows) sizes[s] = true;
-    }
-  }
-  auto bw = [](const std::map<int64_t, nlohmann::json>& rows, int64_t s) {
-    auto it = rows.find(s);
-    return it == rows.end() ? -1.0 : it->second["busbw_GBps"].get<double>();
-  };
-  for (const auto& [s, unused] : sizes) {
-    std::string line = fmt::format("{:>12}", s);
-    for (const auto& c : cols) {
-      double v = ours.count(c) ? bw(ours[c], s) : bw(peers[c], s);
-      line += v < 0 ? fmt::format(" {:>10}", "-") : fmt::format(" {:>10.3f}", v);
-    }
-    if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp")) {
-      double a = bw(ours["tcp"], s), g = bw(peers["gloo"], s);
-      line += a > 0 && g > 0 ? fmt::format(" {:>10.2f}", a / g) : fmt::format(" {:>10}", "-");
-    }
-    if (peers.count("gloo") && !peers["gloo"].empty() && ours.count("tcp-noshm")) {
-      double a = bw(ours["tcp-noshm"], s), g = bw(peers["gloo"], s);
-      line += a > 0 && g > 0 ? fmt::format(" {:>12.2f}", a / g) : fmt::format(" {:>12}", "-");
-    }
-    if (peers.count("openmpi") && !peers["openmpi"].empty() && ours.count("mpi")) {
-      double a = bw(ours["mpi"], s), m = bw(peers["openmpi"], s);
-      line += a > 0 && m > 0 ? fmt::format(" {:>12.2f}", a / m) : fmt::format(" {:>12}", "-");
-    }
-    fmt::print("{}\n", line);
-  }
+  print_side_by_side(o, backends, ours, peers);
   if (!note.empty()) fmt::print("# notes:\n{}", note);
   bool complete = true;
   for (const auto& b : backends) complete &= !ours[b].empty();

@@ -289,6 +289,7 @@ TrainResult run_train(const TrainConfig& given) {
   }
   so.backend = config.backend;
   so.device = config.device;
+  so.allreduce_algo = config.allreduce_algo;
   so.timeout = std::chrono::milliseconds(static_cast<int64_t>(config.timeout_s * 1000));
   std::unique_ptr<WorkerSession> session = WorkerSession::open(id, so);
   TrainResult result;
@@ -315,6 +316,10 @@ void add_model_data_options(CLI::App* t, TrainConfig& c) {
                 "Communication backend: auto (nccl with --device cuda, else mpi under mpirun, "
                 "else tcp), tcp, mpi, nccl")
       ->capture_default_str();
+  t->add_option("--allreduce-algo", c.allreduce_algo,
+                "All-reduce algorithm: auto (by size), ring, local (one host, shared memory), rd "
+                "(recursive doubling), native (mpi); default DTRAIN_ALLREDUCE_ALGO or auto")
+      ->check(CLI::IsMember({"auto", "ring", "local", "rd", "native"}));
   t->add_option("--timeout", c.timeout_s,
                 "Seconds a collective may take; a lost peer fails the job within this")
       ->capture_default_str();

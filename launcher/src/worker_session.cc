@@ -61,6 +61,15 @@ comm::NcclOptions nccl_options(const std::string& device_text, const comm::CommO
   return no;
 }
 
+// The environment's algorithm table, with --allreduce-algo over DTRAIN_ALLREDUCE_ALGO.
+comm::AlgoOptions algo_options(const SessionOptions& o) {
+  comm::AlgoOptions a = comm::AlgoOptions::from_env();
+  if (!o.allreduce_algo.empty()) {
+    a[comm::Collective::kAllreduce] = comm::parse_algo(o.allreduce_algo, "--allreduce-algo");
+  }
+  return a;
+}
+
 std::unique_ptr<comm::Communicator> make_nccl(comm::Store& store, int rank, int size,
                                               const comm::NcclOptions& options) {
 #ifdef DTRAIN_WITH_CUDA
@@ -130,7 +139,8 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
     auto runtime = comm::MpiRuntime::init();
     s->mpi_runtime_ = runtime;
     comm::MpiOptions mo;
-    mo.algorithm = o.mpi_native ? comm::MpiAlgorithm::kNative : comm::MpiAlgorithm::kRing;
+    mo.algorithm = o.mpi_native ? comm::MpiAlgorithm::kNative : comm::MpiAlgorithm::kAuto;
+    mo.algos = algo_options(o);
     s->comm_ = comm::make_mpi_communicator(runtime, copts, mo);
     return s;
   }
@@ -169,6 +179,7 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
   comm::CommOptions copts;
   copts.timeout = options_.timeout;
   comm::TcpOptions topts = comm::TcpOptions::from_env();
+  topts.algos = algo_options(options_);
   topts.tag = fmt::format("{}-g{}", c.job_id, joined.generation);
   c.prefixed = std::make_unique<comm::PrefixStore>(topts.tag + "/", *c.store);
   if (backend_ == "nccl") {

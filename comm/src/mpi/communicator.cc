@@ -47,6 +47,7 @@
 #include "dtrain/comm/mpi.h"
 #include "dtrain/comm/ring.h"
 #include "mpi/mpi_internal.h"
+#include "recursive.h"
 #include "split.h"
 
 namespace dtrain::comm {
@@ -291,6 +292,8 @@ void reduce_16bit(void* in, void* inout, int* len, MPI_Datatype*) {
 }
 
 class MpiCommunicator final : public Communicator {
+  using Run = std::function<void(Deadline)>;
+
  public:
   // `owned`: MPI_COMM_NULL duplicates MPI_COMM_WORLD; otherwise the communicator to use
   // (from split()), which this object then owns and frees.
@@ -337,11 +340,24 @@ class MpiCommunicator final : public Communicator {
   std::shared_ptr<Work> allreduce_async(void* data, size_t count, DType dtype,
                                         ReduceOp op) override {
     check_buffer(data, count, "allreduce");
-    const std::string what = describe("allreduce", count, dtype, op);
-    if (mpi_.algorithm == MpiAlgorithm::kRing) {
-      return enqueue(what, [=, this](Deadline d) { ring_->allreduce(data, count, dtype, op, d); });
+    return enqueue(describe("allreduce", count, dtype, op), allreduce_op(data, count, dtype, op));
+  }
+  void allreduce(void* data, size_t count, DType dtype, ReduceOp op) override {
+    check_buffer(data, count, "allreduce");
+    run_blocking([&] { return describe("allreduce", count, dtype, op); },
+                 allreduce_op(data, count, dtype, op));
+  }
+  Run allreduce_op(void* data, size_t count, DType dtype, ReduceOp op) {
+    switch (algorithm(Collective::kAllreduce, count * dtype_size(dtype))) {
+      case Algo::kNative:
+        return [=, this](Deadline d) { native_allreduce(data, count, dtype, op, d); };
+      case Algo::kRecursiveDoubling:
+        return [=, this](Deadline d) {
+          recursive_doubling_allreduce(*ring_p2p_, data, count, dtype, op, d, scratch_);
+        };
+      default:
+        return [=, this](Deadline d) { ring_->allreduce(data, count, dtype, op, d); };
     }
-    return enqueue(what, [=, this](Deadline d) { native_allreduce(data, count, dtype, op, d); });
   }
 
   std::shared_ptr<Work> broadcast_async(void* data, size_t count, DType dtype, int root) override {
@@ -350,7 +366,7 @@ class MpiCommunicator final : public Communicator {
                  "mpi: broadcast root {} is not a rank of this communicator (size {})", root,
                  size_);
     const std::string what = fmt::format("{} root {}", describe("broadcast", count, dtype), root);
-    if (mpi_.algorithm == MpiAlgorithm::kRing) {
+    if (!native(Collective::kBroadcast, count * dtype_size(dtype))) {
       return enqueue(what,
                      [=, this](Deadline d) { ring_->broadcast(data, count, dtype, root, d); });
     }
@@ -362,7 +378,7 @@ class MpiCommunicator final : public Communicator {
     check_buffer(send, count, "allgather");
     check_buffer(recv, count, "allgather");
     const std::string what = describe("allgather", count, dtype);
-    if (mpi_.algorithm == MpiAlgorithm::kRing) {
+    if (!native(Collective::kAllgather, count * dtype_size(dtype))) {
       return enqueue(what,
                      [=, this](Deadline d) { ring_->allgather(send, recv, count, dtype, d); });
     }
@@ -385,7 +401,7 @@ class MpiCommunicator final : public Communicator {
     check_buffer(send, count, "reduce_scatter");
     check_buffer(recv, count, "reduce_scatter");
     const std::string what = describe("reduce_scatter", count, dtype, op);
-    if (mpi_.algorithm == MpiAlgorithm::kRing) {
+    if (!native(Collective::kReduceScatter, count * dtype_size(dtype) * size_)) {
       return enqueue(
           what, [=, this](Deadline d) { ring_->reduce_scatter(send, recv, count, dtype, op, d); });
     }
@@ -427,18 +443,18 @@ class MpiCommunicator final : public Communicator {
   }
 
   void barrier() override {
-    if (mpi_.algorithm == MpiAlgorithm::kRing) {
-      enqueue("barrier", [this](Deadline d) { ring_->barrier(d); })->wait();
+    if (!native(Collective::kAllreduce, 1)) {
+      run_blocking([] { return std::string("barrier"); }, [this](Deadline d) { ring_->barrier(d); });
       return;
     }
-    enqueue("barrier", [this](Deadline d) {
+    run_blocking([] { return std::string("barrier"); }, [this](Deadline d) {
       MPI_Request req = MPI_REQUEST_NULL;
       {
         auto lock = runtime_->lock_mpi();
         MPI_CHECK(MPI_Ibarrier(comm_, &req), "MPI_Ibarrier");
       }
       wait_collective({req}, d, "MPI_Ibarrier");
-    })->wait();
+    });
   }
 
   void abort(const std::string& reason) override {
@@ -554,7 +570,46 @@ class MpiCommunicator final : public Communicator {
     if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
   }
 
+  // ---- algorithm choice (every rank decides the same from the same arguments) ----
+
+  Algo algorithm(Collective c, size_t bytes) const {
+    if (mpi_.algorithm == MpiAlgorithm::kNative) return Algo::kNative;
+    if (mpi_.algorithm == MpiAlgorithm::kRing) return Algo::kRing;
+    AlgoCapabilities can;
+    can.native = true;
+    return algorithm_for(mpi_.algos, c, bytes, can);
+  }
+  // The other collectives run MPI's own or the ring.
+  bool native(Collective c, size_t bytes) const { return algorithm(c, bytes) == Algo::kNative; }
+
   // ---- the queue ----
+
+  // A blocking call runs on the calling thread when the worker is idle and nothing is
+  // queued (the order is the same; no hand-off between threads), else it queues.
+  // `what` is formatted only when it is needed.
+  template <typename What>
+  void run_blocking(const What& what, Run run) {
+    if (abort_.is_set()) std::rethrow_exception(aborted_error(what()));
+    std::unique_lock<std::mutex> lock(queue_mu_);
+    if (running_ || !queue_.empty()) {
+      lock.unlock();
+      enqueue(what(), std::move(run))->wait();
+      return;
+    }
+    running_ = true;
+    lock.unlock();
+    std::exception_ptr error;
+    try {
+      run(Clock::now() + timeout());
+    } catch (...) {
+      Task task{what(), nullptr, nullptr};
+      error = fail_task(task, std::current_exception());
+    }
+    lock.lock();
+    running_ = false;
+    lock.unlock();
+    if (error) std::rethrow_exception(error);
+  }
 
   // A failed or aborted communicator stays failed: later calls throw at once (as tcp).
   std::shared_ptr<Work> enqueue(std::string what, std::function<void(Deadline)> run) {
@@ -577,8 +632,14 @@ class MpiCommunicator final : public Communicator {
         if (queue_.empty()) return;
         task = std::move(queue_.front());
         queue_.pop_front();
+        running_ = true;
       }
-      task.work->finish(run_task(task));
+      std::exception_ptr error = run_task(task);
+      {
+        std::lock_guard<std::mutex> lock(queue_mu_);
+        running_ = false;  // before finish(): a waiter may go on right after
+      }
+      task.work->finish(error);
     }
   }
 
@@ -593,9 +654,17 @@ class MpiCommunicator final : public Communicator {
     try {
       task.run(Clock::now() + timeout());
       return nullptr;
+    } catch (...) {
+      return fail_task(task, std::current_exception());
+    }
+  }
+
+  // The ring cannot resume from a half-finished step and MPI cannot cancel a
+  // collective, so any failure ends this communicator.
+  std::exception_ptr fail_task(const Task& task, std::exception_ptr failure) {
+    try {
+      std::rethrow_exception(failure);
     } catch (const Error& e) {
-      // The ring cannot resume from a half-finished step and MPI cannot cancel a
-      // collective, so any failure ends this communicator.
       const std::string message =
           fmt::format("{} ({} algorithm, {} ranks) failed: {}", task.what,
                       mpi_algorithm_name(mpi_.algorithm), size_, e.message());
@@ -606,7 +675,7 @@ class MpiCommunicator final : public Communicator {
       return std::make_exception_ptr(CommError(message, __FILE__, __LINE__));
     } catch (const std::exception& e) {
       abort_.set(fmt::format("rank {}: {} failed: {}", rank_, task.what, e.what()));
-      return std::current_exception();
+      return failure;
     }
   }
 
@@ -716,6 +785,8 @@ class MpiCommunicator final : public Communicator {
   std::condition_variable queue_cv_;
   std::deque<Task> queue_;  // GUARDED_BY(queue_mu_)
   bool stopping_ = false;   // GUARDED_BY(queue_mu_)
+  bool running_ = false;    // GUARDED_BY(queue_mu_): an operation runs (worker or inline)
+  std::vector<std::byte> scratch_;  // recursive doubling's (the running operation's)
   std::thread worker_;
 };
 

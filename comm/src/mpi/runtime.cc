@@ -72,6 +72,8 @@ const char* mpi_algorithm_name(MpiAlgorithm algo) {
       return "ring";
     case MpiAlgorithm::kNative:
       return "native";
+    case MpiAlgorithm::kAuto:
+      return "auto";
   }
   return "?";
 }

@@ -36,8 +36,10 @@ namespace {
 //   128   RingCtl[world]: head u64 (own cache line), tail u64 (own cache line), with
 //         the ring's data offset (0: none) and capacity beside head
 //   ...   data, page aligned, one `capacity` block per producer
-constexpr uint64_t kMagic = 0x314d485344525444ull;  // "DTRDSHM1" read little endian
-constexpr uint32_t kVersion = 1;
+//   ...   slots (when slot_bytes > 0), page aligned: a page whose first cache line
+//         holds `posted` (u64), then two buffers of slot_bytes each
+constexpr uint64_t kMagic = 0x324d485344525444ull;  // "DTRDSHM2" read little endian
+constexpr uint32_t kVersion = 2;
 constexpr size_t kBellOffset = 64;
 constexpr size_t kCtlOffset = 128;
 constexpr size_t kPage = 4096;
@@ -50,6 +52,8 @@ struct Header {
   uint32_t reserved;
   uint64_t nonce;
   uint64_t bytes;
+  uint64_t slot_offset;  // 0: no slots
+  uint64_t slot_bytes;
 };
 static_assert(sizeof(Header) <= kBellOffset);
 
@@ -174,12 +178,15 @@ void Segment::unlink() {
 }
 
 Segment Segment::create(const std::string& name, int owner, int world, uint64_t nonce,
-                        const std::vector<int>& producers, size_t ring_bytes) {
+                        const std::vector<int>& producers, size_t ring_bytes, size_t slot_bytes) {
   DTRAIN_CHECK(ring_bytes >= kPage && ring_bytes % kPage == 0, InvalidArgument,
                "shm: ring size must be a positive multiple of {} bytes, got {}", kPage, ring_bytes);
+  DTRAIN_CHECK(slot_bytes % kPage == 0, InvalidArgument,
+               "shm: slot size must be a multiple of {} bytes, got {}", kPage, slot_bytes);
   const size_t data_start =
       round_up(kCtlOffset + sizeof(RingCtl) * static_cast<size_t>(world), kPage);
-  const size_t bytes = data_start + producers.size() * ring_bytes;
+  const size_t slot_start = data_start + producers.size() * ring_bytes;
+  const size_t bytes = slot_start + (slot_bytes > 0 ? kPage + 2 * slot_bytes : 0);
   int fd = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   DTRAIN_CHECK(fd >= 0, CommError,
                "shm: rank {} cannot create {}: {} (set DTRAIN_SHM=0 to use TCP only)", owner, name,
@@ -212,6 +219,8 @@ Segment Segment::create(const std::string& name, int owner, int world, uint64_t 
   h->world = static_cast<uint32_t>(world);
   h->nonce = nonce;
   h->bytes = bytes;
+  h->slot_offset = slot_bytes > 0 ? slot_start : 0;
+  h->slot_bytes = slot_bytes;
   for (size_t i = 0; i < producers.size(); ++i) {
     RingCtl* c = ctl(s.base_, producers[i]);
     c->data_offset = data_start + i * ring_bytes;
@@ -244,6 +253,7 @@ Segment Segment::open(const std::string& name, int owner, int world, uint64_t no
   bool ok = h != nullptr && h->magic == kMagic && h->version == kVersion &&
             h->owner == static_cast<uint32_t>(owner) && h->world == static_cast<uint32_t>(world) &&
             h->nonce == nonce && h->bytes == s.bytes_ &&
+            (h->slot_offset == 0 || h->slot_offset + kPage + 2 * h->slot_bytes <= s.bytes_) &&
             kCtlOffset + sizeof(RingCtl) * static_cast<size_t>(world) <= s.bytes_;
   DTRAIN_CHECK(ok, CommError,
                "shm: {} is not rank {}'s segment of this group (world size {}); a stale entry?",
@@ -258,6 +268,14 @@ ByteRing Segment::ring(int producer) const {
       CommError, "shm: rank {}'s segment has no valid ring for rank {}", header(base_)->owner,
       producer);
   return ByteRing(&c->head, &c->tail, base_ + c->data_offset, c->capacity);
+}
+
+Slots Segment::slots() const {
+  const Header* h = header(base_);
+  if (h->slot_offset == 0) return Slots{};
+  std::byte* at = base_ + h->slot_offset;
+  return Slots{reinterpret_cast<uint64_t*>(at), {at + kPage, at + kPage + h->slot_bytes},
+               static_cast<size_t>(h->slot_bytes)};
 }
 
 Doorbell Segment::bell() const {

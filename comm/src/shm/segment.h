@@ -119,6 +119,16 @@ class Doorbell {
   uint32_t* sleeping_ = nullptr;
 };
 
+// A rank's two collective buffers (see local_collective.h): `posted` is the number of
+// the last collective whose input this rank has placed in buffer[seq % 2] (written by
+// the owner with release, read by the peers with acquire); each buffer holds `bytes`.
+struct Slots {
+  uint64_t* posted = nullptr;
+  std::byte* buffer[2] = {nullptr, nullptr};
+  size_t bytes = 0;
+  bool valid() const { return posted != nullptr; }
+};
+
 // One rank's segment, created by its owner or opened by a peer.
 // Thread-safety: the object is immutable after setup; the rings and the doorbell
 // follow their own rules above.
@@ -132,10 +142,12 @@ class Segment {
   ~Segment();
 
   // Creates and maps `name` with one ring of `ring_bytes` (a multiple of kAlign) for
-  // each rank in `producers`. The pages are allocated up front, so a full /dev/shm
-  // fails here (CommError) and never later with SIGBUS.
+  // each rank in `producers`, and two collective slots of `slot_bytes` (a multiple of
+  // 4096; 0: none). The pages are allocated up front, so a full /dev/shm fails here
+  // (CommError) and never later with SIGBUS.
   static Segment create(const std::string& name, int owner, int world, uint64_t nonce,
-                        const std::vector<int>& producers, size_t ring_bytes);
+                        const std::vector<int>& producers, size_t ring_bytes,
+                        size_t slot_bytes = 0);
   // Maps a peer's segment and checks that it belongs to rank `owner` of this group.
   static Segment open(const std::string& name, int owner, int world, uint64_t nonce);
 
@@ -145,6 +157,7 @@ class Segment {
   // The ring in which `producer` writes to the owner (invalid if it has none).
   ByteRing ring(int producer) const;
   Doorbell bell() const;
+  Slots slots() const;  // invalid when created without slots
 
  private:
   std::byte* base_ = nullptr;

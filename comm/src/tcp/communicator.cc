@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "dtrain/comm/tcp.h"
+#include "recursive.h"
 #include "split.h"
 #include "tcp/transport.h"
 
@@ -65,6 +66,13 @@ class TcpWork final : public Work {
   std::optional<Failure> error_;
 };
 
+AlgoCapabilities capabilities(tcp::Transport& t) {
+  AlgoCapabilities c;
+  c.local = t.local() != nullptr;
+  c.local_capacity = c.local ? t.local()->capacity() : 0;
+  return c;
+}
+
 class TcpCommunicator final : public Communicator {
  public:
   // `store` (kept for split()) must outlive this communicator and its children.
@@ -74,6 +82,7 @@ class TcpCommunicator final : public Communicator {
         ring_(*transport_, tcp.ring),
         store_(&store),
         tcp_(std::move(tcp)),
+        caps_(capabilities(*transport_)),
         timeout_ms_(opts.timeout.count()),
         worker_([this] { worker_loop(); }) {}
 
@@ -97,33 +106,41 @@ class TcpCommunicator final : public Communicator {
   std::shared_ptr<Work> allreduce_async(void* data, size_t count, DType dtype,
                                         ReduceOp op) override {
     check_buffer(data, count, dtype, "allreduce");
-    return enqueue("allreduce",
-                   [=, this](Deadline d) { ring_.allreduce(data, count, dtype, op, d); });
+    return enqueue("allreduce", allreduce_op(data, count, dtype, op));
+  }
+  void allreduce(void* data, size_t count, DType dtype, ReduceOp op) override {
+    check_buffer(data, count, dtype, "allreduce");
+    run_blocking("allreduce", allreduce_op(data, count, dtype, op));
   }
 
   std::shared_ptr<Work> broadcast_async(void* data, size_t count, DType dtype, int root) override {
-    check_buffer(data, count, dtype, "broadcast");
-    DTRAIN_CHECK(root >= 0 && root < size(), InvalidArgument,
-                 "tcp: broadcast root {} is not a rank of a world of size {}", root, size());
-    return enqueue("broadcast",
-                   [=, this](Deadline d) { ring_.broadcast(data, count, dtype, root, d); });
+    check_root(data, count, dtype, root);
+    return enqueue("broadcast", broadcast_op(data, count, dtype, root));
+  }
+  void broadcast(void* data, size_t count, DType dtype, int root) override {
+    check_root(data, count, dtype, root);
+    run_blocking("broadcast", broadcast_op(data, count, dtype, root));
   }
 
   std::shared_ptr<Work> allgather_async(const void* send, void* recv, size_t count,
                                         DType dtype) override {
-    check_buffer(send, count, dtype, "allgather");
-    check_buffer(recv, count, dtype, "allgather");
-    return enqueue("allgather",
-                   [=, this](Deadline d) { ring_.allgather(send, recv, count, dtype, d); });
+    check_pair(send, recv, count, dtype, "allgather");
+    return enqueue("allgather", allgather_op(send, recv, count, dtype));
+  }
+  void allgather(const void* send, void* recv, size_t count, DType dtype) override {
+    check_pair(send, recv, count, dtype, "allgather");
+    run_blocking("allgather", allgather_op(send, recv, count, dtype));
   }
 
   std::shared_ptr<Work> reduce_scatter_async(const void* send, void* recv, size_t count,
                                              DType dtype, ReduceOp op) override {
-    check_buffer(send, count, dtype, "reduce_scatter");
-    check_buffer(recv, count, dtype, "reduce_scatter");
-    return enqueue("reduce_scatter", [=, this](Deadline d) {
-      ring_.reduce_scatter(send, recv, count, dtype, op, d);
-    });
+    check_pair(send, recv, count, dtype, "reduce_scatter");
+    return enqueue("reduce_scatter", reduce_scatter_op(send, recv, count, dtype, op));
+  }
+  void reduce_scatter(const void* send, void* recv, size_t count, DType dtype,
+                      ReduceOp op) override {
+    check_pair(send, recv, count, dtype, "reduce_scatter");
+    run_blocking("reduce_scatter", reduce_scatter_op(send, recv, count, dtype, op));
   }
 
   void send(const void* data, size_t count, DType dtype, int peer) override {
@@ -145,7 +162,10 @@ class TcpCommunicator final : public Communicator {
   }
 
   void barrier() override {
-    enqueue("barrier", [this](Deadline d) { ring_.barrier(d); })->wait();
+    run_blocking("barrier", [this](Deadline d) {
+      if (transport_->local() != nullptr) return transport_->local()->barrier(d);
+      ring_.barrier(d);
+    });
   }
 
   void abort(const std::string& reason) override {
@@ -184,6 +204,59 @@ class TcpCommunicator final : public Communicator {
     std::shared_ptr<TcpWork> work;
   };
 
+  // ---- algorithm choice (every rank decides the same from the same arguments)
+
+  Algo algorithm(Collective c, size_t bytes) const {
+    return algorithm_for(tcp_.algos, c, bytes, caps_);
+  }
+  using Run = std::function<void(Deadline)>;
+
+  Run allreduce_op(void* data, size_t count, DType dtype, ReduceOp op) {
+    switch (algorithm(Collective::kAllreduce, count * dtype_size(dtype))) {
+      case Algo::kLocal:
+        return [=, this](Deadline d) { transport_->local()->allreduce(data, count, dtype, op, d); };
+      case Algo::kRecursiveDoubling:
+        return [=, this](Deadline d) {
+          recursive_doubling_allreduce(*transport_, data, count, dtype, op, d, scratch_);
+        };
+      default:
+        return [=, this](Deadline d) { ring_.allreduce(data, count, dtype, op, d); };
+    }
+  }
+  Run broadcast_op(void* data, size_t count, DType dtype, int root) {
+    if (algorithm(Collective::kBroadcast, count * dtype_size(dtype)) == Algo::kLocal) {
+      return [=, this](Deadline d) { transport_->local()->broadcast(data, count, dtype, root, d); };
+    }
+    return [=, this](Deadline d) { ring_.broadcast(data, count, dtype, root, d); };
+  }
+  Run allgather_op(const void* send, void* recv, size_t count, DType dtype) {
+    if (algorithm(Collective::kAllgather, count * dtype_size(dtype)) == Algo::kLocal) {
+      return [=, this](Deadline d) { transport_->local()->allgather(send, recv, count, dtype, d); };
+    }
+    return [=, this](Deadline d) { ring_.allgather(send, recv, count, dtype, d); };
+  }
+  Run reduce_scatter_op(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
+    const size_t bytes = count * dtype_size(dtype) * static_cast<size_t>(size());
+    if (algorithm(Collective::kReduceScatter, bytes) == Algo::kLocal) {
+      return [=, this](Deadline d) {
+        transport_->local()->reduce_scatter(send, recv, count, dtype, op, d);
+      };
+    }
+    return [=, this](Deadline d) { ring_.reduce_scatter(send, recv, count, dtype, op, d); };
+  }
+
+  // ---- argument checks (on the calling thread)
+
+  void check_root(const void* data, size_t count, DType dtype, int root) const {
+    check_buffer(data, count, dtype, "broadcast");
+    DTRAIN_CHECK(root >= 0 && root < size(), InvalidArgument,
+                 "tcp: broadcast root {} is not a rank of a world of size {}", root, size());
+  }
+  void check_pair(const void* send, const void* recv, size_t count, DType dtype,
+                  const char* op) const {
+    check_buffer(send, count, dtype, op);
+    check_buffer(recv, count, dtype, op);
+  }
   void check_buffer(const void* ptr, size_t count, DType dtype, const char* op) const {
     DTRAIN_CHECK(dtype_size(dtype) > 0, DTypeError, "tcp: {} got an unknown dtype {}", op,
                  static_cast<int>(dtype));
@@ -206,6 +279,27 @@ class TcpCommunicator final : public Communicator {
     return work;
   }
 
+  // A blocking call runs on the calling thread when the worker is idle and nothing is
+  // queued (the same order as queuing it; no hand-off and wake-up between threads),
+  // else it queues behind the pending operations and waits.
+  void run_blocking(const char* name, Run run) {
+    throw_if_failed();
+    std::unique_lock<std::mutex> lock(mu_);
+    if (running_ || !queue_.empty()) {
+      lock.unlock();
+      enqueue(name, std::move(run))->wait();
+      return;
+    }
+    running_ = true;
+    lock.unlock();
+    Op op{name, std::move(run), nullptr};
+    std::optional<Failure> error = run_op(op);
+    lock.lock();
+    running_ = false;
+    lock.unlock();
+    if (error) throw_failure(*error);
+  }
+
   void throw_if_failed() const {
     if (std::optional<Failure> f = stored_failure()) throw_failure(*f);
   }
@@ -226,7 +320,12 @@ class TcpCommunicator final : public Communicator {
     if (std::optional<Failure> f = stored_failure()) return f;
     const auto timeout = std::chrono::milliseconds(timeout_ms_.load());
     try {
-      transport_->check_peers();  // a peer that failed or left while we were idle
+      // A peer that failed or left while we were idle; at most once a millisecond (a
+      // syscall per peer; a wait notices a lost peer by itself within milliseconds).
+      if (const auto now = tcp::Clock::now(); now >= next_peer_check_) {
+        transport_->check_peers();
+        next_peer_check_ = now + std::chrono::milliseconds(1);
+      }
       op.run(tcp::Clock::now() + timeout);
       return std::nullopt;
     } catch (const Error& e) {
@@ -270,6 +369,9 @@ class TcpCommunicator final : public Communicator {
   Ring ring_;            // used by the worker only
   Store* store_;         // the store this communicator was built through (for split)
   TcpOptions tcp_;       // its options: the children's tag derives from tcp_.tag
+  AlgoCapabilities caps_;
+  std::vector<std::byte> scratch_;  // recursive doubling's receive buffer (worker or inline)
+  tcp::Clock::time_point next_peer_check_{};  // run_op only (worker or inline, never both)
   uint64_t splits_ = 0;  // splits done so far (issuing thread only)
   std::atomic<int64_t> timeout_ms_;
 
@@ -316,6 +418,7 @@ TcpOptions TcpOptions::from_env() {
   }
   o.shm_ring_bytes =
       static_cast<size_t>(env_int("DTRAIN_SHM_RING_BYTES", static_cast<int>(o.shm_ring_bytes)));
+  o.algos = AlgoOptions::from_env();
   return o;
 }
 

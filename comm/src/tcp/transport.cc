@@ -42,6 +42,16 @@ constexpr int kMaxIov = 64;
 
 // Longest sleep on the shared-memory doorbell before the control sockets are read.
 constexpr auto kShmCheckInterval = std::chrono::milliseconds(2);
+// A wait spins this long without yielding the CPU before it starts to sched_yield.
+constexpr auto kPureSpin = std::chrono::microseconds(20);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
 
 void put32(std::byte* p, uint32_t v) {
   for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
@@ -184,7 +194,9 @@ std::vector<int> Transport::find_same_host(Store& store, const TcpOptions& opts,
 void Transport::create_segment(Store& store, const TcpOptions& opts, const std::vector<int>& local,
                                uint64_t nonce) {
   std::string name = fmt::format("/dtrain-{}-r{}-{:x}", ::getpid(), rank_, nonce);
-  shm_own_ = shm::Segment::create(name, rank_, size_, nonce, local, opts.shm_ring_bytes);
+  const bool everyone = static_cast<int>(local.size()) == size_ - 1;
+  shm_own_ = shm::Segment::create(name, rank_, size_, nonce, local, opts.shm_ring_bytes,
+                                  everyone ? (opts.algos.local_max_bytes + 4095) / 4096 * 4096 : 0);
   store.set(shm_key(opts.tag, rank_), fmt::format("{:x}@{}", nonce, name));
 }
 
@@ -208,6 +220,20 @@ void Transport::map_segments(Store& store, const TcpOptions& opts, const std::ve
   shm_own_.unlink();
   for (int p : local) peers_[p].shm = true;
   bell_ = shm_own_.bell();
+  if (shm_own_.slots().valid()) make_local_collectives(local);
+}
+
+void Transport::make_local_collectives(const std::vector<int>& local) {
+  std::vector<shm::Slots> slots(static_cast<size_t>(size_));
+  std::vector<shm::Doorbell> bells(static_cast<size_t>(size_));
+  slots[static_cast<size_t>(rank_)] = shm_own_.slots();
+  for (size_t i = 0; i < local.size(); ++i) {
+    slots[static_cast<size_t>(local[i])] = shm_peer_[i].slots();
+    bells[static_cast<size_t>(local[i])] = peers_[local[i]].shm_bell;
+  }
+  local_ = std::make_unique<shm::LocalCollectives>(
+      rank_, std::move(slots), std::move(bells),
+      [this](const std::function<bool()>& ready, Deadline d) { wait_until(ready, d); });
 }
 
 void Transport::connect_lower(Store& store, const TcpOptions& opts, Deadline deadline) {
@@ -355,20 +381,35 @@ bool Transport::is_done(const Request& r) const {
 }
 
 void Transport::wait(const Request& request, Deadline deadline) {
-  Deadline spin_until = Clock::now() + spin_;
+  wait_until(
+      [&] {
+        progress();
+        return is_done(request);
+      },
+      deadline);
+}
+
+void Transport::wait_until(const std::function<bool()>& ready, Deadline deadline) {
+  const Clock::time_point start = Clock::now();
+  Deadline spin_until = start + spin_;
   for (;;) {
     if (failed()) throw_failure();
     // Only shared-memory work left: sleep on the doorbell once the spin is over,
     // armed before the last look at the rings so that no ring is missed.
     const bool bell = bell_.valid() && !tcp_data_pending() && Clock::now() >= spin_until;
     const uint32_t armed = bell ? bell_.arm() : 0;
-    progress();
-    if (is_done(request)) {
+    if (ready()) {
       if (bell) bell_.disarm();
       return;
     }
     if (!bell && Clock::now() < spin_until) {
-      ::sched_yield();  // let a compute thread on this core run
+      // The first microseconds without a syscall (a peer on another core answers
+      // within them), then let a compute thread on this core run between looks.
+      if (Clock::now() - start < kPureSpin) {
+        cpu_relax();
+      } else {
+        ::sched_yield();
+      }
       continue;
     }
     if (bell) {

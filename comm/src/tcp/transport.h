@@ -42,6 +42,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -50,6 +51,7 @@
 #include "dtrain/comm/ring.h"
 #include "dtrain/comm/store.h"
 #include "dtrain/comm/tcp.h"
+#include "shm/local_collective.h"
 #include "shm/segment.h"
 #include "tcp/socket.h"
 
@@ -69,6 +71,12 @@ class Transport final : public PointToPoint {
   bool can_recv_reduce(int peer) const override;
   Request post_recv_reduce(void* data, size_t count, DType dtype, ReduceOp op, int peer) override;
   void wait(const Request& request, Deadline deadline) override;
+  // The wait loop of wait() for any condition (progressing posted requests meanwhile).
+  void wait_until(const std::function<bool()>& ready, Deadline deadline);
+
+  // The one-host collectives, when every peer shares this host (TcpOptions::shm and
+  // a slot size); nullptr otherwise.
+  shm::LocalCollectives* local() { return local_.get(); }
 
   // Whether data to and from `peer` goes through shared memory.
   bool uses_shm(int peer) const { return peers_[peer].shm; }
@@ -122,6 +130,7 @@ class Transport final : public PointToPoint {
   std::vector<int> find_same_host(Store& store, const TcpOptions& opts, Deadline deadline);
   void create_segment(Store& store, const TcpOptions& opts, const std::vector<int>& local,
                       uint64_t nonce);
+  void make_local_collectives(const std::vector<int>& local);
   void map_segments(Store& store, const TcpOptions& opts, const std::vector<int>& local,
                     Deadline deadline);
 
@@ -152,6 +161,7 @@ class Transport final : public PointToPoint {
   shm::Segment shm_own_;                // ours: the rings our same-host peers write to
   std::vector<shm::Segment> shm_peer_;  // theirs, mapped
   shm::Doorbell bell_;                  // ours; valid when any peer uses shm
+  std::unique_ptr<shm::LocalCollectives> local_;
 
   std::atomic<bool> failed_{false};
   mutable std::mutex fail_mu_;

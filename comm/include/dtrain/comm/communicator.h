@@ -83,17 +83,20 @@ class Communicator {
   // it fails with CommError/TimeoutError when a peer is lost during it.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
-  // Blocking forms.
-  void allreduce(void* data, size_t count, DType dtype, ReduceOp op) {
+  // Blocking forms. Backends may override them to run the operation on the calling
+  // thread when nothing is queued (no hand-off to a worker: the latency of small
+  // messages); the result and the ordering are those of async + wait.
+  virtual void allreduce(void* data, size_t count, DType dtype, ReduceOp op) {
     allreduce_async(data, count, dtype, op)->wait();
   }
-  void broadcast(void* data, size_t count, DType dtype, int root) {
+  virtual void broadcast(void* data, size_t count, DType dtype, int root) {
     broadcast_async(data, count, dtype, root)->wait();
   }
-  void allgather(const void* send, void* recv, size_t count, DType dtype) {
+  virtual void allgather(const void* send, void* recv, size_t count, DType dtype) {
     allgather_async(send, recv, count, dtype)->wait();
   }
-  void reduce_scatter(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
+  virtual void reduce_scatter(const void* send, void* recv, size_t count, DType dtype,
+                              ReduceOp op) {
     reduce_scatter_async(send, recv, count, dtype, op)->wait();
   }
 };

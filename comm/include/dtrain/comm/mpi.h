@@ -47,6 +47,7 @@
 #include <memory>
 #include <mutex>
 
+#include "dtrain/comm/algorithm.h"
 #include "dtrain/comm/communicator.h"
 #include "dtrain/comm/ring.h"
 
@@ -55,11 +56,14 @@ namespace dtrain::comm {
 enum class MpiAlgorithm {
   kRing,    // dtrain's ring algorithms over MPI point-to-point
   kNative,  // MPI's own collectives
+  kAuto,    // per call by size (algorithm.h): native up to algos.small_max_bytes, ring above
 };
 const char* mpi_algorithm_name(MpiAlgorithm algo);
 
 struct MpiOptions {
   MpiAlgorithm algorithm = MpiAlgorithm::kRing;
+  // kAuto's table and per-collective overrides (native or ring; others run the ring).
+  AlgoOptions algos;
   // When true, abort() also calls MPI_Abort on the communicator, which terminates every
   // process of the job. Off by default: library code does not kill the process.
   bool mpi_abort_on_abort = false;

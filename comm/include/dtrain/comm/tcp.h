@@ -46,6 +46,7 @@
 #include <memory>
 #include <string>
 
+#include "dtrain/comm/algorithm.h"
 #include "dtrain/comm/communicator.h"
 #include "dtrain/comm/ring.h"
 #include "dtrain/comm/store.h"
@@ -80,10 +81,15 @@ struct TcpOptions {
   // Measured (2 ranks, 2-core VM): large messages did not tell 1, 2 and 8 MiB rings
   // apart; 4 MiB keeps four 1 MiB chunks in flight.
   size_t shm_ring_bytes = 4 << 20;
+  // Algorithm choice by size (algorithm.h); algos.local_max_bytes is also the size
+  // of each collective slot of the one-host algorithm (two per rank, allocated when
+  // every rank of the communicator shares this host; 0: none). Every rank must use
+  // the same AlgoOptions.
+  AlgoOptions algos;
 
   // Defaults, overridden by DTRAIN_TCP_BIND, DTRAIN_TCP_ADVERTISE,
   // DTRAIN_TCP_SOCKET_BUFFER, DTRAIN_TCP_CHUNK_BYTES, DTRAIN_TCP_SPIN_US, DTRAIN_SHM
-  // (0 or 1) and DTRAIN_SHM_RING_BYTES when set (InvalidArgument on values that do
+  // (0 or 1), DTRAIN_SHM_RING_BYTES and AlgoOptions::from_env's variables when set (InvalidArgument on values that do
   // not parse).
   static TcpOptions from_env();
 };

@@ -1,0 +1,60 @@
+// Which algorithm runs a collective, chosen per call by message size.
+//
+//   local  one copy into a shared-memory slot, then every rank reads the others'
+//          (ranks that all share one host; tcp backend; see shm/local_collective.h)
+//   rd     recursive doubling (allreduce): log2(n) exchanges of the whole message,
+//          for small messages between hosts; other collectives run the ring
+//   native MPI's own collective (mpi backend)
+//   ring   the pipelined ring (comm/ring.h): bandwidth-optimal, for large messages
+//   auto   by size, from the table below: local up to local_max_bytes when every
+//          rank is on this host (tcp backend); else up to small_max_bytes rd for
+//          allreduce and native for the others (mpi backend); else ring.
+//
+// The thresholds are a table measured on the development VM with `dtrain bench
+// allreduce` (2 ranks; docs/collectives.md), not a start-up probe: every rank must
+// pick the same algorithm for the same call, and a probe's timings differ per rank.
+// Overridden per collective by DTRAIN_ALLREDUCE_ALGO, DTRAIN_REDUCE_SCATTER_ALGO,
+// DTRAIN_ALLGATHER_ALGO, DTRAIN_BROADCAST_ALGO (and `dtrain train --allreduce-algo`);
+// the thresholds by DTRAIN_LOCAL_MAX_BYTES and DTRAIN_SMALL_MAX_BYTES. A forced
+// algorithm that cannot run a call (local across hosts or above the slot size,
+// native on tcp) runs the ring and says so in algorithm_for's `why`.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+namespace dtrain::comm {
+
+enum class Algo { kAuto, kRing, kLocal, kRecursiveDoubling, kNative };
+enum class Collective { kAllreduce, kReduceScatter, kAllgather, kBroadcast };
+
+const char* algo_name(Algo algo);
+const char* collective_name(Collective c);
+// "auto", "ring", "local", "rd", "native"; InvalidArgument naming `what` otherwise.
+Algo parse_algo(std::string_view text, std::string_view what);
+
+struct AlgoOptions {
+  std::array<Algo, 4> algo{Algo::kAuto, Algo::kAuto, Algo::kAuto, Algo::kAuto};
+  size_t local_max_bytes = 256 << 10;  // and the slot size of the local algorithm
+  size_t small_max_bytes = 64 << 10;
+
+  Algo& operator[](Collective c) { return algo[static_cast<size_t>(c)]; }
+  Algo operator[](Collective c) const { return algo[static_cast<size_t>(c)]; }
+  // Defaults overridden by the environment variables above.
+  static AlgoOptions from_env();
+};
+
+// What a backend can run for one call.
+struct AlgoCapabilities {
+  bool local = false;   // every rank shares this host's memory (slots mapped)
+  bool native = false;  // mpi
+  size_t local_capacity = 0;  // slot bytes
+};
+
+// The algorithm for `bytes` (the largest buffer one rank places: allreduce's,
+// allgather's per-rank block, reduce_scatter's whole input, broadcast's).
+Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoCapabilities& can);
+
+}  // namespace dtrain::comm
