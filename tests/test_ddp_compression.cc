@@ -21,8 +21,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <memory>
 #include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -239,7 +239,8 @@ TEST(DdpCompression, Bf16TrainingFollowsUncompressedDdp) {
 
 TEST(DdpCompression, PowerSgdTrainingKeepsReplicasEqualAndStaysNearUncompressed) {
   std::vector<Trained> plain = train_ddp(2, {});
-  std::vector<Trained> psgd = train_ddp(2, {.kind = GradCompression::kPowerSgd, .powersgd_rank = 2});
+  std::vector<Trained> psgd =
+      train_ddp(2, {.kind = GradCompression::kPowerSgd, .powersgd_rank = 2});
   expect_replicas_identical(psgd);
   auto [diff, update] = max_diff_and_update(psgd[0].params, plain[0].params, initial_params());
   std::printf("powersgd DDP after %d steps: max |w_psgd - w| %.3g, max |w - w0| %.3g\n", kSteps,
@@ -352,8 +353,7 @@ double launch_demo(const std::string& compression) {
       dtrain::testing::scratch_dir("dtrain_test_compress", compression) / "metrics.jsonl";
   auto r = dtrain::testing::run_command(
       std::string(DTRAIN_BIN) + " launch --nproc 2 -- dtrain train --no-progress --data-cache " +
-      DTRAIN_DATA_CACHE + " --metrics " + metrics.string() + " --grad-compression " +
-      compression);
+      DTRAIN_DATA_CACHE + " --metrics " + metrics.string() + " --grad-compression " + compression);
   EXPECT_EQ(r.code, 0) << r.out;
   if (compression != "none") {
     EXPECT_NE(r.out.find("backend tcp, " + compression + " gradients"), std::string::npos) << r.out;

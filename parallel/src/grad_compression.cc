@@ -186,8 +186,7 @@ std::shared_ptr<comm::Work> PowerSgdCompressor::launch(comm::Communicator& comm,
     multiply(g + l.offset, q_.data() + l.q_offset, first_.data() + plain_numel_ + l.p_offset, l,
              /*transposed=*/false);
   }
-  auto work =
-      comm.allreduce_async(first_.data(), first_.size(), DType::f32, comm::ReduceOp::kSum);
+  auto work = comm.allreduce_async(first_.data(), first_.size(), DType::f32, comm::ReduceOp::kSum);
   return std::make_shared<PowerSgdWork>(std::move(work), this, comm, flat);
 }
 

@@ -42,7 +42,7 @@ GradCompression parse_grad_compression(std::string_view name);
 
 struct GradCompressionOptions {
   GradCompression kind = GradCompression::kNone;
-  int powersgd_rank = 2;  // rank of PowerSGD's approximation (>= 1)
+  int powersgd_rank = 2;       // rank of PowerSGD's approximation (>= 1)
   uint64_t powersgd_seed = 0;  // Q's initial values (must match on every rank)
 };
 
