@@ -5,15 +5,16 @@
 
 namespace dtrain::cli {
 
-DataParallelPlan::DataParallelPlan(comm::Communicator& comm, Device device)
-    : comm_(comm), device_(device) {}
+DataParallelPlan::DataParallelPlan(comm::Communicator& comm, Device device,
+                                   parallel::DdpOptions options)
+    : comm_(comm), device_(device), options_(options) {}
 
 void DataParallelPlan::prepare(std::shared_ptr<nn::Module> model) {
   DTRAIN_CHECK(model != nullptr, InvalidArgument, "DataParallelPlan::prepare: no model");
   model_ = std::move(model);
   ddp_.reset();  // a new fit() over the same plan builds a new DDP
   if (comm_.size() > 1) {
-    ddp_ = std::make_unique<parallel::DistributedDataParallel>(model_, comm_);
+    ddp_ = std::make_unique<parallel::DistributedDataParallel>(model_, comm_, options_);
   }
 }
 

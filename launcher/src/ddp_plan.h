@@ -25,7 +25,8 @@ class DataParallelPlan final : public ParallelPlan {
  public:
   // REQUIRES: comm outlives the plan. device: where the model lives (the logged
   // loss travels through it for a device-memory communicator).
-  DataParallelPlan(comm::Communicator& comm, Device device);
+  // options: DDP's (bucket caps, gradient compression).
+  DataParallelPlan(comm::Communicator& comm, Device device, parallel::DdpOptions options = {});
 
   void prepare(std::shared_ptr<nn::Module> model) override;
   double forward_backward(const TrainBatch& batch, const StepFn& step) override;
@@ -39,6 +40,7 @@ class DataParallelPlan final : public ParallelPlan {
  private:
   comm::Communicator& comm_;
   Device device_;
+  parallel::DdpOptions options_;
   std::shared_ptr<nn::Module> model_;
   std::unique_ptr<parallel::DistributedDataParallel> ddp_;  // world > 1 only
 };

@@ -33,6 +33,28 @@ namespace dtrain::cli {
 
 namespace {
 
+void validate_compression(const TrainConfig& c) {
+  DTRAIN_CHECK(c.grad_compression == "none" || c.grad_compression == "bf16" ||
+                   c.grad_compression == "fp16" || c.grad_compression == "powersgd",
+               InvalidArgument, "--grad-compression {}: expected none, bf16, fp16 or powersgd",
+               c.grad_compression);
+  DTRAIN_CHECK(c.grad_compression == "none" || c.model != "gpt", InvalidArgument,
+               "--grad-compression is for the MNIST models' DDP, not --model gpt");
+  DTRAIN_CHECK(c.grad_compression != "powersgd" || c.device == "cpu", UnsupportedError,
+               "--grad-compression powersgd runs on host memory; with --device {} use bf16 or "
+               "fp16",
+               c.device);
+  DTRAIN_CHECK(c.powersgd_rank >= 1, InvalidArgument, "--powersgd-rank must be >= 1, got {}",
+               c.powersgd_rank);
+}
+
+parallel::DdpOptions ddp_options(const TrainConfig& c) {
+  parallel::DdpOptions o;
+  o.compression.kind = parallel::parse_grad_compression(c.grad_compression);
+  o.compression.powersgd_rank = c.powersgd_rank;
+  return o;
+}
+
 void validate(const TrainConfig& c) {
   DTRAIN_CHECK(c.backend != "nccl" || c.device != "cpu", InvalidArgument,
                "--backend nccl: NCCL moves GPU memory; add --device cuda (one GPU per worker)");
@@ -49,6 +71,7 @@ void validate(const TrainConfig& c) {
                "ZeRO and the pipeline run on host memory)");
   DTRAIN_CHECK(c.model == "gpt" || (c.parallel.empty() && c.zero == 0), InvalidArgument,
                "--parallel and --zero are for --model gpt (the MNIST models train with DDP)");
+  validate_compression(c);
   DTRAIN_CHECK(c.zero >= 0 && c.zero <= 3, InvalidArgument,
                "--zero {}: expected 0 (DDP), 1, 2 or 3", c.zero);
   DTRAIN_CHECK(c.epochs >= 1, InvalidArgument, "--epochs must be >= 1, got {}", c.epochs);
@@ -142,10 +165,11 @@ std::string banner_line(const TrainConfig& c, const nn::Module& model, const Mni
                         const WorkerSession& session) {
   return fmt::format(
       "dtrain train: {} ({} parameters) on {}: {} train / {} test, batch {} ({} worker(s) x {}, "
-      "backend {}), {} epochs, lr {} ({}), {} thread(s) per worker",
+      "backend {}{}), {} epochs, lr {} ({}), {} thread(s) per worker",
       c.model, model.num_parameters(), data.origin().source, data.train_size(), data.test_size(),
-      c.batch, session.size(), c.batch / session.size(), session.backend(), c.epochs, c.lr,
-      c.schedule, c.threads);
+      c.batch, session.size(), c.batch / session.size(), session.backend(),
+      c.grad_compression == "none" ? "" : ", " + c.grad_compression + " gradients", c.epochs,
+      c.lr, c.schedule, c.threads);
 }
 
 // Every callback of one attempt, in the order they run (train_callbacks.h).
@@ -227,7 +251,7 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
                                           .weight_decay(config.weight_decay));
   const TrainerOptions options = trainer_options(config);
   auto schedule = make_schedule(config, opt, total_steps(options, data));
-  DataParallelPlan plan(session.comm(), device);
+  DataParallelPlan plan(session.comm(), device, ddp_options(config));
   std::optional<ShardedCheckpoints> checkpoints;
   if (!config.ckpt_dir.empty()) {
     checkpoints.emplace(checkpoint_options(config, world, from), session, device);
@@ -345,6 +369,12 @@ void add_optimization_options(CLI::App* t, TrainConfig& c) {
       ->capture_default_str()
       ->check(kPositive);
   t->add_option("--max-steps", c.max_steps, "Stop after N steps (0: no limit)")
+      ->capture_default_str();
+  t->add_option("--grad-compression", c.grad_compression,
+                "DDP gradient all-reduce: none | bf16 | fp16 (16-bit sums, f32 average) | "
+                "powersgd (low rank, error feedback; cpu)")
+      ->capture_default_str();
+  t->add_option("--powersgd-rank", c.powersgd_rank, "Rank of --grad-compression powersgd")
       ->capture_default_str();
 }
 

@@ -55,6 +55,8 @@ struct TrainConfig {
   bool normalize = true;
   int64_t log_every = 10;
   int64_t max_steps = 0;  // 0: no limit (for quick runs and tests)
+  std::string grad_compression = "none";  // DDP: none | bf16 | fp16 | powersgd
+  int powersgd_rank = 2;                  // --grad-compression powersgd: the rank
   std::string metrics;    // path of the JSON-lines file; empty: runs/<time>/metrics.jsonl
   std::string save;       // checkpoint written at the end; empty: none
   bool progress = true;

@@ -133,6 +133,7 @@ struct DistributedDataParallel::State {
   std::vector<std::string> names;
   std::vector<Bucket> buckets;
   std::vector<BucketInfo> infos;
+  std::vector<std::unique_ptr<BucketCompressor>> compressors;  // per bucket; empty: none
   // Per parameter: (bucket, slot) for bucketed ones; bucket = npos otherwise.
   std::vector<std::pair<size_t, size_t>> where;
   std::vector<bool> ready;
@@ -177,15 +178,32 @@ struct DistributedDataParallel::State {
     while (!launch_error && next_launch < buckets.size() && buckets[next_launch].pending == 0) {
       Bucket& bucket = buckets[next_launch];
       try {
-        bucket.work =
-            comm.allreduce_async(bucket.flat.raw_data(), static_cast<size_t>(bucket.flat.numel()),
-                                 bucket.info.dtype, comm::ReduceOp::kAvg);
+        bucket.work = launch_bucket(next_launch);
       } catch (...) {
         launch_error = std::current_exception();
         return;
       }
       ++(from_hook ? stats.buckets_launched_in_backward : stats.buckets_launched_in_finish);
       ++next_launch;
+    }
+  }
+
+  // Starts bucket b's average: an f32 all-reduce, or through its compressor.
+  std::shared_ptr<comm::Work> launch_bucket(size_t b) {
+    Bucket& bucket = buckets[b];
+    if (!compressors.empty()) return compressors[b]->launch(comm, bucket.flat);
+    return comm.allreduce_async(bucket.flat.raw_data(), static_cast<size_t>(bucket.flat.numel()),
+                                bucket.info.dtype, comm::ReduceOp::kAvg);
+  }
+
+  // One compressor per bucket (none for GradCompression::kNone).
+  void make_compressors(const GradCompressionOptions& options) {
+    if (options.kind == GradCompression::kNone) return;
+    for (const Bucket& bucket : buckets) {
+      std::vector<Shape> shapes;
+      for (size_t i : bucket.info.params) shapes.push_back(params[i].shape());
+      compressors.push_back(make_bucket_compressor(options, shapes, bucket.info.dtype,
+                                                   bucket.flat.device()));
     }
   }
 
@@ -258,6 +276,7 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<nn::Module> mod
     }
     state->buckets.push_back(std::move(bucket));
   }
+  state->make_compressors(options_.compression);
   state->ready.assign(state->params.size(), false);
   state->twice.assign(state->params.size(), false);
   state->reset_step();

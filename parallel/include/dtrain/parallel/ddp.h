@@ -52,8 +52,12 @@
 // (the nccl backend). Bucket packing and unpacking are engine copies, queued on the
 // device's compute stream; the nccl backend orders its stream after them with events.
 //
+// Compression (DdpOptions::compression, grad_compression.h): each bucket's average
+// can travel as bf16/fp16 (summed in 16 bits, averaged in f32) or as PowerSGD's
+// low-rank factors with error feedback; the buckets still launch from the hooks.
+//
 // Not here: parameters registered after construction, models whose used-parameter
-// set differs between ranks without find_unused_parameters, gradient compression.
+// set differs between ranks without find_unused_parameters.
 //
 // DDP is deliberately not an nn::Module: the wrapped module keeps its own parameter
 // names, so checkpoints of a DDP run and of a single-process run are interchangeable.
@@ -67,6 +71,7 @@
 #include "dtrain/comm/communicator.h"
 #include "dtrain/engine/nn/module.h"
 #include "dtrain/engine/tensor.h"
+#include "dtrain/parallel/grad_compression.h"
 
 namespace dtrain::parallel {
 
@@ -81,6 +86,8 @@ struct DdpOptions {
   bool broadcast_buffers = true;
   // See the file comment: false = a parameter without a gradient is an error.
   bool find_unused_parameters = false;
+  // How each f32 bucket is averaged (kNone: an f32 all-reduce).
+  GradCompressionOptions compression;
 };
 
 // Which parameters share a bucket. `params` index the module's parameters() list
