@@ -177,6 +177,9 @@ struct DistributedDataParallel::State {
     while (!launch_error && next_launch < buckets.size() && buckets[next_launch].pending == 0) {
       Bucket& bucket = buckets[next_launch];
       try {
+        comm.name_next(fmt::format("bucket {} (grads of {}{})", next_launch,
+                                   names[bucket.info.params.front()],
+                                   bucket.info.params.size() > 1 ? " .." : ""));
         bucket.work =
             comm.allreduce_async(bucket.flat.raw_data(), static_cast<size_t>(bucket.flat.numel()),
                                  bucket.info.dtype, comm::ReduceOp::kAvg);
