@@ -318,7 +318,7 @@ TEST(InspectorCli, LaunchReportsTheHeldRankAndTheCollectiveAndFails) {
       "env DTRAIN_TEST_STALL_AT=1:12 " + std::string(DTRAIN_BIN) +
       " launch --nproc 2 --max-restarts 0 --failure-wait 2 -- dtrain train --no-progress "
       "--model mlp --max-steps 40 --data-cache " + std::string(DTRAIN_DATA_CACHE) +
-      " --metrics " + (dir / "m.jsonl").string() + " --stall-timeout 2 --check-collectives";
+      " --metrics " + (dir / "m.jsonl").string() + " --stall-timeout 3 --check-collectives";
   const auto t0 = Clock::now();
   testing::CommandResult r = testing::run_command(cmd, 120);
   const double s = std::chrono::duration<double>(Clock::now() - t0).count();
