@@ -80,6 +80,8 @@ void validate(const TrainConfig& c) {
   DTRAIN_CHECK(c.threads >= 1, InvalidArgument, "--threads must be >= 1, got {}", c.threads);
   DTRAIN_CHECK(c.timeout_s > 0, InvalidArgument, "--timeout must be > 0 seconds, got {}",
                c.timeout_s);
+  DTRAIN_CHECK(c.stall_timeout_s >= 0 && std::isfinite(c.stall_timeout_s), InvalidArgument,
+               "--stall-timeout must be >= 0 seconds (0: off), got {}", c.stall_timeout_s);
   DTRAIN_CHECK(c.schedule == "cosine" || c.schedule == "step" || c.schedule == "constant",
                InvalidArgument, "--schedule {}: expected cosine, step or constant", c.schedule);
   DTRAIN_CHECK(c.ckpt_every >= 0, InvalidArgument, "--ckpt-every must be >= 0 steps, got {}",
@@ -292,6 +294,12 @@ void read_test_seams(TrainConfig& c) {
       c.test_kill_step = s;
     }
   }
+  if (const char* stall = std::getenv("DTRAIN_TEST_STALL_AT")) {
+    unsigned long long seq = 0;
+    DTRAIN_CHECK(std::sscanf(stall, "%d:%llu", &c.test_stall_rank, &seq) == 2 && seq > 0,
+                 InvalidArgument, "DTRAIN_TEST_STALL_AT={}: expected rank:seq (seq >= 1)", stall);
+    c.test_stall_at = seq;
+  }
   if (const char* delay = std::getenv("DTRAIN_TEST_COMMIT_DELAY_MS")) {
     c.test_commit_delay_ms = std::atoll(delay);
   }
@@ -315,6 +323,10 @@ TrainResult run_train(const TrainConfig& given) {
   so.device = config.device;
   so.allreduce_algo = config.allreduce_algo;
   so.timeout = std::chrono::milliseconds(static_cast<int64_t>(config.timeout_s * 1000));
+  so.stall_timeout = std::chrono::milliseconds(static_cast<int64_t>(config.stall_timeout_s * 1000));
+  so.check_collectives = config.check_collectives;
+  so.test_stall_rank = config.test_stall_rank;
+  so.test_stall_at = config.test_stall_at;
   std::unique_ptr<WorkerSession> session = WorkerSession::open(id, so);
   TrainResult result;
   run_with_recovery(*session, {.ckpt_dir = config.ckpt_dir, .resume = config.resume},
@@ -347,6 +359,15 @@ void add_model_data_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--timeout", c.timeout_s,
                 "Seconds a collective may take; a lost peer fails the job within this")
       ->capture_default_str();
+  t->add_option("--stall-timeout", c.stall_timeout_s,
+                "Seconds a collective may wait before the job fails with a report of which "
+                "ranks have not entered which collective (0: off)")
+      ->capture_default_str()
+      ->envname("DTRAIN_STALL_TIMEOUT");
+  t->add_flag("--check-collectives", c.check_collectives,
+              "Compare every collective (op, count, dtype, root, name) across the ranks "
+              "before it runs; a mismatch fails naming both sides (one small all-gather each)")
+      ->envname("DTRAIN_CHECK_COLLECTIVES");
 }
 
 // How long and how it trains.

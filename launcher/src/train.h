@@ -42,6 +42,8 @@ struct TrainConfig {
   std::string backend = "auto";  // auto | tcp | mpi | nccl
   std::string allreduce_algo;    // empty: DTRAIN_ALLREDUCE_ALGO or auto
   double timeout_s = 60;         // every collective; a lost peer fails within this
+  double stall_timeout_s = 0;    // the inspector's stall report (0: off)
+  bool check_collectives = false;  // the inspector's fingerprint check
   int64_t epochs = 5;
   int64_t batch = 64;  // global: split evenly over the ranks
   double lr = 0.05;
@@ -82,8 +84,12 @@ struct TrainConfig {
   // DTRAIN_TEST_COMMIT_DELAY_MS=n -- every rank waits n ms between writing its
   // shard and CommitShard (a window to kill a worker mid-checkpoint), and as long
   // when the coordinator cannot be reached and the checkpoint is skipped.
+  // DTRAIN_TEST_STALL_AT=rank:seq -- that rank holds before its collective #seq (the
+  // inspector's fault-injection hook, comm/inspector.h) until aborted or --timeout.
   int test_kill_rank = -1;
   int64_t test_kill_step = -1;
+  int test_stall_rank = -1;
+  uint64_t test_stall_at = 0;
   int64_t test_commit_delay_ms = 0;
 };
 

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <thread>
 
+#include "dtrain/comm/inspector.h"
 #include "dtrain/comm/mpi.h"
 #include "dtrain/comm/nccl.h"
 #include "dtrain/comm/store.h"
@@ -80,6 +81,20 @@ std::unique_ptr<comm::Communicator> make_nccl(comm::Store& store, int rank, int 
 #endif
 }
 
+// The world communicator, wrapped in the stall and desync inspector when asked for. store:
+// where the ranks' progress goes (null: reports name this rank only); checker: the host
+// communicator carrying the fingerprints (null: a split of c, not possible for nccl).
+std::unique_ptr<comm::Communicator> inspected(std::unique_ptr<comm::Communicator> c,
+                                              comm::Store* store, const SessionOptions& o,
+                                              std::unique_ptr<comm::Communicator> checker = {}) {
+  if (o.stall_timeout.count() == 0 && !o.check_collectives) return c;
+  comm::InspectorOptions io;
+  io.stall_timeout = o.stall_timeout;
+  io.check_collectives = o.check_collectives;
+  if (c->rank() == o.test_stall_rank) io.test_hold_at = o.test_stall_at;
+  return comm::make_inspected_communicator(std::move(c), store, std::move(io), std::move(checker));
+}
+
 }  // namespace
 
 struct WorkerSession::Coordinator {
@@ -132,7 +147,8 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
     s->mpi_runtime_ = runtime;
     auto mpi = comm::make_mpi_communicator(runtime, copts, comm::MpiOptions{});
     MpiBroadcastStore store(*mpi);
-    s->comm_ = make_nccl(store, mpi->rank(), mpi->size(), nccl_options(o.device, copts));
+    s->comm_ = inspected(make_nccl(store, mpi->rank(), mpi->size(), nccl_options(o.device, copts)),
+                         nullptr, o);
     return s;
   }
   if (backend == "mpi") {
@@ -141,15 +157,16 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
     comm::MpiOptions mo;
     mo.algorithm = o.mpi_native ? comm::MpiAlgorithm::kNative : comm::MpiAlgorithm::kAuto;
     mo.algos = algo_options(o);
-    s->comm_ = comm::make_mpi_communicator(runtime, copts, mo);
+    s->comm_ = inspected(comm::make_mpi_communicator(runtime, copts, mo), nullptr, o);
     return s;
   }
 
   s->coord_ = std::make_unique<Coordinator>();
   Coordinator& c = *s->coord_;
   if (id.world_size == 1 && id.coordinator.empty()) {
-    s->comm_ = backend == "nccl" ? make_nccl(c.local, 0, 1, nccl_options(o.device, copts))
-                                 : comm::make_tcp_communicator(c.local, 0, 1, copts);
+    s->comm_ = inspected(backend == "nccl" ? make_nccl(c.local, 0, 1, nccl_options(o.device, copts))
+                                           : comm::make_tcp_communicator(c.local, 0, 1, copts),
+                         &c.local, o, nullptr);
     return s;
   }
   DTRAIN_CHECK(!id.coordinator.empty(), InvalidArgument,
@@ -183,10 +200,19 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
   topts.tag = fmt::format("{}-g{}", c.job_id, joined.generation);
   c.prefixed = std::make_unique<comm::PrefixStore>(topts.tag + "/", *c.store);
   if (backend_ == "nccl") {
-    comm_ = make_nccl(*c.prefixed, joined.rank, joined.world_size,
-                      nccl_options(options_.device, copts));
+    std::unique_ptr<comm::Communicator> checker;  // the fingerprints travel on the host
+    if (options_.check_collectives) {
+      comm::TcpOptions t = topts;
+      t.tag += "/inspect";
+      checker = comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, t);
+    }
+    comm_ = inspected(make_nccl(*c.prefixed, joined.rank, joined.world_size,
+                                nccl_options(options_.device, copts)),
+                      c.prefixed.get(), options_, std::move(checker));
   } else {
-    comm_ = comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts);
+    comm_ = inspected(
+        comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts),
+        c.prefixed.get(), options_);
   }
   coordinator::HeartbeatSender::Options ho;
   ho.rank = joined.rank;

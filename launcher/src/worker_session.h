@@ -15,6 +15,9 @@
 // restarts) and builds a fresh communicator. The checkpoint calls wrap the
 // coordinator's two-phase commit.
 //
+// With --stall-timeout or --check-collectives the communicator is wrapped in the
+// inspector (comm/inspector.h), whose progress records go to the same store.
+//
 // Thread-safety: created and used by the worker's main thread; the heartbeat sender
 // runs its own thread.
 #pragma once
@@ -39,6 +42,14 @@ struct SessionOptions {
   std::string allreduce_algo;
   std::chrono::milliseconds timeout{std::chrono::seconds(60)};  // every comm call
   std::chrono::milliseconds join_timeout{std::chrono::seconds(120)};
+  // The stall and desync inspector (comm/inspector.h) around the world communicator:
+  // a collective pending longer than stall_timeout is reported and fails (0: off);
+  // check_collectives compares every collective's fingerprint across the ranks.
+  std::chrono::milliseconds stall_timeout{0};
+  bool check_collectives = false;
+  // Fault injection (DTRAIN_TEST_STALL_AT=rank:seq): that rank holds before collective #seq.
+  int test_stall_rank = -1;
+  uint64_t test_stall_at = 0;
 };
 
 class WorkerSession {

@@ -178,6 +178,9 @@ struct DistributedDataParallel::State {
     while (!launch_error && next_launch < buckets.size() && buckets[next_launch].pending == 0) {
       Bucket& bucket = buckets[next_launch];
       try {
+        comm.name_next(fmt::format("bucket {} (grads of {}{})", next_launch,
+                                   names[bucket.info.params.front()],
+                                   bucket.info.params.size() > 1 ? " .." : ""));
         bucket.work = launch_bucket(next_launch);
       } catch (...) {
         launch_error = std::current_exception();

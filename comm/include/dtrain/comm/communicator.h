@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "dtrain/common/dtype.h"
@@ -82,6 +83,11 @@ class Communicator {
   // Colors are kNoColor or non-negative (InvalidArgument otherwise). Like every collective,
   // it fails with CommError/TimeoutError when a peer is lost during it.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+  // Names the next collective this rank issues ("bucket 3 (grads of fc1.weight ..)"), for
+  // the stall and desync reports of an InspectedCommunicator (inspector.h). Backends
+  // ignore it; call it on every rank alike (names are compared there).
+  virtual void name_next(std::string_view /*name*/) {}
 
   // Blocking forms. Backends may override them to run the operation on the calling
   // thread when nothing is queued (no hand-off to a worker: the latency of small
