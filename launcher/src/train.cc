@@ -288,6 +288,7 @@ TrainResult run_train(const TrainConfig& given) {
     cuda::require_device(cuda::parse_device(config.device));
   }
   so.backend = config.backend;
+  so.allreduce_algo = config.allreduce_algo;
   so.device = config.device;
   so.timeout = std::chrono::milliseconds(static_cast<int64_t>(config.timeout_s * 1000));
   std::unique_ptr<WorkerSession> session = WorkerSession::open(id, so);
@@ -314,6 +315,12 @@ void add_model_data_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--backend", c.backend,
                 "Communication backend: auto (nccl with --device cuda, else mpi under mpirun, "
                 "else tcp), tcp, mpi, nccl")
+      ->capture_default_str();
+  t->add_option("--allreduce-algo", c.allreduce_algo,
+                "ring (flat), or hierarchical: reduce-scatter on the host, all-reduce across "
+                "hosts, all-gather on the host (tcp, mpi; equal ranks per host)")
+      ->envname("DTRAIN_ALLREDUCE_ALGO")
+      ->check(CLI::IsMember({"ring", "hierarchical"}))
       ->capture_default_str();
   t->add_option("--timeout", c.timeout_s,
                 "Seconds a collective may take; a lost peer fails the job within this")

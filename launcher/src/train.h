@@ -40,6 +40,7 @@ struct TrainConfig {
   std::string data_cache = "data";
   std::string device = "cpu";
   std::string backend = "auto";  // auto | tcp | mpi | nccl
+  std::string allreduce_algo = "ring";  // ring | hierarchical (DTRAIN_ALLREDUCE_ALGO)
   double timeout_s = 60;         // every collective; a lost peer fails within this
   int64_t epochs = 5;
   int64_t batch = 64;  // global: split evenly over the ranks

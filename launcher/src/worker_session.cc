@@ -6,6 +6,7 @@
 #include <atomic>
 #include <thread>
 
+#include "dtrain/comm/hierarchical.h"
 #include "dtrain/comm/mpi.h"
 #include "dtrain/comm/nccl.h"
 #include "dtrain/comm/store.h"
@@ -71,6 +72,16 @@ std::unique_ptr<comm::Communicator> make_nccl(comm::Store& store, int rank, int 
 #endif
 }
 
+// --allreduce-algo: hierarchical wraps the world so all-reduce goes through the hosts'
+// hierarchy (local reduce-scatter, cross-host all-reduce, local all-gather).
+std::unique_ptr<comm::Communicator> with_allreduce_algo(std::unique_ptr<comm::Communicator> world,
+                                                        const SessionOptions& o) {
+  DTRAIN_CHECK(o.allreduce_algo == "ring" || o.allreduce_algo == "hierarchical", InvalidArgument,
+               "--allreduce-algo {}: expected ring or hierarchical", o.allreduce_algo);
+  if (o.allreduce_algo == "ring" || world->size() == 1) return world;
+  return comm::HierarchicalCommunicator::create(std::move(world), comm::host_key_from_env());
+}
+
 }  // namespace
 
 struct WorkerSession::Coordinator {
@@ -117,6 +128,9 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
   comm::CommOptions copts;
   copts.timeout = o.timeout;
   if (backend == "nccl") (void)nccl_options(o.device, copts);  // fail early, one line
+  DTRAIN_CHECK(backend != "nccl" || o.allreduce_algo == "ring", UnsupportedError,
+               "--allreduce-algo {}: tcp and mpi backends only (NCCL picks its own)",
+               o.allreduce_algo);
 
   if (backend == "nccl" && id.launcher == "mpirun" && id.coordinator.empty()) {
     auto runtime = comm::MpiRuntime::init();
@@ -131,7 +145,7 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
     s->mpi_runtime_ = runtime;
     comm::MpiOptions mo;
     mo.algorithm = o.mpi_native ? comm::MpiAlgorithm::kNative : comm::MpiAlgorithm::kRing;
-    s->comm_ = comm::make_mpi_communicator(runtime, copts, mo);
+    s->comm_ = with_allreduce_algo(comm::make_mpi_communicator(runtime, copts, mo), o);
     return s;
   }
 
@@ -175,7 +189,9 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
     comm_ = make_nccl(*c.prefixed, joined.rank, joined.world_size,
                       nccl_options(options_.device, copts));
   } else {
-    comm_ = comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts);
+    comm_ = with_allreduce_algo(
+        comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts),
+        options_);
   }
   coordinator::HeartbeatSender::Options ho;
   ho.rank = joined.rank;

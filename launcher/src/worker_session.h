@@ -34,6 +34,7 @@ struct SessionOptions {
   std::string backend = "auto";  // auto | tcp | mpi | nccl (auto: nccl for a cuda device)
   std::string device = "cpu";    // "cpu" or "cuda:N": the nccl backend's GPU
   bool mpi_native = false;       // mpi: MPI's own collectives instead of dtrain's ring
+  std::string allreduce_algo = "ring";  // ring | hierarchical (comm/hierarchical.h; tcp, mpi)
   std::chrono::milliseconds timeout{std::chrono::seconds(60)};  // every comm call
   std::chrono::milliseconds join_timeout{std::chrono::seconds(120)};
 };
