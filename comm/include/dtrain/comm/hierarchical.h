@@ -7,8 +7,9 @@
 //   local reduce_scatter (shared memory on the tcp backend)
 //   -> cross allreduce of this rank's shard (tcp or mpi, one rank per host on the wire)
 //   -> local allgather.
-// Each host then sends 2(H-1)/H of the buffer per local rank over its link instead of
-// the flat ring's 2(n-1)/n of it through every rank. A count not divisible by the
+// With H hosts of L ranks and S bytes, each host sends 2(H-1)/H x S over its link (L
+// shards of S/L), where each ring edge crossing hosts carries 2(n-1)/n x S in the flat
+// ring (2 hosts x 2 ranks: S against 1.5 S). Each stage has the timeout. A count not divisible by the
 // local size is padded (zeros) to equal blocks in a scratch copy; the padding is never
 // copied back. kAvg sums in both levels and divides by the world size once, as the
 // flat ring does.
