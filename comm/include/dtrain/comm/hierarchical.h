@@ -9,10 +9,9 @@
 //   -> local allgather.
 // With H hosts of L ranks and S bytes, each host sends 2(H-1)/H x S over its link (L
 // shards of S/L), where each ring edge crossing hosts carries 2(n-1)/n x S in the flat
-// ring (2 hosts x 2 ranks: S against 1.5 S). Each stage has the timeout. A count not divisible by the
-// local size is padded (zeros) to equal blocks in a scratch copy; the padding is never
-// copied back. kAvg sums in both levels and divides by the world size once, as the
-// flat ring does.
+// ring (2 hosts x 2 ranks: S against 1.5 S). Each stage has the timeout. A count not divisible by
+// the local size is padded (zeros) to equal blocks in a scratch copy; the padding is never copied
+// back. kAvg sums in both levels and divides by the world size once, as the flat ring does.
 //
 // Every other collective (broadcast, allgather, reduce_scatter, send/recv, barrier,
 // split) is the world communicator's. All operations, forwarded ones included, run in
