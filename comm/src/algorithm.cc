@@ -31,6 +31,7 @@ const char* algo_name(Algo algo) {
     case Algo::kLocal: return "local";
     case Algo::kRecursiveDoubling: return "rd";
     case Algo::kNative: return "native";
+    case Algo::kHierarchical: return "hierarchical";
   }
   return "?";
 }
@@ -46,10 +47,12 @@ const char* collective_name(Collective c) {
 }
 
 Algo parse_algo(std::string_view text, std::string_view what) {
-  for (Algo a : {Algo::kAuto, Algo::kRing, Algo::kLocal, Algo::kRecursiveDoubling, Algo::kNative}) {
+  for (Algo a : {Algo::kAuto, Algo::kRing, Algo::kLocal, Algo::kRecursiveDoubling, Algo::kNative,
+                 Algo::kHierarchical}) {
     if (text == algo_name(a)) return a;
   }
-  DTRAIN_THROW(InvalidArgument, "{} '{}': expected auto, ring, local, rd or native", what, text);
+  DTRAIN_THROW(InvalidArgument,
+               "{} '{}': expected auto, ring, local, rd, native or hierarchical", what, text);
 }
 
 AlgoOptions AlgoOptions::from_env() {
@@ -71,7 +74,9 @@ Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoC
     case Algo::kNative: return can.native ? Algo::kNative : Algo::kRing;
     case Algo::kRecursiveDoubling:
       return c == Collective::kAllreduce ? Algo::kRecursiveDoubling : Algo::kRing;
-    case Algo::kAuto: break;
+    case Algo::kAuto:
+    case Algo::kHierarchical:  // the wrapper's; its inner communicators choose by size
+      break;
   }
   if (local_fits && bytes <= o.local_max_bytes) return Algo::kLocal;
   if (bytes <= o.small_max_bytes) {

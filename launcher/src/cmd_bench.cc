@@ -503,8 +503,10 @@ Command add_bench_command(CLI::App& app) {
   sc->add_option("--out", so->out, "(internal) where rank 0 writes its row");
   auto collectives = add_collective_benches(*bench);
   auto gpt = add_gpt_bench(*bench);
-  return {bench, [o, so, ar, sc, collectives, gpt] {
+  auto hosts = add_hosts_bench(*bench);
+  return {bench, [o, so, ar, sc, collectives, gpt, hosts] {
             if (std::optional<int> rc = collectives()) return *rc;
+            if (std::optional<int> rc = hosts()) return *rc;
             if (std::optional<int> rc = gpt()) return *rc;
             if (ar->parsed()) return o->worker ? run_worker(*o) : run_orchestrator(*o);
             return so->worker ? run_scaling_worker(*so) : run_scaling(*so);

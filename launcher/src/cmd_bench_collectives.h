@@ -35,5 +35,7 @@ std::unique_ptr<WorkerSession> open_bench_session(const std::string& backend);
 std::function<std::optional<int>()> add_collective_benches(CLI::App& bench);
 // `dtrain bench gpt` (cmd_bench_gpt.cc), registered the same way.
 std::function<std::optional<int>()> add_gpt_bench(CLI::App& bench);
+// `dtrain bench hosts` (cmd_bench_hosts.cc), registered the same way.
+std::function<std::optional<int>()> add_hosts_bench(CLI::App& bench);
 
 }  // namespace dtrain::cli

@@ -320,6 +320,7 @@ TrainResult run_train(const TrainConfig& given) {
     cuda::require_device(cuda::parse_device(config.device));
   }
   so.backend = config.backend;
+  so.allreduce_algo = config.allreduce_algo;
   so.device = config.device;
   so.allreduce_algo = config.allreduce_algo;
   so.timeout = std::chrono::milliseconds(static_cast<int64_t>(config.timeout_s * 1000));
@@ -354,8 +355,10 @@ void add_model_data_options(CLI::App* t, TrainConfig& c) {
       ->capture_default_str();
   t->add_option("--allreduce-algo", c.allreduce_algo,
                 "All-reduce algorithm: auto (by size), ring, local (one host, shared memory), rd "
-                "(recursive doubling), native (mpi); default DTRAIN_ALLREDUCE_ALGO or auto")
-      ->check(CLI::IsMember({"auto", "ring", "local", "rd", "native"}));
+                "(recursive doubling), native (mpi), hierarchical (reduce-scatter on the host, "
+                "all-reduce across hosts, all-gather on the host; equal ranks per host); default "
+                "DTRAIN_ALLREDUCE_ALGO or auto")
+      ->check(CLI::IsMember({"auto", "ring", "local", "rd", "native", "hierarchical"}));
   t->add_option("--timeout", c.timeout_s,
                 "Seconds a collective may take; a lost peer fails the job within this")
       ->capture_default_str();

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "dtrain/comm/inspector.h"
+#include "dtrain/comm/hierarchical.h"
 #include "dtrain/comm/mpi.h"
 #include "dtrain/comm/nccl.h"
 #include "dtrain/comm/store.h"
@@ -95,6 +96,16 @@ std::unique_ptr<comm::Communicator> inspected(std::unique_ptr<comm::Communicator
   return comm::make_inspected_communicator(std::move(c), store, std::move(io), std::move(checker));
 }
 
+// Hierarchical all-reduce (comm/hierarchical.h) wraps the world when asked for.
+std::unique_ptr<comm::Communicator> with_allreduce_algo(std::unique_ptr<comm::Communicator> world,
+                                                        const SessionOptions& o) {
+  if (algo_options(o)[comm::Collective::kAllreduce] != comm::Algo::kHierarchical ||
+      world->size() == 1) {
+    return world;
+  }
+  return comm::HierarchicalCommunicator::create(std::move(world), comm::host_key_from_env());
+}
+
 }  // namespace
 
 struct WorkerSession::Coordinator {
@@ -141,6 +152,9 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
   comm::CommOptions copts;
   copts.timeout = o.timeout;
   if (backend == "nccl") (void)nccl_options(o.device, copts);  // fail early, one line
+  DTRAIN_CHECK(backend != "nccl" || o.allreduce_algo == "ring", UnsupportedError,
+               "--allreduce-algo {}: tcp and mpi backends only (NCCL picks its own)",
+               o.allreduce_algo);
 
   if (backend == "nccl" && id.launcher == "mpirun" && id.coordinator.empty()) {
     auto runtime = comm::MpiRuntime::init();
@@ -157,7 +171,8 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
     comm::MpiOptions mo;
     mo.algorithm = o.mpi_native ? comm::MpiAlgorithm::kNative : comm::MpiAlgorithm::kAuto;
     mo.algos = algo_options(o);
-    s->comm_ = inspected(comm::make_mpi_communicator(runtime, copts, mo), nullptr, o);
+    s->comm_ = inspected(with_allreduce_algo(comm::make_mpi_communicator(runtime, copts, mo), o),
+                         nullptr, o);
     return s;
   }
 
@@ -210,9 +225,11 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
                                 nccl_options(options_.device, copts)),
                       c.prefixed.get(), options_, std::move(checker));
   } else {
-    comm_ = inspected(
-        comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts),
-        c.prefixed.get(), options_);
+    comm_ = inspected(with_allreduce_algo(comm::make_tcp_communicator(*c.prefixed, joined.rank,
+                                                                      joined.world_size, copts,
+                                                                      topts),
+                                          options_),
+                      c.prefixed.get(), options_);
   }
   coordinator::HeartbeatSender::Options ho;
   ho.rank = joined.rank;

@@ -37,8 +37,8 @@ struct SessionOptions {
   std::string backend = "auto";  // auto | tcp | mpi | nccl (auto: nccl for a cuda device)
   std::string device = "cpu";    // "cpu" or "cuda:N": the nccl backend's GPU
   bool mpi_native = false;       // mpi: MPI's own collectives instead of dtrain's ring
-  // The all-reduce algorithm (comm/algorithm.h: auto, ring, local, rd, native); empty:
-  // DTRAIN_ALLREDUCE_ALGO or auto.
+  // The all-reduce algorithm (comm/algorithm.h: auto, ring, local, rd, native,
+  // hierarchical); empty: DTRAIN_ALLREDUCE_ALGO or auto.
   std::string allreduce_algo;
   std::chrono::milliseconds timeout{std::chrono::seconds(60)};  // every comm call
   std::chrono::milliseconds join_timeout{std::chrono::seconds(120)};

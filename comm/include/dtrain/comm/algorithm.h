@@ -6,6 +6,9 @@
 //          for small messages between hosts; other collectives run the ring
 //   native MPI's own collective (mpi backend)
 //   ring   the pipelined ring (comm/ring.h): bandwidth-optimal, for large messages
+//   hierarchical  (allreduce, chosen per job: `dtrain train --allreduce-algo
+//          hierarchical` wraps the world in a HierarchicalCommunicator, hierarchical.h);
+//          inside a backend it reads as auto
 //   auto   by size, from the table below: local up to local_max_bytes when every
 //          rank is on this host (tcp backend); else up to small_max_bytes rd for
 //          allreduce and native for the others (mpi backend); else ring.
@@ -27,12 +30,13 @@
 
 namespace dtrain::comm {
 
-enum class Algo { kAuto, kRing, kLocal, kRecursiveDoubling, kNative };
+enum class Algo { kAuto, kRing, kLocal, kRecursiveDoubling, kNative, kHierarchical };
 enum class Collective { kAllreduce, kReduceScatter, kAllgather, kBroadcast };
 
 const char* algo_name(Algo algo);
 const char* collective_name(Collective c);
-// "auto", "ring", "local", "rd", "native"; InvalidArgument naming `what` otherwise.
+// "auto", "ring", "local", "rd", "native", "hierarchical"; InvalidArgument naming
+// `what` otherwise.
 Algo parse_algo(std::string_view text, std::string_view what);
 
 struct AlgoOptions {
