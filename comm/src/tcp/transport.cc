@@ -43,7 +43,7 @@ constexpr int kMaxIov = 64;
 // Longest sleep on the shared-memory doorbell before the control sockets are read.
 constexpr auto kShmCheckInterval = std::chrono::milliseconds(2);
 // A wait spins this long without yielding the CPU before it starts to sched_yield.
-constexpr auto kPureSpin = std::chrono::microseconds(20);
+constexpr auto kPureSpin = std::chrono::microseconds(3);
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
