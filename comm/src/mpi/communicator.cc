@@ -46,6 +46,7 @@
 
 #include "dtrain/comm/mpi.h"
 #include "dtrain/comm/ring.h"
+#include "mpi/local_slots.h"
 #include "mpi/mpi_internal.h"
 #include "recursive.h"
 #include "split.h"
@@ -317,6 +318,7 @@ class MpiCommunicator final : public Communicator {
     ring_p2p_ = std::make_unique<MpiPointToPoint>(*runtime_, comm_, kRingTag, rank_, size_, abort_);
     user_p2p_ = std::make_unique<MpiPointToPoint>(*runtime_, comm_, kUserTag, rank_, size_, abort_);
     ring_ = std::make_unique<Ring>(*ring_p2p_, mpi_.ring);
+    local_possible_ = mpi_.algorithm == MpiAlgorithm::kAuto && size_ > 1 && node_is_world();
     worker_ = std::thread([this] { worker_loop(); });
   }
 
@@ -351,6 +353,8 @@ class MpiCommunicator final : public Communicator {
     switch (algorithm(Collective::kAllreduce, count * dtype_size(dtype))) {
       case Algo::kNative:
         return [=, this](Deadline d) { native_allreduce(data, count, dtype, op, d); };
+      case Algo::kLocal:
+        return [=, this](Deadline d) { local(d)->allreduce(data, count, dtype, op, d); };
       case Algo::kRecursiveDoubling:
         return [=, this](Deadline d) {
           recursive_doubling_allreduce(*ring_p2p_, data, count, dtype, op, d, scratch_);
@@ -366,6 +370,9 @@ class MpiCommunicator final : public Communicator {
                  "mpi: broadcast root {} is not a rank of this communicator (size {})", root,
                  size_);
     const std::string what = fmt::format("{} root {}", describe("broadcast", count, dtype), root);
+    if (algorithm(Collective::kBroadcast, count * dtype_size(dtype)) == Algo::kLocal) {
+      return enqueue(what, [=, this](Deadline d) { local(d)->broadcast(data, count, dtype, root, d); });
+    }
     if (!native(Collective::kBroadcast, count * dtype_size(dtype))) {
       return enqueue(what,
                      [=, this](Deadline d) { ring_->broadcast(data, count, dtype, root, d); });
@@ -378,6 +385,10 @@ class MpiCommunicator final : public Communicator {
     check_buffer(send, count, "allgather");
     check_buffer(recv, count, "allgather");
     const std::string what = describe("allgather", count, dtype);
+    if (algorithm(Collective::kAllgather, count * dtype_size(dtype)) == Algo::kLocal) {
+      return enqueue(what,
+                     [=, this](Deadline d) { local(d)->allgather(send, recv, count, dtype, d); });
+    }
     if (!native(Collective::kAllgather, count * dtype_size(dtype))) {
       return enqueue(what,
                      [=, this](Deadline d) { ring_->allgather(send, recv, count, dtype, d); });
@@ -401,6 +412,11 @@ class MpiCommunicator final : public Communicator {
     check_buffer(send, count, "reduce_scatter");
     check_buffer(recv, count, "reduce_scatter");
     const std::string what = describe("reduce_scatter", count, dtype, op);
+    if (algorithm(Collective::kReduceScatter, count * dtype_size(dtype) * size_) == Algo::kLocal) {
+      return enqueue(what, [=, this](Deadline d) {
+        local(d)->reduce_scatter(send, recv, count, dtype, op, d);
+      });
+    }
     if (!native(Collective::kReduceScatter, count * dtype_size(dtype) * size_)) {
       return enqueue(
           what, [=, this](Deadline d) { ring_->reduce_scatter(send, recv, count, dtype, op, d); });
@@ -443,6 +459,10 @@ class MpiCommunicator final : public Communicator {
   }
 
   void barrier() override {
+    if (local_possible_) {
+      run_blocking([] { return std::string("barrier"); }, [this](Deadline d) { local(d)->barrier(d); });
+      return;
+    }
     if (!native(Collective::kAllreduce, 1)) {
       run_blocking([] { return std::string("barrier"); }, [this](Deadline d) { ring_->barrier(d); });
       return;
@@ -577,7 +597,46 @@ class MpiCommunicator final : public Communicator {
     if (mpi_.algorithm == MpiAlgorithm::kRing) return Algo::kRing;
     AlgoCapabilities can;
     can.native = true;
+    can.local = local_possible_;
+    can.local_capacity = (mpi_.algos.local_max_bytes + 4095) / 4096 * 4096;
     return algorithm_for(mpi_.algos, c, bytes, can);
+  }
+
+  // Whether every process of the job runs on this node (Open MPI's, MPICH's counts):
+  // then every communicator's ranks can share memory, known without a collective.
+  static bool node_is_world() {
+    for (const char* pair : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"}) {
+      const char* local = std::getenv(pair);
+      if (local == nullptr) continue;
+      int world = 0;
+      MPI_Comm_size(MPI_COMM_WORLD, &world);
+      return std::atoi(local) == world;
+    }
+    return false;
+  }
+
+  // kAuto on one node: the shared-memory slots of the tcp backend (local_slots.h), set
+  // up inside the first collective that uses them (every rank runs the same one, on
+  // the worker or inline: never concurrently), within that call's deadline.
+  shm::LocalCollectives* local(Deadline d) {
+    if (!local_) local_ = setup_local_slots(d);
+    DTRAIN_CHECK(local_ != nullptr, CommError,
+                 "mpi: rank {}: the ranks of this node could not share memory (see /dev/shm)",
+                 rank_);
+    return local_->collectives.get();
+  }
+  std::unique_ptr<mpi_detail::LocalSlots> setup_local_slots(Deadline deadline) {
+    auto wait_requests = [this, deadline](std::vector<MPI_Request> reqs, const char* what) {
+      wait_collective(std::move(reqs), deadline, what);
+    };
+    auto wait_until = [this](const std::function<bool()>& ready, Deadline d) {
+      Poll poll(abort_, d, rank_);
+      while (!ready()) {
+        poll.next([] { return std::string("waiting for this host's ranks in a local collective"); });
+      }
+    };
+    return mpi_detail::make_local_slots(*runtime_, comm_, rank_, size_, mpi_.algos.local_max_bytes,
+                                        wait_requests, wait_until);
   }
   // The other collectives run MPI's own or the ring.
   bool native(Collective c, size_t bytes) const { return algorithm(c, bytes) == Algo::kNative; }
@@ -787,6 +846,8 @@ class MpiCommunicator final : public Communicator {
   bool stopping_ = false;   // GUARDED_BY(queue_mu_)
   bool running_ = false;    // GUARDED_BY(queue_mu_): an operation runs (worker or inline)
   std::vector<std::byte> scratch_;  // recursive doubling's (the running operation's)
+  bool local_possible_ = false;                     // kAuto with every rank on this node
+  std::unique_ptr<mpi_detail::LocalSlots> local_;  // worker / inline run only
   std::thread worker_;
 };
 

@@ -14,6 +14,7 @@
 #include <climits>
 #include <cstring>
 #include <random>
+#include <thread>
 
 #include "dtrain/common/error.h"
 
@@ -42,8 +43,6 @@ constexpr int kMaxIov = 64;
 
 // Longest sleep on the shared-memory doorbell before the control sockets are read.
 constexpr auto kShmCheckInterval = std::chrono::milliseconds(2);
-// A wait spins this long without yielding the CPU before it starts to sched_yield.
-constexpr auto kPureSpin = std::chrono::microseconds(3);
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -170,6 +169,11 @@ std::unique_ptr<Transport> Transport::connect(Store& store, int rank, int size,
       t->create_segment(store, opts, local, random_nonce());
       t->map_segments(store, opts, local, deadline);
     }
+    // A core per rank of this host: spin without yielding for the whole spin (a
+    // yield hands the core to whatever else runs and the answer comes tens of us
+    // late, as Open MPI's default); more ranks than cores: yield after 3 us.
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    if (local.size() + 1 <= cores) t->pure_spin_ = t->spin_;
   }
   for (int p = 0; p < size; ++p) {
     if (p == rank) continue;
@@ -405,7 +409,7 @@ void Transport::wait_until(const std::function<bool()>& ready, Deadline deadline
     if (!bell && Clock::now() < spin_until) {
       // The first microseconds without a syscall (a peer on another core answers
       // within them), then let a compute thread on this core run between looks.
-      if (Clock::now() - start < kPureSpin) {
+      if (Clock::now() - start < pure_spin_) {
         cpu_relax();
       } else {
         ::sched_yield();

@@ -153,6 +153,9 @@ class Transport final : public PointToPoint {
 
   const int rank_, size_;
   std::chrono::microseconds spin_{0};
+  // Of spin_, how long a wait spins without sched_yield (all of it when this host has
+  // a core per rank, else 3 us).
+  std::chrono::microseconds pure_spin_{3};
   std::vector<Peer> peers_;
   Fd wake_;                             // eventfd written by fail()
   std::vector<pollfd> pfds_;            // poll set of the last poll_once, reused
