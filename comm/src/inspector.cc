@@ -243,6 +243,9 @@ class InspectedWork final : public Work {
     tracker_->completed(seq_);
   }
   bool is_completed() const override { return inner_->is_completed(); }
+  std::optional<std::chrono::steady_clock::time_point> completed_at() const override {
+    return inner_->completed_at();
+  }
 
  private:
   std::shared_ptr<Work> inner_;

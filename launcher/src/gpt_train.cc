@@ -270,7 +270,8 @@ void print_result(const TrainStats& stats, parallel::GptOnMesh& run, MeshPlan& p
 
 }  // namespace
 
-TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session) {
+TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
+                             parallel::Tracer* tracer) {
   const int world = session.size();
   parallel::ProcessMesh mesh(session.comm(), mesh_shape(config, world));
   const data::PreparedText corpus = prepare_corpus(config);
@@ -307,7 +308,8 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session) 
   }
   Trainer trainer({.model = run.model(), .loss = gpt_loss, .optimizer = &clock,
                    .scheduler = &schedule, .data = &data, .plan = &plan,
-                   .resume = ckpt ? &checkpoints : nullptr, .callbacks = callbacks},
+                   .resume = ckpt ? &checkpoints : nullptr, .callbacks = callbacks,
+                   .tracer = tracer},
                   options);
   TrainStats stats = trainer.fit();
   if (!config.save.empty()) save_gpt(config, run, corpus.vocab_size);

@@ -22,11 +22,14 @@
 // sequence parallelism.
 #pragma once
 
+#include "dtrain/parallel/trace.h"
 #include "train.h"
 #include "worker_session.h"
 
 namespace dtrain::cli {
 
-TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session);
+// tracer: the Trainer's spans (null: off); not owned.
+TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
+                             parallel::Tracer* tracer);
 
 }  // namespace dtrain::cli

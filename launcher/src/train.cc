@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -22,6 +23,7 @@
 #include "dtrain/engine/optim/sgd.h"
 #include "dtrain/engine/serialize.h"
 #include "dtrain/engine/threading.h"
+#include "dtrain/parallel/trace.h"
 #include "mnist_source.h"
 #include "recovery.h"
 #include "train_callbacks.h"
@@ -48,8 +50,9 @@ void validate_compression(const TrainConfig& c) {
                c.powersgd_rank);
 }
 
-parallel::DdpOptions ddp_options(const TrainConfig& c) {
+parallel::DdpOptions ddp_options(const TrainConfig& c, parallel::Tracer* tracer) {
   parallel::DdpOptions o;
+  o.tracer = tracer;
   o.compression.kind = parallel::parse_grad_compression(c.grad_compression);
   o.compression.powersgd_rank = c.powersgd_rank;
   return o;
@@ -235,8 +238,9 @@ TrainConfig gpt_defaults(const TrainConfig& given) {
 
 // One attempt: the MNIST source, the model, SGD and its schedule, a data-parallel
 // plan, the checkpoints and the callbacks, run through the Trainer.
-TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from) {
-  if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session);
+TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from,
+                         parallel::Tracer* tracer) {
+  if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session, tracer);
   const int world = session.size();
   DTRAIN_CHECK(config.batch % world == 0, InvalidArgument,
                "--batch {} cannot be split evenly over {} workers", config.batch, world);
@@ -253,7 +257,7 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
                                           .weight_decay(config.weight_decay));
   const TrainerOptions options = trainer_options(config);
   auto schedule = make_schedule(config, opt, total_steps(options, data));
-  DataParallelPlan plan(session.comm(), device, ddp_options(config));
+  DataParallelPlan plan(session.comm(), device, ddp_options(config, tracer));
   std::optional<ShardedCheckpoints> checkpoints;
   if (!config.ckpt_dir.empty()) {
     checkpoints.emplace(checkpoint_options(config, world, from), session, device);
@@ -274,10 +278,36 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
                    .data = &data,
                    .plan = &plan,
                    .resume = checkpoints ? &*checkpoints : nullptr,
-                   .callbacks = callbacks.list(checkpoints ? &*checkpoints : nullptr)},
+                   .callbacks = callbacks.list(checkpoints ? &*checkpoints : nullptr),
+                   .tracer = tracer},
                   options);
   return finish(config, trainer.fit(), data, callbacks, *model, opt);
 }
+
+// --trace: this rank's tracer and file (checked writable at construction).
+struct RankTrace {
+  parallel::Tracer tracer;
+  std::string path;
+  RankTrace(const std::string& flag, int rank)
+      : tracer(rank), path(parallel::trace_path_for_rank(flag, rank)) {
+    parallel::check_trace_writable(path);
+  }
+  // Writes the file; rank 0 prints its all-reduce overlap.
+  void finish() const {
+    parallel::write_chrome_trace(tracer, path);
+    if (tracer.rank() != 0) return;
+    fmt::print("{}\n", parallel::overlap_line(parallel::communication_overlap(tracer.spans())));
+    fmt::print(stderr, "trace: {} (one file per rank; open in ui.perfetto.dev)\n", path);
+  }
+  // The spans up to a failure are worth keeping; the failure is what propagates.
+  void write_after_failure() const noexcept {
+    try {
+      parallel::write_chrome_trace(tracer, path);
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "{}\n", e.what());
+    }
+  }
+};
 
 // The test seams (see train.h): read once, here, from the process environment.
 void read_test_seams(TrainConfig& c) {
@@ -328,10 +358,20 @@ TrainResult run_train(const TrainConfig& given) {
   so.check_collectives = config.check_collectives;
   so.test_stall_rank = config.test_stall_rank;
   so.test_stall_at = config.test_stall_at;
+  std::optional<RankTrace> trace;
+  if (!config.trace.empty()) trace.emplace(config.trace, id.rank);  // fails here, not later
   std::unique_ptr<WorkerSession> session = WorkerSession::open(id, so);
+  parallel::Tracer* tracer = trace ? &trace->tracer : nullptr;
   TrainResult result;
-  run_with_recovery(*session, {.ckpt_dir = config.ckpt_dir, .resume = config.resume},
-                    [&](const StartFrom& from) { result = train_worker(config, *session, from); });
+  try {
+    run_with_recovery(
+        *session, {.ckpt_dir = config.ckpt_dir, .resume = config.resume},
+        [&](const StartFrom& from) { result = train_worker(config, *session, from, tracer); });
+  } catch (...) {
+    if (trace) trace->write_after_failure();
+    throw;
+  }
+  if (trace) trace->finish();
   return result;
 }
 
@@ -437,6 +477,10 @@ void add_output_options(CLI::App* t, TrainConfig& c) {
                 "Steps between checkpoints (0: at the end of every epoch)")
       ->capture_default_str();
   t->add_option("--keep", c.keep, "Committed checkpoints to keep (0: all)")->capture_default_str();
+  t->add_option("--trace", c.trace,
+                "Write a Chrome/Perfetto trace per rank: FILE with the rank inserted "
+                "(trace.json -> trace.rank0.json), or trace.rank<r>.json inside a folder; "
+                "rank 0 prints the all-reduce time hidden behind backward");
   t->add_option("--resume", c.resume,
                 "none | auto (the newest committed checkpoint that verifies) | a checkpoint "
                 "name")

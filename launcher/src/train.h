@@ -23,6 +23,11 @@
 // backend. A process restarted by its launcher joins the later generation and
 // resumes the same way.
 //
+// Timeline (--trace FILE): every rank records the Trainer's and DDP's spans and
+// writes FILE with ".rank<r>" inserted (trace.json -> trace.rank0.json; a folder gets
+// trace.rank<r>.json), also when the run fails; rank 0 prints how much of its
+// all-reduce time backward hid. An unwritable path fails before training.
+//
 // Layout: the loop is the Trainer (trainer.h); run_train composes one attempt from
 // MnistBatchSource (mnist_source.h), DataParallelPlan (ddp_plan.h), ShardedCheckpoints
 // (checkpointing.h) and the callbacks of train_callbacks.h, and run_with_recovery
@@ -66,6 +71,7 @@ struct TrainConfig {
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch
   int keep = 3;                 // committed checkpoints kept (0: all)
   std::string resume = "none";  // none | auto | a checkpoint name (step-00000120)
+  std::string trace;            // Chrome trace per rank (parallel/trace.h); empty: off
   // --model gpt (gpt_train.h): the mesh, ZeRO stage, clipping and the model's shape.
   std::string parallel;  // "dp=2,tp=2,pp=1"; empty: dp = world
   int zero = 0;          // 0 (DDP), 1, 2 or 3

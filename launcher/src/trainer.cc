@@ -98,20 +98,45 @@ void Trainer::run_epoch(Loop& loop, int64_t epoch) {
 void Trainer::train_step(Loop& loop, const TrainBatch& batch, int64_t epoch) {
   optim::Optimizer& opt = *parts_.optimizer;
   ParallelPlan& plan = *parts_.plan;
-  opt.zero_grad();
+  parallel::Tracer* tracer = parts_.tracer;
   const int64_t step = loop.step;
-  loop.loss = plan.forward_backward(batch, [&](nn::Module& model, const TrainBatch& b) {
-    return checked_loss(model, b, step, epoch);
-  });
-  plan.sync_gradients();
-  plan.optimizer_step(opt);
-  if (parts_.scheduler) parts_.scheduler->step();
+  if (tracer) tracer->set_step(step + 1);
+  {
+    parallel::ScopedSpan step_span(tracer, parallel::SpanKind::kStep);
+    opt.zero_grad();
+    loop.loss = forward_backward(batch, step, epoch);
+    {
+      parallel::ScopedSpan span(tracer, parallel::SpanKind::kSyncGradients);
+      plan.sync_gradients();
+    }
+    parallel::ScopedSpan span(tracer, parallel::SpanKind::kOptimizer);
+    plan.optimizer_step(opt);
+    if (parts_.scheduler) parts_.scheduler->step();
+  }
   ++loop.step;
   loop.samples += batch.samples;
   loop.window_samples += batch.samples;
   double window_s = std::chrono::duration<double>(Clock::now() - loop.window_start).count();
   double sps = window_s > 0 ? static_cast<double>(loop.window_samples) / window_s : 0.0;
   after_step(loop, {loop.step, epoch, loop.loss, opt.lr(), sps});
+}
+
+// The plan's forward_backward; traced: a forward span per StepFn call, then backward
+// from the last forward's end to the plan's return.
+double Trainer::forward_backward(const TrainBatch& batch, int64_t step, int64_t epoch) {
+  using parallel::SpanKind;
+  using parallel::TraceClock;
+  parallel::Tracer* tracer = parts_.tracer;
+  TraceClock::time_point forward_end = TraceClock::now();
+  const double loss =
+      parts_.plan->forward_backward(batch, [&](nn::Module& model, const TrainBatch& b) {
+        const TraceClock::time_point start = tracer ? TraceClock::now() : forward_end;
+        StepLoss l = checked_loss(model, b, step, epoch);
+        if (tracer) tracer->record(SpanKind::kForward, start, forward_end = TraceClock::now());
+        return l;
+      });
+  if (tracer) tracer->record(SpanKind::kBackward, forward_end, TraceClock::now());
+  return loss;
 }
 
 void Trainer::after_step(Loop& loop, const StepEnd& end) {

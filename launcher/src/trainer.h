@@ -47,9 +47,15 @@
 // files and recovery (checkpointing.h, recovery.h), flags (train.cc). A pipeline plan
 // will also need a forward-only hook for evaluation; evaluate() gets the model today.
 //
-// Where: trainer.h/.cc include only the engine (no coordinator, no WorkerSession,
-// no comm), so they can move into a library (parallel/) unchanged once a second
-// binary needs them; they sit beside their only user for now. A source's data
+// Tracing (TrainerParts::tracer): per step a "step" span holding forward (each
+// call of the StepFn), backward (the last forward's end to forward_backward's
+// return: under a pipeline schedule, only the tail after the last forward), sync
+// gradients and optimizer; the tracer's step is the step's 1-based number.
+//
+// Where: trainer.h/.cc include only the engine and the comm-free parallel/trace.h
+// (no coordinator, no WorkerSession, no comm), so they can move into a library
+// (parallel/) unchanged once a second binary needs them; they sit beside their only
+// user for now. A source's data
 // position is an engine DistributedSampler, what ckpt::TrainingState stores.
 //
 // Errors: a non-finite loss throws NumericalError naming the step, before backward;
@@ -71,6 +77,7 @@
 #include "dtrain/engine/optim/lr_scheduler.h"
 #include "dtrain/engine/optim/optimizer.h"
 #include "dtrain/engine/tensor.h"
+#include "dtrain/parallel/trace.h"
 
 namespace dtrain::cli {
 
@@ -214,6 +221,7 @@ struct TrainerParts {
   ParallelPlan* plan = nullptr;             // required
   CheckpointLoader* resume = nullptr;       // optional
   std::vector<Callback*> callbacks;
+  parallel::Tracer* tracer = nullptr;  // optional: the step's spans (trace.h)
 };
 
 // epochs x steps per epoch, capped by max_steps (to size a schedule before fit()).
@@ -231,6 +239,7 @@ class Trainer {
   void resume(Loop& loop);
   void run_epoch(Loop& loop, int64_t epoch);
   void train_step(Loop& loop, const TrainBatch& batch, int64_t epoch);
+  double forward_backward(const TrainBatch& batch, int64_t step, int64_t epoch);
   void after_step(Loop& loop, const StepEnd& end);
   StepLoss checked_loss(nn::Module& model, const TrainBatch& batch, int64_t step,
                         int64_t epoch) const;

@@ -68,6 +68,13 @@ void broadcast_coalesced(comm::Communicator& comm, const std::vector<Tensor>& te
   }
 }
 
+// Bucket b's all-reduce span, after its wait: to the backend's completion time, or to
+// now where the Work does not record one (a compressed bucket finishes in wait()).
+void record_completion(Tracer& tracer, int b, TraceClock::time_point issued,
+                       const comm::Work& work) {
+  tracer.record(SpanKind::kAllReduce, issued, work.completed_at().value_or(TraceClock::now()), b);
+}
+
 std::string param_label(const std::string& name, size_t index) {
   return name.empty() ? fmt::format("#{}", index) : fmt::format("'{}'", name);
 }
@@ -125,10 +132,12 @@ struct DistributedDataParallel::State {
     std::vector<Tensor> views;         // per parameter (same order as info.params)
     size_t pending = 0;                // parameters not yet ready this step
     std::shared_ptr<comm::Work> work;  // set once launched this step
+    TraceClock::time_point issued;     // when work was launched (traced runs)
   };
 
   comm::Communicator& comm;
   bool find_unused;
+  Tracer* tracer = nullptr;
   std::vector<Tensor> params;
   std::vector<std::string> names;
   std::vector<Bucket> buckets;
@@ -163,7 +172,8 @@ struct DistributedDataParallel::State {
   void mark_ready(size_t i, const Tensor& grad, bool from_hook) {
     auto [b, slot] = where[i];
     Bucket& bucket = buckets[b];
-    if (grad.defined()) {
+    // The pack span covers the copy, not the launch below.
+    if (ScopedSpan span(tracer, SpanKind::kPack, static_cast<int>(b)); grad.defined()) {
       NoGradGuard no_grad;
       bucket.views[slot].copy_(grad);
     } else {
@@ -181,6 +191,7 @@ struct DistributedDataParallel::State {
         comm.name_next(fmt::format("bucket {} (grads of {}{})", next_launch,
                                    names[bucket.info.params.front()],
                                    bucket.info.params.size() > 1 ? " .." : ""));
+        if (tracer) bucket.issued = TraceClock::now();
         bucket.work = launch_bucket(next_launch);
       } catch (...) {
         launch_error = std::current_exception();
@@ -222,13 +233,15 @@ struct DistributedDataParallel::State {
   // Waits for every launched bucket; returns the first error.
   std::exception_ptr wait_all() {
     std::exception_ptr first = launch_error;
-    for (Bucket& b : buckets) {
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      Bucket& b = buckets[k];
       if (!b.work) continue;
       try {
         b.work->wait();
       } catch (...) {
         if (!first) first = std::current_exception();
       }
+      if (tracer) record_completion(*tracer, static_cast<int>(k), b.issued, *b.work);
     }
     return first;
   }
@@ -239,6 +252,7 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<nn::Module> mod
     : module_(std::move(module)), options_(options) {
   DTRAIN_CHECK(module_ != nullptr, InvalidArgument, "DDP: module is null");
   auto state = std::make_shared<State>(comm, options_.find_unused_parameters);
+  state->tracer = options_.tracer;
 
   // Deduplicate (a tied weight appears once) and validate.
   std::unordered_map<const TensorImpl*, size_t> seen;
@@ -349,7 +363,11 @@ void DistributedDataParallel::finish_gradient_sync() {
       s.launch_error = std::current_exception();
     }
   }
-  std::exception_ptr error = s.wait_all();
+  std::exception_ptr error;
+  {
+    ScopedSpan span(s.tracer, SpanKind::kWait);
+    error = s.wait_all();
+  }
   if (used_work && !error) {
     try {
       used_work->wait();
@@ -390,6 +408,7 @@ void DistributedDataParallel::finish_gradient_sync() {
 
   // Copy the averages back.
   NoGradGuard no_grad;
+  ScopedSpan span(s.tracer, SpanKind::kUnpack);
   for (State::Bucket& bucket : s.buckets) {
     for (size_t slot = 0; slot < bucket.info.params.size(); ++slot) {
       size_t i = bucket.info.params[slot];

@@ -267,10 +267,15 @@ class MpiWork final : public Work {
     std::lock_guard<std::mutex> lock(mu_);
     return done_;
   }
+  std::optional<std::chrono::steady_clock::time_point> completed_at() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return done_ ? std::optional(done_at_) : std::nullopt;
+  }
   void finish(std::exception_ptr error) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       done_ = true;
+      done_at_ = std::chrono::steady_clock::now();
       error_ = std::move(error);
     }
     cv_.notify_all();
@@ -280,6 +285,7 @@ class MpiWork final : public Work {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;         // GUARDED_BY(mu_)
+  std::chrono::steady_clock::time_point done_at_;  // GUARDED_BY(mu_)
   std::exception_ptr error_;  // GUARDED_BY(mu_)
 };
 

@@ -50,10 +50,15 @@ class TcpWork final : public Work {
     std::lock_guard<std::mutex> lock(mu_);
     return done_;
   }
+  std::optional<std::chrono::steady_clock::time_point> completed_at() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return done_ ? std::optional(done_at_) : std::nullopt;
+  }
   void finish(std::optional<Failure> error) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       done_ = true;
+      done_at_ = std::chrono::steady_clock::now();
       error_ = std::move(error);
     }
     cv_.notify_all();
@@ -63,6 +68,7 @@ class TcpWork final : public Work {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
+  std::chrono::steady_clock::time_point done_at_;
   std::optional<Failure> error_;
 };
 

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -45,6 +46,11 @@ class Work {
   // Blocks until done; rethrows the operation's CommError/TimeoutError.
   virtual void wait() = 0;
   virtual bool is_completed() const = 0;
+  // When the operation finished (for timelines); nullopt while running, or where the
+  // backend does not record it.
+  virtual std::optional<std::chrono::steady_clock::time_point> completed_at() const {
+    return std::nullopt;
+  }
 };
 
 class Communicator {

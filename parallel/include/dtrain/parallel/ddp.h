@@ -72,6 +72,7 @@
 #include "dtrain/engine/nn/module.h"
 #include "dtrain/engine/tensor.h"
 #include "dtrain/parallel/grad_compression.h"
+#include "dtrain/parallel/trace.h"
 
 namespace dtrain::parallel {
 
@@ -88,6 +89,9 @@ struct DdpOptions {
   bool find_unused_parameters = false;
   // How each f32 bucket is averaged (kNone: an f32 all-reduce).
   GradCompressionOptions compression;
+  // Records pack, all-reduce, wait and unpack spans (trace.h); null: off. Not owned:
+  // it must outlive the DDP.
+  Tracer* tracer = nullptr;
 };
 
 // Which parameters share a bucket. `params` index the module's parameters() list
