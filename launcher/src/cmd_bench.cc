@@ -32,6 +32,7 @@
 #include <sched.h>
 
 #include "cmd_bench_collectives.h"
+#include "cmd_bench_scaling_model.h"
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "dtrain/engine/nn/models.h"
@@ -501,14 +502,16 @@ Command add_bench_command(CLI::App& app) {
   sc->add_flag("!--no-pin", so->pin, "Do not pin each worker to its own core");
   sc->add_flag("--worker", so->worker, "(internal) run as one rank");
   sc->add_option("--out", so->out, "(internal) where rank 0 writes its row");
+  auto model = add_scaling_model_options(*sc);  // --predict, --fit, --validate
   auto collectives = add_collective_benches(*bench);
   auto gpt = add_gpt_bench(*bench);
   auto hosts = add_hosts_bench(*bench);
-  return {bench, [o, so, ar, sc, collectives, gpt, hosts] {
+  return {bench, [o, so, ar, sc, collectives, gpt, hosts, model] {
             if (std::optional<int> rc = collectives()) return *rc;
             if (std::optional<int> rc = hosts()) return *rc;
             if (std::optional<int> rc = gpt()) return *rc;
             if (ar->parsed()) return o->worker ? run_worker(*o) : run_orchestrator(*o);
+            if (std::optional<int> rc = model()) return *rc;
             return so->worker ? run_scaling_worker(*so) : run_scaling(*so);
           }};
 }
