@@ -140,6 +140,12 @@ int run_worker(const BenchOptions& o) {
     out.open(o.out, std::ios::trunc);
     DTRAIN_CHECK(out.good(), IoError, "bench: cannot write {}", o.out);
   }
+  // Warm-up before the sweep: the launcher and the coordinator still start up beside
+  // the workers for a moment (nccl-tests warms up too); 8 B all-reduces are cheap.
+  for (int i = 0; i < 2000; ++i) {
+    float x = 1;
+    comm.allreduce(&x, 1, DType::f32, comm::ReduceOp::kSum);
+  }
   for (int64_t nbytes : sweep_sizes(o.max_bytes)) {
     size_t count = static_cast<size_t>(std::max<int64_t>(1, nbytes / 4));
     std::vector<float> buf(count);
