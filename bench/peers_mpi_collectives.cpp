@@ -124,10 +124,11 @@ int main(int argc, char** argv) {
       const double algbw = nbytes / t / 1e9, busbw = algbw * factor;
       std::fprintf(stderr, "%12ld %12ld %12.1f %12.3f %12.3f %7ld\n", nbytes, r.count, t * 1e6,
                    algbw, busbw, total);
-      std::printf("{\"peer\": \"openmpi\", \"coll\": \"%s\", \"nproc\": %d, \"bytes\": %ld, "
-                  "\"count\": %ld, \"time_us\": %.2f, \"algbw_GBps\": %.4f, \"busbw_GBps\": %.4f, "
-                  "\"wrong\": %ld}\n",
-                  r.coll.c_str(), r.n, nbytes, r.count, t * 1e6, algbw, busbw, total);
+      std::printf(
+          "{\"peer\": \"openmpi\", \"coll\": \"%s\", \"nproc\": %d, \"bytes\": %ld, "
+          "\"count\": %ld, \"time_us\": %.2f, \"algbw_GBps\": %.4f, \"busbw_GBps\": %.4f, "
+          "\"wrong\": %ld}\n",
+          r.coll.c_str(), r.n, nbytes, r.count, t * 1e6, algbw, busbw, total);
       std::fflush(stdout);
     }
   }

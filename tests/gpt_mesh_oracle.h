@@ -110,8 +110,8 @@ inline void follow_steps(const OracleRun& ref, parallel::GptOnMesh& run, int fro
   const int64_t rows = kBatch / mesh.shape().dp, r0 = mesh.coord().dp * rows;
   for (int s = from; s < to; ++s) {
     auto [x, y] = batch_of(s, small_gpt());
-    const double loss = run.train_step(x.narrow(0, r0, rows).contiguous(),
-                                       y.narrow(0, r0, rows).contiguous(), kLr);
+    const double loss =
+        run.train_step(x.narrow(0, r0, rows).contiguous(), y.narrow(0, r0, rows).contiguous(), kLr);
     const double want = ref.losses[static_cast<size_t>(s)];
     ASSERT_NEAR(loss, want, 1e-5 * want) << "step " << s << " on rank " << mesh.rank();
   }
@@ -125,9 +125,9 @@ inline void expect_final_params(const OracleRun& ref, parallel::GptOnMesh& run,
   for (const auto& [name, t] : run.parameter_state()) {
     const nn::ShardSpec& spec = model.shard_specs().at(name);
     Tensor want = slice_of(ref.params.at(name), spec.dim, spec.rank, spec.parts);
-    EXPECT_LT(rel_diff(t, want), kTol) << name << " on rank " << mesh.rank() << " of "
-                                       << mesh.shape().str() << " zero " << options.zero
-                                       << " clip " << options.clip;
+    EXPECT_LT(rel_diff(t, want), kTol)
+        << name << " on rank " << mesh.rank() << " of " << mesh.shape().str() << " zero "
+        << options.zero << " clip " << options.clip;
   }
 }
 
@@ -139,8 +139,7 @@ inline void expect_mesh_follows(const OracleRun& ref, parallel::ProcessMesh& mes
   expect_final_params(ref, run, options);
   auto [ex, ey] = eval_batch();  // evaluation through the same splits (ZeRO-3 gathers)
   EXPECT_NEAR(run.eval_loss(ex, ey), ref.eval_loss, kTol * ref.eval_loss)
-      << "eval on rank " << mesh.rank() << " of " << mesh.shape().str() << " zero "
-      << options.zero;
+      << "eval on rank " << mesh.rank() << " of " << mesh.shape().str() << " zero " << options.zero;
 }
 
 }  // namespace dtrain::testing

@@ -461,29 +461,27 @@ std::string world_name(const ::testing::TestParamInfo<std::tuple<int, Path, Algo
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, TcpWorld,
                          ::testing::Combine(::testing::Values(1, 2, 3, 4),
-                                            ::testing::Values(Path::kShm, Path::kTcp,
-                                                              Path::kMixed),
+                                            ::testing::Values(Path::kShm, Path::kTcp, Path::kMixed),
                                             ::testing::Values(Algo::kAuto)),
                          world_name);
 // Each algorithm forced, at world sizes that are and are not powers of two.
 INSTANTIATE_TEST_SUITE_P(OneHost, TcpWorld,
-                         ::testing::Combine(::testing::Values(2, 3, 5), ::testing::Values(Path::kShm),
+                         ::testing::Combine(::testing::Values(2, 3, 5),
+                                            ::testing::Values(Path::kShm),
                                             ::testing::Values(Algo::kLocal, Algo::kRing)),
                          world_name);
-INSTANTIATE_TEST_SUITE_P(AcrossHosts, TcpWorld,
-                         ::testing::Combine(::testing::Values(2, 3, 5, 6),
-                                            ::testing::Values(Path::kTcp),
-                                            ::testing::Values(Algo::kRecursiveDoubling,
-                                                              Algo::kRing)),
-                         world_name);
+INSTANTIATE_TEST_SUITE_P(
+    AcrossHosts, TcpWorld,
+    ::testing::Combine(::testing::Values(2, 3, 5, 6), ::testing::Values(Path::kTcp),
+                       ::testing::Values(Algo::kRecursiveDoubling, Algo::kRing)),
+    world_name);
 
 TEST(Algorithm, ChosenBySizeAndOverridable) {
   AlgoOptions o;
   AlgoCapabilities one_host{true, false, o.local_max_bytes}, hosts{}, mpi{false, true, 0};
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, one_host), Algo::kLocal);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.local_max_bytes, one_host), Algo::kLocal);
-  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.local_max_bytes + 1, one_host),
-            Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.local_max_bytes + 1, one_host), Algo::kRing);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, hosts), Algo::kRecursiveDoubling);
   EXPECT_EQ(algorithm_for(o, Collective::kAllgather, 8, hosts), Algo::kRing);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.small_max_bytes + 1, hosts), Algo::kRing);

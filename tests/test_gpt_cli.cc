@@ -127,12 +127,14 @@ TEST(GptCli, PrintScheduleShowsStagesAndTimeline) {
 // More stages than layers (4 blocks + embedding + head = 6), a bad split: one line.
 TEST(GptCli, StageCountAboveTheLayersIsRefused) {
   fs::path dir = scratch("bad_pp");
-  Result r = dtrain::testing::run_command(bin() + gpt_args(dir) + " --parallel pp=8 --print-schedule "
+  Result r = dtrain::testing::run_command(bin() + gpt_args(dir) +
+                                          " --parallel pp=8 --print-schedule "
                                           "--n-layer 4");
   EXPECT_NE(r.code, 0);
   EXPECT_TRUE(contains(r.out, "needs 1 x 1 x 8 = 8 ranks")) << r.out;
-  Result many = dtrain::testing::run_command(bin() + " launch --nproc 8 -- " + bin() + gpt_args(dir) +
-                                             " --parallel pp=8 --n-layer 4 --print-schedule");
+  Result many =
+      dtrain::testing::run_command(bin() + " launch --nproc 8 -- " + bin() + gpt_args(dir) +
+                                   " --parallel pp=8 --n-layer 4 --print-schedule");
   EXPECT_NE(many.code, 0);
   EXPECT_TRUE(contains(many.out, "pipeline: 8 stages for a model of 6 layers")) << many.out;
   Result split = dtrain::testing::run_command(bin() + " launch --nproc 2 -- " + bin() +
@@ -244,12 +246,12 @@ TEST(GptCheckpoint, BadCheckpointsAreRefused) {
   Result a = dtrain::testing::run_command(bin() + small_gpt(dir, "a.jsonl", 4));
   ASSERT_EQ(a.code, 0) << a.out;
   const fs::path ck = dir / "ckpt" / "step-00000004";
-  Result shape = dtrain::testing::run_command(bin() + small_gpt(dir, "b.jsonl", 20, 32) +
-                                              " --resume auto");
+  Result shape =
+      dtrain::testing::run_command(bin() + small_gpt(dir, "b.jsonl", 20, 32) + " --resume auto");
   EXPECT_NE(shape.code, 0);
   EXPECT_TRUE(contains(shape.out, "\"n_embd\":64")) << shape.out;
-  Result missing = dtrain::testing::run_command(bin() + small_gpt(dir, "b.jsonl") +
-                                                " --resume step-00000099");
+  Result missing =
+      dtrain::testing::run_command(bin() + small_gpt(dir, "b.jsonl") + " --resume step-00000099");
   EXPECT_NE(missing.code, 0);
   EXPECT_TRUE(contains(missing.out, "--resume step-00000099: no checkpoint")) << missing.out;
   const fs::path shard = ck / "shard-0.dtrn";
@@ -258,7 +260,8 @@ TEST(GptCheckpoint, BadCheckpointsAreRefused) {
     f.seekp(static_cast<std::streamoff>(fs::file_size(shard) - 8));
     f.put('\x5a');
   }
-  Result corrupt = dtrain::testing::run_command(bin() + small_gpt(dir, "b.jsonl") + " --resume auto");
+  Result corrupt =
+      dtrain::testing::run_command(bin() + small_gpt(dir, "b.jsonl") + " --resume auto");
   EXPECT_NE(corrupt.code, 0);
   EXPECT_TRUE(contains(corrupt.out, "shard-0.dtrn")) << corrupt.out;
   EXPECT_TRUE(fs::exists(ck / "manifest.json"));

@@ -117,8 +117,10 @@ TEST_P(SkippedCollective, OthersNameTheRankAndTheCollectiveWithinTheTimeoutAndFa
   // The first of ranks 0 and 2 to notice logs the report and aborts; the other may fail
   // with that reason before its own watchdog looks.
   const std::string log = joined(out[0].log) + joined(out[2].log);
-  EXPECT_TRUE(contains(log, "stall: rank 1 has not entered #2: its last collective is #1 "
-                            "'step 0' (allreduce(sum) of 4 f32)")) << log;
+  EXPECT_TRUE(contains(log,
+                       "stall: rank 1 has not entered #2: its last collective is #1 "
+                       "'step 0' (allreduce(sum) of 4 f32)"))
+      << log;
   EXPECT_TRUE(contains(log, "waits in allreduce #2 'bucket 3' for")) << log;
   for (int r : {0, 2}) {
     const RankOutcome& o = out[static_cast<size_t>(r)];
@@ -150,8 +152,10 @@ TEST(Inspector, HookHoldsARankWhichTheOthersReport) {
       },
       std::chrono::seconds(3), /*hold_rank=*/1, /*hold_at=*/2);
   EXPECT_TRUE(contains(out[0].error, "stall: rank 0 waited")) << out[0].error;
-  EXPECT_TRUE(contains(out[0].error, "allreduce #2 'grads' (group world); rank 1 has not "
-                                     "entered it")) << out[0].error;
+  EXPECT_TRUE(contains(out[0].error,
+                       "allreduce #2 'grads' (group world); rank 1 has not "
+                       "entered it"))
+      << out[0].error;
   EXPECT_TRUE(contains(joined(out[1].log), "rank 1 holds before allreduce #2 'grads'"));
   EXPECT_TRUE(contains(out[1].error, "rank 1 has not entered it")) << out[1].error;
 }
@@ -194,7 +198,8 @@ const MismatchCase kMismatches[] = {
      "rank 2"},
     {"name",
      [](int r, Communicator& c, std::vector<float>& x) {
-       c.name_next(r == 0 ? "bucket 0 (grads of fc2.weight ..)" : "bucket 1 (grads of fc1.weight ..)");
+       c.name_next(r == 0 ? "bucket 0 (grads of fc2.weight ..)"
+                          : "bucket 1 (grads of fc1.weight ..)");
        c.allreduce(x.data(), x.size(), DType::f32, ReduceOp::kSum);
      },
      "rank 0 calls allreduce(sum) of 1024 f32 'bucket 0 (grads of fc2.weight ..)', rank 1 calls "
@@ -295,18 +300,20 @@ TEST(Inspector, MismatchInsideASplitNamesTheChildGroup) {
     std::vector<float> x(8, 1.0f);
     child->allreduce(x.data(), r == 0 ? 8 : 4, DType::f32, ReduceOp::kSum);
   });
-  EXPECT_TRUE(contains(out[0].error, "collective mismatch at #1 in group world/split0/c0: rank 0 "
-                                     "calls allreduce(sum) of 8 f32, rank 1 calls allreduce(sum) "
-                                     "of 4 f32")) << out[0].error;
+  EXPECT_TRUE(contains(out[0].error,
+                       "collective mismatch at #1 in group world/split0/c0: rank 0 "
+                       "calls allreduce(sum) of 8 f32, rank 1 calls allreduce(sum) "
+                       "of 4 f32"))
+      << out[0].error;
 }
 
 TEST(Inspector, RejectsANegativeStallTimeout) {
   MemoryStore store;
   InspectorOptions o;
   o.stall_timeout = milliseconds(-1);
-  EXPECT_THROW(make_inspected_communicator(make_tcp_communicator(store, 0, 1, CommOptions{}),
-                                           &store, o),
-               InvalidArgument);
+  EXPECT_THROW(
+      make_inspected_communicator(make_tcp_communicator(store, 0, 1, CommOptions{}), &store, o),
+      InvalidArgument);
 }
 
 // ---- the acceptance test through the CLI -------------------------------------------------
@@ -317,13 +324,15 @@ TEST(InspectorCli, LaunchReportsTheHeldRankAndTheCollectiveAndFails) {
   const std::string cmd =
       "env DTRAIN_TEST_STALL_AT=1:12 " + std::string(DTRAIN_BIN) +
       " launch --nproc 2 --max-restarts 0 --failure-wait 2 -- dtrain train --no-progress "
-      "--model mlp --max-steps 40 --data-cache " + std::string(DTRAIN_DATA_CACHE) +
-      " --metrics " + (dir / "m.jsonl").string() + " --stall-timeout 3 --check-collectives";
+      "--model mlp --max-steps 40 --data-cache " +
+      std::string(DTRAIN_DATA_CACHE) + " --metrics " + (dir / "m.jsonl").string() +
+      " --stall-timeout 3 --check-collectives";
   const auto t0 = Clock::now();
   testing::CommandResult r = testing::run_command(cmd, 120);
   const double s = std::chrono::duration<double>(Clock::now() - t0).count();
   EXPECT_NE(r.code, 0) << r.out;
-  EXPECT_TRUE(contains(r.out, "fault injection (DTRAIN_TEST_STALL_AT): rank 1 holds before")) << r.out;
+  EXPECT_TRUE(contains(r.out, "fault injection (DTRAIN_TEST_STALL_AT): rank 1 holds before"))
+      << r.out;
   EXPECT_TRUE(contains(r.out, "stall: rank 1 has not entered #12")) << r.out;
   EXPECT_TRUE(contains(r.out, "rank 1 has not entered it")) << r.out;
   EXPECT_LT(s, 60.0) << "the job should end long before the 60 s comm timeout\n" << r.out;

@@ -26,22 +26,32 @@ Algo env_algo(const char* name) {
 
 const char* algo_name(Algo algo) {
   switch (algo) {
-    case Algo::kAuto: return "auto";
-    case Algo::kRing: return "ring";
-    case Algo::kLocal: return "local";
-    case Algo::kRecursiveDoubling: return "rd";
-    case Algo::kNative: return "native";
-    case Algo::kHierarchical: return "hierarchical";
+    case Algo::kAuto:
+      return "auto";
+    case Algo::kRing:
+      return "ring";
+    case Algo::kLocal:
+      return "local";
+    case Algo::kRecursiveDoubling:
+      return "rd";
+    case Algo::kNative:
+      return "native";
+    case Algo::kHierarchical:
+      return "hierarchical";
   }
   return "?";
 }
 
 const char* collective_name(Collective c) {
   switch (c) {
-    case Collective::kAllreduce: return "allreduce";
-    case Collective::kReduceScatter: return "reduce_scatter";
-    case Collective::kAllgather: return "allgather";
-    case Collective::kBroadcast: return "broadcast";
+    case Collective::kAllreduce:
+      return "allreduce";
+    case Collective::kReduceScatter:
+      return "reduce_scatter";
+    case Collective::kAllgather:
+      return "allgather";
+    case Collective::kBroadcast:
+      return "broadcast";
   }
   return "?";
 }
@@ -51,8 +61,8 @@ Algo parse_algo(std::string_view text, std::string_view what) {
                  Algo::kHierarchical}) {
     if (text == algo_name(a)) return a;
   }
-  DTRAIN_THROW(InvalidArgument,
-               "{} '{}': expected auto, ring, local, rd, native or hierarchical", what, text);
+  DTRAIN_THROW(InvalidArgument, "{} '{}': expected auto, ring, local, rd, native or hierarchical",
+               what, text);
 }
 
 AlgoOptions AlgoOptions::from_env() {
@@ -69,9 +79,12 @@ AlgoOptions AlgoOptions::from_env() {
 Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoCapabilities& can) {
   const bool local_fits = can.local && bytes <= can.local_capacity;
   switch (o[c]) {
-    case Algo::kRing: return Algo::kRing;
-    case Algo::kLocal: return local_fits ? Algo::kLocal : Algo::kRing;
-    case Algo::kNative: return can.native ? Algo::kNative : Algo::kRing;
+    case Algo::kRing:
+      return Algo::kRing;
+    case Algo::kLocal:
+      return local_fits ? Algo::kLocal : Algo::kRing;
+    case Algo::kNative:
+      return can.native ? Algo::kNative : Algo::kRing;
     case Algo::kRecursiveDoubling:
       return c == Collective::kAllreduce ? Algo::kRecursiveDoubling : Algo::kRing;
     case Algo::kAuto:

@@ -22,16 +22,29 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-enum class OpKind : uint32_t { kAllreduce = 1, kBroadcast, kAllgather, kReduceScatter, kBarrier, kSplit };
+enum class OpKind : uint32_t {
+  kAllreduce = 1,
+  kBroadcast,
+  kAllgather,
+  kReduceScatter,
+  kBarrier,
+  kSplit
+};
 
 const char* kind_name(OpKind k) {
   switch (k) {
-    case OpKind::kAllreduce: return "allreduce";
-    case OpKind::kBroadcast: return "broadcast";
-    case OpKind::kAllgather: return "allgather";
-    case OpKind::kReduceScatter: return "reduce_scatter";
-    case OpKind::kBarrier: return "barrier";
-    case OpKind::kSplit: return "split";
+    case OpKind::kAllreduce:
+      return "allreduce";
+    case OpKind::kBroadcast:
+      return "broadcast";
+    case OpKind::kAllgather:
+      return "allgather";
+    case OpKind::kReduceScatter:
+      return "reduce_scatter";
+    case OpKind::kBarrier:
+      return "barrier";
+    case OpKind::kSplit:
+      return "split";
   }
   return "collective";
 }
@@ -122,7 +135,8 @@ std::string describe(const Fingerprint& f) {
   c.root = f.root;
   std::string name(f.name, strnlen(f.name, sizeof(f.name)));
   std::string s = describe(c);
-  if (!name.empty()) s += fmt::format(" '{}{}'", name, name.size() == sizeof(f.name) - 1 ? ".." : "");
+  if (!name.empty())
+    s += fmt::format(" '{}{}'", name, name.size() == sizeof(f.name) - 1 ? ".." : "");
   return s;
 }
 
@@ -265,29 +279,38 @@ std::string peer_line(int r, const std::optional<Progress>& p, uint64_t seq, con
   lagging = false;
   if (!p) {
     lagging = true;
-    return fmt::format("stall: rank {} has published no progress (not started, or its store is "
-                       "unreachable)", r);
+    return fmt::format(
+        "stall: rank {} has published no progress (not started, or its store is "
+        "unreachable)",
+        r);
   }
   const double ago = seconds_between(p->entered_ms, now);
   if (p->last_seq == 0) {
     lagging = true;
-    return fmt::format("stall: rank {} has not entered #{}: it has entered no collective yet", r, seq);
+    return fmt::format("stall: rank {} has not entered #{}: it has entered no collective yet", r,
+                       seq);
   }
   if (p->last_seq < seq) {
     lagging = true;
-    return fmt::format("stall: rank {} has not entered #{}: its last collective is {} ({}), "
-                       "entered {:.1f} s ago", r, seq, label(p->last_seq, p->last_name),
-                       p->last_what, ago);
+    return fmt::format(
+        "stall: rank {} has not entered #{}: its last collective is {} ({}), "
+        "entered {:.1f} s ago",
+        r, seq, label(p->last_seq, p->last_name), p->last_what, ago);
   }
   if (p->last_seq == seq && (p->last_name != mine.name || p->last_what != describe(mine))) {
-    return fmt::format("stall: rank {} entered #{} as {} '{}', {:.1f} s ago: the ranks call "
-                       "different collectives", r, seq, p->last_what, p->last_name, ago);
+    return fmt::format(
+        "stall: rank {} entered #{} as {} '{}', {:.1f} s ago: the ranks call "
+        "different collectives",
+        r, seq, p->last_what, p->last_name, ago);
   }
   if (p->last_seq == seq) {
-    return fmt::format("stall: rank {} entered {} too, {:.1f} s ago", r, label(seq, mine.name), ago);
+    return fmt::format("stall: rank {} entered {} too, {:.1f} s ago", r, label(seq, mine.name),
+                       ago);
   }
-  return fmt::format("stall: rank {} is past #{}: its last collective is {} ({}), entered {:.1f} s "
-                     "ago", r, seq, label(p->last_seq, p->last_name), p->last_what, ago);
+  return fmt::format(
+      "stall: rank {} is past #{}: its last collective is {} ({}), entered {:.1f} s "
+      "ago",
+      r, seq, label(p->last_seq, p->last_name), p->last_what, ago);
 }
 
 std::string rank_list(const std::vector<int>& ranks) {
@@ -339,8 +362,11 @@ class Inspected final : public Communicator {
  public:
   Inspected(std::unique_ptr<Communicator> inner, Store* store, InspectorOptions o,
             std::unique_ptr<Communicator> checker)
-      : inner_(std::move(inner)), checker_(std::move(checker)), store_(store),
-        options_(std::move(o)), tracker_(std::make_shared<Tracker>()) {
+      : inner_(std::move(inner)),
+        checker_(std::move(checker)),
+        store_(store),
+        options_(std::move(o)),
+        tracker_(std::make_shared<Tracker>()) {
     if (options_.stall_timeout.count() > 0) watchdog_ = std::thread([this] { watch(); });
   }
   ~Inspected() override {
@@ -421,9 +447,9 @@ class Inspected final : public Communicator {
   Store* store_;
   InspectorOptions options_;
   std::shared_ptr<Tracker> tracker_;
-  std::string next_name_;     // issuing thread only
-  std::string failure_;       // issuing thread only: the mismatch that ended this communicator
-  uint64_t splits_ = 0;       // issuing thread only
+  std::string next_name_;  // issuing thread only
+  std::string failure_;    // issuing thread only: the mismatch that ended this communicator
+  uint64_t splits_ = 0;    // issuing thread only
   std::mutex mu_;
   std::condition_variable cv_;
   bool aborted_ = false;   // GUARDED_BY(mu_)
@@ -448,8 +474,10 @@ uint64_t Inspected::begin(Call call) {
 }
 
 void Inspected::hold(uint64_t seq, const Call& call) {
-  log(fmt::format("fault injection (DTRAIN_TEST_STALL_AT): rank {} holds before {} {} for up to "
-                  "{} ms", rank(), kind_name(call.kind), label(seq, call.name), timeout().count()));
+  log(
+      fmt::format("fault injection (DTRAIN_TEST_STALL_AT): rank {} holds before {} {} for up to "
+                  "{} ms",
+                  rank(), kind_name(call.kind), label(seq, call.name), timeout().count()));
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait_for(lock, timeout(), [this] { return aborted_ || stopping_; });
 }
@@ -509,7 +537,8 @@ std::unique_ptr<Communicator> Inspected::split(int color, int key) {
 
 // The watchdog thread: publishes progress, and reports the first stall, then aborts.
 void Inspected::watch() {
-  const auto interval = std::clamp(options_.stall_timeout / 4, milliseconds(10), milliseconds(5000));
+  const auto interval =
+      std::clamp(options_.stall_timeout / 4, milliseconds(10), milliseconds(5000));
   const std::string key = progress_key(options_.group, rank());
   std::string published;
   bool reported = false;

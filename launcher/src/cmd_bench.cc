@@ -404,8 +404,8 @@ void print_latency(std::map<std::string, Rows>& ours, std::map<std::string, Rows
     auto it = rows.find(bytes);
     if (it == rows.end()) continue;
     const double t = it->second["time_us"].get<double>();
-    fmt::print("# {} B latency: {} {:.2f} us, openmpi {:.2f} us ({:.2f}x Open MPI's time)\n",
-               bytes, b, t, t_peer, t / t_peer);
+    fmt::print("# {} B latency: {} {:.2f} us, openmpi {:.2f} us ({:.2f}x Open MPI's time)\n", bytes,
+               b, t, t_peer, t / t_peer);
   }
 }
 

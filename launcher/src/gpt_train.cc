@@ -16,8 +16,8 @@
 #include "dtrain/parallel/gpt_checkpoint.h"
 #include "dtrain/parallel/gpt_mesh.h"
 #include "dtrain/parallel/mesh.h"
-#include "dtrain/parallel/tensor_parallel.h"
 #include "dtrain/parallel/schedule.h"
+#include "dtrain/parallel/tensor_parallel.h"
 #include "gpt_checkpoints.h"
 #include "train_callbacks.h"
 #include "trainer.h"
@@ -32,8 +32,8 @@ namespace fs = std::filesystem;
 data::PreparedText prepare_corpus(const TrainConfig& c) {
   const fs::path dir = fs::path(c.data_cache) / "fortunes";
   fs::create_directories(dir);
-  const std::string text = c.data.empty() ? data::write_fortunes_corpus((dir / "corpus.txt").string())
-                                          : c.data;
+  const std::string text =
+      c.data.empty() ? data::write_fortunes_corpus((dir / "corpus.txt").string()) : c.data;
   return data::prepare_text_corpus(text, dir.string());
 }
 
@@ -172,14 +172,15 @@ parallel::MeshShape mesh_shape(const TrainConfig& c, int world) {
   parallel::MeshShape s = c.parallel.empty() ? parallel::MeshShape{world, 1, 1}
                                              : parallel::MeshShape::parse(c.parallel);
   s.check_world(world);
-  DTRAIN_CHECK(c.batch % s.dp == 0, InvalidArgument,
-               "--batch {} cannot be split evenly over dp={}", c.batch, s.dp);
+  DTRAIN_CHECK(c.batch % s.dp == 0, InvalidArgument, "--batch {} cannot be split evenly over dp={}",
+               c.batch, s.dp);
   return s;
 }
 
 // The tokenizer travels inside the checkpoint, so `dtrain generate` needs nothing else.
 std::vector<int> tokenizer_bytes(const TrainConfig& c) {
-  const auto tok = data::CharTokenizer::load((fs::path(c.data_cache) / "fortunes" / "vocab.json").string());
+  const auto tok =
+      data::CharTokenizer::load((fs::path(c.data_cache) / "fortunes" / "vocab.json").string());
   return {tok.bytes().begin(), tok.bytes().end()};
 }
 
@@ -195,16 +196,20 @@ void save_gpt(const TrainConfig& c, parallel::GptOnMesh& run, int64_t vocab) {
     nn::Gpt single(g);
     single.load_state_dict(parallel::load_gpt_sharded(shards, single, single.state_dict()));
     save_checkpoint(c.save, single, nullptr,
-                    {{"model", "gpt"}, {"vocab_size", g.vocab_size}, {"tokens", vocab},
-                     {"block_size", g.block_size}, {"n_layer", g.n_layer}, {"n_head", g.n_head},
-                     {"n_embd", g.n_embd}, {"seed", g.seed},
+                    {{"model", "gpt"},
+                     {"vocab_size", g.vocab_size},
+                     {"tokens", vocab},
+                     {"block_size", g.block_size},
+                     {"n_layer", g.n_layer},
+                     {"n_head", g.n_head},
+                     {"n_embd", g.n_embd},
+                     {"seed", g.seed},
                      {"tokenizer_bytes", tokenizer_bytes(c)}});
     fs::remove_all(shards);
     fmt::print(stderr, "checkpoint: {}\n", c.save);
   }
   mesh.world().barrier();
 }
-
 
 parallel::GptMeshOptions mesh_options(const TrainConfig& c, const nn::GptConfig& g, int pp) {
   parallel::GptMeshOptions o;
@@ -239,13 +244,15 @@ void print_plan(const TrainConfig& c, parallel::GptOnMesh& run) {
              parallel::format_schedule(kind, m.pp, mb));
 }
 
-void print_banner(const TrainConfig& c, parallel::GptOnMesh& run, const data::PreparedText& corpus) {
+void print_banner(const TrainConfig& c, parallel::GptOnMesh& run,
+                  const data::PreparedText& corpus) {
   const nn::Gpt& gpt = *run.model();
-  fmt::print(stderr, "dtrain train: {} ({} parameters, {} on this rank) on fortunes ({} tokens), "
-             "mesh {}, zero {}{}, batch {} x {} tokens, {} steps", gpt.config().str(),
-             gpt.config().num_parameters(), run.parameter_elements(), corpus.train_tokens,
-             run.mesh().shape().str(), c.zero, c.bf16 ? ", bf16 autocast" : "", c.batch,
-             c.context, c.max_steps);
+  fmt::print(stderr,
+             "dtrain train: {} ({} parameters, {} on this rank) on fortunes ({} tokens), "
+             "mesh {}, zero {}{}, batch {} x {} tokens, {} steps",
+             gpt.config().str(), gpt.config().num_parameters(), run.parameter_elements(),
+             corpus.train_tokens, run.mesh().shape().str(), c.zero, c.bf16 ? ", bf16 autocast" : "",
+             c.batch, c.context, c.max_steps);
   if (run.mesh().shape().pp > 1) {
     fmt::print(stderr, ", {} schedule over {} micro-batches", c.pp_schedule, c.microbatches);
   }
@@ -255,16 +262,19 @@ void print_banner(const TrainConfig& c, parallel::GptOnMesh& run, const data::Pr
 void print_result(const TrainStats& stats, parallel::GptOnMesh& run, MeshPlan& plan) {
   const double bubble = run.mesh().shape().pp > 1 ? plan.mean_bubble() : 0.0;  // collective
   if (!plan.is_logging_rank()) return;
-  fmt::print("dtrain train: gpt on fortunes, mesh {}: {} steps in {:.1f} s ({:.0f} tokens/s, "
-             "{:.2f} GFLOP/s model), final train loss {:.4f}, validation loss {:.4f} "
-             "(perplexity {:.2f}) vs unigram baseline {:.4f} (perplexity {:.2f})\n",
-             run.mesh().shape().str(), stats.steps, stats.seconds, stats.samples_per_s,
-             stats.samples_per_s * run.model()->config().flops_per_token() / 1e9,
-             stats.final_loss, stats.eval.at("val_loss"), stats.eval.at("val_ppl"),
-             stats.eval.at("unigram_loss"), stats.eval.at("unigram_ppl"));
+  fmt::print(
+      "dtrain train: gpt on fortunes, mesh {}: {} steps in {:.1f} s ({:.0f} tokens/s, "
+      "{:.2f} GFLOP/s model), final train loss {:.4f}, validation loss {:.4f} "
+      "(perplexity {:.2f}) vs unigram baseline {:.4f} (perplexity {:.2f})\n",
+      run.mesh().shape().str(), stats.steps, stats.seconds, stats.samples_per_s,
+      stats.samples_per_s * run.model()->config().flops_per_token() / 1e9, stats.final_loss,
+      stats.eval.at("val_loss"), stats.eval.at("val_ppl"), stats.eval.at("unigram_loss"),
+      stats.eval.at("unigram_ppl"));
   if (run.mesh().shape().pp > 1) {
-    fmt::print("pipeline: measured bubble {:.1f}% (mean over stages and steps) vs ideal "
-               "(p-1)/(m+p-1) = {:.1f}%\n", 100 * bubble, 100 * plan.ideal_bubble());
+    fmt::print(
+        "pipeline: measured bubble {:.1f}% (mean over stages and steps) vs ideal "
+        "(p-1)/(m+p-1) = {:.1f}%\n",
+        100 * bubble, 100 * plan.ideal_bubble());
   }
 }
 
@@ -290,9 +300,9 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
   options.epochs = 1;
   options.max_steps = config.max_steps;
   options.log_every = config.log_every;
-  optim::CosineAnnealingLR schedule(
-      clock, optim::CosineAnnealingOptions(config.max_steps).warmup_steps(config.warmup_steps)
-                 .eta_min(config.lr / 10));
+  optim::CosineAnnealingLR schedule(clock, optim::CosineAnnealingOptions(config.max_steps)
+                                               .warmup_steps(config.warmup_steps)
+                                               .eta_min(config.lr / 10));
   MeshPlan plan(run);
   GptCheckpoints checkpoints(config, run, schedule, [&](int64_t step) { data.resume_at(step); });
   const bool ckpt = !config.ckpt_dir.empty();
@@ -306,9 +316,14 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
     if (config.progress) callbacks.push_back(&progress.emplace("gpt"));
     callbacks.push_back(&metrics.emplace(config.metrics, nlohmann::json{{"workers", world}}));
   }
-  Trainer trainer({.model = run.model(), .loss = gpt_loss, .optimizer = &clock,
-                   .scheduler = &schedule, .data = &data, .plan = &plan,
-                   .resume = ckpt ? &checkpoints : nullptr, .callbacks = callbacks,
+  Trainer trainer({.model = run.model(),
+                   .loss = gpt_loss,
+                   .optimizer = &clock,
+                   .scheduler = &schedule,
+                   .data = &data,
+                   .plan = &plan,
+                   .resume = ckpt ? &checkpoints : nullptr,
+                   .callbacks = callbacks,
                    .tracer = tracer},
                   options);
   TrainStats stats = trainer.fit();

@@ -16,7 +16,6 @@
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
-#include "gpt_train.h"
 #include "dtrain/engine/cuda/runtime.h"
 #include "dtrain/engine/nn/models.h"
 #include "dtrain/engine/optim/lr_scheduler.h"
@@ -24,6 +23,7 @@
 #include "dtrain/engine/serialize.h"
 #include "dtrain/engine/threading.h"
 #include "dtrain/parallel/trace.h"
+#include "gpt_train.h"
 #include "mnist_source.h"
 #include "recovery.h"
 #include "train_callbacks.h"
@@ -173,8 +173,8 @@ std::string banner_line(const TrainConfig& c, const nn::Module& model, const Mni
       "backend {}{}), {} epochs, lr {} ({}), {} thread(s) per worker",
       c.model, model.num_parameters(), data.origin().source, data.train_size(), data.test_size(),
       c.batch, session.size(), c.batch / session.size(), session.backend(),
-      c.grad_compression == "none" ? "" : ", " + c.grad_compression + " gradients", c.epochs,
-      c.lr, c.schedule, c.threads);
+      c.grad_compression == "none" ? "" : ", " + c.grad_compression + " gradients", c.epochs, c.lr,
+      c.schedule, c.threads);
 }
 
 // Every callback of one attempt, in the order they run (train_callbacks.h).
@@ -445,15 +445,19 @@ void add_optimization_options(CLI::App* t, TrainConfig& c) {
 // The GPT's mesh and shape.
 void add_gpt_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--parallel", c.parallel, "GPT mesh, e.g. dp=2,tp=2,pp=1 (default: dp = world)");
-  t->add_option("--zero", c.zero, "GPT: ZeRO stage over dp (0: DDP, 1, 2, 3)")->capture_default_str();
+  t->add_option("--zero", c.zero, "GPT: ZeRO stage over dp (0: DDP, 1, 2, 3)")
+      ->capture_default_str();
   t->add_option("--clip", c.clip, "GPT: clip the global gradient norm (0: off)")
       ->capture_default_str();
-  t->add_option("--context", c.context, "GPT: context length")->capture_default_str()->check(kPositive);
+  t->add_option("--context", c.context, "GPT: context length")
+      ->capture_default_str()
+      ->check(kPositive);
   t->add_option("--n-layer", c.gpt_layers, "GPT: blocks")->capture_default_str()->check(kPositive);
   t->add_option("--n-head", c.gpt_heads, "GPT: heads")->capture_default_str()->check(kPositive);
   t->add_option("--n-embd", c.gpt_dim, "GPT: hidden size")->capture_default_str()->check(kPositive);
   t->add_option("--microbatches", c.microbatches, "GPT, pp > 1: micro-batches per step")
-      ->capture_default_str()->check(kPositive);
+      ->capture_default_str()
+      ->check(kPositive);
   t->add_option("--pp-schedule", c.pp_schedule, "GPT, pp > 1: 1f1b | gpipe")->capture_default_str();
   t->add_option("--stage-split", c.stage_split,
                 "GPT, pp > 1: first layer of each stage, e.g. 0,3 (layers: embedding, blocks, "

@@ -44,10 +44,10 @@ struct TrainConfig {
   std::string data;  // IDX folder; empty: the demo's MNIST subset
   std::string data_cache = "data";
   std::string device = "cpu";
-  std::string backend = "auto";  // auto | tcp | mpi | nccl
-  std::string allreduce_algo;    // empty: DTRAIN_ALLREDUCE_ALGO or auto
-  double timeout_s = 60;         // every collective; a lost peer fails within this
-  double stall_timeout_s = 0;    // the inspector's stall report (0: off)
+  std::string backend = "auto";    // auto | tcp | mpi | nccl
+  std::string allreduce_algo;      // empty: DTRAIN_ALLREDUCE_ALGO or auto
+  double timeout_s = 60;           // every collective; a lost peer fails within this
+  double stall_timeout_s = 0;      // the inspector's stall report (0: off)
   bool check_collectives = false;  // the inspector's fingerprint check
   int64_t epochs = 5;
   int64_t batch = 64;  // global: split evenly over the ranks
@@ -61,11 +61,11 @@ struct TrainConfig {
   int threads = 1;
   bool normalize = true;
   int64_t log_every = 10;
-  int64_t max_steps = 0;  // 0: no limit (for quick runs and tests)
+  int64_t max_steps = 0;                  // 0: no limit (for quick runs and tests)
   std::string grad_compression = "none";  // DDP: none | bf16 | fp16 | powersgd
   int powersgd_rank = 2;                  // --grad-compression powersgd: the rank
-  std::string metrics;    // path of the JSON-lines file; empty: runs/<time>/metrics.jsonl
-  std::string save;       // checkpoint written at the end; empty: none
+  std::string metrics;  // path of the JSON-lines file; empty: runs/<time>/metrics.jsonl
+  std::string save;     // checkpoint written at the end; empty: none
   bool progress = true;
   std::string ckpt_dir;         // sharded checkpoints; empty: none
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch
@@ -78,11 +78,11 @@ struct TrainConfig {
   double clip = 1.0;     // global gradient-norm clip; 0: off
   int64_t context = 64;
   int64_t gpt_layers = 4, gpt_heads = 4, gpt_dim = 128;
-  int microbatches = 4;             // pp > 1: micro-batches per step
-  std::string pp_schedule = "1f1b"; // 1f1b | gpipe
-  std::string stage_split;          // "0,3": first layer of each stage; empty: balanced
-  bool print_schedule = false;      // print the stages and the schedule, do not train
-  bool bf16 = false;                // GPT: bf16 autocast of the linears (amp.h)
+  int microbatches = 4;              // pp > 1: micro-batches per step
+  std::string pp_schedule = "1f1b";  // 1f1b | gpipe
+  std::string stage_split;           // "0,3": first layer of each stage; empty: balanced
+  bool print_schedule = false;       // print the stages and the schedule, do not train
+  bool bf16 = false;                 // GPT: bf16 autocast of the linears (amp.h)
   bool lr_given = false, weight_decay_given = false;  // else the GPT's own defaults
   // Test seams, from the environment (run_train reads them; see train.cc):
   // DTRAIN_TEST_KILL_AT=rank:step[:always] -- that rank kills itself (SIGKILL) after

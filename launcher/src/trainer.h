@@ -170,9 +170,9 @@ struct TrainBegin {
 
 struct TrainStats {
   int64_t start_step = 0;
-  int64_t steps = 0;  // the last step done (== total steps unless a callback stopped)
+  int64_t steps = 0;      // the last step done (== total steps unless a callback stopped)
   double final_loss = 0;  // the last step's, combined over the ranks (reduce_loss)
-  double seconds = 0;  // the training loop, without evaluation
+  double seconds = 0;     // the training loop, without evaluation
   double samples_per_s = 0;
   Metrics eval;  // what evaluate() returned
 };

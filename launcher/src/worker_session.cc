@@ -6,8 +6,8 @@
 #include <atomic>
 #include <thread>
 
-#include "dtrain/comm/inspector.h"
 #include "dtrain/comm/hierarchical.h"
+#include "dtrain/comm/inspector.h"
 #include "dtrain/comm/mpi.h"
 #include "dtrain/comm/nccl.h"
 #include "dtrain/comm/store.h"
@@ -225,11 +225,11 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
                                 nccl_options(options_.device, copts)),
                       c.prefixed.get(), options_, std::move(checker));
   } else {
-    comm_ = inspected(with_allreduce_algo(comm::make_tcp_communicator(*c.prefixed, joined.rank,
-                                                                      joined.world_size, copts,
-                                                                      topts),
-                                          options_),
-                      c.prefixed.get(), options_);
+    comm_ = inspected(
+        with_allreduce_algo(
+            comm::make_tcp_communicator(*c.prefixed, joined.rank, joined.world_size, copts, topts),
+            options_),
+        c.prefixed.get(), options_);
   }
   coordinator::HeartbeatSender::Options ho;
   ho.rank = joined.rank;

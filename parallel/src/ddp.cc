@@ -216,8 +216,8 @@ struct DistributedDataParallel::State {
     for (const Bucket& bucket : buckets) {
       std::vector<Shape> shapes;
       for (size_t i : bucket.info.params) shapes.push_back(params[i].shape());
-      compressors.push_back(make_bucket_compressor(options, shapes, bucket.info.dtype,
-                                                   bucket.flat.device()));
+      compressors.push_back(
+          make_bucket_compressor(options, shapes, bucket.info.dtype, bucket.flat.device()));
     }
   }
 

@@ -51,7 +51,8 @@ std::vector<int64_t> parse_stage_starts(const std::string& spec, const nn::GptCo
       starts.push_back(std::stoll(item, &used));
       if (used != item.size()) throw std::invalid_argument(item);
     } catch (const std::exception&) {
-      throw InvalidArgument(fmt::format("--stage-split '{}': '{}' is not a layer index", spec, item));
+      throw InvalidArgument(
+          fmt::format("--stage-split '{}': '{}' is not a layer index", spec, item));
     }
   }
   const int64_t layers = c.n_layer + 2;
@@ -80,8 +81,10 @@ void allreduce_mean(const std::vector<Tensor>& params, comm::Communicator& c) {
   int64_t off = 0;
   for (const Tensor& p : params) {
     Tensor piece = buf.narrow(0, off, p.numel()).reshape(p.shape());
-    if (p.grad().defined()) p.grad().copy_(piece);
-    else Tensor(p).set_grad(piece.clone());
+    if (p.grad().defined())
+      p.grad().copy_(piece);
+    else
+      Tensor(p).set_grad(piece.clone());
     off += p.numel();
   }
 }
@@ -171,8 +174,9 @@ void GptOnMesh::add_zero_part(const std::vector<size_t>& which, int stage) {
     params.push_back(params_[i]);
     part.names.push_back(names_[i]);
   }
-  part.opt = std::make_shared<ZeroOptimizer>(params, decay_matrices_only(params, options_.weight_decay),
-                                             mesh_.dp(), adam_options(), ZeroOptions{.stage = stage});
+  part.opt =
+      std::make_shared<ZeroOptimizer>(params, decay_matrices_only(params, options_.weight_decay),
+                                      mesh_.dp(), adam_options(), ZeroOptions{.stage = stage});
   parts_.push_back(std::move(part));
 }
 
@@ -231,8 +235,10 @@ void GptOnMesh::sync_gradients() {
     e->allreduce(g.raw_data(), static_cast<size_t>(g.numel()), DType::f32, comm::ReduceOp::kSum);
   }
   if (!parts_.empty()) return;  // reduce-scattered inside backward, clip or step
-  if (ddp_) ddp_->finish_gradient_sync();
-  else allreduce_mean(params_, mesh_.dp());
+  if (ddp_)
+    ddp_->finish_gradient_sync();
+  else
+    allreduce_mean(params_, mesh_.dp());
 }
 
 // One flag per name: sliced over tp (every tp rank) or tp rank 0; the last stage's
@@ -294,7 +300,8 @@ double GptOnMesh::eval_loss(const Tensor& x, const Tensor& y) {
 int64_t GptOnMesh::optimizer_state_bytes() const {
   if (parts_.empty()) return 8 * gpt_->num_parameters();
   int64_t bytes = 0;
-  for (const ShardedPart& p : parts_) bytes += static_cast<int64_t>(p.opt->memory().optimizer_state_bytes);
+  for (const ShardedPart& p : parts_)
+    bytes += static_cast<int64_t>(p.opt->memory().optimizer_state_bytes);
   return bytes;
 }
 

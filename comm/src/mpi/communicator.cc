@@ -284,9 +284,9 @@ class MpiWork final : public Work {
  private:
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  bool done_ = false;         // GUARDED_BY(mu_)
+  bool done_ = false;                              // GUARDED_BY(mu_)
   std::chrono::steady_clock::time_point done_at_;  // GUARDED_BY(mu_)
-  std::exception_ptr error_;  // GUARDED_BY(mu_)
+  std::exception_ptr error_;                       // GUARDED_BY(mu_)
 };
 
 // Reductions for f16/bf16 in kNative: MPI has no 16-bit float types, so the buffers
@@ -377,7 +377,8 @@ class MpiCommunicator final : public Communicator {
                  size_);
     const std::string what = fmt::format("{} root {}", describe("broadcast", count, dtype), root);
     if (algorithm(Collective::kBroadcast, count * dtype_size(dtype)) == Algo::kLocal) {
-      return enqueue(what, [=, this](Deadline d) { local(d)->broadcast(data, count, dtype, root, d); });
+      return enqueue(what,
+                     [=, this](Deadline d) { local(d)->broadcast(data, count, dtype, root, d); });
     }
     if (!native(Collective::kBroadcast, count * dtype_size(dtype))) {
       return enqueue(what,
@@ -466,21 +467,24 @@ class MpiCommunicator final : public Communicator {
 
   void barrier() override {
     if (local_possible_) {
-      run_blocking([] { return std::string("barrier"); }, [this](Deadline d) { local(d)->barrier(d); });
+      run_blocking([] { return std::string("barrier"); },
+                   [this](Deadline d) { local(d)->barrier(d); });
       return;
     }
     if (!native(Collective::kAllreduce, 1)) {
-      run_blocking([] { return std::string("barrier"); }, [this](Deadline d) { ring_->barrier(d); });
+      run_blocking([] { return std::string("barrier"); },
+                   [this](Deadline d) { ring_->barrier(d); });
       return;
     }
-    run_blocking([] { return std::string("barrier"); }, [this](Deadline d) {
-      MPI_Request req = MPI_REQUEST_NULL;
-      {
-        auto lock = runtime_->lock_mpi();
-        MPI_CHECK(MPI_Ibarrier(comm_, &req), "MPI_Ibarrier");
-      }
-      wait_collective({req}, d, "MPI_Ibarrier");
-    });
+    run_blocking([] { return std::string("barrier"); },
+                 [this](Deadline d) {
+                   MPI_Request req = MPI_REQUEST_NULL;
+                   {
+                     auto lock = runtime_->lock_mpi();
+                     MPI_CHECK(MPI_Ibarrier(comm_, &req), "MPI_Ibarrier");
+                   }
+                   wait_collective({req}, d, "MPI_Ibarrier");
+                 });
   }
 
   void abort(const std::string& reason) override {
@@ -638,7 +642,8 @@ class MpiCommunicator final : public Communicator {
     auto wait_until = [this](const std::function<bool()>& ready, Deadline d) {
       Poll poll(abort_, d, rank_);
       while (!ready()) {
-        poll.next([] { return std::string("waiting for this host's ranks in a local collective"); });
+        poll.next(
+            [] { return std::string("waiting for this host's ranks in a local collective"); });
       }
     };
     return mpi_detail::make_local_slots(*runtime_, comm_, rank_, size_, mpi_.algos.local_max_bytes,
@@ -848,11 +853,11 @@ class MpiCommunicator final : public Communicator {
 
   std::mutex queue_mu_;
   std::condition_variable queue_cv_;
-  std::deque<Task> queue_;  // GUARDED_BY(queue_mu_)
-  bool stopping_ = false;   // GUARDED_BY(queue_mu_)
-  bool running_ = false;    // GUARDED_BY(queue_mu_): an operation runs (worker or inline)
+  std::deque<Task> queue_;          // GUARDED_BY(queue_mu_)
+  bool stopping_ = false;           // GUARDED_BY(queue_mu_)
+  bool running_ = false;            // GUARDED_BY(queue_mu_): an operation runs (worker or inline)
   std::vector<std::byte> scratch_;  // recursive doubling's (the running operation's)
-  bool local_possible_ = false;                     // kAuto with every rank on this node
+  bool local_possible_ = false;     // kAuto with every rank on this node
   std::unique_ptr<mpi_detail::LocalSlots> local_;  // worker / inline run only
   std::thread worker_;
 };

@@ -68,8 +68,8 @@ std::unique_ptr<LocalSlots> make_local_slots(const MpiRuntime& runtime, MPI_Comm
                            std::to_string(rank) + "-" + std::to_string(nonce);
   bool ok = true;
   try {
-    slots->own = shm::Segment::create(name, rank, size, nonce, {}, 4096,
-                                      (slot_bytes + 4095) / 4096 * 4096);
+    slots->own =
+        shm::Segment::create(name, rank, size, nonce, {}, 4096, (slot_bytes + 4095) / 4096 * 4096);
   } catch (const CommError&) {
     ok = false;  // every rank learns it below and keeps the other algorithms
   }
@@ -92,8 +92,8 @@ std::unique_ptr<LocalSlots> make_local_slots(const MpiRuntime& runtime, MPI_Comm
   everyone(runtime, comm, true, wait_requests, "MPI_Iallreduce (slots mapped)");
   slots->own.unlink();  // every peer has it mapped: nothing stays in /dev/shm
   all[static_cast<size_t>(rank)] = slots->own.slots();
-  slots->collectives = std::make_unique<shm::LocalCollectives>(rank, std::move(all), std::move(bells),
-                                                               std::move(wait_until));
+  slots->collectives = std::make_unique<shm::LocalCollectives>(
+      rank, std::move(all), std::move(bells), std::move(wait_until));
   return slots;
 }
 

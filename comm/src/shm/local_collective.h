@@ -39,8 +39,7 @@ class LocalCollectives {
  public:
   // slots[r] is rank r's (this rank's own at `rank`), bells[r] rank r's doorbell
   // (this rank's entry unused).
-  LocalCollectives(int rank, std::vector<Slots> slots, std::vector<Doorbell> bells,
-                   WaitUntil wait);
+  LocalCollectives(int rank, std::vector<Slots> slots, std::vector<Doorbell> bells, WaitUntil wait);
 
   int rank() const { return rank_; }
   int size() const { return static_cast<int>(slots_.size()); }

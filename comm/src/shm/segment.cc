@@ -274,7 +274,8 @@ Slots Segment::slots() const {
   const Header* h = header(base_);
   if (h->slot_offset == 0) return Slots{};
   std::byte* at = base_ + h->slot_offset;
-  return Slots{reinterpret_cast<uint64_t*>(at), {at + kPage, at + kPage + h->slot_bytes},
+  return Slots{reinterpret_cast<uint64_t*>(at),
+               {at + kPage, at + kPage + h->slot_bytes},
                static_cast<size_t>(h->slot_bytes)};
 }
 

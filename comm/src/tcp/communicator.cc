@@ -372,13 +372,13 @@ class TcpCommunicator final : public Communicator {
   }
 
   std::unique_ptr<tcp::Transport> transport_;
-  Ring ring_;            // used by the worker only
-  Store* store_;         // the store this communicator was built through (for split)
-  TcpOptions tcp_;       // its options: the children's tag derives from tcp_.tag
+  Ring ring_;       // used by the worker only
+  Store* store_;    // the store this communicator was built through (for split)
+  TcpOptions tcp_;  // its options: the children's tag derives from tcp_.tag
   AlgoCapabilities caps_;
   std::vector<std::byte> scratch_;  // recursive doubling's receive buffer (worker or inline)
   tcp::Clock::time_point next_peer_check_{};  // run_op only (worker or inline, never both)
-  uint64_t splits_ = 0;  // splits done so far (issuing thread only)
+  uint64_t splits_ = 0;                       // splits done so far (issuing thread only)
   std::atomic<int64_t> timeout_ms_;
 
   std::mutex mu_;

@@ -52,8 +52,8 @@ struct AlgoOptions {
 
 // What a backend can run for one call.
 struct AlgoCapabilities {
-  bool local = false;   // every rank shares this host's memory (slots mapped)
-  bool native = false;  // mpi
+  bool local = false;         // every rank shares this host's memory (slots mapped)
+  bool native = false;        // mpi
   size_t local_capacity = 0;  // slot bytes
 };
 

@@ -89,8 +89,8 @@ struct TcpOptions {
 
   // Defaults, overridden by DTRAIN_TCP_BIND, DTRAIN_TCP_ADVERTISE,
   // DTRAIN_TCP_SOCKET_BUFFER, DTRAIN_TCP_CHUNK_BYTES, DTRAIN_TCP_SPIN_US, DTRAIN_SHM
-  // (0 or 1), DTRAIN_SHM_RING_BYTES and AlgoOptions::from_env's variables when set (InvalidArgument on values that do
-  // not parse).
+  // (0 or 1), DTRAIN_SHM_RING_BYTES and AlgoOptions::from_env's variables when set (InvalidArgument
+  // on values that do not parse).
   static TcpOptions from_env();
 };
 
