@@ -20,7 +20,7 @@ DTRAIN_PACKAGES=(
   libopenblas-dev libopenblas0-pthread libdnnl-dev
   libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  libopenmpi-dev openmpi-bin iproute2 procps
+  libopenmpi-dev openmpi-bin iproute2 procps openssl
   libxxhash-dev
   fortunes fortunes-min
 )

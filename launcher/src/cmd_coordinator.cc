@@ -5,6 +5,11 @@
 //                      [--token T | env DTRAIN_JOB_TOKEN] [--heartbeat-timeout S]
 //                      [--heartbeat-interval S] [--max-restarts N] [--state-dir DIR]
 //                      [--min-workers M] [--max-workers N] [--rejoin-timeout S]
+//                      [--tls-cert PEM --tls-key PEM]
+//
+// Any --bind other than loopback requires the token; --tls-cert/--tls-key serve TLS
+// (clients: --tls-ca or DTRAIN_TLS_CA, DTRAIN_TLS_SERVER_NAME for a name other than
+// the address).
 //
 // With --max-restarts N > 0 a lost worker starts a new generation (the survivors
 // re-join, the lost rank's launcher restarts it) up to N times; after that the job
@@ -44,6 +49,8 @@ struct CoordinatorConfig {
   std::string bind = "127.0.0.1";
   std::string job_id = "default";
   std::string token;
+  std::string tls_cert;  // PEM files; both or neither (plaintext)
+  std::string tls_key;
   double heartbeat_timeout_s = 30.0;
   double heartbeat_interval_s = 1.0;
   int max_restarts = 3;
@@ -96,6 +103,8 @@ int run_coordinator(CoordinatorConfig c) {
   o.world_size = c.world_size;
   o.job_id = c.job_id;
   o.token = c.token;
+  o.tls_cert_file = c.tls_cert;
+  o.tls_key_file = c.tls_key;
   o.heartbeat_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(std::llround(c.heartbeat_timeout_s * 1000)));
   DTRAIN_CHECK(std::isfinite(c.heartbeat_interval_s) && c.heartbeat_interval_s > 0, InvalidArgument,
@@ -152,6 +161,10 @@ Command add_coordinator_command(CLI::App& app) {
   cmd->add_option("--bind", c->bind, "Address to listen on (0.0.0.0: every interface)")
       ->capture_default_str();
   cmd->add_option("--job-id", c->job_id, "Job id every worker must name")->capture_default_str();
+  cmd->add_option("--tls-cert", c->tls_cert,
+                  "PEM certificate chain: serve TLS (with --tls-key; clients pass --tls-ca or "
+                  "DTRAIN_TLS_CA)");
+  cmd->add_option("--tls-key", c->tls_key, "PEM private key of --tls-cert");
   cmd->add_option("--token", c->token, "Job token every call must carry (default: none)")
       ->envname("DTRAIN_JOB_TOKEN");
   cmd->add_option("--heartbeat-timeout", c->heartbeat_timeout_s,

@@ -40,8 +40,8 @@
 // one poll() loop serves the output pipes and a signalfd (signals are blocked and
 // read as events, so there is no signal handler and no global state). Children get
 // PR_SET_PDEATHSIG, so workers do not outlive a launch that is itself killed.
-// Linux only. Not here: several nodes (each node runs its own launch with
-// --coordinator, restarting its own workers).
+// Linux only. Several nodes (--nnodes, --node-rank): one launch per node, each
+// restarting its own workers; node 0 starts the coordinator (see launch_nodes.h).
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -69,6 +69,7 @@
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "dtrain/coordinator/client.h"
+#include "launch_nodes.h"
 
 extern char** environ;
 
@@ -79,8 +80,14 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct LaunchOptions {
-  int nproc = 1;
-  std::string coordinator;  // empty: start one
+  int nproc = 1;  // workers on this node
+  int nnodes = 1;
+  int node_rank = 0;
+  bool external_coordinator = false;
+  std::string bind;  // workers' tcp address (and node 0's coordinator's); see launch_nodes.h
+  std::string tls_cert, tls_key, tls_ca;
+  double connect_timeout = 60.0;  // seconds a node waits for the coordinator to answer
+  std::string coordinator;        // empty: start one
   std::string job_id = "default";
   std::string token;
   double grace_period = 5.0;  // seconds between SIGTERM and SIGKILL
@@ -93,6 +100,11 @@ struct LaunchOptions {
   int max_workers = 0;    // --max-workers: the same as nproc when given
   double rejoin_timeout = 10.0;
   std::vector<std::string> command;
+
+  NodeLayout layout() const {
+    return {nnodes, node_rank, nproc, external_coordinator, coordinator, bind};
+  }
+  int world_size() const { return nnodes * nproc; }
 };
 
 // An owned file descriptor.
@@ -261,7 +273,9 @@ class Launcher {
 
  private:
   void block_signals();
-  void start_coordinator();
+  void start_coordinator(int port);
+  void check_coordinator();
+  coordinator::ClientOptions client_options(std::chrono::milliseconds connect_timeout) const;
   std::vector<std::string> coordinator_argv(int port) const;
   void start_workers();
   void start_worker(int rank, int restart);
@@ -310,7 +324,8 @@ class Launcher {
   int coordinator_restarts_ = 0;
   std::vector<int> restart_ranks_;  // ranks to start again after this poll round
   bool restart_coordinator_ = false;
-  std::string private_state_dir_;  // created by launch, removed at exit
+  std::string private_state_dir_;               // created by launch, removed at exit
+  std::string coordinator_bind_ = "127.0.0.1";  // where a coordinator launch starts listens
   std::optional<coordinator::CoordinatorClient> client_;
   Clock::time_point next_status_ = Clock::now();
   uint64_t seen_generation_ = 1;
@@ -356,7 +371,7 @@ std::vector<std::string> Launcher::coordinator_argv(int port) const {
           "--port",
           std::to_string(port),
           "--world-size",
-          std::to_string(opt_.nproc),
+          std::to_string(opt_.world_size()),
           "--job-id",
           opt_.job_id,
           "--max-restarts",
@@ -370,10 +385,16 @@ std::vector<std::string> Launcher::coordinator_argv(int port) const {
           "--min-workers",
           std::to_string(opt_.min_workers),
           "--rejoin-timeout",
-          fmt::format("{}", opt_.rejoin_timeout)};
+          fmt::format("{}", opt_.rejoin_timeout),
+          "--bind",
+          coordinator_bind_,
+          "--tls-cert",
+          opt_.tls_cert,
+          "--tls-key",
+          opt_.tls_key};
 }
 
-void Launcher::start_coordinator() {
+void Launcher::start_coordinator(int port) {
   if (opt_.state_dir.empty()) {
     std::string tmpl = (std::filesystem::temp_directory_path() / "dtrain-launch-XXXXXX").string();
     if (::mkdtemp(tmpl.data()) == nullptr) {
@@ -382,7 +403,7 @@ void Launcher::start_coordinator() {
     }
     private_state_dir_ = opt_.state_dir = tmpl;
   }
-  std::vector<std::string> argv = coordinator_argv(0);
+  std::vector<std::string> argv = coordinator_argv(port);
   // The token travels in the environment, not on a command line `ps` shows.
   std::vector<std::string> env = inherited_env({"DTRAIN_JOB_TOKEN"});
   if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
@@ -420,7 +441,8 @@ std::vector<std::string> Launcher::worker_command() const {
 }
 
 void Launcher::start_workers() {
-  for (int r = 0; r < opt_.nproc; ++r) start_worker(r, 0);
+  const int first = opt_.layout().first_rank();
+  for (int r = first; r < first + opt_.nproc; ++r) start_worker(r, 0);
 }
 
 void Launcher::start_worker(int r, int restart) {
@@ -428,8 +450,13 @@ void Launcher::start_worker(int r, int restart) {
       inherited_env({"DTRAIN_RANK", "DTRAIN_WORLD_SIZE", "DTRAIN_LOCAL_RANK", "DTRAIN_COORDINATOR",
                      "DTRAIN_JOB_ID", "DTRAIN_JOB_TOKEN", "DTRAIN_RESTART_COUNT"});
   env.push_back(fmt::format("DTRAIN_RANK={}", r));
-  env.push_back(fmt::format("DTRAIN_WORLD_SIZE={}", opt_.nproc));
-  env.push_back(fmt::format("DTRAIN_LOCAL_RANK={}", r));
+  env.push_back(fmt::format("DTRAIN_WORLD_SIZE={}", opt_.world_size()));
+  env.push_back(fmt::format("DTRAIN_LOCAL_RANK={}", r - opt_.layout().first_rank()));
+  if (!opt_.bind.empty()) {
+    env.push_back("DTRAIN_TCP_BIND=" + opt_.bind);
+    env.push_back("DTRAIN_TCP_ADVERTISE=" + opt_.bind);
+  }
+  if (!opt_.tls_ca.empty()) env.push_back("DTRAIN_TLS_CA=" + opt_.tls_ca);
   env.push_back("DTRAIN_COORDINATOR=" + coordinator_address_);
   env.push_back("DTRAIN_JOB_ID=" + opt_.job_id);
   if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
@@ -441,18 +468,36 @@ coordinator::CoordinatorClient* Launcher::client() {
   if (coordinator_address_.empty()) return nullptr;
   try {
     if (!client_) {
-      coordinator::ClientOptions co;
-      co.address = coordinator_address_;
-      co.job_id = opt_.job_id;
-      co.token = opt_.token;
-      co.connect_timeout = std::chrono::milliseconds(1000);
-      co.call_timeout = std::chrono::milliseconds(3000);
-      client_.emplace(coordinator::CoordinatorClient::connect(co));
+      client_.emplace(
+          coordinator::CoordinatorClient::connect(client_options(std::chrono::milliseconds(1000))));
     }
   } catch (const Error&) {
     return nullptr;  // not reachable now (restarting, or not a dtrain coordinator)
   }
   return &*client_;
+}
+
+coordinator::ClientOptions Launcher::client_options(std::chrono::milliseconds connect) const {
+  coordinator::ClientOptions co;
+  co.address = coordinator_address_;
+  co.job_id = opt_.job_id;
+  co.token = opt_.token;
+  co.connect_timeout = connect;
+  co.call_timeout = std::chrono::milliseconds(3000);
+  co.tls_from_env();
+  if (!opt_.tls_ca.empty()) co.tls_ca_file = opt_.tls_ca;
+  return co;
+}
+
+// A node joining a multi-node job: is the coordinator there, and is it our job?
+void Launcher::check_coordinator() {
+  const auto wait = std::chrono::milliseconds(static_cast<int64_t>(opt_.connect_timeout * 1000));
+  try {
+    check_coordinator_job(client_options(wait), opt_.world_size(),
+                          opt_.min_workers > 0 && opt_.min_workers < opt_.world_size());
+  } catch (const Error& e) {
+    failure_ = fmt::format("node {} of {}: {}", opt_.node_rank, opt_.nnodes, e.what());
+  }
 }
 
 std::optional<std::string> Launcher::coordinator_failure() {
@@ -588,7 +633,7 @@ void Launcher::on_exit(Child& c) {
     restart_ranks_.push_back(c.rank);
     return;
   }
-  const bool elastic = opt_.min_workers > 0 && opt_.min_workers < opt_.nproc;
+  const bool elastic = opt_.min_workers > 0 && opt_.min_workers < opt_.world_size();
   int left = 0;
   for (const Child& w : children_) left += (w.rank >= 0 && w.running) ? 1 : 0;
   if (!job_failed && elastic && left >= opt_.min_workers) {
@@ -729,12 +774,19 @@ void Launcher::cleanup() {
 
 int Launcher::run() {
   block_signals();
+  const NodeLayout nodes = opt_.layout();
+  if (nodes.multi_node() && opt_.bind.empty()) opt_.bind = local_address_towards(opt_.coordinator);
   if (opt_.coordinator.empty()) {
     if (opt_.token.empty()) opt_.token = random_token();
-    start_coordinator();
+    start_coordinator(0);
+  } else if (nodes.hosts_coordinator()) {
+    auto [host, port] = split_host_port(opt_.coordinator);
+    coordinator_bind_ = host;
+    start_coordinator(port);
   } else {
     coordinator_address_ = opt_.coordinator;
   }
+  if (nodes.multi_node() && !failure_ && interrupted_by_ == 0) check_coordinator();
   if (!failure_ && interrupted_by_ == 0) start_workers();
 
   // Supervise until every worker has exited and its output is drained. Output still
@@ -777,9 +829,9 @@ Command add_launch_command(CLI::App& app) {
       "Start N local workers (and a coordinator) running a command: launch --nproc N -- cmd ...");
   // One of --nproc and --max-workers is required (a usage error otherwise).
   CLI::Option_group* size = l->add_option_group("size", "How many workers (one is required)");
-  CLI::Option* nproc =
-      size->add_option("--nproc", o->nproc, "Number of worker processes on this host")
-          ->check(kPositive);
+  CLI::Option* nproc = size->add_option("--nproc,--nproc-per-node", o->nproc,
+                                        "Number of worker processes on this node")
+                           ->check(kPositive);
   CLI::Option* max_workers =
       size->add_option("--max-workers", o->max_workers,
                        "Elastic: the most workers the job runs with; launch starts this many "
@@ -787,7 +839,27 @@ Command add_launch_command(CLI::App& app) {
           ->check(kPositive);
   size->require_option(1, 2);
   l->add_option("--coordinator", o->coordinator,
-                "HOST:PORT of a running coordinator (default: start one on loopback)");
+                "HOST:PORT of a running coordinator (default: start one on loopback); with "
+                "--nnodes > 1, where node 0 starts it");
+  l->add_option("--nnodes", o->nnodes, "Nodes in the job, one launch on each")
+      ->capture_default_str()
+      ->check(kPositive);
+  l->add_option("--node-rank", o->node_rank, "This node's index, 0..nnodes-1")
+      ->capture_default_str();
+  l->add_flag("--external-coordinator", o->external_coordinator,
+              "Multi-node: the coordinator runs already; node 0 does not start one");
+  l->add_option("--bind", o->bind,
+                "Address the workers listen on (and node 0's coordinator, if it starts one); "
+                "multi-node default: this node's address towards the coordinator");
+  l->add_option("--connect-timeout", o->connect_timeout,
+                "Multi-node: seconds to wait for the coordinator to answer")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  l->add_option("--tls-cert", o->tls_cert, "PEM certificate of the coordinator launch starts");
+  l->add_option("--tls-key", o->tls_key, "PEM private key of the coordinator launch starts");
+  l->add_option("--tls-ca", o->tls_ca,
+                "PEM CA the coordinator's certificate must chain to (also given to the workers "
+                "as DTRAIN_TLS_CA)");
   l->add_option("--job-id", o->job_id, "Job id the workers join with")->capture_default_str();
   l->add_option("--token", o->token,
                 "Job token every coordinator call carries (default: $DTRAIN_JOB_TOKEN, or a "
@@ -833,12 +905,13 @@ Command add_launch_command(CLI::App& app) {
                          "maximum, so give one of them (the job can shrink to --min-workers, "
                          "never grow past the workers it started with)",
                          o->max_workers, o->nproc);
-            DTRAIN_CHECK(o->min_workers <= o->nproc, InvalidArgument,
+            DTRAIN_CHECK(o->min_workers <= o->world_size(), InvalidArgument,
                          "launch: --min-workers {} is more than the {} workers launch starts",
-                         o->min_workers, o->nproc);
+                         o->min_workers, o->world_size());
             if (o->token.empty()) {
               if (const char* t = std::getenv("DTRAIN_JOB_TOKEN")) o->token = t;
             }
+            validate(o->layout());
             Launcher launcher(*o);
             return launcher.run();
           }};

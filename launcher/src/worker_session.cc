@@ -193,6 +193,7 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
   co.address = id.coordinator;
   co.job_id = id.job_id.empty() ? "default" : id.job_id;
   co.token = id.token;
+  co.tls_from_env();
   c.job_id = co.job_id;
   c.client.emplace(coordinator::CoordinatorClient::connect(co));
   coordinator::JoinOptions jo;

@@ -11,10 +11,12 @@
 #include <unistd.h>
 
 #include <climits>
+#include <cstdlib>
 
 #include "convert.h"
 #include "dtrain/common/error.h"
 #include "dtrain/proto/coordinator.grpc.pb.h"
+#include "tls.h"
 
 namespace dtrain::coordinator {
 
@@ -123,6 +125,13 @@ CoordinatorClient::~CoordinatorClient() = default;
 CoordinatorClient::CoordinatorClient(CoordinatorClient&&) noexcept = default;
 CoordinatorClient& CoordinatorClient::operator=(CoordinatorClient&&) noexcept = default;
 
+void ClientOptions::tls_from_env() {
+  if (const char* v = std::getenv("DTRAIN_TLS_CA"); v != nullptr && *v != '\0') tls_ca_file = v;
+  if (const char* v = std::getenv("DTRAIN_TLS_SERVER_NAME"); v != nullptr && *v != '\0') {
+    tls_server_name = v;
+  }
+}
+
 CoordinatorClient CoordinatorClient::connect(ClientOptions options) {
   DTRAIN_CHECK(!options.address.empty(), InvalidArgument,
                "coordinator client: no coordinator address given (expected host:port)");
@@ -137,12 +146,17 @@ CoordinatorClient CoordinatorClient::connect(ClientOptions options) {
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  impl->channel = grpc::CreateCustomChannel(o.address, grpc::InsecureChannelCredentials(), args);
+  if (!o.tls_server_name.empty()) args.SetSslTargetNameOverride(o.tls_server_name);
+  impl->channel = grpc::CreateCustomChannel(o.address, channel_credentials(o.tls_ca_file), args);
   bool up = impl->channel->WaitForConnected(std::chrono::system_clock::now() + o.connect_timeout);
   DTRAIN_CHECK(up, CommError,
                "coordinator {}: not reachable within {} (is `dtrain coordinator` running there, "
-               "and is the address right?)",
-               o.address, format_duration(o.connect_timeout));
+               "and is the address right?{})",
+               o.address, format_duration(o.connect_timeout),
+               o.tls_ca_file.empty() ? ""
+                                     : fmt::format(" With TLS: does its certificate chain to "
+                                                   "'{}' and name the host?",
+                                                   o.tls_ca_file));
   impl->stub = v1::Coordinator::NewStub(impl->channel);
   return CoordinatorClient(std::move(impl));
 }

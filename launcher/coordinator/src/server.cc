@@ -19,6 +19,7 @@
 #include "dtrain/common/error.h"
 #include "dtrain/proto/coordinator.grpc.pb.h"
 #include "job.h"
+#include "tls.h"
 
 namespace dtrain::coordinator {
 
@@ -197,11 +198,17 @@ CoordinatorServer::CoordinatorServer(ServerOptions options) {
                options.world_size, options.min_workers);
   DTRAIN_CHECK(options.max_restarts >= 0, InvalidArgument,
                "coordinator: --max-restarts must be >= 0, got {}", options.max_restarts);
+  DTRAIN_CHECK(is_loopback(options.bind_address) || !options.token.empty(), InvalidArgument,
+               "coordinator: listening on {} (not loopback) requires a job token (--token or "
+               "DTRAIN_JOB_TOKEN), so that only the job's workers can call it",
+               options.bind_address);
+  std::shared_ptr<grpc::ServerCredentials> creds =
+      server_credentials(options.tls_cert_file, options.tls_key_file);
   impl_ = std::make_unique<Impl>(std::move(options));
   const ServerOptions& o = impl_->options;
   std::string listen = host_port(o.bind_address, o.port);
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &impl_->port);
+  builder.AddListeningPort(listen, creds, &impl_->port);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(&impl_->service);
   impl_->server = builder.BuildAndStart();

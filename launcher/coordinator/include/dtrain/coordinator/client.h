@@ -30,6 +30,14 @@ struct ClientOptions {
   std::string token;  // sent as "x-dtrain-token" when non-empty
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds call_timeout{10000};  // deadline of non-blocking calls
+  // TLS: a PEM file of the CA(s) the coordinator's certificate must chain to (empty:
+  // plaintext), and the name to check it against when it differs from the address's
+  // host (e.g. the certificate names "coordinator" and the address is an IP).
+  std::string tls_ca_file;
+  std::string tls_server_name;
+
+  // tls_ca_file and tls_server_name from DTRAIN_TLS_CA and DTRAIN_TLS_SERVER_NAME.
+  void tls_from_env();
 };
 
 struct JoinOptions {

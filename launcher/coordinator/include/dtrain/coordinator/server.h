@@ -29,6 +29,10 @@ struct ServerOptions {
   int world_size = 1;
   std::string job_id = "default";
   std::string token;  // non-empty: every call must carry it ("x-dtrain-token")
+  // TLS: PEM files of the server's certificate chain and private key (both or
+  // neither; neither: plaintext). A bind address other than loopback requires a token.
+  std::string tls_cert_file;
+  std::string tls_key_file;
   // A rank silent for longer than this after its first heartbeat is lost; 0: off.
   std::chrono::milliseconds heartbeat_timeout{30000};
   // How often workers should heartbeat (told to them in Join).
