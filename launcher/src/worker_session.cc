@@ -173,6 +173,9 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
     mo.algos = algo_options(o);
     s->comm_ = inspected(with_allreduce_algo(comm::make_mpi_communicator(runtime, copts, mo), o),
                          nullptr, o);
+    // Given a coordinator, MPI moves the data and the coordinator commits checkpoints
+    // and tracks the job (a lost rank ends the mpirun job; a rerun resumes).
+    if (!id.coordinator.empty()) s->attach_coordinator(id);
     return s;
   }
 
@@ -189,6 +192,13 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
                "DTRAIN_COORDINATOR=host:port (or MASTER_ADDR/MASTER_PORT), start the job with "
                "`dtrain launch`, or use --backend mpi under mpirun",
                id.rank, id.world_size, id.launcher);
+  s->attach_coordinator(id);
+  return s;
+}
+
+void WorkerSession::attach_coordinator(const WorkerIdentity& id) {
+  if (!coord_) coord_ = std::make_unique<Coordinator>();
+  Coordinator& c = *coord_;
   coordinator::ClientOptions co;
   co.address = id.coordinator;
   co.job_id = id.job_id.empty() ? "default" : id.job_id;
@@ -199,8 +209,7 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
   coordinator::JoinOptions jo;
   if (id.launcher != "none") jo.rank = id.rank;
   c.store = std::make_unique<coordinator::GrpcStore>(*c.client);
-  s->connect_generation(s->join_job(jo));
-  return s;
+  connect_generation(join_job(jo));
 }
 
 void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
@@ -209,6 +218,20 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
   c.generation = joined.generation;
   c.newest_generation = joined.generation;
   c.last_checkpoint = joined.last_checkpoint;
+  if (backend_ == "mpi") {
+    DTRAIN_CHECK(joined.rank == comm_->rank() && joined.world_size == comm_->size(),
+                 InvalidArgument,
+                 "the coordinator made this process rank {} of {}, but MPI says rank {} of {}: "
+                 "start the coordinator with --world-size {} for this mpirun",
+                 joined.rank, joined.world_size, comm_->rank(), comm_->size(), comm_->size());
+  } else {
+    connect_generation_comm(joined);
+  }
+  start_heartbeat(joined);
+}
+
+void WorkerSession::connect_generation_comm(const coordinator::JoinResult& joined) {
+  Coordinator& c = *coord_;
   comm::CommOptions copts;
   copts.timeout = options_.timeout;
   comm::TcpOptions topts = comm::TcpOptions::from_env();
@@ -232,6 +255,10 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
             options_),
         c.prefixed.get(), options_);
   }
+}
+
+void WorkerSession::start_heartbeat(const coordinator::JoinResult& joined) {
+  Coordinator& c = *coord_;
   coordinator::HeartbeatSender::Options ho;
   ho.rank = joined.rank;
   ho.generation = joined.generation;
@@ -271,6 +298,11 @@ bool WorkerSession::rejoin(const std::string& reason) {
   Coordinator& c = *coord_;
   const int old_rank = c.rank;
   const uint64_t old_generation = c.generation;
+  if (backend_ == "mpi") {  // MPI cannot replace a rank: end this run, a rerun resumes
+    c.heartbeat->stop();
+    report_failure(reason);
+    return false;
+  }
   c.heartbeat->stop();
   c.heartbeat.reset();
   comm_->abort(reason);

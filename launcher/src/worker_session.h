@@ -69,7 +69,7 @@ class WorkerSession {
   // fatal: the failure would repeat after a restart (the job fails at once).
   void report_failure(const std::string& reason, bool fatal = false);
 
-  // A coordinator (tcp backend, more than one process) is there.
+  // A coordinator (tcp/nccl with more than one process, or mpi given one) is there.
   bool has_coordinator() const;
   // The generation this session's communicator belongs to (0 without coordinator).
   uint64_t generation() const;
@@ -91,9 +91,15 @@ class WorkerSession {
 
  private:
   WorkerSession() = default;
-  struct Coordinator;  // client, store, heartbeats (tcp backend only)
-  // Builds the communicator and heartbeat thread of the generation `joined`.
+  struct Coordinator;  // client, store, heartbeats
+  // Connects to id.coordinator and joins the job (tcp/nccl: also builds the
+  // communicator; mpi: the MPI communicator exists and must match the join).
+  void attach_coordinator(const WorkerIdentity& id);
+  // Records the generation `joined`, builds its communicator (not for mpi) and
+  // starts its heartbeat thread.
   void connect_generation(const coordinator::JoinResult& joined);
+  void connect_generation_comm(const coordinator::JoinResult& joined);
+  void start_heartbeat(const coordinator::JoinResult& joined);
   // Joins, retrying while the generation moves or the coordinator restarts (until
   // the join timeout); throws at once when the job has failed or the join is refused.
   coordinator::JoinResult join_job(coordinator::JoinOptions jo);
