@@ -417,6 +417,11 @@ function wiringErrors(objs) {
       else svcPort = sp.port;
     }
     const token = envOf(c).get("DTRAIN_JOB_TOKEN");
+    // dtrain refuses a non-loopback bind without a token (coordinator/src/server.cc).
+    const tokenRef = token && token.valueFrom && token.valueFrom.secretKeyRef;
+    if (!flags.get("--token") && !(token && token.value) && !(tokenRef && !tokenRef.optional)) {
+      errs.push(`${where}: --bind ${bind} needs a job token: DTRAIN_JOB_TOKEN from a Secret that is not optional`);
+    }
     coord = { where, port, world, jobId, svc, svcPort, token, t, c, stateDir: flags.get("--state-dir") };
     if (coord.stateDir && !claimFor(t.pod, c, coord.stateDir)) {
       errs.push(`${where}: --state-dir ${coord.stateDir} is not on a persistent volume`);
@@ -671,6 +676,8 @@ function selfTest(o, tally, ctx, rendered) {
     ["wiring: rank not from the index", base, (s) => { setEnv(worker(s), "DTRAIN_RANK", "0"); }, /job-completion-index/],
     ["wiring: job id", base, (s) => { setEnv(worker(s), "DTRAIN_JOB_ID", "other"); }, /!= coordinator --job-id/],
     ["wiring: coordinator bound to loopback", base, (s) => { const a = coordC(s).args; a[a.indexOf("--bind") + 1] = "127.0.0.1"; }, /--bind 127.0.0.1 is not reachable/],
+    ["wiring: coordinator without a token", base, (s) => { coordC(s).env = []; }, /needs a job token/],
+    ["wiring: coordinator token optional", base, (s) => { coordC(s).env[0].valueFrom.secretKeyRef.optional = true; }, /needs a job token/],
     ["wiring: probe on another port", base, (s) => { coordC(s).livenessProbe.tcpSocket.port = 8080; }, /livenessProbe checks port 8080/],
     ["wiring: subdomain without a headless Service", base, (s) => { find(s, "Service", "dtrain-workers").spec.clusterIP = "10.0.0.1"; }, /must be headless/],
     ["wiring: coordinator without the checkpoint volume", base, (s) => { coordC(s).volumeMounts = []; }, /must mount PVC dtrain-shared/],
