@@ -23,6 +23,7 @@ DTRAIN_PACKAGES=(
   libopenmpi-dev openmpi-bin iproute2 procps openssl
   libxxhash-dev
   fortunes fortunes-min
+  yamllint
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }
