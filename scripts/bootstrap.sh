@@ -14,7 +14,9 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 # Packages the build, the tests and the demo need. python3-torch and
 # libopenblas0-pthread are for the benchmark's PyTorch peer (bench/README.md).
 # fortunes (with fortunes-min) is the character-level GPT demo's text corpus
-# (engine/include/dtrain/engine/data/text.h).
+# (engine/include/dtrain/engine/data/text.h). podman, runc (crun cannot run under
+# hybrid cgroups), debootstrap, netavark, aardvark-dns and iptables are for the
+# container image test (tests/podman_image_test.sh, deploy/docker/).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libopenblas-dev libopenblas0-pthread libdnnl-dev
@@ -24,6 +26,7 @@ DTRAIN_PACKAGES=(
   libxxhash-dev
   fortunes fortunes-min
   yamllint
+  podman runc debootstrap netavark aardvark-dns iptables
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }
