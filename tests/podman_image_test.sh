@@ -218,12 +218,13 @@ podman network create "$NET" >/dev/null 2>"$WORK/out/net/network.log" ||
   { cat "$WORK/out/net/network.log" >&2; die "podman network create failed"; }
 CONTAINERS+=("$ID-coordinator" "$ID-worker0" "$ID-worker1")
 "${PODMAN[@]}" run "${RUN_OPTS[@]}" -d --log-driver k8s-file --name "$ID-coordinator" --network "$NET" --network-alias coordinator \
+  -e DTRAIN_JOB_TOKEN="podman-$ID" \
   "$IMG" dtrain coordinator --bind 0.0.0.0 --port 29500 --world-size 2 >/dev/null
 for r in 0 1; do
   "${PODMAN[@]}" run "${RUN_OPTS[@]}" -d --log-driver k8s-file --name "$ID-worker$r" --hostname "worker$r" \
     --network "$NET" --network-alias "worker$r" \
     -e DTRAIN_COORDINATOR=coordinator:29500 -e DTRAIN_RANK="$r" -e DTRAIN_WORLD_SIZE=2 \
-    -e DTRAIN_TCP_BIND=0.0.0.0 \
+    -e DTRAIN_TCP_BIND=0.0.0.0 -e DTRAIN_JOB_TOKEN="podman-$ID" \
     -v "$DATA_DIR:/data:ro" -v "$WORK/out/net:/out" "$IMG" \
     dtrain train "${train_args[@]}" --metrics "/out/metrics.rank$r.jsonl" >/dev/null
 done
