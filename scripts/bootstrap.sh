@@ -15,6 +15,7 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 # libopenblas0-pthread are for the benchmark's PyTorch peer (bench/README.md).
 # fortunes (with fortunes-min) is the character-level GPT demo's text corpus
 # (engine/include/dtrain/engine/data/text.h).
+# slurm-wlm and munge run the deploy/slurm test on a local Slurm (tests/slurm/).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libopenblas-dev libopenblas0-pthread libdnnl-dev
@@ -23,6 +24,7 @@ DTRAIN_PACKAGES=(
   libopenmpi-dev openmpi-bin iproute2 procps
   libxxhash-dev
   fortunes fortunes-min
+  slurm-wlm munge
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }
