@@ -159,8 +159,8 @@ TEST(SignalCheckpoint, SigusrToLaunchIsForwarded) {
 
 // A bad signal name fails before training, naming it.
 TEST(SignalCheckpoint, UnknownSignalIsRefused) {
-  Result r = run(kBin + " train --model mlp --max-steps 1 --ckpt-dir " +
-                 scratch("bad").string() + " --checkpoint-signals USR1,KILL");
+  Result r = run(kBin + " train --model mlp --max-steps 1 --ckpt-dir " + scratch("bad").string() +
+                 " --checkpoint-signals USR1,KILL");
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_TRUE(contains(r.out, "unknown signal 'KILL'")) << r.out;
 }

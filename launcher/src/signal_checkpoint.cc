@@ -129,9 +129,8 @@ bool SignalStop::stop_requested(const StepEnd& end) {
   }
   int32_t agreed = seen.value_or(0);
   if (comm_.size() > 1) {
-    on_host_values(device_, &agreed, 1, DType::i32, [&](void* p) {
-      comm_.allreduce(p, 1, DType::i32, comm::ReduceOp::kMax);
-    });
+    on_host_values(device_, &agreed, 1, DType::i32,
+                   [&](void* p) { comm_.allreduce(p, 1, DType::i32, comm::ReduceOp::kMax); });
   }
   if (agreed == 0) return false;
   signal_ = agreed;

@@ -8,10 +8,10 @@
 #include <cstdlib>
 #include <exception>
 #include <memory>
-#include <tuple>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "checkpointing.h"
@@ -411,11 +411,10 @@ TrainResult run_train(const TrainConfig& given) {
   parallel::Tracer* tracer = trace ? &trace->tracer : nullptr;
   TrainResult result;
   try {
-    run_with_recovery(
-        *session, {.ckpt_dir = config.ckpt_dir, .resume = config.resume},
-        [&](const StartFrom& from) {
-          result = train_worker(config, *session, from, tracer, stop_signals.get());
-        });
+    run_with_recovery(*session, {.ckpt_dir = config.ckpt_dir, .resume = config.resume},
+                      [&](const StartFrom& from) {
+                        result = train_worker(config, *session, from, tracer, stop_signals.get());
+                      });
   } catch (...) {
     if (trace) trace->write_after_failure();
     throw;
