@@ -17,6 +17,7 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 # (engine/include/dtrain/engine/data/text.h). podman, runc (crun cannot run under
 # hybrid cgroups), debootstrap, netavark, aardvark-dns and iptables are for the
 # container image test (tests/podman_image_test.sh, deploy/docker/).
+# slurm-wlm and munge run the deploy/slurm test on a local Slurm (tests/slurm/).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libopenblas-dev libopenblas0-pthread libdnnl-dev
@@ -27,6 +28,7 @@ DTRAIN_PACKAGES=(
   fortunes fortunes-min
   yamllint
   podman runc debootstrap netavark aardvark-dns iptables
+  slurm-wlm munge
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }

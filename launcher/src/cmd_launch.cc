@@ -34,7 +34,9 @@
 //    after --grace-period, stops the coordinator and exits 1. SIGINT/SIGTERM/SIGHUP sent to launch
 //    are forwarded to the workers (a second one kills them); launch then exits 128 + the signal
 //    number. Workers start with SIGINT/SIGTERM at their defaults (launch forwards them even when
-//    its own shell ignored them); a SIGHUP ignored by nohup stays ignored.
+//    its own shell ignored them); a SIGHUP ignored by nohup stays ignored. SIGUSR1 is forwarded
+//    as it is (a final checkpoint, signal_checkpoint.h); a worker exiting 75 after one is not
+//    restarted, and launch exits 75 when workers did so and none failed.
 //
 // One thread does everything: children are forked before any reading starts and
 // one poll() loop serves the output pipes and a signalfd (signals are blocked and
@@ -70,6 +72,7 @@
 #include "dtrain/common/error.h"
 #include "dtrain/coordinator/client.h"
 #include "launch_nodes.h"
+#include "signal_checkpoint.h"
 
 extern char** environ;
 
@@ -315,6 +318,7 @@ class Launcher {
   std::string coordinator_address_;
   std::optional<std::string> failure_;  // the first failure, as printed
   int interrupted_by_ = 0;
+  bool stopped_at_checkpoint_ = false;  // a worker exited kExitStoppedBySignal
   bool stopping_ = false;
   std::optional<Clock::time_point> kill_at_;
   // After a worker fails, the others get until term_at_ to notice (their collectives
@@ -334,7 +338,7 @@ class Launcher {
 void Launcher::block_signals() {
   sigset_t set;
   sigemptyset(&set);
-  for (int s : {SIGCHLD, SIGINT, SIGTERM}) sigaddset(&set, s);
+  for (int s : {SIGCHLD, SIGINT, SIGTERM, SIGUSR1}) sigaddset(&set, s);
   // SIGHUP only when not ignored (nohup): then the workers keep ignoring it too.
   struct sigaction hup = {};
   if (::sigaction(SIGHUP, nullptr, &hup) == 0 && hup.sa_handler != SIG_IGN) {
@@ -623,6 +627,10 @@ void Launcher::on_exit(Child& c) {
     }
     return;
   }
+  if (WIFEXITED(c.status) && WEXITSTATUS(c.status) == kExitStoppedBySignal) {
+    stopped_at_checkpoint_ = true;  // it committed a final checkpoint: not a failure
+    return;
+  }
   if (ok || stopping_ || failure_) return;
   std::optional<std::string> job_failed = coordinator_failure();
   if (!job_failed && worker_restarts_ < opt_.max_restarts) {
@@ -675,6 +683,13 @@ void Launcher::handle_signals() {
   while (::read(sigfd_.get(), &info, sizeof info) == static_cast<ssize_t>(sizeof info)) {
     int sig = static_cast<int>(info.ssi_signo);
     if (sig == SIGCHLD) continue;  // reap() runs after every poll round
+    if (sig == SIGUSR1) {          // not a stop: the workers checkpoint and exit 75
+      fmt::print(stderr, "dtrain launch: got SIGUSR1, forwarding it to the workers\n");
+      for (const Child& c : children_) {
+        if (c.rank >= 0) signal_group(c, sig);
+      }
+      continue;
+    }
     if (interrupted_by_ != 0 || stopping_) {
       fmt::print(stderr, "dtrain launch: got SIG{} again, killing the workers\n",
                  signal_abbrev(sig));
@@ -816,6 +831,7 @@ int Launcher::run() {
     fmt::print(stderr, "dtrain launch: failed: {}\n", *failure_);
     return 1;
   }
+  if (stopped_at_checkpoint_) return kExitStoppedBySignal;
   if (interrupted_by_ != 0) return 128 + interrupted_by_;
   return 0;
 }

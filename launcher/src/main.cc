@@ -1,6 +1,7 @@
 // The dtrain command line: one binary, one subcommand per job (see commands.h).
 // Exit codes: 0 success, 1 a dtrain error (the message names what and where),
-// 2 a bad command line (unknown command or flag, bad value).
+// 2 a bad command line (unknown command or flag, bad value), 75 `train` (and `launch`)
+// stopped on a signal after committing a final checkpoint (signal_checkpoint.h).
 #include <fmt/format.h>
 #include <CLI/CLI.hpp>
 

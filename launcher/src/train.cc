@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "checkpointing.h"
@@ -26,6 +27,7 @@
 #include "gpt_train.h"
 #include "mnist_source.h"
 #include "recovery.h"
+#include "signal_checkpoint.h"
 #include "train_callbacks.h"
 #include "trainer.h"
 #include "worker_env.h"
@@ -92,6 +94,7 @@ void validate(const TrainConfig& c) {
   DTRAIN_CHECK(c.keep >= 0, InvalidArgument, "--keep must be >= 0, got {}", c.keep);
   DTRAIN_CHECK(c.resume == "none" || !c.ckpt_dir.empty(), InvalidArgument,
                "--resume {} needs --ckpt-dir (the folder holding the checkpoints)", c.resume);
+  parse_signal_list(c.checkpoint_signals);  // names an unknown signal
   DTRAIN_CHECK(c.resume == "none" || c.resume == "auto" || c.resume.rfind("step-", 0) == 0,
                InvalidArgument,
                "--resume {}: expected none, auto or a checkpoint name "
@@ -185,6 +188,7 @@ struct TrainCallbacks {
   std::optional<ProgressCallback> progress;  // the logging rank only, unless --no-progress
   std::optional<MetricsCallback> metrics;    // the logging rank only
   std::optional<Banner> banner;              // with the metrics
+  std::optional<SignalStop> stop;            // --checkpoint-signals with --ckpt-dir
 
   TrainCallbacks(const TrainConfig& c, WorkerSession& session, const StartFrom& from)
       : watch(session),
@@ -196,9 +200,35 @@ struct TrainCallbacks {
     if (metrics) l.push_back(&*metrics);
     if (banner) l.push_back(&*banner);
     if (checkpoints) l.push_back(checkpoints);
+    if (stop) l.push_back(&*stop);
     return l;
   }
 };
+
+// After a stop on a signal: every rank checks that the final checkpoint was
+// committed (after a barrier, so the last CommitShard has returned) and says so.
+TrainResult stopped(const TrainStats& stats, const TrainCallbacks& callbacks,
+                    const ShardedCheckpoints& checkpoints, WorkerSession& session) {
+  session.comm().barrier();
+  const std::string name = ckpt::checkpoint_name(stats.steps);
+  std::optional<ckpt::Manifest> latest = checkpoints.store().latest();
+  DTRAIN_CHECK(latest && latest->step == stats.steps, CheckpointError,
+               "rank {}: stopped by {} after step {}, but checkpoint {} was not committed in {} "
+               "(resuming would repeat steps from an older one)",
+               session.rank(), signal_name(*callbacks.stop->signal()), stats.steps, name,
+               checkpoints.store().root());
+  TrainResult result;
+  result.world_size = session.size();
+  result.steps = stats.steps;
+  result.final_loss = stats.final_loss;
+  result.stopped_by = signal_name(*callbacks.stop->signal());
+  fmt::print(stderr,
+             "dtrain train: rank {}: stopped by {} after step {}: checkpoint {} committed in {}; "
+             "exit {} (run again with --resume auto to continue)\n",
+             session.rank(), result.stopped_by, stats.steps, name, checkpoints.store().root(),
+             kExitStoppedBySignal);
+  return result;
+}
 
 // The summary of a finished attempt: on the logging rank the --save file and one line.
 TrainResult finish(const TrainConfig& config, const TrainStats& stats, const MnistBatchSource& data,
@@ -239,7 +269,7 @@ TrainConfig gpt_defaults(const TrainConfig& given) {
 // One attempt: the MNIST source, the model, SGD and its schedule, a data-parallel
 // plan, the checkpoints and the callbacks, run through the Trainer.
 TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from,
-                         parallel::Tracer* tracer) {
+                         parallel::Tracer* tracer, StopSignals* stop_signals) {
   if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session, tracer);
   const int world = session.size();
   DTRAIN_CHECK(config.batch % world == 0, InvalidArgument,
@@ -271,6 +301,10 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
                                              {"generated_data", data.origin().generated}});
     callbacks.banner.emplace(banner_line(config, *model, data, session), *callbacks.metrics);
   }
+  if (stop_signals && checkpoints) {
+    callbacks.stop.emplace(*stop_signals, session.comm(), device, config.test_signal_rank,
+                           config.test_signal_step);
+  }
   Trainer trainer({.model = model,
                    .loss = mnist_loss,
                    .optimizer = &opt,
@@ -281,7 +315,9 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
                    .callbacks = callbacks.list(checkpoints ? &*checkpoints : nullptr),
                    .tracer = tracer},
                   options);
-  return finish(config, trainer.fit(), data, callbacks, *model, opt);
+  const TrainStats stats = trainer.fit();
+  if (stats.stopped) return stopped(stats, callbacks, *checkpoints, session);
+  return finish(config, stats, data, callbacks, *model, opt);
 }
 
 // --trace: this rank's tracer and file (checked writable at construction).
@@ -333,6 +369,16 @@ void read_test_seams(TrainConfig& c) {
   if (const char* delay = std::getenv("DTRAIN_TEST_COMMIT_DELAY_MS")) {
     c.test_commit_delay_ms = std::atoll(delay);
   }
+  std::tie(c.test_signal_rank, c.test_signal_step) = read_test_signal_seam();
+}
+
+// --checkpoint-signals, blocked before any thread of ours starts; off without
+// --ckpt-dir (nothing to checkpoint) and for the GPT (its checkpoints differ).
+std::unique_ptr<StopSignals> block_checkpoint_signals(const TrainConfig& c) {
+  if (c.ckpt_dir.empty() || c.model == "gpt") return nullptr;
+  std::vector<int> signals = parse_signal_list(c.checkpoint_signals);
+  if (signals.empty()) return nullptr;
+  return std::make_unique<StopSignals>(signals);
 }
 
 }  // namespace
@@ -341,6 +387,7 @@ TrainResult run_train(const TrainConfig& given) {
   TrainConfig config = given;
   read_test_seams(config);
   validate(config);
+  std::unique_ptr<StopSignals> stop_signals = block_checkpoint_signals(config);
   set_num_threads(config.threads);
   WorkerIdentity id = detect_worker_identity(process_env_reader());
   SessionOptions so;
@@ -364,9 +411,10 @@ TrainResult run_train(const TrainConfig& given) {
   parallel::Tracer* tracer = trace ? &trace->tracer : nullptr;
   TrainResult result;
   try {
-    run_with_recovery(
-        *session, {.ckpt_dir = config.ckpt_dir, .resume = config.resume},
-        [&](const StartFrom& from) { result = train_worker(config, *session, from, tracer); });
+    run_with_recovery(*session, {.ckpt_dir = config.ckpt_dir, .resume = config.resume},
+                      [&](const StartFrom& from) {
+                        result = train_worker(config, *session, from, tracer, stop_signals.get());
+                      });
   } catch (...) {
     if (trace) trace->write_after_failure();
     throw;
@@ -485,6 +533,11 @@ void add_output_options(CLI::App* t, TrainConfig& c) {
                 "Write a Chrome/Perfetto trace per rank: FILE with the rank inserted "
                 "(trace.json -> trace.rank0.json), or trace.rank<r>.json inside a folder; "
                 "rank 0 prints the all-reduce time hidden behind backward");
+  t->add_option("--checkpoint-signals", c.checkpoint_signals,
+                "With --ckpt-dir: on these signals every rank stops at the same step, commits "
+                "a final checkpoint and exits 75 (to be requeued; resume with --resume auto); "
+                "none: off")
+      ->capture_default_str();
   t->add_option("--resume", c.resume,
                 "none | auto (the newest committed checkpoint that verifies) | a checkpoint "
                 "name")
@@ -504,8 +557,7 @@ Command add_train_command(CLI::App& app) {
   return {t, [c, t] {
             c->lr_given = t->count("--lr") > 0;
             c->weight_decay_given = t->count("--weight-decay") > 0;
-            run_train(*c);
-            return 0;
+            return run_train(*c).stopped_by.empty() ? 0 : kExitStoppedBySignal;
           }};
 }
 

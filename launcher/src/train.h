@@ -72,6 +72,9 @@ struct TrainConfig {
   int keep = 3;                 // committed checkpoints kept (0: all)
   std::string resume = "none";  // none | auto | a checkpoint name (step-00000120)
   std::string trace;            // Chrome trace per rank (parallel/trace.h); empty: off
+  // With --ckpt-dir: on these signals every rank stops at the same step, commits a
+  // final checkpoint and exits kExitStoppedBySignal (signal_checkpoint.h); "none": off.
+  std::string checkpoint_signals = "USR1,TERM";
   // --model gpt (gpt_train.h): the mesh, ZeRO stage, clipping and the model's shape.
   std::string parallel;  // "dp=2,tp=2,pp=1"; empty: dp = world
   int zero = 0;          // 0 (DDP), 1, 2 or 3
@@ -97,6 +100,9 @@ struct TrainConfig {
   int test_stall_rank = -1;
   uint64_t test_stall_at = 0;
   int64_t test_commit_delay_ms = 0;
+  // DTRAIN_TEST_SIGNAL_AT=rank:step -- that rank sends itself SIGUSR1 after the step.
+  int test_signal_rank = -1;
+  int64_t test_signal_step = -1;
 };
 
 struct TrainResult {
@@ -108,6 +114,7 @@ struct TrainResult {
   bool generated_data = false;
   int world_size = 1;
   std::string metrics_path;
+  std::string stopped_by;  // "SIGUSR1" when a signal stopped it after the final checkpoint
 };
 
 TrainResult run_train(const TrainConfig& config);

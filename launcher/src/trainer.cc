@@ -20,6 +20,8 @@ struct Trainer::Loop {
   double logged_loss = 0;  // combined over the ranks (reduce_loss), of the last logged step
   int64_t samples = 0;
   int64_t window_samples = 0;
+  int64_t checkpointed_step = -1;  // the step of the last checkpoint written
+  bool stopped = false;            // a callback's stop_requested
   Clock::time_point window_start;
 };
 
@@ -52,8 +54,8 @@ TrainStats Trainer::fit() {
 
   const auto t0 = Clock::now();
   loop.window_start = t0;
-  for (int64_t epoch = loop.start_epoch; epoch < options_.epochs && loop.step < loop.total_steps;
-       ++epoch) {
+  for (int64_t epoch = loop.start_epoch;
+       epoch < options_.epochs && loop.step < loop.total_steps && !loop.stopped; ++epoch) {
     run_epoch(loop, epoch);
   }
   TrainStats stats;
@@ -62,7 +64,9 @@ TrainStats Trainer::fit() {
   stats.final_loss = loop.logged_loss;
   stats.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   stats.samples_per_s = stats.seconds > 0 ? static_cast<double>(loop.samples) / stats.seconds : 0;
+  stats.stopped = loop.stopped;
   for (Callback* c : parts_.callbacks) c->on_train_end(stats);
+  if (stats.stopped) return stats;
 
   stats.eval = parts_.data->evaluate(*parts_.model);  // every rank its share
   for (Callback* c : parts_.callbacks) c->on_eval(stats);
@@ -84,14 +88,15 @@ void Trainer::run_epoch(Loop& loop, int64_t epoch) {
   data.begin_epoch(epoch);
   TrainBatch batch;
   bool epoch_done = true;
-  while (loop.step < loop.total_steps) {
+  while (loop.step < loop.total_steps && !loop.stopped) {
     if (!data.next(batch)) break;
     for (Callback* c : parts_.callbacks) c->on_step_begin(loop.step, epoch);
     train_step(loop, batch, epoch);
     epoch_done = data.epoch_done();
   }
-  if (options_.checkpoint_every == 0 && epoch_done && loop.step > loop.first_step) {
-    checkpoint(loop.step, epoch);
+  if (options_.checkpoint_every == 0 && epoch_done && loop.step > loop.first_step &&
+      loop.checkpointed_step != loop.step) {
+    checkpoint(loop, loop.step, epoch);
   }
 }
 
@@ -149,7 +154,14 @@ void Trainer::after_step(Loop& loop, const StepEnd& end) {
     loop.window_samples = 0;
   }
   const int64_t every = options_.checkpoint_every.value_or(0);
-  if (every > 0 && end.step % every == 0) checkpoint(end.step, end.epoch);
+  if (every > 0 && end.step % every == 0) checkpoint(loop, end.step, end.epoch);
+  bool stop = false;
+  for (Callback* c : parts_.callbacks) stop = c->stop_requested(end) || stop;  // ask them all
+  if (!stop) return;
+  loop.stopped = true;
+  if (options_.checkpoint_every && loop.checkpointed_step != end.step) {
+    checkpoint(loop, end.step, end.epoch);
+  }
 }
 
 StepLoss Trainer::checked_loss(nn::Module& model, const TrainBatch& batch, int64_t step,
@@ -164,7 +176,8 @@ StepLoss Trainer::checked_loss(nn::Module& model, const TrainBatch& batch, int64
 }
 
 // The sampler copy holds the consumed position; it lives until on_checkpoint returns.
-void Trainer::checkpoint(int64_t step, int64_t epoch) {
+void Trainer::checkpoint(Loop& loop, int64_t step, int64_t epoch) {
+  loop.checkpointed_step = step;
   data::DistributedSampler position = parts_.data->position();
   const CheckpointState state = state_of(position, step, epoch);
   for (Callback* c : parts_.callbacks) c->on_checkpoint(state);

@@ -13,8 +13,11 @@
 // One step:  next batch -> on_step_begin -> zero_grad -> plan.forward_backward ->
 //   plan.sync_gradients -> plan.optimizer_step -> scheduler.step -> on_step_end;
 //   every log_every steps (and the last) plan.reduce_loss -> on_log; when a
-//   checkpoint is due on_checkpoint. After the last step on_train_end, then
-//   data.evaluate -> on_eval. Callbacks run in registration order.
+//   checkpoint is due on_checkpoint; then stop_requested. After the last step
+//   on_train_end, then data.evaluate -> on_eval. Callbacks run in registration order.
+//   A stop (a callback's stop_requested said true) ends the loop after that step:
+//   a checkpoint of the step (unless one was just written), on_train_end with
+//   stats.stopped, and no evaluation.
 //
 // Plugging in a new model and plan (the next user: a GPT with a tensor-parallel
 // plan). Nothing here assumes MNIST's (image, label) batches or accuracy:
@@ -174,7 +177,8 @@ struct TrainStats {
   double final_loss = 0;  // the last step's, combined over the ranks (reduce_loss)
   double seconds = 0;     // the training loop, without evaluation
   double samples_per_s = 0;
-  Metrics eval;  // what evaluate() returned
+  bool stopped = false;  // a callback stopped training early (no evaluation ran)
+  Metrics eval;          // what evaluate() returned
 };
 
 class Callback {
@@ -189,6 +193,10 @@ class Callback {
   virtual void on_log(const StepEnd& /*log*/) {}
   // A checkpoint is due: the state to write, as of after `state.training.step`.
   virtual void on_checkpoint(const CheckpointState& /*state*/) {}
+  // Last at every step end: true stops training after this step (see the file
+  // comment). Every callback is asked at every step; a callback whose answer may
+  // differ between ranks must make it agree (a collective) so all ranks stop together.
+  virtual bool stop_requested(const StepEnd& /*end*/) { return false; }
   // After the last step, before evaluation (stats.eval is still empty).
   virtual void on_train_end(const TrainStats& /*stats*/) {}
   virtual void on_eval(const TrainStats& /*stats*/) {}
@@ -243,7 +251,7 @@ class Trainer {
   void after_step(Loop& loop, const StepEnd& end);
   StepLoss checked_loss(nn::Module& model, const TrainBatch& batch, int64_t step,
                         int64_t epoch) const;
-  void checkpoint(int64_t step, int64_t epoch);
+  void checkpoint(Loop& loop, int64_t step, int64_t epoch);
   // model, optimizer, scheduler and `position`, then the plan's part.
   CheckpointState state_of(data::DistributedSampler& position, int64_t step, int64_t epoch) const;
 
