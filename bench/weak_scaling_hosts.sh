@@ -9,9 +9,13 @@
 #                               [--batch 64] [--bytes 4194304] [--dtrain PATH]
 #
 # Columns: hosts, samples/s over the job, samples/s per worker, efficiency (per-worker
-# samples/s against 1 host), busbw (GB/s) at --bytes and busbw / link rate. Needs root
-# (network namespaces). On this 2-core VM the workers also share the CPUs, so the
-# efficiency mixes link and CPU contention; the busbw column isolates the link.
+# samples/s against 1 host), same-cpu: samples/s of the same number of workers on ONE
+# host (no link in between), link_eff: samples/s against same-cpu, busbw (GB/s) at
+# --bytes and busbw / link rate. Needs root (network namespaces).
+# The namespaced "hosts" share this machine's CPUs: N hosts run N workers on the same
+# cores, so the efficiency falls with N even with a perfect link (2 cores: at most
+# about 2/N of it). link_eff removes that: it is the cost of the shaped links alone,
+# and busbw / line says how close the ring gets to the link rate.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 hosts="1 2 4" rate=1gbit steps=60 batch=64 bytes=4194304
@@ -32,8 +36,8 @@ trap 'rm -rf "$work"' EXIT
 (cd "$work" && "$dtrain" train --epochs 1 --max-steps 1 --data-cache "$work/data" >/dev/null 2>&1)
 
 # samples/s of one N-host job (job.sh runs inside `netns-hosts run`).
-train_hosts() {  # n
-  local n=$1
+train_hosts() {  # n [workers per node]
+  local n=$1 per_node=${2:-1}
   # One host: a plain launch (with --nnodes 1, --coordinator would name a running one).
   local nodes=""
   [ "$n" -gt 1 ] && nodes="--nnodes $n --node-rank \$i --coordinator \$addr0:29500 --token bench"
@@ -41,7 +45,7 @@ train_hosts() {  # n
 #!/bin/bash
 addr0=\$("$nh" ip 0)
 for i in \$(seq 0 $((n - 1))); do
-  "$nh" exec "\$NETNS_RUN" "\$i" "$dtrain" launch $nodes --nproc-per-node 1 \
+  "$nh" exec "\$NETNS_RUN" "\$i" "$dtrain" launch $nodes --nproc-per-node $per_node \
     --job-id weak -- dtrain train --epochs 1 \
     --max-steps $steps --batch $batch --data-cache "$work/data" > "$work/node\$i.log" 2>&1 &
 done
@@ -60,7 +64,8 @@ busbw_hosts() {  # n -> "busbw line"
     awk -v b="$bytes" '$1 == b {print $(NF-2), $(NF-1)}' | tail -1
 }
 
-printf '%6s %12s %12s %10s %12s %8s\n' hosts samples/s per-worker efficiency busbw_GB/s line
+printf '%6s %12s %12s %10s %10s %9s %12s %8s\n' hosts samples/s per-worker efficiency \
+  same-cpu link_eff busbw_GB/s line
 base=""
 for n in $hosts; do
   sps=$(train_hosts "$n")
@@ -68,7 +73,11 @@ for n in $hosts; do
   per=$(awk -v s="$sps" -v n="$n" 'BEGIN{printf "%.1f", s / n}')
   [ -z "$base" ] && base=$per
   eff=$(awk -v p="$per" -v b="$base" 'BEGIN{printf "%.2f", p / b}')
+  same=$sps
+  [ "$n" -gt 1 ] && same=$(train_hosts 1 "$n")
+  leff=$(awk -v s="$sps" -v c="$same" 'BEGIN{printf "%.2f", (c > 0) ? s / c : 0}')
   read -r bw line <<<"$(busbw_hosts "$n")"
-  printf '%6s %12s %12s %10s %12s %8s\n' "$n" "$sps" "$per" "$eff" "${bw:--}" "${line:--}"
+  printf '%6s %12s %12s %10s %10s %9s %12s %8s\n' "$n" "$sps" "$per" "$eff" "$same" "$leff" \
+    "${bw:--}" "${line:--}"
 done
 echo "link rate $rate per host (tbf); per-worker batch $batch, $steps steps; busbw at $bytes B"

@@ -33,6 +33,7 @@
 #include "dtrain/coordinator/heartbeat.h"
 #include "dtrain/coordinator/server.h"
 #include "dtrain/proto/coordinator.grpc.pb.h"
+#include "dtrain/proto/health.grpc.pb.h"
 
 #ifndef DTRAIN_BIN
 #error "DTRAIN_BIN must point at the dtrain binary"
@@ -536,6 +537,37 @@ TEST(Coordinator, SilentRankIsLostAndBlockedCallsAbort) {
   ASSERT_TRUE(eventually([&] { return alive.last().last.state == JobState::kFailed; }));
   EXPECT_TRUE(contains(alive.last().last.reason, "rank 1")) << alive.last().last.reason;
   EXPECT_GE(changes.load(), 2);
+}
+
+// ---- grpc.health.v1 (Kubernetes grpc probes) ----
+
+// Check(service) through the standard health stub, without a token; the status
+// code and, when OK, the serving status.
+std::pair<grpc::StatusCode, int> health_check(const CoordinatorServer& s,
+                                              const std::string& service) {
+  auto stub = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(s.address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  prepare(ctx, nullptr);
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
+  grpc::health::v1::HealthCheckResponse resp;
+  grpc::Status st = stub->Check(&ctx, req, &resp);
+  return {st.error_code(), static_cast<int>(resp.status())};
+}
+
+TEST(Coordinator, HealthServesWithoutTokenAndTurnsNotServingWhenTheJobFails) {
+  using Response = grpc::health::v1::HealthCheckResponse;
+  CoordinatorServer server(server_options(2, "s3cret"));
+  const std::pair<grpc::StatusCode, int> serving{grpc::StatusCode::OK, Response::SERVING};
+  EXPECT_EQ(health_check(server, ""), serving);
+  EXPECT_EQ(health_check(server, "dtrain.v1.Coordinator"), serving);  // waiting for workers
+  EXPECT_EQ(health_check(server, "no.such.Service").first, grpc::StatusCode::NOT_FOUND);
+  CoordinatorClient c = connect(server, kJob, "s3cret");
+  EXPECT_EQ(c.report_failure(1, "lost", 0), JobState::kFailed);
+  EXPECT_EQ(health_check(server, ""), serving);  // the process still answers
+  EXPECT_EQ(health_check(server, "dtrain.v1.Coordinator"),
+            std::make_pair(grpc::StatusCode::OK, static_cast<int>(Response::NOT_SERVING)));
 }
 
 TEST(Coordinator, ReportFailureFailsTheJob) {

@@ -375,6 +375,52 @@ TEST(Recovery, CoordinatorKilledMidRunTheJobCompletes) {
   EXPECT_EQ(losses(dir / "metrics.jsonl"), losses(ref / "metrics.jsonl"));
 }
 
+// ---- mpirun with a coordinator (issue 12): MPI moves the data, the coordinator commits ----
+
+// `mpirun -np 2 dtrain <train_args>` on loopback, with `exports` ("-x A=1 -x B") passed.
+Result mpirun2(const std::string& exports, const std::string& train_args) {
+  return dtrain::testing::run_command(
+      "mpirun --allow-run-as-root --oversubscribe --mca btl self,vader,tcp "
+      "--mca btl_tcp_if_include lo --mca oob_tcp_if_include lo -np 2 " +
+          exports + " " + kBin + " " + train_args + " 2>&1",
+      300);
+}
+
+// Rank 1 killed after step 25 ends the mpirun run (MPI cannot replace a rank); the
+// checkpoints up to step 20 were committed by the coordinator (two-phase, its log
+// says so); a second mpirun joins the same coordinator as generation 2, resumes
+// from step 20 and ends bit for bit like an uninterrupted mpirun without one.
+TEST(Recovery, MpirunWithCoordinatorCommitsAndARerunResumesBitExact) {
+  fs::path ref = scratch("mpi-ref"), dir = scratch("mpi-coord");
+  Result a = mpirun2("", train(ref, "--max-steps 30 --backend mpi"));
+  ASSERT_EQ(a.code, 0) << a.out;
+  EXPECT_TRUE(contains(a.out, "backend mpi")) << a.out;
+  Background coord(kBin + " coordinator --port 0 --world-size 2", dir / "coordinator.log");
+  ASSERT_TRUE(coord.wait_for_output("\n", std::chrono::seconds(30))) << coord.output();
+  std::smatch m;
+  const std::string banner = coord.output();
+  ASSERT_TRUE(std::regex_search(banner, m, std::regex("listening on (\\S+)"))) << banner;
+  const std::string at = "-x DTRAIN_COORDINATOR=" + m[1].str();
+  const std::string args = train(
+      dir, "--max-steps 30 --backend mpi --ckpt-every 10 --ckpt-dir " + (dir / "ckpt").string());
+  Result b = mpirun2(at + " -x DTRAIN_TEST_KILL_AT=1:25", args);
+  ASSERT_NE(b.code, 0) << b.out;
+  EXPECT_EQ(read_file(dir / "ckpt" / "latest"), "step-00000020\n");
+  EXPECT_TRUE(
+      contains(coord.output(), "checkpoint step-00000020 committed (2 shards, generation 1)"))
+      << coord.output();
+  Result c = mpirun2(at, args + " --resume auto");
+  ASSERT_EQ(c.code, 0) << c.out << coord.output();
+  EXPECT_TRUE(contains(c.out, "resumed from step-00000020")) << c.out;
+  EXPECT_TRUE(contains(c.out, "backend mpi")) << c.out;
+  EXPECT_TRUE(
+      contains(coord.output(), "checkpoint step-00000030 committed (2 shards, generation 2)"))
+      << coord.output();
+  EXPECT_TRUE(read_file(dir / "final.dtrn") == read_file(ref / "final.dtrn"))
+      << "the resumed run's parameters differ from the uninterrupted run's\n"
+      << c.out;
+}
+
 // ---- a hung worker: missed heartbeats ----
 
 TEST(Recovery, StoppedWorkerIsDeclaredLostKilledAndRestarted) {

@@ -402,8 +402,12 @@ function wiringErrors(objs) {
     if (!(world >= 1)) errs.push(`${where}: no --world-size`);
     for (const [kind, probe] of [["readinessProbe", c.readinessProbe], ["livenessProbe", c.livenessProbe]]) {
       if (!probe) errs.push(`${where}: no ${kind}`);
-      else if (probe.tcpSocket && portNumber(c, probe.tcpSocket.port) !== port) {
-        errs.push(`${where}: ${kind} checks port ${probe.tcpSocket.port}, the coordinator listens on ${port}`);
+      else if (!probe.grpc) {
+        errs.push(`${where}: ${kind} must be a grpc probe (the coordinator serves grpc.health.v1)`);
+      } else if (probe.grpc.port !== port) {
+        errs.push(`${where}: ${kind} checks port ${probe.grpc.port}, the coordinator listens on ${port}`);
+      } else if (![undefined, "", "dtrain.v1.Coordinator"].includes(probe.grpc.service)) {
+        errs.push(`${where}: ${kind} asks for service ${probe.grpc.service}, which the coordinator does not serve`);
       }
     }
     const svc = services.find((s) => matches(s.spec.selector, t.labels) && s.spec.clusterIP !== "None");
@@ -678,7 +682,9 @@ function selfTest(o, tally, ctx, rendered) {
     ["wiring: coordinator bound to loopback", base, (s) => { const a = coordC(s).args; a[a.indexOf("--bind") + 1] = "127.0.0.1"; }, /--bind 127.0.0.1 is not reachable/],
     ["wiring: coordinator without a token", base, (s) => { coordC(s).env = []; }, /needs a job token/],
     ["wiring: coordinator token optional", base, (s) => { coordC(s).env[0].valueFrom.secretKeyRef.optional = true; }, /needs a job token/],
-    ["wiring: probe on another port", base, (s) => { coordC(s).livenessProbe.tcpSocket.port = 8080; }, /livenessProbe checks port 8080/],
+    ["wiring: probe on another port", base, (s) => { coordC(s).livenessProbe.grpc.port = 8080; }, /livenessProbe checks port 8080/],
+    ["wiring: probe not grpc", base, (s) => { coordC(s).readinessProbe = { tcpSocket: { port: 29500 } }; }, /readinessProbe must be a grpc probe/],
+    ["wiring: probe on an unknown service", base, (s) => { coordC(s).livenessProbe.grpc.service = "grpc.health.v1.Health"; }, /does not serve/],
     ["wiring: subdomain without a headless Service", base, (s) => { find(s, "Service", "dtrain-workers").spec.clusterIP = "10.0.0.1"; }, /must be headless/],
     ["wiring: coordinator without the checkpoint volume", base, (s) => { coordC(s).volumeMounts = []; }, /must mount PVC dtrain-shared/],
     ["wiring: --device cuda without a GPU", gpu, (s) => { const c = worker(s); delete c.resources.limits["nvidia.com/gpu"]; delete c.resources.requests["nvidia.com/gpu"]; }, /without an nvidia.com\/gpu limit/],

@@ -3,7 +3,9 @@
 // A synchronous gRPC service: each call runs on a server thread and may block in
 // Job (Join, Barrier, Get with wait, Wait); gRPC grows its thread pool as needed.
 // The job token is checked at the top of every handler, before the job is touched,
-// so a refused call changes nothing. SO_REUSEPORT is switched off so that a second
+// so a refused call changes nothing. The standard grpc.health.v1.Health service is
+// served beside it without a token (it tells nothing but whether the job goes on),
+// for Kubernetes `grpc:` probes. SO_REUSEPORT is switched off so that a second
 // coordinator on the same port fails to bind instead of silently sharing it.
 #include "dtrain/coordinator/server.h"
 
@@ -18,6 +20,7 @@
 #include "convert.h"
 #include "dtrain/common/error.h"
 #include "dtrain/proto/coordinator.grpc.pb.h"
+#include "dtrain/proto/health.grpc.pb.h"
 #include "job.h"
 #include "tls.h"
 
@@ -141,6 +144,34 @@ std::string host_port(const std::string& host, int port) {
   return ipv6 ? fmt::format("[{}]:{}", host, port) : fmt::format("{}:{}", host, port);
 }
 
+// grpc.health.v1.Health: "" (the server) is SERVING while it runs;
+// "dtrain.v1.Coordinator" is SERVING until the job has failed or ended, then
+// NOT_SERVING; any other name is NOT_FOUND, as the protocol asks.
+class HealthService final : public grpc::health::v1::Health::Service {
+ public:
+  explicit HealthService(Job& job) : job_(job) {}
+
+  Status Check(ServerContext*, const grpc::health::v1::HealthCheckRequest* req,
+               grpc::health::v1::HealthCheckResponse* resp) override {
+    using Response = grpc::health::v1::HealthCheckResponse;
+    if (req->service().empty()) {
+      resp->set_status(Response::SERVING);
+      return Status::OK;
+    }
+    if (req->service() != v1::Coordinator::service_full_name()) {
+      return Status(StatusCode::NOT_FOUND, fmt::format("unknown service '{}'", req->service()));
+    }
+    v1::JobStatus s;
+    job_.status(v1::GetJobStatusRequest(), &s);
+    const bool over = s.state() == v1::JOB_STATE_FAILED || s.state() == v1::JOB_STATE_SUCCEEDED;
+    resp->set_status(over ? Response::NOT_SERVING : Response::SERVING);
+    return Status::OK;
+  }
+
+ private:
+  Job& job_;
+};
+
 }  // namespace
 
 // Thread-safety: the stop flags are guarded as marked; the rest is set in the
@@ -149,6 +180,7 @@ struct CoordinatorServer::Impl {
   ServerOptions options;
   Job job;
   Service service;
+  HealthService health;
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 
@@ -164,7 +196,8 @@ struct CoordinatorServer::Impl {
         job(JobConfig{options.job_id, options.world_size, options.heartbeat_timeout,
                       options.heartbeat_interval, options.max_restarts, options.state_dir,
                       options.min_workers, options.rejoin_timeout, options.log}),
-        service(job, options.token) {}
+        service(job, options.token),
+        health(job) {}
 
   void monitor_loop() {
     using std::chrono::milliseconds;
@@ -211,6 +244,7 @@ CoordinatorServer::CoordinatorServer(ServerOptions options) {
   builder.AddListeningPort(listen, creds, &impl_->port);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(&impl_->service);
+  builder.RegisterService(&impl_->health);
   impl_->server = builder.BuildAndStart();
   if (!impl_->server || impl_->port == 0) {
     if (impl_->server) impl_->server->Shutdown();
