@@ -66,6 +66,10 @@ struct TrainConfig {
   int powersgd_rank = 2;                  // --grad-compression powersgd: the rank
   std::string metrics;  // path of the JSON-lines file; empty: runs/<time>/metrics.jsonl
   std::string save;     // checkpoint written at the end; empty: none
+  // TensorBoard event files (tensorboard.h): a folder; empty: the metrics file's
+  // folder; "none": off. Rank 0 only unless tensorboard_all_ranks.
+  std::string tensorboard;
+  bool tensorboard_all_ranks = false;
   bool progress = true;
   std::string ckpt_dir;         // sharded checkpoints; empty: none
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch
