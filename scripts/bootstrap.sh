@@ -18,6 +18,8 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 # hybrid cgroups), debootstrap, netavark, aardvark-dns and iptables are for the
 # container image test (tests/podman_image_test.sh, deploy/docker/).
 # slurm-wlm and munge run the deploy/slurm test on a local Slurm (tests/slurm/).
+# python3-matplotlib draws `dtrain report`'s plots (scripts/report.py); python3-protobuf
+# decodes TensorBoard events in the test's own reader (tests/tensorboard/).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libopenblas-dev libopenblas0-pthread libdnnl-dev
@@ -29,6 +31,7 @@ DTRAIN_PACKAGES=(
   yamllint
   podman runc debootstrap netavark aardvark-dns iptables
   slurm-wlm munge
+  python3-matplotlib python3-protobuf
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }
