@@ -310,7 +310,8 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
     callbacks.metrics.emplace(config.metrics,
                               nlohmann::json{{"workers", world},
                                              {"data", data.origin().source},
-                                             {"generated_data", data.origin().generated}});
+                                             {"generated_data", data.origin().generated},
+                                             {"config", run_config_json(config, world)}});
     callbacks.banner.emplace(banner_line(config, *model, data, session), *callbacks.metrics,
                              callbacks.events ? &*callbacks.events : nullptr);
   }
