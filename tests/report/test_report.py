@@ -5,7 +5,8 @@ Checks: loss.png, throughput.png and lr.png are PNG files (signature, an IHDR ch
 of nonzero size whose CRC holds, IEND last); report.md holds the final train loss,
 test_accuracy and test_loss exactly as metrics.jsonl has them; a folder without
 metrics.jsonl fails with one line and exit 1; a metrics.jsonl cut off mid-line gives
-a warning naming the file and the line, exit 0, and a report of the lines before it.
+a warning naming the file and the line, exit 0, and a report of the lines before it; with one event file per rank (dtrain launch
+--nproc 2, --tensorboard-all-ranks) a valid rank_throughput.png and a row per rank.
 """
 import argparse
 import json
@@ -111,6 +112,23 @@ def check_cut_off(args, run_dir):
     check("No evaluation line" in md, "cut off: report.md says the run did not finish")
 
 
+def check_ranks(args):
+    run_dir = os.path.join(args.work, "ranks")
+    r = run([args.dtrain, "launch", "--nproc", "2", "--", "dtrain", "train", "--model", "mlp",
+             "--epochs", "1", "--max-steps", "30", "--log-every", "5", "--no-progress",
+             "--data-cache", args.data_cache, "--tensorboard-all-ranks",
+             "--metrics", os.path.join(run_dir, "metrics.jsonl")])
+    check(r.returncode == 0, f"2-rank train: {r.stdout}{r.stderr}")
+    r = run([args.dtrain, "report", run_dir])
+    check(r.returncode == 0, f"2-rank report exit {r.returncode}: {r.stderr}")
+    check_png(os.path.join(run_dir, "report", "rank_throughput.png"))
+    with open(os.path.join(run_dir, "report", "report.md")) as f:
+        md = f.read()
+    check("## Ranks" in md and "\n| 0 | " in md and "\n| 1 | " in md, "a row per rank")
+    check("Spread of the ranks' mean throughput:" in md, "the spread line")
+    check("- workers: 2" in md, "the config has 2 workers")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtrain", required=True)
@@ -128,6 +146,7 @@ def main():
     check_full_report(args, run_dir)
     check_not_a_run(args)
     check_cut_off(args, run_dir)
+    check_ranks(args)
     if FAILURES:
         print(f"{len(FAILURES)} check(s) failed", file=sys.stderr)
         return 1
