@@ -25,6 +25,7 @@
 #include "dtrain/engine/threading.h"
 #include "dtrain/parallel/trace.h"
 #include "gpt_train.h"
+#include "host_values.h"
 #include "mnist_source.h"
 #include "recovery.h"
 #include "signal_checkpoint.h"
@@ -386,6 +387,18 @@ void read_test_seams(TrainConfig& c) {
   std::tie(c.test_signal_rank, c.test_signal_step) = read_test_signal_seam();
 }
 
+// The default metrics path, once for every attempt (recovery) and for the event files
+// beside it. With an event file per rank, rank 0's time stamp is broadcast so every
+// rank writes into the same run folder (one collective, only then).
+std::string shared_metrics_path(const TrainConfig& c, WorkerSession& session) {
+  int64_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  if (c.tensorboard_all_ranks && c.tensorboard != "none" && session.size() > 1) {
+    on_host_values(cuda::parse_device(c.device), &now, 1, DType::i64,
+                   [&](void* p) { session.comm().broadcast(p, 1, DType::i64, 0); });
+  }
+  return default_metrics_path(now);
+}
+
 // --checkpoint-signals, blocked before any thread of ours starts; off without
 // --ckpt-dir (nothing to checkpoint) and for the GPT (its checkpoints differ).
 std::unique_ptr<StopSignals> block_checkpoint_signals(const TrainConfig& c) {
@@ -401,8 +414,7 @@ TrainResult run_train(const TrainConfig& given) {
   TrainConfig config = given;
   read_test_seams(config);
   validate(config);
-  // One run folder for every attempt (recovery) and for the event files beside it.
-  if (config.metrics.empty()) config.metrics = default_metrics_path();
+
   std::unique_ptr<StopSignals> stop_signals = block_checkpoint_signals(config);
   set_num_threads(config.threads);
   WorkerIdentity id = detect_worker_identity(process_env_reader());
@@ -424,6 +436,7 @@ TrainResult run_train(const TrainConfig& given) {
   std::optional<RankTrace> trace;
   if (!config.trace.empty()) trace.emplace(config.trace, id.rank);  // fails here, not later
   std::unique_ptr<WorkerSession> session = WorkerSession::open(id, so);
+  if (config.metrics.empty()) config.metrics = shared_metrics_path(config, *session);
   parallel::Tracer* tracer = trace ? &trace->tracer : nullptr;
   TrainResult result;
   try {

@@ -28,6 +28,11 @@
 // trace.rank<r>.json), also when the run fails; rank 0 prints how much of its
 // all-reduce time backward hid. An unwritable path fails before training.
 //
+// TensorBoard (--tensorboard, tensorboard.h): event files beside the metrics file by
+// default (rank 0's, or one per rank with --tensorboard-all-ranks); the default
+// metrics path runs/train-<time>/ is chosen once per run (rank 0's time on every rank
+// when every rank writes events), so a recovered attempt writes into the same folder.
+//
 // Layout: the loop is the Trainer (trainer.h); run_train composes one attempt from
 // MnistBatchSource (mnist_source.h), DataParallelPlan (ddp_plan.h), ShardedCheckpoints
 // (checkpointing.h) and the callbacks of train_callbacks.h, and run_with_recovery

@@ -7,7 +7,8 @@ metrics line with the same step, and train/loss, train/lr, train/samples_per_s e
 to the line's values as float32; train/grad_norm positive and finite; an event at
 the summary's step with test/accuracy and test/loss equal to the summary's; a
 corrupted byte is a CRC error; --tensorboard none writes none; under dtrain launch
---nproc 2 --tensorboard-all-ranks one file per rank, with train/sync_ms.
+--nproc 2 --tensorboard-all-ranks one file per rank, with train/sync_ms, also in
+the default run folder (runs/train-<time>/, one for both ranks).
 """
 import argparse
 import glob
@@ -35,10 +36,10 @@ def f32(x):
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-def run(cmd):
+def run(cmd, cwd=None):
     print("+", " ".join(cmd), flush=True)
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=120)
+                       timeout=120, cwd=cwd)
     if r.returncode != 0:
         print(r.stdout)
         sys.exit(f"command failed ({r.returncode})")
@@ -137,6 +138,17 @@ def main():
     if rank_files := glob.glob(os.path.join(all_dir, "events.out.tfevents.*.rank0")):
         check_run(read_events.read_events(rank_files[0], pb2),
                   os.path.join(all_dir, "metrics.jsonl"))
+
+    # Without --metrics: the default run folder (runs/train-<time>/), the same on every rank.
+    default = os.path.join(args.work, "default")
+    os.makedirs(default)
+    run([args.dtrain, "launch", "--nproc", "2", "--", "dtrain"] +
+        train_args(args, ["--tensorboard-all-ranks"]), cwd=default)
+    folders = glob.glob(os.path.join(default, "runs", "train-*"))
+    check(len(folders) == 1, f"one default run folder, got {folders}")
+    for rank in (0, 1):
+        f = glob.glob(os.path.join(default, "runs", "train-*", f"*tfevents*.rank{rank}"))
+        check(len(f) == 1, f"default folder: rank {rank}'s event file beside metrics: {f}")
 
     if FAILURES:
         print(f"{len(FAILURES)} check(s) failed", file=sys.stderr)
