@@ -6,6 +6,7 @@
 // TensorboardEvents).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +15,9 @@
 #include <vector>
 
 #include "dtrain/common/error.h"
+#include "dtrain/engine/nn/layers.h"
+#include "dtrain/engine/ops.h"
+#include "dtrain/engine/random.h"
 #include "subprocess.h"
 #include "tensorboard.h"
 
@@ -103,6 +107,24 @@ TEST(TensorboardDir, FlagOrBesideTheMetrics) {
   EXPECT_EQ(dtrain::cli::tensorboard_dir("", "runs/a/metrics.jsonl"), "runs/a");
   EXPECT_EQ(dtrain::cli::tensorboard_dir("", "metrics.jsonl"), ".");
   EXPECT_EQ(dtrain::cli::tensorboard_dir("tb", "runs/a/metrics.jsonl"), "tb");
+}
+
+// loss = sum over parameters of sum(p * p): every gradient is 2p, so the norm is 2 |p|.
+TEST(GradientNorm, IsTheL2NormOfEveryGradient) {
+  dtrain::Generator gen(3);
+  dtrain::nn::Linear lin(3, 2, gen);
+  dtrain::Tensor loss;
+  double squares = 0;
+  for (const dtrain::Tensor& p : lin.parameters()) {
+    dtrain::Tensor term = dtrain::sum(dtrain::mul(p, p));
+    loss = loss.defined() ? dtrain::add(loss, term) : term;
+    const float* d = p.data<float>();
+    for (int64_t i = 0; i < p.numel(); ++i) squares += double(d[i]) * double(d[i]);
+  }
+  loss.backward();
+  EXPECT_NEAR(dtrain::cli::gradient_norm(lin), 2 * std::sqrt(squares), 1e-5);
+  lin.zero_grad();
+  EXPECT_EQ(dtrain::cli::gradient_norm(lin), 0.0);
 }
 
 }  // namespace

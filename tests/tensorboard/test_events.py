@@ -6,7 +6,8 @@ Checks: the first event is file_version "brain.Event:2"; one scalar event per
 metrics line with the same step, and train/loss, train/lr, train/samples_per_s equal
 to the line's values as float32; train/grad_norm positive and finite; an event at
 the summary's step with test/accuracy and test/loss equal to the summary's; a
-corrupted byte is a CRC error; --tensorboard none writes none; under dtrain launch
+corrupted byte is a CRC error; --tensorboard none writes none; a folder that cannot be
+created is an error naming it; under dtrain launch
 --nproc 2 --tensorboard-all-ranks one file per rank, with train/sync_ms, also in
 the default run folder (runs/train-<time>/, one for both ranks).
 """
@@ -138,6 +139,17 @@ def main():
     if rank_files := glob.glob(os.path.join(all_dir, "events.out.tfevents.*.rank0")):
         check_run(read_events.read_events(rank_files[0], pb2),
                   os.path.join(all_dir, "metrics.jsonl"))
+
+    # A folder that cannot be created (under a plain file): one error naming it, exit 1.
+    blocker = os.path.join(args.work, "a-file")
+    open(blocker, "w").close()
+    bad = os.path.join(blocker, "tb")
+    print("+ dtrain train ... --tensorboard", bad, flush=True)
+    r = subprocess.run([args.dtrain] + train_args(args, [
+        "--metrics", os.path.join(args.work, "bad", "metrics.jsonl"), "--tensorboard", bad]),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    check(r.returncode == 1 and f"cannot create the TensorBoard folder {bad}" in r.stdout,
+          f"unwritable --tensorboard names the folder: {r.returncode} {r.stdout!r}")
 
     # Without --metrics: the default run folder (runs/train-<time>/), the same on every rank.
     default = os.path.join(args.work, "default")
