@@ -309,7 +309,8 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
   if (ckpt) options.checkpoint_every = config.ckpt_every;
   std::optional<ProgressCallback> progress;
   std::optional<MetricsCallback> metrics;
-  std::vector<Callback*> callbacks;
+  HeartbeatProgress beat(session);
+  std::vector<Callback*> callbacks = {&beat};
   if (ckpt) callbacks.push_back(&checkpoints);
   if (plan.is_logging_rank()) {
     print_banner(config, run, corpus);

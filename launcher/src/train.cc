@@ -183,6 +183,7 @@ std::string banner_line(const TrainConfig& c, const nn::Module& model, const Mni
 // Every callback of one attempt, in the order they run (train_callbacks.h).
 struct TrainCallbacks {
   GenerationWatch watch;
+  HeartbeatProgress beat;
   TestKillSwitch kill;
   RecoveryNotice notice;
   std::optional<ProgressCallback> progress;  // the logging rank only, unless --no-progress
@@ -192,10 +193,11 @@ struct TrainCallbacks {
 
   TrainCallbacks(const TrainConfig& c, WorkerSession& session, const StartFrom& from)
       : watch(session),
+        beat(session),
         kill(session.rank(), c.test_kill_rank, c.test_kill_step),
         notice(session, from) {}
   std::vector<Callback*> list(ShardedCheckpoints* checkpoints) {
-    std::vector<Callback*> l = {&watch, &kill, &notice};
+    std::vector<Callback*> l = {&watch, &beat, &kill, &notice};
     if (progress) l.push_back(&*progress);
     if (metrics) l.push_back(&*metrics);
     if (banner) l.push_back(&*banner);
