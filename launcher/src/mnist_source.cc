@@ -35,6 +35,32 @@ data::MnistOptions mnist_options(const MnistSourceOptions& o) {
   return m;
 }
 
+// The augmented train split, or null without options.augment.
+std::shared_ptr<data::AugmentedDataset> augmented(const MnistSourceOptions& o,
+                                                  const std::string& dir) {
+  if (o.augment.empty() || o.augment == "none") return nullptr;
+  data::AugmentPipeline p = data::parse_augment(o.augment);
+  data::MnistOptions raw;
+  raw.normalize = false;
+  if (o.normalize) {
+    data::Transform norm;
+    norm.kind = fn::kAugNormalize;
+    norm.mean = raw.mean;
+    norm.std = raw.std;
+    p.transforms.push_back(norm);
+  }
+  auto base = std::make_shared<data::MnistDataset>(dir, data::MnistSplit::kTrain, raw);
+  return std::make_shared<data::AugmentedDataset>(base, std::move(p), o.seed ^ 0x6175676dULL,
+                                                  o.augment_threads);
+}
+
+std::shared_ptr<const data::Dataset> train_split(
+    const MnistSourceOptions& o, const std::string& dir,
+    const std::shared_ptr<data::AugmentedDataset>& aug) {
+  if (aug) return aug;
+  return std::make_shared<data::MnistDataset>(dir, data::MnistSplit::kTrain, mnist_options(o));
+}
+
 data::DataLoaderOptions loader_options(const MnistSourceOptions& o) {
   data::DataLoaderOptions l;
   l.device = o.device;  // cuda: batches staged in pinned memory, copied ahead
@@ -63,8 +89,8 @@ MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Comm
     : comm_(comm),
       options_(options),
       origin_(prepare(options, comm)),
-      train_(std::make_shared<data::MnistDataset>(origin_.dir, data::MnistSplit::kTrain,
-                                                  mnist_options(options))),
+      aug_(augmented(options, origin_.dir)),
+      train_(train_split(options, origin_.dir, aug_)),
       test_(origin_.dir, data::MnistSplit::kTest, mnist_options(options)),
       loader_(train_,
               data::DistributedSampler(train_->size(), comm.rank(), comm.size(), options.seed),

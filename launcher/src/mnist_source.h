@@ -8,7 +8,11 @@
 // ...) and sums the correct argmax predictions over the ranks: "test_accuracy".
 // mnist_loss is the matching LossFn (cross entropy of the model's logits).
 //
-// Not here: the model (nn::make_model), augmentation, other data sets.
+// With options.augment (e.g. "crop:2,flip,rotate:10") the train split is loaded
+// unnormalised, augmented on the loader's prefetch thread (split over
+// augment_threads), then normalised with MNIST's mean/std as the pipeline's last
+// stage, like torchvision's Compose([..., Normalize]); the test split is not augmented.
+// Not here: the model (nn::make_model), other data sets.
 // Thread-safety: the training thread (the DataLoader's prefetch thread is its own).
 #pragma once
 
@@ -17,6 +21,7 @@
 #include <string>
 
 #include "dtrain/comm/communicator.h"
+#include "dtrain/engine/data/augment.h"
 #include "dtrain/engine/data/loader.h"
 #include "dtrain/engine/data/mnist.h"
 #include "dtrain/engine/data/sampler.h"
@@ -33,6 +38,8 @@ struct MnistSourceOptions {
   uint64_t seed = 1;              // the shuffle of every epoch
   Device device = Device::cpu();  // where batches are delivered
   int64_t eval_batch = 500;
+  std::string augment;      // training-set augmentation (data/augment.h); empty: none
+  int augment_threads = 1;  // worker threads that augment each batch
 };
 
 // Where the data came from, for the banner and the summary.
@@ -49,7 +56,10 @@ class MnistBatchSource final : public BatchSource {
   MnistBatchSource(const MnistSourceOptions& options, comm::Communicator& comm);
 
   int64_t steps_per_epoch() const override { return loader_.num_batches(); }
-  void begin_epoch(int64_t epoch) override { loader_.begin_epoch(epoch); }
+  void begin_epoch(int64_t epoch) override {
+    if (aug_) aug_->set_epoch(epoch);
+    loader_.begin_epoch(epoch);
+  }
   bool next(TrainBatch& batch) override;
   bool epoch_done() const override;
   data::DistributedSampler position() const override { return loader_.sampler(); }
@@ -65,7 +75,8 @@ class MnistBatchSource final : public BatchSource {
   comm::Communicator& comm_;
   MnistSourceOptions options_;
   MnistOrigin origin_;
-  std::shared_ptr<data::MnistDataset> train_;
+  std::shared_ptr<data::AugmentedDataset> aug_;  // null without --augment
+  std::shared_ptr<const data::Dataset> train_;   // aug_, or the MNIST train split
   data::MnistDataset test_;
   data::DataLoader loader_;
 };
