@@ -12,7 +12,8 @@
 // unnormalised, augmented on the loader's prefetch thread (split over
 // augment_threads), then normalised with MNIST's mean/std as the pipeline's last
 // stage, like torchvision's Compose([..., Normalize]); the test split is not augmented.
-// Not here: the model (nn::make_model), other data sets.
+// The other image data sets of --data come from image_data.h.
+// Not here: the model (nn::make_model).
 // Thread-safety: the training thread (the DataLoader's prefetch thread is its own).
 #pragma once
 
@@ -26,12 +27,14 @@
 #include "dtrain/engine/data/mnist.h"
 #include "dtrain/engine/data/sampler.h"
 #include "dtrain/engine/device.h"
+#include "image_data.h"
 #include "trainer.h"
 
 namespace dtrain::cli {
 
 struct MnistSourceOptions {
-  std::string data;                 // IDX folder; empty: the demo's MNIST subset
+  std::string data;  // IDX folder, fashion-mnist, imagefolder:DIR, records:FILE (image_data.h);
+                     // empty: the demo's MNIST subset
   std::string data_cache = "data";  // where the demo's data step caches its files
   bool normalize = true;
   int64_t local_batch = 64;       // this rank's share of the global batch
@@ -69,15 +72,16 @@ class MnistBatchSource final : public BatchSource {
   const MnistOrigin& origin() const { return origin_; }
   int world_size() const { return comm_.size(); }  // ranks the batches are split over
   int64_t train_size() const { return train_->size(); }
-  int64_t test_size() const { return test_.size(); }
+  int64_t test_size() const { return test_->size(); }
 
  private:
   comm::Communicator& comm_;
   MnistSourceOptions options_;
+  ImageSplits splits_;  // the --data choice (image_data.h)
   MnistOrigin origin_;
   std::shared_ptr<data::AugmentedDataset> aug_;  // null without --augment
-  std::shared_ptr<const data::Dataset> train_;   // aug_, or the MNIST train split
-  data::MnistDataset test_;
+  std::shared_ptr<const data::Dataset> train_;   // aug_, or splits_.train
+  std::shared_ptr<const data::Dataset> test_;
   data::DataLoader loader_;
 };
 

