@@ -23,10 +23,11 @@ void gunzip_file(const std::string& from, const std::string& to) {
   int n = 0;
   while ((n = gzread(in, buf.data(), static_cast<unsigned>(buf.size()))) > 0)
     out.write(buf.data(), n);
-  int err = 0;
-  std::string message = n < 0 ? gzerror(in, &err) : "";
+  int err = Z_OK;
+  std::string message = gzerror(in, &err);  // a truncated stream ends with n == 0 and an error
   gzclose(in);
-  DTRAIN_CHECK(n == 0, DataFormatError, "{}: corrupt gzip stream: {}", from, message);
+  DTRAIN_CHECK(n == 0 && (err == Z_OK || err == Z_STREAM_END), DataFormatError,
+               "{}: corrupt gzip stream: {}", from, message);
   out.close();
   DTRAIN_CHECK(out.good(), IoError, "cannot write {}", tmp);
   fs::rename(tmp, to);
