@@ -80,32 +80,49 @@ TEST(ModelFile, WrongInNamesLayerAndField) {
       {"type":"maxpool2d","kernel":2},{"type":"conv2d","in":64,"out":1,"kernel":3},
       {"type":"flatten"},{"type":"linear","in":500,"out":10})");
   EXPECT_EQ(error_of<ShapeError>(text),
-            "m.json: layer 5 (linear): in = 500, but the previous layer gives 121");
+            "m.json:3: layer 5 (linear): in = 500, but the previous layer gives 121");
   EXPECT_EQ(error_of<ShapeError>(with_layers(R"({"type":"conv2d","in":3,"out":4,"kernel":3})")),
-            "m.json: layer 0 (conv2d): in = 3, but the previous layer gives 1");
+            "m.json:1: layer 0 (conv2d): in = 3, but the previous layer gives 1");
+}
+
+TEST(ModelFile, ErrorsNameTheLineOfTheLayer) {
+  std::string text = R"({
+  "input": [1, 28, 28], "classes": 10,
+  "layers": [
+    {"type": "flatten"},
+    {"type": "linear",
+     "in": 500, "out": 10}
+  ]
+})";
+  EXPECT_EQ(error_of<ShapeError>(text),
+            "m.json:5: layer 1 (linear): in = 500, but the previous layer gives 784");
+  EXPECT_EQ(error_of<InvalidArgument>(
+                "{\"layers\": [\n[1],\n\n {\"type\": \"relu\", \"x\": \"[{\"}, {\"type\": \"x\"}],"
+                "\n \"input\": [1], \"classes\": 2}"),
+            "m.json:2: layer 0: expected an object with a \"type\", got [1]");
 }
 
 TEST(ModelFile, BadFilesAreOneClearError) {
   EXPECT_EQ(error_of<InvalidArgument>(with_layers(R"({"type":"flatten"},{"type":"conv3d"})")),
-            "m.json: layer 1 (conv3d): unknown layer type 'conv3d'; known: conv2d, dropout, "
+            "m.json:1: layer 1 (conv3d): unknown layer type 'conv3d'; known: conv2d, dropout, "
             "flatten, gelu, layernorm, linear, maxpool2d, relu, sigmoid, tanh");
   EXPECT_EQ(error_of<InvalidArgument>(with_layers(R"({"type":"conv2d","in":1,"out":4})")),
-            "m.json: layer 0 (conv2d): missing field 'kernel'");
+            "m.json:1: layer 0 (conv2d): missing field 'kernel'");
   EXPECT_EQ(error_of<InvalidArgument>(with_layers(
                 R"({"type":"flatten"},{"type":"linear","in":784,"out":10,"bais":false})")),
-            "m.json: layer 1 (linear): unknown field 'bais' (known: bias, in, out)");
+            "m.json:1: layer 1 (linear): unknown field 'bais' (known: bias, in, out)");
   EXPECT_EQ(
       error_of<InvalidArgument>(with_layers(R"({"type":"conv2d","in":1,"out":"4","kernel":3})")),
-      "m.json: layer 0 (conv2d): out must be an integer, got \"4\"");
+      "m.json:1: layer 0 (conv2d): out must be an integer, got \"4\"");
   EXPECT_EQ(error_of<ShapeError>(
                 with_layers(R"({"type":"flatten"},{"type":"linear","in":784,"out":12})")),
             "m.json: the last layer gives [12] per sample, but classes = 10 needs [10]");
   EXPECT_EQ(
       error_of<ShapeError>(with_layers(R"({"type":"flatten"},{"type":"maxpool2d","kernel":2})")),
-      "m.json: layer 1 (maxpool2d): expects [C,H,W] per sample, but the previous layer "
+      "m.json:1: layer 1 (maxpool2d): expects [C,H,W] per sample, but the previous layer "
       "gives [784]");
   EXPECT_EQ(error_of<ShapeError>(with_layers(R"({"type":"conv2d","in":1,"out":1,"kernel":29})")),
-            "m.json: layer 0 (conv2d): kernel = 29 is larger than the padded input 28 (from "
+            "m.json:1: layer 0 (conv2d): kernel = 29 is larger than the padded input 28 (from "
             "[1,28,28])");
   EXPECT_EQ(error_of<InvalidArgument>(R"({"input": [1,28,28], "layers": []})"),
             "m.json: missing field 'classes'");

@@ -60,7 +60,7 @@ TEST(UserModelCli, BadModelFileNamesTheLayer) {
   auto r = run("train --model " + f.string() + " --data " + digits().string());
   EXPECT_NE(r.code, 0);
   EXPECT_NE(
-      r.out.find(f.string() + ": layer 1 (linear): in = 500, but the previous layer gives 784"),
+      r.out.find(f.string() + ":2: layer 1 (linear): in = 500, but the previous layer gives 784"),
       std::string::npos)
       << r.out;
   r = run("train --augment crop:2,swirl --data " + digits().string());

@@ -17,13 +17,59 @@ namespace {
 
 using nlohmann::json;
 
-// Where we are in the file, for messages: "m.json: layer 4 (linear)".
+// Where we are in the file, for messages: "m.json:12: layer 4 (linear)".
 struct Where {
   const std::string& file;
   size_t index;
   std::string type;
-  std::string str() const { return fmt::format("{}: layer {} ({})", file, index, type); }
+  int64_t line = 0;  // 0: unknown
+  std::string at() const { return line == 0 ? file : fmt::format("{}:{}", file, line); }
+  std::string str() const { return fmt::format("{}: layer {} ({})", at(), index, type); }
 };
+
+// The line (1-based) on which each element of the top-level "layers" array starts:
+// a scan of the text that skips strings and tracks bracket depth. Only used for
+// messages; the JSON parser has already accepted the text.
+std::vector<int64_t> layer_lines(const std::string& text) {
+  std::vector<int64_t> lines;
+  int64_t line = 1, depth = 0, array_depth = -1;
+  std::string last_key, str;
+  bool in_string = false, escape = false, want_element = false;
+  for (char ch : text) {
+    if (ch == '\n') ++line;
+    if (in_string) {
+      if (escape)
+        escape = false;
+      else if (ch == '\\')
+        escape = true;
+      else if (ch == '"')
+        in_string = false;
+      else
+        str.push_back(ch);
+      if (!in_string && depth == 1) last_key = str;
+      continue;
+    }
+    if (std::isspace(static_cast<unsigned char>(ch))) continue;
+    if (want_element && ch != ']') lines.push_back(line);
+    want_element = false;
+    if (ch == '"') {
+      in_string = true;
+      str.clear();
+    } else if (ch == '{' || ch == '[') {
+      ++depth;
+      if (ch == '[' && depth == 2 && last_key == "layers") {
+        array_depth = depth;
+        want_element = true;
+      }
+    } else if (ch == '}' || ch == ']') {
+      if (depth == array_depth) array_depth = -1;
+      --depth;
+    } else if (ch == ',' && depth == array_depth) {
+      want_element = true;
+    }
+  }
+  return lines;
+}
 
 const std::map<std::string, std::set<std::string>>& known_fields() {
   static const std::map<std::string, std::set<std::string>> kFields = {
@@ -163,7 +209,8 @@ json parse(const std::string& text, const std::string& name) {
   return j;
 }
 
-ModelFileInfo walk(const json& j, const std::string& name, Sequential* out, Generator* gen) {
+ModelFileInfo walk(const json& j, const std::string& name, const std::vector<int64_t>& lines,
+                   Sequential* out, Generator* gen) {
   ModelFileInfo info;
   const json& in = j["input"];
   DTRAIN_CHECK(in.is_array() && !in.empty(), InvalidArgument,
@@ -182,9 +229,11 @@ ModelFileInfo walk(const json& j, const std::string& name, Sequential* out, Gene
   Shape cur = info.input_shape;
   for (size_t i = 0; i < layers.size(); ++i) {
     const json& l = layers[i];
+    const int64_t line = i < lines.size() ? lines[i] : 0;
     DTRAIN_CHECK(l.is_object() && l.contains("type") && l["type"].is_string(), InvalidArgument,
-                 "{}: layer {}: expected an object with a \"type\", got {}", name, i, l.dump());
-    Where w{name, i, l["type"].get<std::string>()};
+                 "{}: layer {}: expected an object with a \"type\", got {}",
+                 Where{name, i, "", line}.at(), i, l.dump());
+    Where w{name, i, l["type"].get<std::string>(), line};
     DTRAIN_CHECK(known_fields().count(w.type) == 1, InvalidArgument,
                  "{}: unknown layer type '{}'; known: {}", w.str(), w.type, known_types());
     check_fields(l, w);
@@ -204,15 +253,16 @@ bool is_model_file(const std::string& model) {
 }
 
 ModelFileInfo check_model_json(const std::string& text, const std::string& name) {
-  return walk(parse(text, name), name, nullptr, nullptr);
+  return walk(parse(text, name), name, layer_lines(text), nullptr, nullptr);
 }
 
 std::shared_ptr<Sequential> model_from_json(const std::string& text, const std::string& name,
                                             Generator& gen, ModelFileInfo* info) {
   json j = parse(text, name);
-  ModelFileInfo checked = walk(j, name, nullptr, nullptr);  // all checks before any draw
+  const std::vector<int64_t> lines = layer_lines(text);
+  ModelFileInfo checked = walk(j, name, lines, nullptr, nullptr);  // all checks before any draw
   auto model = std::make_shared<Sequential>();
-  walk(j, name, model.get(), &gen);
+  walk(j, name, lines, model.get(), &gen);
   if (info) *info = checked;
   return model;
 }

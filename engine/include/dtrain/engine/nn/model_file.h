@@ -16,8 +16,9 @@
 //   layernorm  dim (the last dimension)
 // The file is checked when it is read, before any weight is drawn: the per-sample
 // shape runs through the layers (shape inference), so an unknown type, a missing or
-// unknown field, or a shape that does not fit names the file, the layer index and
-// the field: "m.json: layer 4 (linear): in = 500, but the previous layer gives 576".
+// unknown field, or a shape that does not fit names the file, the line the layer
+// starts on, the layer index and the field:
+// "m.json:12: layer 4 (linear): in = 500, but the previous layer gives 576".
 // The last layer must give [classes]. Layers are initialised in file order from the
 // Generator, so a file equal to seed-cnn's layers gives seed-cnn's exact weights.
 //
