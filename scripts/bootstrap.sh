@@ -17,6 +17,8 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 # (engine/include/dtrain/engine/data/text.h). podman, runc (crun cannot run under
 # hybrid cgroups), debootstrap, netavark, aardvark-dns and iptables are for the
 # container image test (tests/podman_image_test.sh, deploy/docker/).
+# libpng-dev reads --data imagefolder PNGs; dataset-fashion-mnist is the second image
+# demo (--data fashion-mnist, unpacked with zlib1g-dev; data/fashion_mnist.h).
 # slurm-wlm and munge run the deploy/slurm test on a local Slurm (tests/slurm/).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
@@ -29,6 +31,7 @@ DTRAIN_PACKAGES=(
   yamllint
   podman runc debootstrap netavark aardvark-dns iptables
   slurm-wlm munge
+  libpng-dev zlib1g-dev dataset-fashion-mnist
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }

