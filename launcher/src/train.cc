@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "char_rnn_train.h"
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
@@ -68,9 +69,13 @@ void validate(const TrainConfig& c) {
                c.backend, c.device);
   // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
   cuda::require_device(cuda::parse_device(c.device));
-  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt", InvalidArgument,
-               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, and gpt",
+  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" ||
+                   c.model == "char-lstm",
+               InvalidArgument,
+               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, gpt and "
+               "char-lstm",
                c.model);
+  if (c.model == "char-lstm") validate_char_rnn(c);
   DTRAIN_CHECK(c.model != "gpt" || c.device == "cpu", UnsupportedError,
                "--model gpt: --device cuda is not wired into the GPT run yet (the mesh, "
                "ZeRO and the pipeline run on host memory)");
@@ -271,6 +276,7 @@ TrainConfig gpt_defaults(const TrainConfig& given) {
 TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from,
                          parallel::Tracer* tracer, StopSignals* stop_signals) {
   if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session, tracer);
+  if (config.model == "char-lstm") return train_char_rnn_worker(config, session, from, tracer);
   const int world = session.size();
   DTRAIN_CHECK(config.batch % world == 0, InvalidArgument,
                "--batch {} cannot be split evenly over {} workers", config.batch, world);
@@ -375,7 +381,7 @@ void read_test_seams(TrainConfig& c) {
 // --checkpoint-signals, blocked before any thread of ours starts; off without
 // --ckpt-dir (nothing to checkpoint) and for the GPT (its checkpoints differ).
 std::unique_ptr<StopSignals> block_checkpoint_signals(const TrainConfig& c) {
-  if (c.ckpt_dir.empty() || c.model == "gpt") return nullptr;
+  if (c.ckpt_dir.empty() || c.model == "gpt" || c.model == "char-lstm") return nullptr;
   std::vector<int> signals = parse_signal_list(c.checkpoint_signals);
   if (signals.empty()) return nullptr;
   return std::make_unique<StopSignals>(signals);
@@ -427,7 +433,7 @@ namespace {
 
 // --model, --data, where it runs and how the workers talk.
 void add_model_data_options(CLI::App* t, TrainConfig& c) {
-  t->add_option("--model", c.model, "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level)")
+  t->add_option("--model", c.model, "seed-cnn | mlp (MNIST) | gpt | char-lstm (fortunes, char-level)")
       ->capture_default_str();
   t->add_option("--data", c.data,
                 "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
@@ -554,6 +560,7 @@ Command add_train_command(CLI::App& app) {
   add_optimization_options(t, *c);
   add_output_options(t, *c);
   add_gpt_options(t, *c);
+  add_char_rnn_options(t, *c);
   return {t, [c, t] {
             c->lr_given = t->count("--lr") > 0;
             c->weight_decay_given = t->count("--weight-decay") > 0;
