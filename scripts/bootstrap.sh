@@ -22,7 +22,7 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 # slurm-wlm and munge run the deploy/slurm test on a local Slurm (tests/slurm/).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
-  libopenblas-dev libopenblas0-pthread libdnnl-dev
+  libopenblas-dev libopenblas0-pthread libdnnl-dev python3-torch
   libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libopenmpi-dev openmpi-bin iproute2 procps openssl

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "char_rnn_train.h"
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
@@ -69,17 +70,18 @@ void validate(const TrainConfig& c) {
                c.backend, c.device);
   // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
   cuda::require_device(cuda::parse_device(c.device));
-  DTRAIN_CHECK(
-      c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" || nn::is_model_file(c.model),
-      InvalidArgument,
-      "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, gpt, and model "
-      "files FILE.json (nn/model_file.h)",
-      c.model);
+  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" ||
+                   c.model == "char-lstm" || nn::is_model_file(c.model),
+               InvalidArgument,
+               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, gpt, "
+               "char-lstm, and model files FILE.json (nn/model_file.h)",
+               c.model);
   if (nn::is_model_file(c.model)) {
     Generator check_only;
     nn::load_model_file(c.model, check_only);  // names the bad layer before any rank starts
   }
   if (!c.augment.empty()) data::parse_augment(c.augment);
+  if (c.model == "char-lstm") validate_char_rnn(c);
   DTRAIN_CHECK(c.model != "gpt" || c.device == "cpu", UnsupportedError,
                "--model gpt: --device cuda is not wired into the GPT run yet (the mesh, "
                "ZeRO and the pipeline run on host memory)");
@@ -284,6 +286,7 @@ TrainConfig gpt_defaults(const TrainConfig& given) {
 TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from,
                          parallel::Tracer* tracer, StopSignals* stop_signals) {
   if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session, tracer);
+  if (config.model == "char-lstm") return train_char_rnn_worker(config, session, from, tracer);
   const int world = session.size();
   DTRAIN_CHECK(config.batch % world == 0, InvalidArgument,
                "--batch {} cannot be split evenly over {} workers", config.batch, world);
@@ -390,7 +393,7 @@ void read_test_seams(TrainConfig& c) {
 // --checkpoint-signals, blocked before any thread of ours starts; off without
 // --ckpt-dir (nothing to checkpoint) and for the GPT (its checkpoints differ).
 std::unique_ptr<StopSignals> block_checkpoint_signals(const TrainConfig& c) {
-  if (c.ckpt_dir.empty() || c.model == "gpt") return nullptr;
+  if (c.ckpt_dir.empty() || c.model == "gpt" || c.model == "char-lstm") return nullptr;
   std::vector<int> signals = parse_signal_list(c.checkpoint_signals);
   if (signals.empty()) return nullptr;
   return std::make_unique<StopSignals>(signals);
@@ -443,7 +446,8 @@ namespace {
 // --model, --data, where it runs and how the workers talk.
 void add_model_data_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--model", c.model,
-                "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level) | FILE.json (nn/model_file.h)")
+                "seed-cnn | mlp (MNIST) | gpt | char-lstm (fortunes, char-level) | FILE.json "
+                "(nn/model_file.h)")
       ->capture_default_str();
   t->add_option("--data", c.data,
                 "MNIST IDX folder, fashion-mnist, imagefolder:DIR or records:TRAIN[:TEST] "
@@ -575,6 +579,7 @@ Command add_train_command(CLI::App& app) {
   add_optimization_options(t, *c);
   add_output_options(t, *c);
   add_gpt_options(t, *c);
+  add_char_rnn_options(t, *c);
   return {t, [c, t] {
             c->lr_given = t->count("--lr") > 0;
             c->weight_decay_given = t->count("--weight-decay") > 0;
