@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "char_lstm_bench.h"
 #include "dtrain/engine/nn/models.h"
 #include "dtrain/engine/ops.h"
 #include "dtrain/engine/optim/sgd.h"
@@ -126,7 +127,8 @@ int main(int argc, char** argv) {
   app.add_option("--batch", batch, "Batch size")->capture_default_str();
   app.add_option("--steps", steps, "Steps per repetition")->capture_default_str();
   app.add_option("--reps", reps, "Repetitions (the median is reported)")->capture_default_str();
-  app.add_option("--model", models, "seed-cnn | mlp | seed-lstm | all")->capture_default_str();
+  app.add_option("--model", models, "seed-cnn | mlp | seed-lstm | char-lstm | all")
+      ->capture_default_str();
   app.add_option("--peers", peers, "Folder with pytorch_train.py")->capture_default_str();
   app.add_flag("--no-peer", no_peer, "Do not run the PyTorch peer");
   CLI11_PARSE(app, argc, argv);
@@ -135,6 +137,8 @@ int main(int argc, char** argv) {
     set_num_threads(threads);
     std::vector<std::string> names = {"seed-cnn", "mlp", "seed-lstm"};
     if (models != "all") names = {models};
+    const bool lm = models == "all" || models == "char-lstm";  // char_lstm_bench.h
+    if (models == "char-lstm") names.clear();
     std::map<std::string, Timing> ours;
     for (const auto& n : names) ours[n] = bench_model(n, batch, steps, reps);
     std::string note = "peer: skipped (--no-peer)";
@@ -157,6 +161,9 @@ int main(int argc, char** argv) {
       }
     }
     fmt::print("{}\n", note);
+    if (lm)
+      bench::print_char_lstm_rows(no_peer ? "" : find_torch_python(), threads, steps, reps,
+                                  no_peer);
   } catch (const std::exception& e) {
     fmt::print(stderr, "train_throughput: error: {}\n", e.what());
     return 1;

@@ -17,12 +17,14 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 # (engine/include/dtrain/engine/data/text.h). podman, runc (crun cannot run under
 # hybrid cgroups), debootstrap, netavark, aardvark-dns and iptables are for the
 # container image test (tests/podman_image_test.sh, deploy/docker/).
+# libpng-dev reads --data imagefolder PNGs; dataset-fashion-mnist is the second image
+# demo (--data fashion-mnist, unpacked with zlib1g-dev; data/fashion_mnist.h).
 # slurm-wlm and munge run the deploy/slurm test on a local Slurm (tests/slurm/).
 # python3-matplotlib draws `dtrain report`'s plots (scripts/report.py); python3-protobuf
 # decodes TensorBoard events in the test's own reader (tests/tensorboard/).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
-  libopenblas-dev libopenblas0-pthread libdnnl-dev
+  libopenblas-dev libopenblas0-pthread libdnnl-dev python3-torch
   libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libopenmpi-dev openmpi-bin iproute2 procps openssl
@@ -32,6 +34,7 @@ DTRAIN_PACKAGES=(
   podman runc debootstrap netavark aardvark-dns iptables
   slurm-wlm munge
   python3-matplotlib python3-protobuf
+  libpng-dev zlib1g-dev dataset-fashion-mnist
 )
 
 dtrain_log() { printf '[dtrain setup] %s\n' "$*" >&2; }

@@ -42,10 +42,10 @@ def read_metrics(path):
                 cut = "" if line.endswith("\n") else " (cut off: no end of line)"
                 warn(f"{path} line {n}: not a JSON line{cut}; skipped")
                 continue
-            if "test_accuracy" in j or "val_loss" in j:
-                summary = j
-            elif "step" in j and "loss" in j:
+            if "step" in j and "loss" in j:
                 logs.append(j)
+            elif "steps" in j:  # the summary line after the evaluation
+                summary = j
     return logs, summary
 
 
@@ -210,8 +210,8 @@ def summary_lines(logs, summary):
     if summary is None:
         lines += ["", "No evaluation line: the run did not finish (or was cut off).", ""]
         return lines
-    for key in ("test_accuracy", "test_loss", "val_loss", "val_ppl", "steps", "train_seconds",
-                "samples_per_s"):
+    for key in ("test_accuracy", "test_loss", "test_ppl", "val_loss", "val_ppl", "steps",
+                "train_seconds", "samples_per_s"):
         if key in summary:
             lines.append(f"| {key} | {summary[key]!r} |")
     return lines + [""]

@@ -484,6 +484,29 @@ TEST(Coordinator, BarrierBeforeRendezvousIsRefused) {
 
 // ---- heartbeats, failures, leaving ----
 
+// The progress a heartbeat carries is what GetJobStatus shows for that rank (the
+// latest one that carried any); a rank that sent none shows step -1.
+TEST(Coordinator, HeartbeatProgressReachesTheStatus) {
+  CoordinatorServer server(server_options(2));
+  std::vector<JoinResult> joined = join_all(server, 2);
+  CoordinatorClient c = connect(server);
+  c.heartbeat(0, 1, WorkerProgress{40, 812.5, 0.25});
+  c.heartbeat(0, 1);  // none: the last one stays
+  JobStatus s = c.status();
+  EXPECT_EQ(s.workers[0].progress.step, 40);
+  EXPECT_EQ(s.workers[0].progress.samples_per_s, 812.5);
+  EXPECT_EQ(s.workers[0].progress.loss, 0.25);
+  EXPECT_EQ(s.workers[1].progress.step, -1);
+  {
+    HeartbeatSender sender(
+        c, {.rank = 1, .generation = 1, .interval = 20ms, .on_change = {}, .progress = [] {
+              return WorkerProgress{7, 1.5, 2.0};
+            }});
+    ASSERT_TRUE(eventually([&] { return c.status().workers[1].progress.step == 7; }));
+  }
+  EXPECT_EQ(c.status().workers[1].progress.loss, 2.0);
+}
+
 TEST(Coordinator, HeartbeatUpdatesStatus) {
   CoordinatorServer server(server_options(2));
   std::vector<JoinResult> joined = join_all(server, 2);

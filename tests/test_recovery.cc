@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -419,6 +420,59 @@ TEST(Recovery, MpirunWithCoordinatorCommitsAndARerunResumesBitExact) {
   EXPECT_TRUE(read_file(dir / "final.dtrn") == read_file(ref / "final.dtrn"))
       << "the resumed run's parameters differ from the uninterrupted run's\n"
       << c.out;
+}
+
+// ---- dtrain status: the job's state and each rank's progress from the coordinator ----
+
+TEST(Recovery, StatusShowsEveryRanksProgressAndRefusesAWrongToken) {
+  fs::path dir = scratch("status");
+  Background job(kBin + " launch --nproc 2 --token tk -- dtrain " +
+                     train(dir, "--max-steps 2000"),
+                 dir / "launch.log");
+  ASSERT_TRUE(job.wait_for_output("rendezvous complete", std::chrono::seconds(60))) << job.output();
+  std::smatch m;
+  const std::string out = job.output();
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("listening on (\\S+)"))) << out;
+  const std::string status = kBin + " status --coordinator " + m[1].str();
+  nlohmann::json j;
+  auto deadline = Clock::now() + std::chrono::seconds(60);
+  for (; Clock::now() < deadline; std::this_thread::sleep_for(std::chrono::milliseconds(200))) {
+    Result r = dtrain::testing::run_command(status + " --token tk --json", 30);
+    ASSERT_EQ(r.code, 0) << r.out;
+    j = nlohmann::json::parse(r.out.substr(r.out.find('{')));
+    if (j["workers"].size() == 2 && j["workers"][0]["step"].get<int64_t>() >= 10 &&
+        j["workers"][1]["step"].get<int64_t>() >= 10) {
+      break;
+    }
+  }
+  ASSERT_EQ(j["workers"].size(), 2u) << j.dump();
+  EXPECT_EQ(j["state"], "RUNNING") << j.dump();
+  EXPECT_EQ(j["generation"], 1) << j.dump();
+  for (int r = 0; r < 2; ++r) {
+    const nlohmann::json& w = j["workers"][r];
+    EXPECT_EQ(w["rank"], r);
+    EXPECT_EQ(w["state"], "ALIVE");
+    EXPECT_GE(w["step"].get<int64_t>(), 10) << j.dump();
+    EXPECT_GT(w["samples_per_s"].get<double>(), 0) << j.dump();
+    EXPECT_GT(w["loss"].get<double>(), 0) << j.dump();
+  }
+  Result table = dtrain::testing::run_command(status + " --token tk", 30);
+  EXPECT_EQ(table.code, 0) << table.out;
+  EXPECT_TRUE(contains(table.out, "RUNNING, world size 2, generation 1")) << table.out;
+  Result wrong = dtrain::testing::run_command(status + " --token nope", 30);
+  EXPECT_EQ(wrong.code, 1) << wrong.out;
+  EXPECT_TRUE(contains(wrong.out, "wrong job token")) << wrong.out;
+  Result none =
+      dtrain::testing::run_command(kBin + " status --coordinator 127.0.0.1:1 --timeout 1", 30);
+  EXPECT_EQ(none.code, 1) << none.out;
+  EXPECT_TRUE(contains(none.out, "not reachable within 1.0 s")) << none.out;
+  ASSERT_EQ(job.wait(std::chrono::seconds(180)), 0) << job.output();
+  // The loss the heartbeats carried is one that rank 0 logged (the combined loss).
+  bool logged = false;
+  for (const auto& [step, loss] : losses(dir / "metrics.jsonl")) {
+    logged = logged || std::abs(loss - j["workers"][0]["loss"].get<double>()) < 1e-6;
+  }
+  EXPECT_TRUE(logged) << j.dump();
 }
 
 // ---- a hung worker: missed heartbeats ----

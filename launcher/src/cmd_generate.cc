@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "char_rnn_generate.h"
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "dtrain/engine/autograd.h"
@@ -33,8 +34,8 @@ struct GenerateOptions {
 
 nn::GptConfig config_of(const nlohmann::json& extra, const std::string& path) {
   DTRAIN_CHECK(extra.value("model", "") == "gpt", DataFormatError,
-               "{}: not a GPT checkpoint (model '{}'); write one with dtrain train --model gpt "
-               "--save", path, extra.value("model", ""));
+               "{}: not a GPT or char-lstm checkpoint (model '{}'); write one with dtrain train "
+               "--model gpt|char-lstm --save", path, extra.value("model", ""));
   nn::GptConfig c;
   try {
     c.vocab_size = extra.at("vocab_size");
@@ -74,6 +75,10 @@ int run_generate(const GenerateOptions& o) {
                o.temperature);
   const Archive archive = load_archive(o.ckpt);
   const nlohmann::json extra = archive.metadata.value("extra", nlohmann::json::object());
+  if (extra.value("model", "") == "char-lstm") {
+    return run_char_rnn_generate(
+        o.ckpt, extra, {o.prompt, o.tokens, o.temperature, o.top_k, o.seed});
+  }
   nn::Gpt model(config_of(extra, o.ckpt));
   load_checkpoint(o.ckpt, model, nullptr);
   model.eval();
@@ -98,11 +103,11 @@ int run_generate(const GenerateOptions& o) {
 
 Command add_generate_command(CLI::App& app) {
   auto o = std::make_shared<GenerateOptions>();
-  CLI::App* g = app.add_subcommand("generate", "Sample text from a GPT checkpoint");
-  g->add_option("--ckpt", o->ckpt, "Checkpoint written by dtrain train --model gpt --save")
+  CLI::App* g = app.add_subcommand("generate", "Sample text from a GPT or char-lstm checkpoint");
+  g->add_option("--ckpt", o->ckpt, "Checkpoint written by dtrain train --model gpt|char-lstm --save")
       ->required();
   g->add_option("--prompt", o->prompt, "Text to continue")->capture_default_str();
-  g->add_option("--tokens", o->tokens, "Tokens to draw")->capture_default_str()->check(kPositive);
+  g->add_option("--tokens,--length", o->tokens, "Tokens (characters) to draw")->capture_default_str()->check(kPositive);
   g->add_option("--temperature", o->temperature, "Softmax temperature")->capture_default_str();
   g->add_option("--top-k", o->top_k, "Draw among the k likeliest")->capture_default_str();
   g->add_option("--seed", o->seed, "Sampling seed")->capture_default_str();

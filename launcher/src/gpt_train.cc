@@ -311,7 +311,8 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
   std::optional<ProgressCallback> progress;
   std::optional<MetricsCallback> metrics;
   std::optional<TensorBoardCallback> events;  // scalars of StepEnd and the evaluation
-  std::vector<Callback*> callbacks;
+  HeartbeatProgress beat(session);
+  std::vector<Callback*> callbacks = {&beat};
   if (ckpt) callbacks.push_back(&checkpoints);
   if (plan.is_logging_rank()) {
     print_banner(config, run, corpus);

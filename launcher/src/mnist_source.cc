@@ -16,24 +16,28 @@ namespace dtrain::cli {
 
 namespace {
 
-// Rank 0 prepares (fetch + convert) the demo subset first, the others then read the cache.
-MnistOrigin prepare(const MnistSourceOptions& o, comm::Communicator& comm) {
-  if (!o.data.empty()) return {o.data, fmt::format("MNIST IDX files from {}", o.data), false};
-  const bool lead = comm.rank() == 0;
-  auto log_line = [lead](std::string_view line) {
-    if (lead) fmt::print(stderr, "{}\n", line);
-  };
-  data::MnistSubsetResult prep;
-  if (lead) prep = data::prepare_mnist_subset(o.data_cache, log_line);
-  comm.barrier();
-  if (!lead) prep = data::prepare_mnist_subset(o.data_cache, log_line);
-  return {prep.dir, prep.source, prep.generated};
+ImageDataOptions image_options(const MnistSourceOptions& o) {
+  return {.data = o.data,
+          .data_cache = o.data_cache,
+          .normalize = o.normalize,
+          .raw_train = !o.augment.empty() && o.augment != "none"};
 }
 
-data::MnistOptions mnist_options(const MnistSourceOptions& o) {
-  data::MnistOptions m;
-  m.normalize = o.normalize;
-  return m;
+// The augmented train split, or null without options.augment. The pipeline ends
+// with the data set's normalisation (MNIST's mean/std) when it has one.
+std::shared_ptr<data::AugmentedDataset> augmented(const MnistSourceOptions& o,
+                                                  const ImageSplits& splits) {
+  if (o.augment.empty() || o.augment == "none") return nullptr;
+  data::AugmentPipeline p = data::parse_augment(o.augment);
+  if (splits.has_stats) {
+    data::Transform norm;
+    norm.kind = fn::kAugNormalize;
+    norm.mean = splits.mean;
+    norm.std = splits.std;
+    p.transforms.push_back(norm);
+  }
+  return std::make_shared<data::AugmentedDataset>(splits.train, std::move(p),
+                                                  o.seed ^ 0x6175676dULL, o.augment_threads);
 }
 
 data::DataLoaderOptions loader_options(const MnistSourceOptions& o) {
@@ -79,10 +83,11 @@ double sum_cross_entropy(const Tensor& logits, const Tensor& labels) {
 MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Communicator& comm)
     : comm_(comm),
       options_(options),
-      origin_(prepare(options, comm)),
-      train_(std::make_shared<data::MnistDataset>(origin_.dir, data::MnistSplit::kTrain,
-                                                  mnist_options(options))),
-      test_(origin_.dir, data::MnistSplit::kTest, mnist_options(options)),
+      splits_(load_image_splits(image_options(options), comm)),
+      origin_{splits_.dir, splits_.source, splits_.generated},
+      aug_(augmented(options, splits_)),
+      train_(aug_ ? aug_ : splits_.train),
+      test_(splits_.test),
       loader_(train_,
               data::DistributedSampler(train_->size(), comm.rank(), comm.size(), options.seed),
               options.local_batch, loader_options(options)) {}
@@ -107,11 +112,11 @@ Metrics MnistBatchSource::evaluate(nn::Module& model) {
   int64_t counts[2] = {0, 0};  // correct, seen
   double loss_sum = 0;
   std::vector<int64_t> mine;
-  for (int64_t i = comm_.rank(); i < test_.size(); i += comm_.size()) mine.push_back(i);
+  for (int64_t i = comm_.rank(); i < test_->size(); i += comm_.size()) mine.push_back(i);
   const size_t batch = static_cast<size_t>(options_.eval_batch);
   for (size_t start = 0; start < mine.size(); start += batch) {
     size_t end = std::min(mine.size(), start + batch);
-    data::Batch b = test_.get_batch(std::span<const int64_t>(mine.data() + start, end - start));
+    data::Batch b = test_->get_batch(std::span<const int64_t>(mine.data() + start, end - start));
     Tensor logits = model.forward(b.input.to(options_.device)).to(Device::cpu()).contiguous();
     counts[0] += count_correct(logits, b.target);
     counts[1] += logits.size(0);

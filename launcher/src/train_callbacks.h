@@ -36,6 +36,19 @@ class GenerationWatch final : public Callback {
   const WorkerSession& session_;
 };
 
+// Hands the step, the samples/s and the logged loss to the session, whose
+// heartbeats carry them to the coordinator (`dtrain status`). Every rank.
+class HeartbeatProgress final : public Callback {
+ public:
+  explicit HeartbeatProgress(WorkerSession& session) : session_(session) {}
+  void on_step_end(const StepEnd& end) override;
+  void on_log(const StepEnd& log) override;
+
+ private:
+  WorkerSession& session_;
+  coordinator::WorkerProgress last_;
+};
+
 // DTRAIN_TEST_KILL_AT (train.h): rank `rank` kills itself (SIGKILL) after step `step`.
 class TestKillSwitch final : public Callback {
  public:

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <mutex>
 #include <thread>
 
 #include "dtrain/comm/hierarchical.h"
@@ -119,6 +120,9 @@ struct WorkerSession::Coordinator {
   std::atomic<uint64_t> newest_generation{0};  // the newest the coordinator announced
   coordinator::CheckpointRef last_checkpoint;
   std::string job_id;
+  // What the heartbeats carry (report_progress writes, the heartbeat thread reads).
+  std::mutex progress_mu;
+  std::optional<coordinator::WorkerProgress> progress;  // GUARDED_BY(progress_mu)
 };
 
 WorkerSession::~WorkerSession() {
@@ -275,7 +279,17 @@ void WorkerSession::start_heartbeat(const coordinator::JoinResult& joined) {
                             snap.last.generation,
                             snap.last.reason.empty() ? "" : ": " + snap.last.reason));
   };
+  ho.progress = [cp]() -> std::optional<coordinator::WorkerProgress> {
+    std::lock_guard<std::mutex> lock(cp->progress_mu);
+    return cp->progress;
+  };
   c.heartbeat = std::make_unique<coordinator::HeartbeatSender>(*c.client, ho);
+}
+
+void WorkerSession::report_progress(const coordinator::WorkerProgress& progress) {
+  if (!coord_) return;
+  std::lock_guard<std::mutex> lock(coord_->progress_mu);
+  coord_->progress = progress;
 }
 
 bool WorkerSession::has_coordinator() const {

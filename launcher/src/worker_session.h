@@ -71,6 +71,9 @@ class WorkerSession {
 
   // A coordinator (tcp/nccl with more than one process, or mpi given one) is there.
   bool has_coordinator() const;
+  // The training progress the next heartbeats carry (`dtrain status`); a no-op
+  // without a coordinator. Thread-safe.
+  void report_progress(const coordinator::WorkerProgress& progress);
   // The generation this session's communicator belongs to (0 without coordinator).
   uint64_t generation() const;
   // The coordinator has moved past generation() (the communicator is aborted).

@@ -181,11 +181,18 @@ JoinResult CoordinatorClient::join(const JoinOptions& o) {
   return from_proto(resp);
 }
 
-HeartbeatResult CoordinatorClient::heartbeat(int rank, uint64_t generation) {
+HeartbeatResult CoordinatorClient::heartbeat(int rank, uint64_t generation,
+                                             const std::optional<WorkerProgress>& progress) {
   v1::HeartbeatRequest req;
   req.set_job_id(impl_->options.job_id);
   req.set_rank(rank);
   req.set_generation(generation);
+  if (progress) {
+    v1::WorkerProgress* p = req.mutable_progress();
+    p->set_step(progress->step);
+    p->set_samples_per_s(progress->samples_per_s);
+    p->set_loss(progress->loss);
+  }
   grpc::ClientContext ctx;
   impl_->prepare(ctx, impl_->options.call_timeout);
   v1::HeartbeatResponse resp;

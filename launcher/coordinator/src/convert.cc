@@ -123,6 +123,9 @@ JobStatus from_proto(const v1::JobStatus& s) {
     ws.last_heartbeat_age =
         std::chrono::milliseconds(static_cast<int64_t>(w.last_heartbeat_age_ms()));
     ws.heartbeats = w.heartbeats();
+    if (w.has_progress()) {
+      ws.progress = {w.progress().step(), w.progress().samples_per_s(), w.progress().loss()};
+    }
     j.workers.push_back(std::move(ws));
   }
   return j;

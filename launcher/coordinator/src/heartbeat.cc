@@ -35,7 +35,8 @@ void HeartbeatSender::loop() {
     HeartbeatResult answer;
     std::string error;
     try {
-      answer = client_.heartbeat(options_.rank, options_.generation);
+      answer = client_.heartbeat(options_.rank, options_.generation,
+                                 options_.progress ? options_.progress() : std::nullopt);
     } catch (const Error& e) {
       error = e.message();
     }

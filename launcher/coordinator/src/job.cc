@@ -365,6 +365,7 @@ Status Job::heartbeat(const v1::HeartbeatRequest& req, v1::HeartbeatResponse* re
   Member& m = members_[static_cast<size_t>(req.rank())];
   m.last_heartbeat = Clock::now();
   ++m.heartbeats;
+  if (req.has_progress()) m.progress = req.progress();
   return Status::OK;
 }
 
@@ -522,6 +523,7 @@ Status Job::status(const v1::GetJobStatusRequest& req, v1::JobStatus* resp) {
     w->set_state(m.state);
     w->set_last_heartbeat_age_ms(age_ms(m.last_heartbeat, now));
     w->set_heartbeats(m.heartbeats);
+    if (m.progress) *w->mutable_progress() = *m.progress;
   }
   return Status::OK;
 }

@@ -20,6 +20,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -97,6 +98,7 @@ class Job {
     Clock::time_point joined;
     Clock::time_point last_heartbeat;
     uint64_t heartbeats = 0;
+    std::optional<v1::WorkerProgress> progress;  // from the latest heartbeat with one
   };
   struct BarrierState {
     uint64_t round = 0;

@@ -82,7 +82,8 @@ class CoordinatorClient {
 
   // Blocks until the rendezvous completes (TimeoutError after options.timeout).
   JoinResult join(const JoinOptions& options);
-  HeartbeatResult heartbeat(int rank, uint64_t generation);
+  HeartbeatResult heartbeat(int rank, uint64_t generation,
+                            const std::optional<WorkerProgress>& progress = std::nullopt);
   // Returns when every rank arrived at `name`; TimeoutError names the missing ranks.
   void barrier(const std::string& name, int rank, uint64_t generation,
                std::chrono::milliseconds timeout);

@@ -37,6 +37,9 @@ class HeartbeatSender {
     uint64_t generation = 0;
     std::chrono::milliseconds interval{1000};
     std::function<void(const HeartbeatSnapshot&)> on_change;
+    // Read before every heartbeat, on the heartbeat thread (optional): the training
+    // progress the heartbeat carries to the coordinator (`dtrain status`).
+    std::function<std::optional<WorkerProgress>()> progress;
   };
   // Sends the first heartbeat at once, then every interval.
   HeartbeatSender(CoordinatorClient& client, Options options);

@@ -62,6 +62,13 @@ struct HeartbeatResult {
   std::string reason;  // why the job failed, when it did
 };
 
+// A worker's training progress as its heartbeats report it (step -1: none yet).
+struct WorkerProgress {
+  int64_t step = -1;
+  double samples_per_s = 0;
+  double loss = 0;
+};
+
 struct WorkerStatus {
   int rank = -1;  // -1 while the rendezvous is open and no rank was requested
   std::string host;
@@ -70,6 +77,7 @@ struct WorkerStatus {
   WorkerState state = WorkerState::kUnknown;
   std::chrono::milliseconds last_heartbeat_age{0};
   uint64_t heartbeats = 0;
+  WorkerProgress progress;
 };
 
 struct JobStatus {
