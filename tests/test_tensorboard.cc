@@ -73,6 +73,12 @@ TEST(EventEncoding, FileVersionEvent) {
   EXPECT_EQ(e, bytes({0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0x1a, 13}) + "brain.Event:2");
 }
 
+TEST(EventEncoding, SessionStartEvent) {
+  // Event{wall_time: 0, step: 20, session_log {status: START}}
+  EXPECT_EQ(dtrain::cli::session_start_event(0.0, 20),
+            bytes({0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 20, 0x3a, 0x02, 0x08, 0x01}));
+}
+
 TEST(EventWriter, FileHoldsFramedRecords) {
   const fs::path dir = dtrain::testing::scratch_dir("dtrain_test_tensorboard", "writer");
   const std::string path = (dir / "events.out.tfevents.test").string();

@@ -119,6 +119,15 @@ std::string scalars_event(double wall_time, int64_t step, const std::vector<Scal
   return e;
 }
 
+std::string session_start_event(double wall_time, int64_t step) {
+  std::string log;
+  put_tag(log, 1, 0);
+  put_varint(log, 1);  // SessionLog.START
+  std::string e = event_head(wall_time, step);
+  put_bytes(e, 7, log);
+  return e;
+}
+
 std::string event_file_name(int64_t unix_seconds, std::string_view host, int pid, int rank) {
   return fmt::format("events.out.tfevents.{}.{}.{}.rank{}", unix_seconds, host, pid, rank);
 }
@@ -132,6 +141,10 @@ EventWriter::EventWriter(std::string path) : path_(std::move(path)) {
 
 void EventWriter::add_scalars(int64_t step, const std::vector<Scalar>& scalars, double wall_time) {
   write_record(scalars_event(wall_time, step, scalars));
+}
+
+void EventWriter::add_session_start(int64_t step, double wall_time) {
+  write_record(session_start_event(wall_time, step));
 }
 
 void EventWriter::write_record(std::string_view event) {
@@ -175,6 +188,7 @@ void TensorBoardCallback::on_train_begin(const TrainBegin& begin) {
   writer_ = std::make_unique<EventWriter>(
       (fs::path(dir_) / event_file_name(now, host_name(), static_cast<int>(::getpid()), rank_))
           .string());
+  if (begin.start_step > 0) writer_->add_session_start(begin.start_step, unix_now());
   last_log_step_ = begin.start_step;
   if (sources_.sync_seconds) last_sync_seconds_ = sources_.sync_seconds();
 }

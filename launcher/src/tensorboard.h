@@ -7,7 +7,9 @@
 // carries file_version "brain.Event:2", the others a Summary of scalars
 // (Value{tag = 1, simple_value = 2}) with step and wall_time. The few fields are
 // encoded here directly (no protobuf dependency): Event{wall_time = 1 (double),
-// step = 2 (int64), file_version = 3, summary = 5}, Summary{value = 1}.
+// step = 2 (int64), file_version = 3, summary = 5, session_log = 7}, Summary{value = 1},
+// SessionLog{status = 1}. A resumed run's file starts with a SessionLog START at the
+// resumed step, so TensorBoard discards what the previous attempt logged past it.
 //
 // Scalars (TensorBoardCallback): train/loss (combined over the ranks), train/lr,
 // train/samples_per_s, train/grad_norm (the global L2 norm of the gradients the
@@ -46,6 +48,9 @@ struct Scalar {
 // Serialised tensorflow.Event messages (field order and encoding as protobuf's).
 std::string file_version_event(double wall_time);
 std::string scalars_event(double wall_time, int64_t step, const std::vector<Scalar>& scalars);
+// Event{step, session_log (7) {status: START (1)}}: TensorBoard drops the events of
+// steps >= step written before it (a resumed run repeats them).
+std::string session_start_event(double wall_time, int64_t step);
 
 // events.out.tfevents.<unix seconds>.<host>.<pid>.rank<r>
 std::string event_file_name(int64_t unix_seconds, std::string_view host, int pid, int rank);
@@ -57,6 +62,7 @@ class EventWriter {
   explicit EventWriter(std::string path);
   // One Event with every scalar in its Summary; wall_time in unix seconds.
   void add_scalars(int64_t step, const std::vector<Scalar>& scalars, double wall_time);
+  void add_session_start(int64_t step, double wall_time);
   void flush();
   const std::string& path() const { return path_; }
 

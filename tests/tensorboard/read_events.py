@@ -90,6 +90,8 @@ def read_events(path, event_pb2):
         d = {"wall_time": e.wall_time, "step": e.step}
         if e.WhichOneof("what") == "file_version":
             d["file_version"] = e.file_version
+        elif e.WhichOneof("what") == "session_log":
+            d["session_log"] = event_pb2.SessionLog.SessionStatus.Name(e.session_log.status)
         elif e.WhichOneof("what") == "summary":
             d["scalars"] = {v.tag: v.simple_value for v in e.summary.value}
         events.append(d)

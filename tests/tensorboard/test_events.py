@@ -47,8 +47,8 @@ def run(cmd, cwd=None):
     return r.stdout
 
 
-def train_args(args, extra):
-    return ["train", "--model", "mlp", "--epochs", "1", "--max-steps", "30", "--log-every",
+def train_args(args, extra, max_steps=30):
+    return ["train", "--model", "mlp", "--epochs", "1", "--max-steps", str(max_steps), "--log-every",
             "5", "--no-progress", "--data-cache", args.data_cache] + extra
 
 
@@ -150,6 +150,22 @@ def main():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     check(r.returncode == 1 and f"cannot create the TensorBoard folder {bad}" in r.stdout,
           f"unwritable --tensorboard names the folder: {r.returncode} {r.stdout!r}")
+
+    # A resumed run: a second file in the folder, opening with SessionLog START at the
+    # resumed step (TensorBoard then drops the first attempt's events past it).
+    res = os.path.join(args.work, "resume")
+    common = ["--metrics", os.path.join(res, "metrics.jsonl"), "--ckpt-dir",
+              os.path.join(res, "ckpt"), "--ckpt-every", "10"]
+    run([args.dtrain] + train_args(args, common, max_steps=20))
+    run([args.dtrain] + train_args(args, common + ["--resume", "auto"]))
+    files = sorted(glob.glob(os.path.join(res, "*tfevents*.rank0")), key=os.path.getmtime)
+    check(len(files) == 2, f"resume: two event files, got {files}")
+    if len(files) == 2:
+        ev = read_events.read_events(files[1], pb2)
+        check(ev[1].get("session_log") == "START" and ev[1]["step"] == 20,
+              f"resume: SessionLog START at step 20 after the file version: {ev[:2]}")
+        steps = [e["step"] for e in ev if "train/loss" in e.get("scalars", {})]
+        check(steps == [25, 30], f"resume: the second file logs steps 25, 30: {steps}")
 
     # Without --metrics: the default run folder (runs/train-<time>/), the same on every rank.
     default = os.path.join(args.work, "default")
