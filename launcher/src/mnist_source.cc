@@ -10,6 +10,7 @@
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
 #include "host_values.h"
+#include "transfer.h"
 
 namespace dtrain::cli {
 
@@ -41,6 +42,14 @@ data::DataLoaderOptions loader_options(const MnistSourceOptions& o) {
   return l;
 }
 
+// One split, restricted to options.classes (labels kept).
+data::TensorDataset load_split(const std::string& dir, data::MnistSplit split,
+                               const MnistSourceOptions& o) {
+  data::MnistDataset d(dir, split, mnist_options(o));
+  return filter_classes(data::TensorDataset(d.images(), d.labels()), o.classes,
+                        split == data::MnistSplit::kTrain ? "train" : "test");
+}
+
 // Correct argmax predictions among the rows of logits [B,C] (on the CPU).
 int64_t count_correct(const Tensor& logits, const Tensor& labels) {
   const float* p = logits.data<float>();
@@ -63,9 +72,9 @@ MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Comm
     : comm_(comm),
       options_(options),
       origin_(prepare(options, comm)),
-      train_(std::make_shared<data::MnistDataset>(origin_.dir, data::MnistSplit::kTrain,
-                                                  mnist_options(options))),
-      test_(origin_.dir, data::MnistSplit::kTest, mnist_options(options)),
+      train_(std::make_shared<data::TensorDataset>(load_split(origin_.dir, data::MnistSplit::kTrain,
+                                                              options))),
+      test_(load_split(origin_.dir, data::MnistSplit::kTest, options)),
       loader_(train_,
               data::DistributedSampler(train_->size(), comm.rank(), comm.size(), options.seed),
               options.local_batch, loader_options(options)) {}

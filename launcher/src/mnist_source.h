@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "dtrain/comm/communicator.h"
 #include "dtrain/engine/data/loader.h"
@@ -33,6 +34,7 @@ struct MnistSourceOptions {
   uint64_t seed = 1;              // the shuffle of every epoch
   Device device = Device::cpu();  // where batches are delivered
   int64_t eval_batch = 500;
+  std::vector<int64_t> classes;  // --classes: only these digits (labels kept); empty: all
 };
 
 // Where the data came from, for the banner and the summary.
@@ -65,8 +67,8 @@ class MnistBatchSource final : public BatchSource {
   comm::Communicator& comm_;
   MnistSourceOptions options_;
   MnistOrigin origin_;
-  std::shared_ptr<data::MnistDataset> train_;
-  data::MnistDataset test_;
+  std::shared_ptr<data::TensorDataset> train_;  // after the --classes filter
+  data::TensorDataset test_;
   data::DataLoader loader_;
 };
 

@@ -37,6 +37,8 @@
 #include <cstdint>
 #include <string>
 
+#include "transfer.h"
+
 namespace dtrain::cli {
 
 struct TrainConfig {
@@ -103,6 +105,10 @@ struct TrainConfig {
   // DTRAIN_TEST_SIGNAL_AT=rank:step -- that rank sends itself SIGUSR1 after the step.
   int test_signal_rank = -1;
   int64_t test_signal_step = -1;
+  // Transfer learning (transfer.h): --init-from, --name-map, --freeze, --reset-head;
+  // --classes restricts the data to some digits (labels kept).
+  TransferOptions transfer;
+  std::string classes;
 };
 
 struct TrainResult {
