@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Transfer learning demo: pretrain seed-cnn on digits 0-4, export its weights as
-# safetensors, then train on digits 5-9 for the same small number of steps twice:
-# from those weights (conv base frozen, a fresh head) and from scratch. Prints both
+# safetensors, then train on digits 5-9 for the same small number of steps three
+# times: from those weights with the conv base frozen and a fresh head, from those
+# weights fine-tuning everything (fresh head), and from scratch. Prints the three
 # test accuracies (on the 5-9 test digits of the demo's MNIST subset).
 #
 #   bench/transfer_demo.sh [STEPS (default 30)] [PRETRAIN_STEPS (default 300)]
@@ -22,8 +23,15 @@ accuracy() { sed -n 's/.*test accuracy \([0-9.]*\).*/\1/p'; }
 transfer=$("$dtrain" train "${common[@]}" --classes 5-9 --max-steps "$steps" \
   --init-from "$work/pre.safetensors" --freeze base --reset-head \
   --metrics "$work/transfer.jsonl" 2>/dev/null | accuracy)
+finetune=$("$dtrain" train "${common[@]}" --classes 5-9 --max-steps "$steps" \
+  --init-from "$work/pre.safetensors" --reset-head \
+  --metrics "$work/finetune.jsonl" 2>/dev/null | accuracy)
 scratch=$("$dtrain" train "${common[@]}" --classes 5-9 --max-steps "$steps" \
   --metrics "$work/scratch.jsonl" 2>/dev/null | accuracy)
 echo "pretrained on digits 0-4: ${pre_steps} steps, test accuracy (0-4) $(cat "$work/pre.acc")"
-echo "digits 5-9 after ${steps} steps (batch 64): transfer (frozen conv base, fresh head) ${transfer}, from scratch ${scratch}"
-awk -v t="$transfer" -v s="$scratch" 'BEGIN { if (t > s) print "transfer beats scratch by " (t - s) * 100 " points"; else print "transfer does NOT beat scratch"; }'
+echo "digits 5-9 after ${steps} steps (batch 64): transfer with a frozen conv base ${transfer}, transfer fine-tuning all layers ${finetune}, from scratch ${scratch}"
+for kind in frozen:$transfer fine-tuned:$finetune; do
+  awk -v k="${kind%%:*}" -v t="${kind#*:}" -v s="$scratch" 'BEGIN { d = (t - s) * 100;
+    if (t > s) printf "%s transfer beats scratch by %.2f points\n", k, d;
+    else printf "%s transfer does NOT beat scratch (%.2f points)\n", k, d; }'
+done
