@@ -51,10 +51,16 @@ struct Samples {
   bool labelled;
 };
 
+// The image size a model takes: [1,H,W] models, or 28x28 for the 784-wide mlp.
+Shape image_size(const nn::ModelInfo& info) {
+  if (info.input_shape.size() == 3) return {info.input_shape[1], info.input_shape[2]};
+  return {28, 28};
+}
+
 // --input IDX images (u8 [N,H,W]) -> f32 [N,1,H,W], scaled (and normalised) as MnistDataset.
 Tensor images_from_idx(const std::string& path, const nn::ModelInfo& info, bool normalize) {
   data::IdxArray a = data::read_idx_images(path);
-  const Shape want = {info.input_shape[1], info.input_shape[2]};
+  const Shape want = image_size(info);
   DTRAIN_CHECK(a.shape[1] == want[0] && a.shape[2] == want[1], ShapeError,
                "{}: images of {}x{} (file shape {}), but {} expects {}x{} images (input {})", path,
                a.shape[1], a.shape[2], shape_str(a.shape), info.name, want[0], want[1], info.input);
@@ -70,7 +76,8 @@ Tensor images_from_idx(const std::string& path, const nn::ModelInfo& info, bool 
 }
 
 Samples load_samples(const InferConfig& c, const nn::ModelInfo& info) {
-  DTRAIN_CHECK(info.input_dtype == DType::f32 && info.input_shape.size() == 3, UnsupportedError,
+  DTRAIN_CHECK(info.input_dtype == DType::f32 && shape_numel(info.input_shape) == 784,
+               UnsupportedError,
                "dtrain infer: --model {} takes {}; infer reads images (seed-cnn, mlp)", info.name,
                info.input);
   if (!c.input.empty()) {
