@@ -399,3 +399,24 @@ TEST(TransferCli, FrozenBaseStaysTheFilesWeightsAndTheHeadTrains) {
   EXPECT_NE(mis.out.find("'11.weight': shape [3,64] in the file, [10,64]"), std::string::npos)
       << mis.out;
 }
+
+// `dtrain ckpt export` writes what the importer reads: the exported weights equal the
+// same run's --save checkpoint bit for bit.
+TEST(TransferCli, ExportedCheckpointImportsAsTheSavedWeights) {
+  fs::path dir = scratch("export");
+  fs::path data = synthetic_mnist(dir / "data");
+  auto t = dtrain_cli("train --no-progress --max-steps 4 --ckpt-every 4 --data " + data.string() +
+                      " --ckpt-dir " + (dir / "ck").string() + " --save " +
+                      (dir / "m.ckpt").string() + " --metrics " + (dir / "m.jsonl").string());
+  ASSERT_EQ(t.code, 0) << t.out;
+  auto e = dtrain_cli("ckpt export " + (dir / "ck").string() + " --out " +
+                      (dir / "w.safetensors").string());
+  ASSERT_EQ(e.code, 0) << e.out;
+  Generator g1(5), g2(6);
+  auto imported = nn::make_model("seed-cnn", g1);
+  auto saved = nn::make_model("seed-cnn", g2);
+  nn::load_safetensors(*imported, (dir / "w.safetensors").string());
+  load_checkpoint((dir / "m.ckpt").string(), *saved, nullptr);
+  auto want = saved->state_dict();
+  for (const auto& [k, v] : imported->state_dict()) EXPECT_TRUE(bit_equal(v, want.at(k))) << k;
+}
