@@ -72,8 +72,8 @@ MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Comm
     : comm_(comm),
       options_(options),
       origin_(prepare(options, comm)),
-      train_(std::make_shared<data::TensorDataset>(load_split(origin_.dir, data::MnistSplit::kTrain,
-                                                              options))),
+      train_(std::make_shared<data::TensorDataset>(
+          load_split(origin_.dir, data::MnistSplit::kTrain, options))),
       test_(load_split(origin_.dir, data::MnistSplit::kTest, options)),
       loader_(train_,
               data::DistributedSampler(train_->size(), comm.rank(), comm.size(), options.seed),
