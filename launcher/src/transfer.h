@@ -43,8 +43,8 @@ std::string apply_transfer(const TransferOptions& t, nn::Module& model);
 
 // "0-4" -> {0,1,2,3,4}; "5,7,9"; "" -> {} (all). InvalidArgument otherwise.
 std::vector<int64_t> parse_classes(const std::string& spec);
-// The rows whose label is in `classes` (all rows when empty). ShapeError-free: the
-// dataset's images [N,...] and labels i64 [N]. InvalidArgument when none is left.
+// The rows of d (images [N,...], labels i64 [N]) whose label is in `classes` (all
+// rows when empty); `what` names the split. InvalidArgument when none is left.
 data::TensorDataset filter_classes(const data::TensorDataset& d,
                                    const std::vector<int64_t>& classes, const std::string& what);
 
