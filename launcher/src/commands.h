@@ -26,5 +26,6 @@ Command add_doctor_command(CLI::App& app);       // cmd_doctor.cc
 Command add_ckpt_command(CLI::App& app);         // cmd_ckpt.cc
 Command add_generate_command(CLI::App& app);     // cmd_generate.cc
 Command add_status_command(CLI::App& app);       // cmd_status.cc
+Command add_infer_command(CLI::App& app);        // cmd_infer.cc
 
 }  // namespace dtrain::cli
