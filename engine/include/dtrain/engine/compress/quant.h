@@ -1,0 +1,85 @@
+// Post-training int8 quantization of a model's Linear and Conv2d layers, for
+// inference on the CPU.
+//
+// Scheme (symmetric, zero point 0 everywhere):
+//   weights      per output channel: scale_w[o] = max|W[o,:]| / 127, q = round(W / scale_w)
+//   activations  per tensor, at the input of every Linear/Conv2d: scale_x = amax / 127,
+//                amax = the largest |x| seen over the calibration batches (min/max), or
+//                the `percentile` of |x| (e.g. 99.99) to ignore outliers
+//   one layer    x (f32) -> q_x = clamp(round(x / scale_x), -127, 127) (s8)
+//                acc = q_x * q_W^T (s8 x s8 -> s32, exact)
+//                y = acc * scale_x * scale_w[o] + b[o] (f32)
+// Conv2d runs as im2col of the s8 input ([N*OH*OW, C*k*k], zero padding is q = 0)
+// and the same GEMM. Layers between (ReLU, MaxPool2d, Flatten) run their f32 forward
+// on the dequantized output. So every quantized layer dequantizes its output and
+// the next quantizes its input: requantization through f32.
+//
+// The int8 GEMM has two kernels: Int8Kernel::kOneDnn (dnnl_gemm_s8s8s32) and
+// Int8Kernel::kReference (plain loops, int32 accumulation), the test oracle; their
+// int32 results are identical, so the models' outputs are too.
+//
+// Supported models: an nn::Sequential whose children are Linear, Conv2d (any stride
+// and padding), ReLU, MaxPool2d and Flatten (seed-cnn, mlp). Anything else throws
+// UnsupportedError naming the layer. Thread-safety: forward() is const and keeps no
+// state; several threads may run it at once.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "dtrain/engine/nn/layers.h"
+#include "dtrain/engine/tensor.h"
+
+namespace dtrain::compress {
+
+enum class Int8Kernel { kReference, kOneDnn };
+
+// C[M,N] = A[M,K] * B[N,K]^T, row-major, A and B s8, C s32 (lda = ldb = K, ldc = N).
+void gemm_s8s8s32(Int8Kernel kernel, int64_t m, int64_t n, int64_t k, const int8_t* a,
+                  const int8_t* b, int32_t* c);
+
+struct CalibrationOptions {
+  double percentile = 100.0;  // of |x| per tensor, in (0, 100]; 100: min/max
+};
+
+// Symmetric s8 of v with `scale` (round half away from zero, clamp to +-127).
+inline int8_t quantize_s8(float v, float scale) {
+  float q = v / scale;
+  q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
+  return static_cast<int8_t>(q >= 0 ? q + 0.5f : q - 0.5f);
+}
+
+class QuantizedModel {
+ public:
+  // Quantizes the weights of `model` and calibrates the activation scales by running
+  // the f32 model (eval mode, no grad) on `calibration` (at least one batch).
+  static QuantizedModel build(const nn::Sequential& model, const std::vector<Tensor>& calibration,
+                              const CalibrationOptions& options = {});
+  // Logits (f32) for a CPU f32 input; the same input the f32 model takes.
+  Tensor forward(const Tensor& x, Int8Kernel kernel = Int8Kernel::kOneDnn) const;
+
+  // One quantized Linear or Conv2d.
+  struct Layer {
+    bool conv = false;
+    int64_t out = 0, in = 0;                // out channels; K = in features or C*k*k
+    int64_t channels = 0, kernel_size = 1;  // conv only
+    int64_t stride = 1, padding = 0;
+    std::vector<int8_t> weight;       // [out, K]
+    std::vector<float> weight_scale;  // [out]
+    std::vector<float> bias;          // [out] (zeros when the layer has none)
+    float input_scale = 1.f;
+  };
+  const std::vector<Layer>& layers() const { return layers_; }
+
+ private:
+  struct Step {
+    int layer = -1;  // index into layers_, or -1: run `module` in f32
+    std::shared_ptr<nn::Module> module;
+  };
+  Tensor run_layer(const Layer& l, const Tensor& x, Int8Kernel kernel) const;
+  std::vector<Step> steps_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace dtrain::compress

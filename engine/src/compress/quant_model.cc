@@ -1,0 +1,197 @@
+// QuantizedModel (quant.h): weight quantization, calibration and the int8 forward.
+#include <algorithm>
+#include <cmath>
+
+#include "dtrain/common/error.h"
+#include "dtrain/engine/autograd.h"
+#include "dtrain/engine/compress/quant.h"
+
+namespace dtrain::compress {
+
+namespace {
+
+bool runs_in_f32(const nn::Module& m) {
+  return dynamic_cast<const nn::ReLU*>(&m) || dynamic_cast<const nn::MaxPool2d*>(&m) ||
+         dynamic_cast<const nn::Flatten*>(&m);
+}
+
+// Per-output-channel symmetric s8 of a weight [out, ...] (f32, CPU).
+void quantize_weight(const Tensor& w, QuantizedModel::Layer& l) {
+  Tensor c = w.contiguous();
+  const float* p = c.data<float>();
+  l.weight.resize(static_cast<size_t>(l.out * l.in));
+  l.weight_scale.resize(static_cast<size_t>(l.out));
+  for (int64_t o = 0; o < l.out; ++o) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < l.in; ++i) amax = std::max(amax, std::fabs(p[o * l.in + i]));
+    float scale = amax > 0.f ? amax / 127.f : 1.f;
+    l.weight_scale[static_cast<size_t>(o)] = scale;
+    for (int64_t i = 0; i < l.in; ++i) {
+      l.weight[static_cast<size_t>(o * l.in + i)] = quantize_s8(p[o * l.in + i], scale);
+    }
+  }
+}
+
+QuantizedModel::Layer make_layer(const nn::Module& m) {
+  QuantizedModel::Layer l;
+  Tensor w, b;
+  if (auto* lin = dynamic_cast<const nn::Linear*>(&m)) {
+    l.out = lin->options().out_features();
+    l.in = lin->options().in_features();
+    w = lin->weight;
+    b = lin->bias;
+  } else {
+    auto* conv = dynamic_cast<const nn::Conv2d*>(&m);
+    const auto& o = conv->options();
+    l.conv = true;
+    l.out = o.out_channels();
+    l.channels = o.in_channels();
+    l.kernel_size = o.kernel_size();
+    l.stride = o.stride();
+    l.padding = o.padding();
+    l.in = l.channels * l.kernel_size * l.kernel_size;
+    w = conv->weight;
+    b = conv->bias;
+  }
+  DTRAIN_CHECK(w.dtype() == DType::f32 && w.device().is_cpu(), UnsupportedError,
+               "quantize: {} needs f32 CPU weights", m.describe());
+  quantize_weight(w, l);
+  l.bias.assign(static_cast<size_t>(l.out), 0.f);
+  if (b.defined()) l.bias = b.contiguous().to_vector<float>();
+  return l;
+}
+
+// The |x| at `percentile` (100: the maximum).
+float abs_percentile(const Tensor& x, double percentile) {
+  std::vector<float> v = x.contiguous().to_vector<float>();
+  for (float& f : v) f = std::fabs(f);
+  if (v.empty()) return 0.f;
+  if (percentile >= 100.0) return *std::max_element(v.begin(), v.end());
+  size_t k =
+      static_cast<size_t>(std::floor(percentile / 100.0 * static_cast<double>(v.size() - 1)));
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(k), v.end());
+  return v[k];
+}
+
+// im2col of a quantized NCHW input: rows (n, oh, ow), columns (c, kh, kw).
+std::vector<int8_t> im2col_s8(const std::vector<int8_t>& x, const Shape& s,
+                              const QuantizedModel::Layer& l, int64_t oh, int64_t ow) {
+  const int64_t n = s[0], c = s[1], h = s[2], w = s[3], k = l.kernel_size;
+  std::vector<int8_t> cols(static_cast<size_t>(n * oh * ow * l.in), 0);
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t y = 0; y < oh; ++y) {
+      for (int64_t xo = 0; xo < ow; ++xo) {
+        int8_t* row = cols.data() + ((b * oh + y) * ow + xo) * l.in;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          for (int64_t ky = 0; ky < k; ++ky) {
+            const int64_t iy = y * l.stride - l.padding + ky;
+            if (iy < 0 || iy >= h) continue;
+            const int8_t* src = x.data() + ((b * c + ch) * h + iy) * w;
+            for (int64_t kx = 0; kx < k; ++kx) {
+              const int64_t ix = xo * l.stride - l.padding + kx;
+              if (ix >= 0 && ix < w) row[(ch * k + ky) * k + kx] = src[ix];
+            }
+          }
+        }
+      }
+    }
+  }
+  return cols;
+}
+
+}  // namespace
+
+QuantizedModel QuantizedModel::build(const nn::Sequential& model,
+                                     const std::vector<Tensor>& calibration,
+                                     const CalibrationOptions& options) {
+  DTRAIN_CHECK(!calibration.empty(), InvalidArgument,
+               "quantize: calibration needs at least one batch, got 0");
+  DTRAIN_CHECK(options.percentile > 0 && options.percentile <= 100, InvalidArgument,
+               "quantize: percentile must be in (0, 100], got {}", options.percentile);
+  QuantizedModel q;
+  for (const auto& [name, child] : model.named_children()) {
+    Step step;
+    step.module = child;
+    if (!runs_in_f32(*child)) {
+      DTRAIN_CHECK(dynamic_cast<nn::Linear*>(child.get()) || dynamic_cast<nn::Conv2d*>(child.get()),
+                   UnsupportedError,
+                   "quantize: {} is not supported (Linear, Conv2d, ReLU, MaxPool2d, Flatten)",
+                   child->describe());
+      step.layer = static_cast<int>(q.layers_.size());
+      q.layers_.push_back(make_layer(*child));
+    }
+    q.steps_.push_back(step);
+  }
+  // Calibration: the f32 model, child by child, recording the inputs' range.
+  NoGradGuard ng;
+  std::vector<float> amax(q.layers_.size(), 0.f);
+  for (const Tensor& batch : calibration) {
+    Tensor x = batch;
+    for (const Step& s : q.steps_) {
+      if (s.layer >= 0) {
+        float& a = amax[static_cast<size_t>(s.layer)];
+        a = std::max(a, abs_percentile(x, options.percentile));
+      }
+      bool was_training = s.module->is_training();
+      s.module->eval();
+      x = s.module->forward(x);
+      s.module->train(was_training);
+    }
+  }
+  for (size_t i = 0; i < q.layers_.size(); ++i) {
+    q.layers_[i].input_scale = amax[i] > 0.f ? amax[i] / 127.f : 1.f;
+  }
+  return q;
+}
+
+Tensor QuantizedModel::run_layer(const Layer& l, const Tensor& x, Int8Kernel kernel) const {
+  Tensor c = x.contiguous();
+  const float* p = c.data<float>();
+  std::vector<int8_t> qx(static_cast<size_t>(c.numel()));
+  for (size_t i = 0; i < qx.size(); ++i) qx[i] = quantize_s8(p[i], l.input_scale);
+  const Shape& s = c.shape();
+  int64_t rows, oh = 1, ow = 1;
+  std::vector<int8_t> cols;
+  if (l.conv) {
+    DTRAIN_CHECK(s.size() == 4 && s[1] == l.channels, ShapeError,
+                 "quantized conv: expected input [N,{},H,W], got {}", l.channels, shape_str(s));
+    oh = (s[2] + 2 * l.padding - l.kernel_size) / l.stride + 1;
+    ow = (s[3] + 2 * l.padding - l.kernel_size) / l.stride + 1;
+    cols = im2col_s8(qx, s, l, oh, ow);
+    rows = s[0] * oh * ow;
+  } else {
+    DTRAIN_CHECK(s.size() == 2 && s[1] == l.in, ShapeError,
+                 "quantized linear: expected input [N,{}], got {}", l.in, shape_str(s));
+    cols = std::move(qx);
+    rows = s[0];
+  }
+  std::vector<int32_t> acc(static_cast<size_t>(rows * l.out));
+  gemm_s8s8s32(kernel, rows, l.out, l.in, cols.data(), l.weight.data(), acc.data());
+  Tensor y = l.conv ? empty({s[0], l.out, oh, ow}) : empty({rows, l.out});
+  float* out = y.data<float>();
+  const int64_t plane = oh * ow;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / plane, pos = r % plane;
+    for (int64_t o = 0; o < l.out; ++o) {
+      float v = static_cast<float>(acc[static_cast<size_t>(r * l.out + o)]) *
+                    (l.input_scale * l.weight_scale[static_cast<size_t>(o)]) +
+                l.bias[static_cast<size_t>(o)];
+      out[l.conv ? (b * l.out + o) * plane + pos : r * l.out + o] = v;
+    }
+  }
+  return y;
+}
+
+Tensor QuantizedModel::forward(const Tensor& x, Int8Kernel kernel) const {
+  DTRAIN_CHECK(x.dtype() == DType::f32 && x.device().is_cpu(), DTypeError,
+               "quantized model: expected a CPU f32 input, got {}", dtype_name(x.dtype()));
+  NoGradGuard ng;
+  Tensor h = x;
+  for (const Step& s : steps_) {
+    h = s.layer >= 0 ? run_layer(layers_[static_cast<size_t>(s.layer)], h, kernel)
+                     : s.module->forward(h);
+  }
+  return h;
+}
+
+}  // namespace dtrain::compress
