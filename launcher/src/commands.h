@@ -25,5 +25,8 @@ Command add_bench_command(CLI::App& app);        // cmd_bench.cc
 Command add_doctor_command(CLI::App& app);       // cmd_doctor.cc
 Command add_ckpt_command(CLI::App& app);         // cmd_ckpt.cc
 Command add_generate_command(CLI::App& app);     // cmd_generate.cc
+Command add_prune_command(CLI::App& app);        // cmd_compress.cc
+Command add_quantize_command(CLI::App& app);     // cmd_compress.cc
+Command add_distill_command(CLI::App& app);      // cmd_distill.cc
 
 }  // namespace dtrain::cli

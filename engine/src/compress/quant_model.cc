@@ -73,30 +73,41 @@ float abs_percentile(const Tensor& x, double percentile) {
   return v[k];
 }
 
-// im2col of a quantized NCHW input: rows (n, oh, ow), columns (c, kh, kw).
-std::vector<int8_t> im2col_s8(const std::vector<int8_t>& x, const Shape& s,
-                              const QuantizedModel::Layer& l, int64_t oh, int64_t ow) {
-  const int64_t n = s[0], c = s[1], h = s[2], w = s[3], k = l.kernel_size;
-  std::vector<int8_t> cols(static_cast<size_t>(n * oh * ow * l.in), 0);
-  for (int64_t b = 0; b < n; ++b) {
-    for (int64_t y = 0; y < oh; ++y) {
-      for (int64_t xo = 0; xo < ow; ++xo) {
-        int8_t* row = cols.data() + ((b * oh + y) * ow + xo) * l.in;
-        for (int64_t ch = 0; ch < c; ++ch) {
-          for (int64_t ky = 0; ky < k; ++ky) {
-            const int64_t iy = y * l.stride - l.padding + ky;
-            if (iy < 0 || iy >= h) continue;
-            const int8_t* src = x.data() + ((b * c + ch) * h + iy) * w;
-            for (int64_t kx = 0; kx < k; ++kx) {
-              const int64_t ix = xo * l.stride - l.padding + kx;
-              if (ix >= 0 && ix < w) row[(ch * k + ky) * k + kx] = src[ix];
-            }
+// im2col of image `b` of a quantized NCHW input into cols [OH*OW, C*k*k]: row (oh, ow),
+// column (c, kh, kw); taps in the padding stay 0 (the quantized zero).
+void im2col_s8(const int8_t* x, const Shape& s, const QuantizedModel::Layer& l, int64_t b,
+               int64_t oh, int64_t ow, int8_t* cols) {
+  const int64_t c = s[1], h = s[2], w = s[3], k = l.kernel_size;
+  std::fill_n(cols, oh * ow * l.in, int8_t{0});
+  for (int64_t y = 0; y < oh; ++y) {
+    for (int64_t xo = 0; xo < ow; ++xo) {
+      int8_t* row = cols + (y * ow + xo) * l.in;
+      const int64_t x0 = xo * l.stride - l.padding;
+      for (int64_t ch = 0; ch < c; ++ch) {
+        for (int64_t ky = 0; ky < k; ++ky) {
+          const int64_t iy = y * l.stride - l.padding + ky;
+          if (iy < 0 || iy >= h) continue;
+          const int8_t* src = x + ((b * c + ch) * h + iy) * w;
+          int8_t* dst = row + (ch * k + ky) * k;
+          for (int64_t kx = 0; kx < k; ++kx) {
+            if (x0 + kx >= 0 && x0 + kx < w) dst[kx] = src[x0 + kx];
           }
         }
       }
     }
   }
-  return cols;
+}
+
+// y[o, p] = acc[o, p] * scale_x * scale_w[o] + b[o] (then ReLU when fused), rows of P.
+void dequantize_rows(const int32_t* acc, const QuantizedModel::Layer& l, int64_t p, float* y) {
+  for (int64_t o = 0; o < l.out; ++o) {
+    const float scale = l.input_scale * l.weight_scale[static_cast<size_t>(o)];
+    const float bias = l.bias[static_cast<size_t>(o)];
+    for (int64_t i = 0; i < p; ++i) {
+      float v = static_cast<float>(acc[o * p + i]) * scale + bias;
+      y[o * p + i] = l.relu && v < 0.f ? 0.f : v;
+    }
+  }
 }
 
 }  // namespace
@@ -112,6 +123,10 @@ QuantizedModel QuantizedModel::build(const nn::Sequential& model,
   for (const auto& [name, child] : model.named_children()) {
     Step step;
     step.module = child;
+    if (dynamic_cast<nn::ReLU*>(child.get()) && !q.steps_.empty() && q.steps_.back().layer >= 0) {
+      step.fused = true;  // into the quantized layer before it
+      q.layers_[static_cast<size_t>(q.steps_.back().layer)].relu = true;
+    }
     if (!runs_in_f32(*child)) {
       DTRAIN_CHECK(dynamic_cast<nn::Linear*>(child.get()) || dynamic_cast<nn::Conv2d*>(child.get()),
                    UnsupportedError,
@@ -150,34 +165,35 @@ Tensor QuantizedModel::run_layer(const Layer& l, const Tensor& x, Int8Kernel ker
   std::vector<int8_t> qx(static_cast<size_t>(c.numel()));
   for (size_t i = 0; i < qx.size(); ++i) qx[i] = quantize_s8(p[i], l.input_scale);
   const Shape& s = c.shape();
-  int64_t rows, oh = 1, ow = 1;
-  std::vector<int8_t> cols;
-  if (l.conv) {
-    DTRAIN_CHECK(s.size() == 4 && s[1] == l.channels, ShapeError,
-                 "quantized conv: expected input [N,{},H,W], got {}", l.channels, shape_str(s));
-    oh = (s[2] + 2 * l.padding - l.kernel_size) / l.stride + 1;
-    ow = (s[3] + 2 * l.padding - l.kernel_size) / l.stride + 1;
-    cols = im2col_s8(qx, s, l, oh, ow);
-    rows = s[0] * oh * ow;
-  } else {
+  if (!l.conv) {  // acc[N, out] = q_x[N, K] * q_W[out, K]^T
     DTRAIN_CHECK(s.size() == 2 && s[1] == l.in, ShapeError,
                  "quantized linear: expected input [N,{}], got {}", l.in, shape_str(s));
-    cols = std::move(qx);
-    rows = s[0];
-  }
-  std::vector<int32_t> acc(static_cast<size_t>(rows * l.out));
-  gemm_s8s8s32(kernel, rows, l.out, l.in, cols.data(), l.weight.data(), acc.data());
-  Tensor y = l.conv ? empty({s[0], l.out, oh, ow}) : empty({rows, l.out});
-  float* out = y.data<float>();
-  const int64_t plane = oh * ow;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / plane, pos = r % plane;
-    for (int64_t o = 0; o < l.out; ++o) {
-      float v = static_cast<float>(acc[static_cast<size_t>(r * l.out + o)]) *
-                    (l.input_scale * l.weight_scale[static_cast<size_t>(o)]) +
-                l.bias[static_cast<size_t>(o)];
-      out[l.conv ? (b * l.out + o) * plane + pos : r * l.out + o] = v;
+    std::vector<int32_t> acc(static_cast<size_t>(s[0] * l.out));
+    gemm_s8s8s32(kernel, s[0], l.out, l.in, qx.data(), l.weight.data(), acc.data());
+    Tensor y = empty({s[0], l.out});
+    float* out = y.data<float>();
+    for (int64_t r = 0; r < s[0]; ++r) {
+      for (int64_t o = 0; o < l.out; ++o) {
+        float v = static_cast<float>(acc[static_cast<size_t>(r * l.out + o)]) *
+                      (l.input_scale * l.weight_scale[static_cast<size_t>(o)]) +
+                  l.bias[static_cast<size_t>(o)];
+        out[r * l.out + o] = l.relu && v < 0.f ? 0.f : v;
+      }
     }
+    return y;
+  }
+  DTRAIN_CHECK(s.size() == 4 && s[1] == l.channels, ShapeError,
+               "quantized conv: expected input [N,{},H,W], got {}", l.channels, shape_str(s));
+  const int64_t oh = (s[2] + 2 * l.padding - l.kernel_size) / l.stride + 1;
+  const int64_t ow = (s[3] + 2 * l.padding - l.kernel_size) / l.stride + 1;
+  const int64_t plane = oh * ow;
+  Tensor y = empty({s[0], l.out, oh, ow});
+  std::vector<int8_t> cols(static_cast<size_t>(plane * l.in));
+  std::vector<int32_t> acc(static_cast<size_t>(l.out * plane));
+  for (int64_t b = 0; b < s[0]; ++b) {  // per image: acc[out, P] = q_W[out, K] * cols[P, K]^T
+    im2col_s8(qx.data(), s, l, b, oh, ow, cols.data());
+    gemm_s8s8s32(kernel, l.out, plane, l.in, l.weight.data(), cols.data(), acc.data());
+    dequantize_rows(acc.data(), l, plane, y.data<float>() + b * l.out * plane);
   }
   return y;
 }
@@ -188,6 +204,7 @@ Tensor QuantizedModel::forward(const Tensor& x, Int8Kernel kernel) const {
   NoGradGuard ng;
   Tensor h = x;
   for (const Step& s : steps_) {
+    if (s.fused) continue;
     h = s.layer >= 0 ? run_layer(layers_[static_cast<size_t>(s.layer)], h, kernel)
                      : s.module->forward(h);
   }

@@ -9,9 +9,11 @@
 //   one layer    x (f32) -> q_x = clamp(round(x / scale_x), -127, 127) (s8)
 //                acc = q_x * q_W^T (s8 x s8 -> s32, exact)
 //                y = acc * scale_x * scale_w[o] + b[o] (f32)
-// Conv2d runs as im2col of the s8 input ([N*OH*OW, C*k*k], zero padding is q = 0)
+// Conv2d runs as im2col of the s8 input ([OH*OW, C*k*k] per image, padding is q = 0)
 // and the same GEMM. Layers between (ReLU, MaxPool2d, Flatten) run their f32 forward
-// on the dequantized output. So every quantized layer dequantizes its output and
+// on the dequantized output; a ReLU right after a quantized layer is fused into
+// its dequantization. Conv2d runs per image: acc[out, OH*OW] = q_W * cols^T, which
+// is already NCHW. So every quantized layer dequantizes its output and
 // the next quantizes its input: requantization through f32.
 //
 // The int8 GEMM has two kernels: Int8Kernel::kOneDnn (dnnl_gemm_s8s8s32) and
@@ -69,6 +71,7 @@ class QuantizedModel {
     std::vector<float> weight_scale;  // [out]
     std::vector<float> bias;          // [out] (zeros when the layer has none)
     float input_scale = 1.f;
+    bool relu = false;  // a ReLU that followed the layer, applied in its dequantization
   };
   const std::vector<Layer>& layers() const { return layers_; }
 
@@ -76,6 +79,7 @@ class QuantizedModel {
   struct Step {
     int layer = -1;  // index into layers_, or -1: run `module` in f32
     std::shared_ptr<nn::Module> module;
+    bool fused = false;  // a ReLU done by the quantized layer before it
   };
   Tensor run_layer(const Layer& l, const Tensor& x, Int8Kernel kernel) const;
   std::vector<Step> steps_;
