@@ -152,6 +152,16 @@ TEST(Int8Gemm, OneDnnEqualsTheReferenceOnOddSizes) {
                            ref.data());
     compress::gemm_s8s8s32(compress::Int8Kernel::kOneDnn, m, n, k, a.data(), b.data(), dnn.data());
     EXPECT_EQ(dnn, ref) << m << "x" << n << "x" << k;
+    // B as [K, N]: the same products, so the same integers.
+    std::vector<int8_t> bkn(n * k);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t p = 0; p < k; ++p) bkn[p * n + j] = b[j * k + p];
+    }
+    for (auto kernel : {compress::Int8Kernel::kReference, compress::Int8Kernel::kOneDnn}) {
+      std::vector<int32_t> c(m * n, -1);
+      compress::gemm_s8s8s32(kernel, m, n, k, a.data(), bkn.data(), c.data(), false);
+      EXPECT_EQ(c, ref) << m << "x" << n << "x" << k << " B not transposed";
+    }
   }
 }
 

@@ -15,6 +15,16 @@ bool runs_in_f32(const nn::Module& m) {
          dynamic_cast<const nn::Flatten*>(&m);
 }
 
+// A layer whose GEMM depth K (in features, or C*k*k) is below min_k stays f32.
+bool too_narrow(const nn::Module& m, int64_t min_k) {
+  if (auto* conv = dynamic_cast<const nn::Conv2d*>(&m)) {
+    const auto& o = conv->options();
+    return o.in_channels() * o.kernel_size() * o.kernel_size() < min_k;
+  }
+  auto* lin = dynamic_cast<const nn::Linear*>(&m);
+  return lin != nullptr && lin->options().in_features() < min_k;
+}
+
 // Per-output-channel symmetric s8 of a weight [out, ...] (f32, CPU).
 void quantize_weight(const Tensor& w, QuantizedModel::Layer& l) {
   Tensor c = w.contiguous();
@@ -73,24 +83,34 @@ float abs_percentile(const Tensor& x, double percentile) {
   return v[k];
 }
 
-// im2col of image `b` of a quantized NCHW input into cols [OH*OW, C*k*k]: row (oh, ow),
-// column (c, kh, kw); taps in the padding stay 0 (the quantized zero).
+// im2col of image `b` of a quantized NCHW input into cols [C*k*k, OH*OW]: row
+// (c, kh, kw), column (oh, ow); taps in the padding are 0 (the quantized zero). Each
+// row is a strided copy of input rows (a memcpy when the stride is 1).
 void im2col_s8(const int8_t* x, const Shape& s, const QuantizedModel::Layer& l, int64_t b,
                int64_t oh, int64_t ow, int8_t* cols) {
-  const int64_t c = s[1], h = s[2], w = s[3], k = l.kernel_size;
-  std::fill_n(cols, oh * ow * l.in, int8_t{0});
-  for (int64_t y = 0; y < oh; ++y) {
-    for (int64_t xo = 0; xo < ow; ++xo) {
-      int8_t* row = cols + (y * ow + xo) * l.in;
-      const int64_t x0 = xo * l.stride - l.padding;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        for (int64_t ky = 0; ky < k; ++ky) {
-          const int64_t iy = y * l.stride - l.padding + ky;
-          if (iy < 0 || iy >= h) continue;
-          const int8_t* src = x + ((b * c + ch) * h + iy) * w;
-          int8_t* dst = row + (ch * k + ky) * k;
-          for (int64_t kx = 0; kx < k; ++kx) {
-            if (x0 + kx >= 0 && x0 + kx < w) dst[kx] = src[x0 + kx];
+  const int64_t c = s[1], h = s[2], w = s[3], k = l.kernel_size, st = l.stride;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    for (int64_t ky = 0; ky < k; ++ky) {
+      for (int64_t kx = 0; kx < k; ++kx) {
+        int8_t* row = cols + ((ch * k + ky) * k + kx) * oh * ow;
+        // output columns xo whose input column xo*st - pad + kx lies inside [0, w)
+        int64_t lo = 0, hi = ow;
+        while (lo < ow && lo * st - l.padding + kx < 0) ++lo;
+        while (hi > lo && (hi - 1) * st - l.padding + kx >= w) --hi;
+        for (int64_t y = 0; y < oh; ++y) {
+          int8_t* dst = row + y * ow;
+          const int64_t iy = y * st - l.padding + ky;
+          if (iy < 0 || iy >= h) {
+            std::fill_n(dst, ow, int8_t{0});
+            continue;
+          }
+          const int8_t* src = x + ((b * c + ch) * h + iy) * w - l.padding + kx;
+          std::fill_n(dst, lo, int8_t{0});
+          std::fill_n(dst + hi, ow - hi, int8_t{0});
+          if (st == 1) {
+            std::copy(src + lo, src + hi, dst + lo);
+          } else {
+            for (int64_t xo = lo; xo < hi; ++xo) dst[xo] = src[xo * st];
           }
         }
       }
@@ -127,7 +147,7 @@ QuantizedModel QuantizedModel::build(const nn::Sequential& model,
       step.fused = true;  // into the quantized layer before it
       q.layers_[static_cast<size_t>(q.steps_.back().layer)].relu = true;
     }
-    if (!runs_in_f32(*child)) {
+    if (!runs_in_f32(*child) && !too_narrow(*child, options.min_k)) {
       DTRAIN_CHECK(dynamic_cast<nn::Linear*>(child.get()) || dynamic_cast<nn::Conv2d*>(child.get()),
                    UnsupportedError,
                    "quantize: {} is not supported (Linear, Conv2d, ReLU, MaxPool2d, Flatten)",
@@ -190,9 +210,10 @@ Tensor QuantizedModel::run_layer(const Layer& l, const Tensor& x, Int8Kernel ker
   Tensor y = empty({s[0], l.out, oh, ow});
   std::vector<int8_t> cols(static_cast<size_t>(plane * l.in));
   std::vector<int32_t> acc(static_cast<size_t>(l.out * plane));
-  for (int64_t b = 0; b < s[0]; ++b) {  // per image: acc[out, P] = q_W[out, K] * cols[P, K]^T
+  for (int64_t b = 0; b < s[0]; ++b) {  // per image: acc[out, P] = q_W[out, K] * cols[K, P]
     im2col_s8(qx.data(), s, l, b, oh, ow, cols.data());
-    gemm_s8s8s32(kernel, l.out, plane, l.in, l.weight.data(), cols.data(), acc.data());
+    gemm_s8s8s32(kernel, l.out, plane, l.in, l.weight.data(), cols.data(), acc.data(),
+                 /*b_transposed=*/false);
     dequantize_rows(acc.data(), l, plane, y.data<float>() + b * l.out * plane);
   }
   return y;

@@ -9,10 +9,10 @@
 //   one layer    x (f32) -> q_x = clamp(round(x / scale_x), -127, 127) (s8)
 //                acc = q_x * q_W^T (s8 x s8 -> s32, exact)
 //                y = acc * scale_x * scale_w[o] + b[o] (f32)
-// Conv2d runs as im2col of the s8 input ([OH*OW, C*k*k] per image, padding is q = 0)
+// Conv2d runs as im2col of the s8 input ([C*k*k, OH*OW] per image, padding is q = 0)
 // and the same GEMM. Layers between (ReLU, MaxPool2d, Flatten) run their f32 forward
 // on the dequantized output; a ReLU right after a quantized layer is fused into
-// its dequantization. Conv2d runs per image: acc[out, OH*OW] = q_W * cols^T, which
+// its dequantization. Conv2d runs per image: acc[out, OH*OW] = q_W * cols, which
 // is already NCHW. So every quantized layer dequantizes its output and
 // the next quantizes its input: requantization through f32.
 //
@@ -37,12 +37,16 @@ namespace dtrain::compress {
 
 enum class Int8Kernel { kReference, kOneDnn };
 
-// C[M,N] = A[M,K] * B[N,K]^T, row-major, A and B s8, C s32 (lda = ldb = K, ldc = N).
+// C[M,N] = A[M,K] * B[N,K]^T (b_transposed) or A[M,K] * B[K,N], row-major, A and B
+// s8, C s32, packed (lda = K, ldb = K or N, ldc = N).
 void gemm_s8s8s32(Int8Kernel kernel, int64_t m, int64_t n, int64_t k, const int8_t* a,
-                  const int8_t* b, int32_t* c);
+                  const int8_t* b, int32_t* c, bool b_transposed = true);
 
 struct CalibrationOptions {
   double percentile = 100.0;  // of |x| per tensor, in (0, 100]; 100: min/max
+  // Layers whose GEMM depth K (in features or C*k*k) is below this stay f32: seed-cnn's
+  // first conv (K = 9) measured slower in int8 than oneDNN's f32 convolution.
+  int64_t min_k = 0;
 };
 
 // Symmetric s8 of v with `scale` (round half away from zero, clamp to +-127).
