@@ -9,7 +9,8 @@
 //     prune on its own OUT again continues fine-tuning the same mask.
 //   dtrain quantize --ckpt IN [--model NAME] --calib-batches 10
 //     Post-training int8 (engine/compress/quant.h): f32 vs int8 test accuracy, latency
-//     and throughput of one batch, and the ratio.
+//     and throughput of one batch, and the ratio (--min-k 16 keeps seed-cnn's first conv,
+//     K = 9, in f32; --percentile 99.99 clips activation outliers).
 //   dtrain distill --teacher CKPT --teacher-model seed-cnn --student-model mlp
 //                  --temperature 4 --alpha 0.5 --max-steps N
 //     Trains the student with kd_loss (engine/compress/distill.h), then the same student
@@ -97,6 +98,7 @@ struct QuantArgs {
   std::string ckpt, model;
   int64_t calib_batches = 10;
   double percentile = 100;
+  int64_t min_k = 0;
   int64_t bench_batch = 64, iters = 30;
   int threads = 1;
   LocalDataOptions data;
@@ -126,7 +128,10 @@ int run_quantize(const QuantArgs& a) {
   model->eval();
   LocalMnistSource data(a.data);
   auto calib = data.first_train_inputs(a.calib_batches, a.data.batch);
-  auto q = compress::QuantizedModel::build(*model, calib, {a.percentile});
+  compress::CalibrationOptions co;
+  co.percentile = a.percentile;
+  co.min_k = a.min_k;
+  auto q = compress::QuantizedModel::build(*model, calib, co);
   NoGradGuard ng;
   const double acc32 = data.accuracy([&](const Tensor& x) { return model->forward(x); });
   const double acc8 = data.accuracy([&](const Tensor& x) { return q.forward(x); });
@@ -158,6 +163,8 @@ Command add_quantize(CLI::App& app) {
   c->add_option("--calib-batches", a->calib_batches, "Training batches for the activation ranges")
       ->capture_default_str();
   c->add_option("--percentile", a->percentile, "Activation range: percentile of |x| (100: max)")
+      ->capture_default_str();
+  c->add_option("--min-k", a->min_k, "Layers with a GEMM depth (C*k*k) below this stay f32")
       ->capture_default_str();
   c->add_option("--bench-batch", a->bench_batch, "Batch size of the timing")
       ->capture_default_str()
