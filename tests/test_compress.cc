@@ -165,6 +165,25 @@ TEST(Int8Gemm, OneDnnEqualsTheReferenceOnOddSizes) {
   }
 }
 
+TEST(Int8Conv, OneDnnEqualsTheReferenceOnOddShapes) {
+  Generator gen(14);
+  // n, c, h, w, out, k, stride, padding
+  for (auto s : std::vector<compress::Int8ConvShape>{{1, 1, 5, 5, 1, 1, 1, 0},
+                                                     {2, 3, 7, 9, 5, 3, 1, 1},
+                                                     {3, 17, 11, 10, 33, 3, 2, 0},
+                                                     {2, 1, 28, 28, 32, 3, 1, 0},
+                                                     {1, 6, 9, 9, 7, 5, 2, 2}}) {
+    std::vector<int8_t> x(s.n * s.h * s.w * s.c), w(s.out * s.c * s.k * s.k);
+    for (auto& v : x) v = static_cast<int8_t>(static_cast<int>(gen.next_u64() % 255) - 127);
+    for (auto& v : w) v = static_cast<int8_t>(static_cast<int>(gen.next_u64() % 255) - 127);
+    std::vector<int32_t> ref(s.n * s.oh() * s.ow() * s.out), dnn(ref.size(), -1);
+    compress::conv_s8s8s32(compress::Int8Kernel::kReference, s, x.data(), w.data(), ref.data());
+    compress::conv_s8s8s32(compress::Int8Kernel::kOneDnn, s, x.data(), w.data(), dnn.data());
+    EXPECT_EQ(dnn, ref) << "c=" << s.c << " out=" << s.out << " k=" << s.k << " stride=" << s.stride
+                        << " pad=" << s.padding;
+  }
+}
+
 TEST(Int8Model, KernelsAgreeExactlyAndTrackTheF32Model) {
   for (const char* name : {"mlp", "seed-cnn"}) {
     Generator gen(9);
@@ -176,6 +195,8 @@ TEST(Int8Model, KernelsAgreeExactlyAndTrackTheF32Model) {
     auto ref = q.forward(x, compress::Int8Kernel::kReference).to_vector<float>();
     auto dnn = q.forward(x, compress::Int8Kernel::kOneDnn).to_vector<float>();
     EXPECT_EQ(dnn, ref) << name;
+    auto im2col = q.forward(x, compress::Int8Kernel::kOneDnnIm2col).to_vector<float>();
+    EXPECT_EQ(im2col, ref) << name;
     NoGradGuard ng;
     auto f32 = model->forward(x).to_vector<float>();
     double num = 0, den = 0;

@@ -39,7 +39,7 @@ void gemm_s8s8s32(Int8Kernel kernel, int64_t m, int64_t n, int64_t k, const int8
   DTRAIN_CHECK(m >= 0 && n >= 0 && k >= 0, InvalidArgument,
                "gemm_s8s8s32: negative size M={} N={} K={}", m, n, k);
   if (m == 0 || n == 0) return;
-  if (kernel == Int8Kernel::kReference) {
+  if (kernel == Int8Kernel::kReference) {  // the others are oneDNN's GEMM
     gemm_reference(m, n, k, a, b, c, b_transposed);
   } else {
     gemm_onednn(m, n, k, a, b, c, b_transposed);

@@ -130,6 +130,35 @@ void dequantize_rows(const int32_t* acc, const QuantizedModel::Layer& l, int64_t
   }
 }
 
+// A conv through conv_s8s8s32: x (f32 NCHW) quantized into NHWC, y dequantized to NCHW.
+void run_direct_conv(const QuantizedModel::Layer& l, const float* x, const Shape& s,
+                     Int8Kernel kernel, float* y) {
+  Int8ConvShape cs{s[0], s[1], s[2], s[3], l.out, l.kernel_size, l.stride, l.padding};
+  const int64_t hw = cs.h * cs.w, plane = cs.oh() * cs.ow();
+  std::vector<int8_t> qx(static_cast<size_t>(cs.n * hw * cs.c));
+  for (int64_t b = 0; b < cs.n; ++b) {
+    for (int64_t c = 0; c < cs.c; ++c) {
+      const float* src = x + (b * cs.c + c) * hw;
+      int8_t* dst = qx.data() + b * hw * cs.c + c;
+      for (int64_t i = 0; i < hw; ++i) dst[i * cs.c] = quantize_s8(src[i], l.input_scale);
+    }
+  }
+  std::vector<int32_t> acc(static_cast<size_t>(cs.n * plane * l.out));
+  conv_s8s8s32(kernel, cs, qx.data(), l.weight.data(), acc.data());
+  for (int64_t b = 0; b < cs.n; ++b) {
+    for (int64_t o = 0; o < l.out; ++o) {
+      const float scale = l.input_scale * l.weight_scale[static_cast<size_t>(o)];
+      const float bias = l.bias[static_cast<size_t>(o)];
+      const int32_t* a = acc.data() + b * plane * l.out + o;
+      float* out = y + (b * l.out + o) * plane;
+      for (int64_t i = 0; i < plane; ++i) {
+        float v = static_cast<float>(a[i * l.out]) * scale + bias;
+        out[i] = l.relu && v < 0.f ? 0.f : v;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 QuantizedModel QuantizedModel::build(const nn::Sequential& model,
@@ -208,6 +237,10 @@ Tensor QuantizedModel::run_layer(const Layer& l, const Tensor& x, Int8Kernel ker
   const int64_t ow = (s[3] + 2 * l.padding - l.kernel_size) / l.stride + 1;
   const int64_t plane = oh * ow;
   Tensor y = empty({s[0], l.out, oh, ow});
+  if (kernel != Int8Kernel::kOneDnnIm2col) {
+    run_direct_conv(l, p, s, kernel, y.data<float>());
+    return y;
+  }
   std::vector<int8_t> cols(static_cast<size_t>(plane * l.in));
   std::vector<int32_t> acc(static_cast<size_t>(l.out * plane));
   for (int64_t b = 0; b < s[0]; ++b) {  // per image: acc[out, P] = q_W[out, K] * cols[K, P]

@@ -16,9 +16,9 @@
 // is already NCHW. So every quantized layer dequantizes its output and
 // the next quantizes its input: requantization through f32.
 //
-// The int8 GEMM has two kernels: Int8Kernel::kOneDnn (dnnl_gemm_s8s8s32) and
-// Int8Kernel::kReference (plain loops, int32 accumulation), the test oracle; their
-// int32 results are identical, so the models' outputs are too.
+// The int8 kernels (Int8Kernel): oneDNN's (dnnl_gemm_s8s8s32, the int8 convolution
+// primitive on NHWC, or im2col + the GEMM) and plain loops with int32 accumulation,
+// the test oracle; their int32 results are identical, so the models' outputs are too.
 //
 // Supported models: an nn::Sequential whose children are Linear, Conv2d (any stride
 // and padding), ReLU, MaxPool2d and Flatten (seed-cnn, mlp). Anything else throws
@@ -35,12 +35,26 @@
 
 namespace dtrain::compress {
 
-enum class Int8Kernel { kReference, kOneDnn };
+// kReference: plain loops (GEMM and direct convolution). kOneDnn: dnnl_gemm_s8s8s32 for
+// Linear, oneDNN's int8 convolution primitive for Conv2d. kOneDnnIm2col: Conv2d as
+// im2col + dnnl_gemm_s8s8s32 (slower; kept as the measured alternative).
+enum class Int8Kernel { kReference, kOneDnn, kOneDnnIm2col };
 
 // C[M,N] = A[M,K] * B[N,K]^T (b_transposed) or A[M,K] * B[K,N], row-major, A and B
 // s8, C s32, packed (lda = K, ldb = K or N, ldc = N).
 void gemm_s8s8s32(Int8Kernel kernel, int64_t m, int64_t n, int64_t k, const int8_t* a,
                   const int8_t* b, int32_t* c, bool b_transposed = true);
+
+// An int8 convolution: x [n, h, w, c] (NHWC), weights [out, c, k, k] (OIHW),
+// y [n, oh, ow, out] (NHWC), s32; square kernel, the same stride and padding on both axes.
+struct Int8ConvShape {
+  int64_t n = 0, c = 0, h = 0, w = 0, out = 0, k = 1, stride = 1, padding = 0;
+  int64_t oh() const { return (h + 2 * padding - k) / stride + 1; }
+  int64_t ow() const { return (w + 2 * padding - k) / stride + 1; }
+};
+// kOneDnn: oneDNN's int8 convolution primitive; kReference: plain loops. Equal results.
+void conv_s8s8s32(Int8Kernel kernel, const Int8ConvShape& shape, const int8_t* x, const int8_t* w,
+                  int32_t* y);
 
 struct CalibrationOptions {
   double percentile = 100.0;  // of |x| per tensor, in (0, 100]; 100: min/max
