@@ -145,15 +145,19 @@ void run_direct_conv(const QuantizedModel::Layer& l, const float* x, const Shape
   }
   std::vector<int32_t> acc(static_cast<size_t>(cs.n * plane * l.out));
   conv_s8s8s32(kernel, cs, qx.data(), l.weight.data(), acc.data());
+  constexpr int64_t kTile = 64;  // positions per pass: the tile of acc stays in L1
   for (int64_t b = 0; b < cs.n; ++b) {
-    for (int64_t o = 0; o < l.out; ++o) {
-      const float scale = l.input_scale * l.weight_scale[static_cast<size_t>(o)];
-      const float bias = l.bias[static_cast<size_t>(o)];
-      const int32_t* a = acc.data() + b * plane * l.out + o;
-      float* out = y + (b * l.out + o) * plane;
-      for (int64_t i = 0; i < plane; ++i) {
-        float v = static_cast<float>(a[i * l.out]) * scale + bias;
-        out[i] = l.relu && v < 0.f ? 0.f : v;
+    for (int64_t i0 = 0; i0 < plane; i0 += kTile) {
+      const int64_t i1 = std::min(plane, i0 + kTile);
+      for (int64_t o = 0; o < l.out; ++o) {
+        const float scale = l.input_scale * l.weight_scale[static_cast<size_t>(o)];
+        const float bias = l.bias[static_cast<size_t>(o)];
+        const int32_t* a = acc.data() + b * plane * l.out + o;
+        float* out = y + (b * l.out + o) * plane;
+        for (int64_t i = i0; i < i1; ++i) {
+          float v = static_cast<float>(a[i * l.out]) * scale + bias;
+          out[i] = l.relu && v < 0.f ? 0.f : v;
+        }
       }
     }
   }
