@@ -9,8 +9,8 @@
 //     prune on its own OUT again continues fine-tuning the same mask.
 //   dtrain quantize --ckpt IN [--model NAME] --calib-batches 10
 //     Post-training int8 (engine/compress/quant.h): f32 vs int8 test accuracy, latency
-//     and throughput of one batch, and the ratio (--min-k 16 keeps seed-cnn's first conv,
-//     K = 9, in f32; --percentile 99.99 clips activation outliers).
+//     and throughput of one batch, and the ratio (--min-k 16 keeps layers of depth < 16, e.g.
+//     seed-cnn's first conv, in f32; --percentile 99.99 clips activation outliers).
 //   dtrain distill --teacher CKPT --teacher-model seed-cnn --student-model mlp
 //                  --temperature 4 --alpha 0.5 --max-steps N
 //     Trains the student with kd_loss (engine/compress/distill.h), then the same student

@@ -58,8 +58,9 @@ void conv_s8s8s32(Int8Kernel kernel, const Int8ConvShape& shape, const int8_t* x
 
 struct CalibrationOptions {
   double percentile = 100.0;  // of |x| per tensor, in (0, 100]; 100: min/max
-  // Layers whose GEMM depth K (in features or C*k*k) is below this stay f32: seed-cnn's
-  // first conv (K = 9) measured slower in int8 than oneDNN's f32 convolution.
+  // Layers whose depth K (in features or C*k*k) is below this stay f32 (0: none). With the
+  // im2col path seed-cnn's first conv (K = 9) was slower in int8 than in f32; with the
+  // conv primitive --min-k 16 measured about the same as 0 (bench/int8_inference).
   int64_t min_k = 0;
 };
 
