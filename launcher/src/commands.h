@@ -27,5 +27,9 @@ Command add_ckpt_command(CLI::App& app);         // cmd_ckpt.cc
 Command add_generate_command(CLI::App& app);     // cmd_generate.cc
 Command add_report_command(CLI::App& app);       // cmd_report.cc
 Command add_status_command(CLI::App& app);       // cmd_status.cc
+Command add_infer_command(CLI::App& app);        // cmd_infer.cc
+Command add_prune_command(CLI::App& app);        // cmd_compress.cc
+Command add_quantize_command(CLI::App& app);     // cmd_compress.cc
+Command add_distill_command(CLI::App& app);      // cmd_distill.cc
 
 }  // namespace dtrain::cli

@@ -58,6 +58,10 @@ int main(int argc, char** argv) {
   commands.push_back(add_generate_command(app));
   commands.push_back(add_report_command(app));
   commands.push_back(add_status_command(app));
+  commands.push_back(add_infer_command(app));
+  commands.push_back(add_prune_command(app));
+  commands.push_back(add_quantize_command(app));
+  commands.push_back(add_distill_command(app));
   // (new subcommands are registered here, one line each)
 
   if (argc > 1 && argv[1][0] != '-') {

@@ -11,10 +11,18 @@
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/ops.h"
 #include "host_values.h"
+#include "transfer.h"
 
 namespace dtrain::cli {
 
 namespace {
+
+// --classes: both splits restricted to those digits (labels kept; transfer.h).
+ImageSplits filtered(ImageSplits s, const std::vector<int64_t>& classes) {
+  s.train = filter_classes(s.train, classes, "train");
+  s.test = filter_classes(s.test, classes, "test");
+  return s;
+}
 
 ImageDataOptions image_options(const MnistSourceOptions& o) {
   return {.data = o.data,
@@ -83,7 +91,7 @@ double sum_cross_entropy(const Tensor& logits, const Tensor& labels) {
 MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Communicator& comm)
     : comm_(comm),
       options_(options),
-      splits_(load_image_splits(image_options(options), comm)),
+      splits_(filtered(load_image_splits(image_options(options), comm), options.classes)),
       origin_{splits_.dir, splits_.source, splits_.generated},
       aug_(augmented(options, splits_)),
       train_(aug_ ? aug_ : splits_.train),

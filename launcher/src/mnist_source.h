@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "dtrain/comm/communicator.h"
 #include "dtrain/engine/data/augment.h"
@@ -43,6 +44,7 @@ struct MnistSourceOptions {
   int64_t eval_batch = 500;
   std::string augment;      // training-set augmentation (data/augment.h); empty: none
   int augment_threads = 1;  // worker threads that augment each batch
+  std::vector<int64_t> classes;  // --classes: only these digits (labels kept); empty: all
 };
 
 // Where the data came from, for the banner and the summary.

@@ -146,6 +146,7 @@ MnistSourceOptions source_options(const TrainConfig& c, int world, const Device&
   o.device = device;
   o.augment = c.augment;
   o.augment_threads = c.augment_threads;
+  o.classes = parse_classes(c.classes);
   return o;
 }
 
@@ -302,6 +303,8 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
   std::shared_ptr<nn::Module> model = nn::is_model_file(config.model)
                                           ? nn::load_model_file(config.model, gen)
                                           : nn::make_model(config.model, gen);
+  const std::string transfer_line = apply_transfer(config.transfer, *model);
+  if (!transfer_line.empty() && session.rank() == 0) fmt::print(stderr, "{}\n", transfer_line);
   // Initialised on the CPU (the same weights on every device), then moved; the
   // optimizer is built after the move so that it holds the device parameters.
   model->to(device);
@@ -603,6 +606,24 @@ void add_output_options(CLI::App* t, TrainConfig& c) {
       ->capture_default_str();
 }
 
+// Transfer learning (transfer.h).
+void add_transfer_options(CLI::App* t, TrainConfig& c) {
+  TransferOptions& o = c.transfer;
+  t->add_option("--init-from", o.init_from, "Start from the weights of a safetensors file");
+  t->add_option("--name-map", o.name_map,
+                "JSON {\"their.name\": \"our.name\", \"their.prefix.*\": \"ours.\"} for "
+                "--init-from");
+  t->add_option("--name-prefix", o.name_prefix,
+                "Prefix rewrites for --init-from, e.g. features.=0.,classifier.=9.");
+  t->add_option("--freeze", o.freeze,
+                "Freeze the parameters starting with these prefixes (0.,3.), or 'base' (all "
+                "but the last layer)");
+  t->add_flag("--reset-head", o.reset_head,
+              "With --init-from: keep the last layer freshly initialised");
+  t->add_option("--classes", c.classes,
+                "Only these digits, e.g. 0-4 or 5,7,9 (train and test; labels kept)");
+}
+
 }  // namespace
 
 Command add_train_command(CLI::App& app) {
@@ -614,6 +635,7 @@ Command add_train_command(CLI::App& app) {
   add_output_options(t, *c);
   add_gpt_options(t, *c);
   add_char_rnn_options(t, *c);
+  add_transfer_options(t, *c);
   return {t, [c, t] {
             c->lr_given = t->count("--lr") > 0;
             c->weight_decay_given = t->count("--weight-decay") > 0;

@@ -42,6 +42,8 @@
 #include <cstdint>
 #include <string>
 
+#include "transfer.h"
+
 namespace dtrain::cli {
 
 struct TrainConfig {
@@ -119,6 +121,10 @@ struct TrainConfig {
   int64_t test_signal_step = -1;
   std::string augment;      // --augment crop:2,flip,rotate:10 (data/augment.h); empty: none
   int augment_threads = 1;  // --augment-threads
+  // Transfer learning (transfer.h): --init-from, --name-map, --freeze, --reset-head;
+  // --classes restricts the data to some digits (labels kept).
+  TransferOptions transfer;
+  std::string classes;
 };
 
 struct TrainResult {
