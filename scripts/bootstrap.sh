@@ -20,6 +20,8 @@ DTRAIN_BUILD_DIR="${DTRAIN_BUILD_DIR:-$DTRAIN_ROOT/build}"
 # libpng-dev reads --data imagefolder PNGs; dataset-fashion-mnist is the second image
 # demo (--data fashion-mnist, unpacked with zlib1g-dev; data/fashion_mnist.h).
 # slurm-wlm and munge run the deploy/slurm test on a local Slurm (tests/slurm/).
+# python3-matplotlib draws `dtrain report`'s plots (scripts/report.py); python3-protobuf
+# decodes TensorBoard events in the test's own reader (tests/tensorboard/).
 DTRAIN_PACKAGES=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libopenblas-dev libopenblas0-pthread libdnnl-dev python3-torch
@@ -31,6 +33,7 @@ DTRAIN_PACKAGES=(
   yamllint
   podman runc debootstrap netavark aardvark-dns iptables
   slurm-wlm munge
+  python3-matplotlib python3-protobuf
   libpng-dev zlib1g-dev dataset-fashion-mnist
 )
 

@@ -17,6 +17,7 @@
 #include "dtrain/engine/optim/adam.h"
 #include "dtrain/engine/optim/lr_scheduler.h"
 #include "dtrain/engine/serialize.h"
+#include "tensorboard.h"
 #include "train_callbacks.h"
 #include "trainer.h"
 
@@ -244,6 +245,14 @@ TrainResult train_char_rnn_worker(const TrainConfig& given, WorkerSession& sessi
     if (config.progress) callbacks.push_back(&progress.emplace("char-lstm"));
     callbacks.push_back(&metrics.emplace(
         config.metrics, nlohmann::json{{"workers", world}, {"model", model->config().str()}}));
+  }
+  std::optional<TensorBoardCallback> events;  // tensorboard.h
+  const std::string events_dir = tensorboard_dir(config.tensorboard, config.metrics);
+  if (!events_dir.empty() && (plan.is_logging_rank() || config.tensorboard_all_ranks)) {
+    TensorBoardSources sources;
+    sources.model = model;
+    if (world > 1) sources.sync_seconds = [&plan] { return plan.sync_seconds(); };
+    callbacks.push_back(&events.emplace(events_dir, session.rank(), std::move(sources)));
   }
   if (checkpoints) callbacks.push_back(&*checkpoints);
   TrainerOptions options;

@@ -25,6 +25,7 @@ Command add_bench_command(CLI::App& app);        // cmd_bench.cc
 Command add_doctor_command(CLI::App& app);       // cmd_doctor.cc
 Command add_ckpt_command(CLI::App& app);         // cmd_ckpt.cc
 Command add_generate_command(CLI::App& app);     // cmd_generate.cc
+Command add_report_command(CLI::App& app);       // cmd_report.cc
 Command add_status_command(CLI::App& app);       // cmd_status.cc
 Command add_infer_command(CLI::App& app);        // cmd_infer.cc
 Command add_prune_command(CLI::App& app);        // cmd_compress.cc

@@ -1,5 +1,7 @@
 #include "ddp_plan.h"
 
+#include <chrono>
+
 #include "dtrain/common/error.h"
 #include "host_values.h"
 
@@ -27,7 +29,10 @@ double DataParallelPlan::forward_backward(const TrainBatch& batch, const StepFn&
 }
 
 void DataParallelPlan::sync_gradients() {
-  if (ddp_) ddp_->finish_gradient_sync();
+  if (!ddp_) return;
+  const auto start = std::chrono::steady_clock::now();
+  ddp_->finish_gradient_sync();
+  sync_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 void DataParallelPlan::optimizer_step(optim::Optimizer& optimizer) { optimizer.step(); }

@@ -36,6 +36,9 @@ class DataParallelPlan final : public ParallelPlan {
   void checkpoint_state(CheckpointState& state) const override;
   bool is_logging_rank() const override { return comm_.rank() == 0; }
   int rank() const override { return comm_.rank(); }
+  // Wall seconds the training thread has waited in sync_gradients (the all-reduce
+  // time backward did not hide), summed over every step of this plan; 0 on one rank.
+  double sync_seconds() const { return sync_seconds_; }
 
  private:
   comm::Communicator& comm_;
@@ -43,6 +46,7 @@ class DataParallelPlan final : public ParallelPlan {
   parallel::DdpOptions options_;
   std::shared_ptr<nn::Module> model_;
   std::unique_ptr<parallel::DistributedDataParallel> ddp_;  // world > 1 only
+  double sync_seconds_ = 0;
 };
 
 }  // namespace dtrain::cli

@@ -19,6 +19,7 @@
 #include "dtrain/parallel/schedule.h"
 #include "dtrain/parallel/tensor_parallel.h"
 #include "gpt_checkpoints.h"
+#include "tensorboard.h"
 #include "train_callbacks.h"
 #include "trainer.h"
 
@@ -309,6 +310,7 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
   if (ckpt) options.checkpoint_every = config.ckpt_every;
   std::optional<ProgressCallback> progress;
   std::optional<MetricsCallback> metrics;
+  std::optional<TensorBoardCallback> events;  // scalars of StepEnd and the evaluation
   HeartbeatProgress beat(session);
   std::vector<Callback*> callbacks = {&beat};
   if (ckpt) callbacks.push_back(&checkpoints);
@@ -316,6 +318,10 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
     print_banner(config, run, corpus);
     if (config.progress) callbacks.push_back(&progress.emplace("gpt"));
     callbacks.push_back(&metrics.emplace(config.metrics, nlohmann::json{{"workers", world}}));
+  }
+  const std::string events_dir = tensorboard_dir(config.tensorboard, config.metrics);
+  if (!events_dir.empty() && (plan.is_logging_rank() || config.tensorboard_all_ranks)) {
+    callbacks.push_back(&events.emplace(events_dir, mesh.rank()));
   }
   Trainer trainer({.model = run.model(),
                    .loss = gpt_loss,

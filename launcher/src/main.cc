@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
   commands.push_back(add_doctor_command(app));
   commands.push_back(add_ckpt_command(app));
   commands.push_back(add_generate_command(app));
+  commands.push_back(add_report_command(app));
   commands.push_back(add_status_command(app));
   commands.push_back(add_infer_command(app));
   commands.push_back(add_prune_command(app));

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <span>
 #include <vector>
 
@@ -69,6 +70,22 @@ int64_t count_correct(const Tensor& logits, const Tensor& labels) {
   return correct;
 }
 
+// The summed cross-entropy of the rows (log-sum-exp with the row's max taken out).
+double sum_cross_entropy(const Tensor& logits, const Tensor& labels) {
+  const float* p = logits.data<float>();
+  const int64_t* y = labels.data<int64_t>();
+  const int64_t c = logits.size(1);
+  double sum = 0;
+  for (int64_t r = 0; r < logits.size(0); ++r) {
+    const float* row = p + r * c;
+    double top = row[0], total = 0;
+    for (int64_t j = 1; j < c; ++j) top = std::max<double>(top, row[j]);
+    for (int64_t j = 0; j < c; ++j) total += std::exp(double(row[j]) - top);
+    sum += top + std::log(total) - double(row[y[r]]);
+  }
+  return sum;
+}
+
 }  // namespace
 
 MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Communicator& comm)
@@ -96,11 +113,12 @@ bool MnistBatchSource::epoch_done() const {
 }
 
 // Every rank its share (rows rank, rank + size, ...); the counts are summed over the
-// ranks, so every rank returns the global fraction.
+// ranks, so every rank returns the global fraction (and the mean test loss).
 Metrics MnistBatchSource::evaluate(nn::Module& model) {
   NoGradGuard ng;
   model.eval();
   int64_t counts[2] = {0, 0};  // correct, seen
+  double loss_sum = 0;
   std::vector<int64_t> mine;
   for (int64_t i = comm_.rank(); i < test_->size(); i += comm_.size()) mine.push_back(i);
   const size_t batch = static_cast<size_t>(options_.eval_batch);
@@ -110,13 +128,17 @@ Metrics MnistBatchSource::evaluate(nn::Module& model) {
     Tensor logits = model.forward(b.input.to(options_.device)).to(Device::cpu()).contiguous();
     counts[0] += count_correct(logits, b.target);
     counts[1] += logits.size(0);
+    loss_sum += sum_cross_entropy(logits, b.target);
   }
   on_host_values(options_.device, counts, 2, DType::i64,
                  [&](void* p) { comm_.allreduce(p, 2, DType::i64, comm::ReduceOp::kSum); });
+  on_host_values(options_.device, &loss_sum, 1, DType::f64,
+                 [&](void* p) { comm_.allreduce(p, 1, DType::f64, comm::ReduceOp::kSum); });
   model.train();
   double accuracy =
       counts[1] > 0 ? static_cast<double>(counts[0]) / static_cast<double>(counts[1]) : 0.0;
-  return {{"test_accuracy", accuracy}};
+  const double loss = counts[1] > 0 ? loss_sum / static_cast<double>(counts[1]) : 0.0;
+  return {{"test_accuracy", accuracy}, {"test_loss", loss}};
 }
 
 Tensor mnist_loss(nn::Module& model, const TrainBatch& batch) {

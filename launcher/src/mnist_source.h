@@ -69,7 +69,7 @@ class MnistBatchSource final : public BatchSource {
   bool epoch_done() const override;
   data::DistributedSampler position() const override { return loader_.sampler(); }
   void load_position(const data::SamplerState& state) override { loader_.load_state(state); }
-  Metrics evaluate(nn::Module& model) override;  // {"test_accuracy": fraction correct}
+  Metrics evaluate(nn::Module& model) override;  // test_accuracy (fraction), test_loss (mean nats)
 
   const MnistOrigin& origin() const { return origin_; }
   int world_size() const { return comm_.size(); }  // ranks the batches are split over

@@ -27,9 +27,11 @@
 #include "dtrain/engine/threading.h"
 #include "dtrain/parallel/trace.h"
 #include "gpt_train.h"
+#include "host_values.h"
 #include "mnist_source.h"
 #include "recovery.h"
 #include "signal_checkpoint.h"
+#include "tensorboard.h"
 #include "train_callbacks.h"
 #include "trainer.h"
 #include "worker_env.h"
@@ -168,19 +170,21 @@ CheckpointOptions checkpoint_options(const TrainConfig& c, int world, const Star
   return o;
 }
 
-// The run's opening lines, once the metrics file is open.
+// The run's opening lines, once the metrics (and event) files are open.
 class Banner final : public Callback {
  public:
-  Banner(std::string line, const MetricsCallback& metrics)
-      : line_(std::move(line)), metrics_(metrics) {}
+  Banner(std::string line, const MetricsCallback& metrics, const TensorBoardCallback* events)
+      : line_(std::move(line)), metrics_(metrics), events_(events) {}
   void on_train_begin(const TrainBegin& /*begin*/) override {
     fmt::print(stderr, "{}\n", line_);
     fmt::print(stderr, "metrics: {}\n", metrics_.path());
+    if (events_) fmt::print(stderr, "tensorboard: {}\n", events_->path());
   }
 
  private:
   std::string line_;
   const MetricsCallback& metrics_;
+  const TensorBoardCallback* events_;
 };
 
 std::string banner_line(const TrainConfig& c, const nn::Module& model, const MnistBatchSource& data,
@@ -200,10 +204,11 @@ struct TrainCallbacks {
   HeartbeatProgress beat;
   TestKillSwitch kill;
   RecoveryNotice notice;
-  std::optional<ProgressCallback> progress;  // the logging rank only, unless --no-progress
-  std::optional<MetricsCallback> metrics;    // the logging rank only
-  std::optional<Banner> banner;              // with the metrics
-  std::optional<SignalStop> stop;            // --checkpoint-signals with --ckpt-dir
+  std::optional<ProgressCallback> progress;   // the logging rank only, unless --no-progress
+  std::optional<MetricsCallback> metrics;     // the logging rank only
+  std::optional<TensorBoardCallback> events;  // the logging rank, or every rank (flag)
+  std::optional<Banner> banner;               // with the metrics
+  std::optional<SignalStop> stop;             // --checkpoint-signals with --ckpt-dir
 
   TrainCallbacks(const TrainConfig& c, WorkerSession& session, const StartFrom& from)
       : watch(session),
@@ -214,6 +219,7 @@ struct TrainCallbacks {
     std::vector<Callback*> l = {&watch, &beat, &kill, &notice};
     if (progress) l.push_back(&*progress);
     if (metrics) l.push_back(&*metrics);
+    if (events) l.push_back(&*events);
     if (banner) l.push_back(&*banner);
     if (checkpoints) l.push_back(checkpoints);
     if (stop) l.push_back(&*stop);
@@ -314,13 +320,22 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
     checkpoints.emplace(checkpoint_options(config, world, from), session, device);
   }
   TrainCallbacks callbacks(config, session, from);
+  const std::string events_dir = tensorboard_dir(config.tensorboard, config.metrics);
+  if (!events_dir.empty() && (plan.is_logging_rank() || config.tensorboard_all_ranks)) {
+    TensorBoardSources sources;
+    sources.model = model;
+    if (world > 1) sources.sync_seconds = [&plan] { return plan.sync_seconds(); };
+    callbacks.events.emplace(events_dir, session.rank(), std::move(sources));
+  }
   if (plan.is_logging_rank()) {
     if (config.progress) callbacks.progress.emplace(config.model);
     callbacks.metrics.emplace(config.metrics,
                               nlohmann::json{{"workers", world},
                                              {"data", data.origin().source},
-                                             {"generated_data", data.origin().generated}});
-    callbacks.banner.emplace(banner_line(config, *model, data, session), *callbacks.metrics);
+                                             {"generated_data", data.origin().generated},
+                                             {"config", run_config_json(config, world)}});
+    callbacks.banner.emplace(banner_line(config, *model, data, session), *callbacks.metrics,
+                             callbacks.events ? &*callbacks.events : nullptr);
   }
   if (stop_signals && checkpoints) {
     callbacks.stop.emplace(*stop_signals, session.comm(), device, config.test_signal_rank,
@@ -393,6 +408,18 @@ void read_test_seams(TrainConfig& c) {
   std::tie(c.test_signal_rank, c.test_signal_step) = read_test_signal_seam();
 }
 
+// The default metrics path, once for every attempt (recovery) and for the event files
+// beside it. With an event file per rank, rank 0's time stamp is broadcast so every
+// rank writes into the same run folder (one collective, only then).
+std::string shared_metrics_path(const TrainConfig& c, WorkerSession& session) {
+  int64_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  if (c.tensorboard_all_ranks && c.tensorboard != "none" && session.size() > 1) {
+    on_host_values(cuda::parse_device(c.device), &now, 1, DType::i64,
+                   [&](void* p) { session.comm().broadcast(p, 1, DType::i64, 0); });
+  }
+  return default_metrics_path(now);
+}
+
 // --checkpoint-signals, blocked before any thread of ours starts; off without
 // --ckpt-dir (nothing to checkpoint) and for the GPT (its checkpoints differ).
 std::unique_ptr<StopSignals> block_checkpoint_signals(const TrainConfig& c) {
@@ -408,6 +435,7 @@ TrainResult run_train(const TrainConfig& given) {
   TrainConfig config = given;
   read_test_seams(config);
   validate(config);
+
   std::unique_ptr<StopSignals> stop_signals = block_checkpoint_signals(config);
   set_num_threads(config.threads);
   WorkerIdentity id = detect_worker_identity(process_env_reader());
@@ -429,6 +457,7 @@ TrainResult run_train(const TrainConfig& given) {
   std::optional<RankTrace> trace;
   if (!config.trace.empty()) trace.emplace(config.trace, id.rank);  // fails here, not later
   std::unique_ptr<WorkerSession> session = WorkerSession::open(id, so);
+  if (config.metrics.empty()) config.metrics = shared_metrics_path(config, *session);
   parallel::Tracer* tracer = trace ? &trace->tracer : nullptr;
   TrainResult result;
   try {
@@ -549,6 +578,11 @@ void add_gpt_options(CLI::App* t, TrainConfig& c) {
 void add_output_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--metrics", c.metrics,
                 "Metrics file (JSON lines); default runs/<time>/metrics.jsonl");
+  t->add_option("--tensorboard", c.tensorboard,
+                "Folder for TensorBoard event files (scalars: loss, lr, samples/s, gradient "
+                "norm, sync wait, test metrics); default: beside the metrics file; none: off");
+  t->add_flag("--tensorboard-all-ranks", c.tensorboard_all_ranks,
+              "One event file per rank (default: rank 0 only)");
   t->add_option("--save", c.save, "Write a checkpoint (model + optimizer) here at the end");
   t->add_flag("!--no-progress", c.progress, "Do not draw the progress bar");
   t->add_option("--ckpt-dir", c.ckpt_dir,

@@ -28,6 +28,11 @@
 // trace.rank<r>.json), also when the run fails; rank 0 prints how much of its
 // all-reduce time backward hid. An unwritable path fails before training.
 //
+// TensorBoard (--tensorboard, tensorboard.h): event files beside the metrics file by
+// default (rank 0's, or one per rank with --tensorboard-all-ranks); the default
+// metrics path runs/train-<time>/ is chosen once per run (rank 0's time on every rank
+// when every rank writes events), so a recovered attempt writes into the same folder.
+//
 // Layout: the loop is the Trainer (trainer.h); run_train composes one attempt from
 // MnistBatchSource (mnist_source.h), DataParallelPlan (ddp_plan.h), ShardedCheckpoints
 // (checkpointing.h) and the callbacks of train_callbacks.h, and run_with_recovery
@@ -68,6 +73,10 @@ struct TrainConfig {
   int powersgd_rank = 2;                  // --grad-compression powersgd: the rank
   std::string metrics;  // path of the JSON-lines file; empty: runs/<time>/metrics.jsonl
   std::string save;     // checkpoint written at the end; empty: none
+  // TensorBoard event files (tensorboard.h): a folder; empty: the metrics file's
+  // folder; "none": off. Rank 0 only unless tensorboard_all_ranks.
+  std::string tensorboard;
+  bool tensorboard_all_ranks = false;
   bool progress = true;
   std::string ckpt_dir;         // sharded checkpoints; empty: none
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch

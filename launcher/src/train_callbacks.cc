@@ -41,9 +41,13 @@ void truncate_metrics(const std::string& path, int64_t step) {
 }  // namespace
 
 std::string default_metrics_path() {
-  auto now = std::chrono::system_clock::now();
+  return default_metrics_path(
+      std::chrono::system_clock::to_time_t(std::chrono::system_clock::now()));
+}
+
+std::string default_metrics_path(int64_t unix_seconds) {
   std::string stamp =
-      fmt::format("{:%Y%m%d-%H%M%S}", fmt::localtime(std::chrono::system_clock::to_time_t(now)));
+      fmt::format("{:%Y%m%d-%H%M%S}", fmt::localtime(static_cast<std::time_t>(unix_seconds)));
   return (fs::path("runs") / ("train-" + stamp) / "metrics.jsonl").string();
 }
 

@@ -1,7 +1,8 @@
 // The trainer callbacks of `dtrain train`: progress line, metrics.jsonl, the
 // recovery notices and the test seams. Each is a Trainer Callback (trainer.h);
 // train.cc registers them in this order: GenerationWatch, TestKillSwitch,
-// RecoveryNotice, ProgressCallback, MetricsCallback, then the run's own banner.
+// RecoveryNotice, ProgressCallback, MetricsCallback, TensorBoardCallback
+// (tensorboard.h), then the run's own banner.
 // The logging ones (progress, metrics) only on the logging rank.
 //
 // Not here: checkpoints (checkpointing.h). Thread-safety: the training thread.
@@ -20,8 +21,9 @@
 
 namespace dtrain::cli {
 
-// runs/train-<local time>/metrics.jsonl
+// runs/train-<local time>/metrics.jsonl, of now or of a unix time (seconds).
 std::string default_metrics_path();
+std::string default_metrics_path(int64_t unix_seconds);
 
 // Throws CommError before a step once the coordinator has moved to a newer
 // generation (a worker was lost): the step would fail in its collectives anyway.
