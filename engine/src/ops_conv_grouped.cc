@@ -79,8 +79,8 @@ std::vector<Tensor> grouped_backward(const GroupedSaved& s, const Tensor& grad) 
 void check_conv_groups(const Shape& xs, const Shape& ws, int64_t groups) {
   DTRAIN_CHECK(groups >= 1, InvalidArgument, "conv2d: groups must be >= 1, got {}", groups);
   DTRAIN_CHECK(xs[1] % groups == 0, ShapeError,
-               "conv2d: groups {} does not divide the {} input channels of input {}", groups,
-               xs[1], shape_str(xs));
+               "conv2d: groups {} does not divide the {} input channels of input {}", groups, xs[1],
+               shape_str(xs));
   DTRAIN_CHECK(ws[0] % groups == 0, ShapeError,
                "conv2d: groups {} does not divide the {} output channels of weight {}", groups,
                ws[0], shape_str(ws));

@@ -188,12 +188,12 @@ void conv2d_depthwise_backward_weights(const ConvGeom& g, const T* x, const T* d
                });
 }
 
-#define DTRAIN_INSTANTIATE(T)                                                                      \
-  template void conv2d_grouped_forward<T>(const ConvGeom&, const T*, const T*, const T*, T*);     \
-  template void conv2d_grouped_backward_data<T>(const ConvGeom&, const T*, const T*, T*);         \
-  template void conv2d_grouped_backward_weights<T>(const ConvGeom&, const T*, const T*, T*, T*);  \
-  template void conv2d_depthwise_forward<T>(const ConvGeom&, const T*, const T*, const T*, T*);   \
-  template void conv2d_depthwise_backward_data<T>(const ConvGeom&, const T*, const T*, T*);       \
+#define DTRAIN_INSTANTIATE(T)                                                                    \
+  template void conv2d_grouped_forward<T>(const ConvGeom&, const T*, const T*, const T*, T*);    \
+  template void conv2d_grouped_backward_data<T>(const ConvGeom&, const T*, const T*, T*);        \
+  template void conv2d_grouped_backward_weights<T>(const ConvGeom&, const T*, const T*, T*, T*); \
+  template void conv2d_depthwise_forward<T>(const ConvGeom&, const T*, const T*, const T*, T*);  \
+  template void conv2d_depthwise_backward_data<T>(const ConvGeom&, const T*, const T*, T*);      \
   template void conv2d_depthwise_backward_weights<T>(const ConvGeom&, const T*, const T*, T*, T*);
 DTRAIN_INSTANTIATE(float)
 DTRAIN_INSTANTIATE(double)

@@ -120,11 +120,10 @@ void conv2d_grouped_backward_weights_ref(const ConvGeom& g, const T* x, const T*
   }
 }
 
-#define DTRAIN_INSTANTIATE(T)                                                                      \
+#define DTRAIN_INSTANTIATE(T)                                                                     \
   template void conv2d_grouped_forward_ref<T>(const ConvGeom&, const T*, const T*, const T*, T*); \
   template void conv2d_grouped_backward_data_ref<T>(const ConvGeom&, const T*, const T*, T*);     \
-  template void conv2d_grouped_backward_weights_ref<T>(const ConvGeom&, const T*, const T*, T*,   \
-                                                       T*);
+  template void conv2d_grouped_backward_weights_ref<T>(const ConvGeom&, const T*, const T*, T*, T*);
 DTRAIN_INSTANTIATE(float)
 DTRAIN_INSTANTIATE(double)
 #undef DTRAIN_INSTANTIATE
