@@ -25,5 +25,6 @@ Command add_bench_command(CLI::App& app);        // cmd_bench.cc
 Command add_doctor_command(CLI::App& app);       // cmd_doctor.cc
 Command add_ckpt_command(CLI::App& app);         // cmd_ckpt.cc
 Command add_generate_command(CLI::App& app);     // cmd_generate.cc
+Command add_models_command(CLI::App& app);       // cmd_models.cc
 
 }  // namespace dtrain::cli

@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
   commands.push_back(add_doctor_command(app));
   commands.push_back(add_ckpt_command(app));
   commands.push_back(add_generate_command(app));
+  commands.push_back(add_models_command(app));
   // (new subcommands are registered here, one line each)
 
   if (argc > 1 && argv[1][0] != '-') {

@@ -17,6 +17,7 @@
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
+#include "dtrain/parallel/sync_batchnorm.h"
 #include "dtrain/engine/cuda/runtime.h"
 #include "dtrain/engine/nn/models.h"
 #include "dtrain/engine/optim/lr_scheduler.h"
@@ -68,9 +69,13 @@ void validate(const TrainConfig& c) {
                c.backend, c.device);
   // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
   cuda::require_device(cuda::parse_device(c.device));
-  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt", InvalidArgument,
-               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, and gpt",
+  DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" ||
+                   c.model == "mobilenet",
+               InvalidArgument,
+               "--model {}: dtrain train knows the MNIST models seed-cnn, mlp and mobilenet, and gpt",
                c.model);
+  DTRAIN_CHECK(c.model != "mobilenet" || c.device == "cpu", UnsupportedError,
+               "--model mobilenet: BatchNorm2d runs on the CPU only (use --device cpu)");
   DTRAIN_CHECK(c.model != "gpt" || c.device == "cpu", UnsupportedError,
                "--model gpt: --device cuda is not wired into the GPT run yet (the mesh, "
                "ZeRO and the pipeline run on host memory)");
@@ -278,6 +283,8 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
   MnistBatchSource data(source_options(config, world, device), session.comm());
   Generator gen(config.seed);
   std::shared_ptr<nn::Module> model = nn::make_model(config.model, gen);
+  // Under DDP every BatchNorm2d (mobilenet) becomes a SyncBatchNorm; no-op for one rank.
+  parallel::convert_sync_batchnorm(*model, session.comm());
   // Initialised on the CPU (the same weights on every device), then moved; the
   // optimizer is built after the move so that it holds the device parameters.
   model->to(device);
@@ -427,7 +434,7 @@ namespace {
 
 // --model, --data, where it runs and how the workers talk.
 void add_model_data_options(CLI::App* t, TrainConfig& c) {
-  t->add_option("--model", c.model, "seed-cnn | mlp (MNIST) | gpt (fortunes, char-level)")
+  t->add_option("--model", c.model, "seed-cnn | mlp | mobilenet (MNIST; under DDP mobilenet's BatchNorm is synchronised) | gpt (fortunes, char-level)")
       ->capture_default_str();
   t->add_option("--data", c.data,
                 "Folder with MNIST IDX files (train-images-idx3-ubyte, ...); default: the "
