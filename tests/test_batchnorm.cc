@@ -34,11 +34,10 @@ TEST(BatchNorm, GradcheckTrainingAndEval) {
   for (bool training : {true, false}) {
     Tensor rm = randn({4}, gen, DType::f64, 0.1);
     Tensor rv = testing::uniform({4}, gen, 0.5, 2.0, DType::f64);
-    gradcheck(training ? "batch_norm2d train" : "batch_norm2d eval",
-              [&](auto& in) {
-                return batch_norm2d(in[0], in[1], in[2], rm, rv, {.training = training});
-              },
-              {x, w, b});
+    gradcheck(
+        training ? "batch_norm2d train" : "batch_norm2d eval",
+        [&](auto& in) { return batch_norm2d(in[0], in[1], in[2], rm, rv, {.training = training}); },
+        {x, w, b});
   }
 }
 
@@ -54,9 +53,8 @@ TEST(BatchNorm, Relu6AndGlobalAvgPoolGradcheck) {
 }
 
 std::map<std::string, std::vector<double>> torch_fixture() {
-  testing::CommandResult r =
-      testing::run_command(std::string("/usr/bin/python3 ") + DTRAIN_TESTS_DIR +
-                           "/batchnorm_torch.py", 120);
+  testing::CommandResult r = testing::run_command(
+      std::string("/usr/bin/python3 ") + DTRAIN_TESTS_DIR + "/batchnorm_torch.py", 120);
   EXPECT_EQ(r.code, 0) << r.out;
   std::map<std::string, std::vector<double>> out;
   std::istringstream lines(r.out);
@@ -83,7 +81,8 @@ TEST(BatchNorm, MatchesTorchTrainEvalAndRunningStats) {
                       {"running_mean", zeros(cs)},
                       {"running_var", ones(cs)}});
   Tensor x = t64(f["x"], xs), w = t64(f["weight"], cs).set_requires_grad(true);
-  Tensor b = t64(f["bias"], cs).set_requires_grad(true), rm = zeros(cs, TensorOptions{}.with_dtype(DType::f64));
+  Tensor b = t64(f["bias"], cs).set_requires_grad(true),
+         rm = zeros(cs, TensorOptions{}.with_dtype(DType::f64));
   Tensor rv = ones(cs, TensorOptions{}.with_dtype(DType::f64));
   Tensor xr = x.clone().set_requires_grad(true);
   Tensor y = batch_norm2d(xr, w, b, rm, rv, {.training = true});

@@ -46,9 +46,11 @@ void check_bn(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r
   const Shape c{x.shape()[1]};
   for (const Tensor* t : {&w, &b, &rm, &rv}) {
     DTRAIN_CHECK(t->shape() == c && t->dtype() == x.dtype() && t->device() == x.device(),
-                 ShapeError, "batch_norm2d: input {} {} needs {} {} weight, bias and running stats, "
-                 "got {} {}", dtype_name(x.dtype()), shape_str(x.shape()), dtype_name(x.dtype()),
-                 shape_str(c), dtype_name(t->dtype()), shape_str(t->shape()));
+                 ShapeError,
+                 "batch_norm2d: input {} {} needs {} {} weight, bias and running stats, "
+                 "got {} {}",
+                 dtype_name(x.dtype()), shape_str(x.shape()), dtype_name(x.dtype()), shape_str(c),
+                 dtype_name(t->dtype()), shape_str(t->shape()));
   }
 }
 
@@ -74,7 +76,8 @@ BnStats batch_stats(const BnGeom& g, const T* x, T* rm, T* rv, const BatchNormOp
              std::vector<double>(static_cast<size_t>(g.c)), s[static_cast<size_t>(2 * g.c)]};
   DTRAIN_CHECK(st.count > 1, InvalidArgument,
                "batch_norm2d: training needs more than 1 value per channel, got input [{},{},{}] "
-               "({} values over all ranks)", g.n, g.c, g.hw, st.count);
+               "({} values over all ranks)",
+               g.n, g.c, g.hw, st.count);
   for (int64_t ch = 0; ch < g.c; ++ch) {
     auto c = static_cast<size_t>(ch);
     double mean = s[c] / st.count;
@@ -83,8 +86,8 @@ BnStats batch_stats(const BnGeom& g, const T* x, T* rm, T* rv, const BatchNormOp
     st.invstd[c] = 1.0 / std::sqrt(var + opt.eps);
     double unbiased = var * st.count / (st.count - 1);
     rm[ch] = static_cast<T>((1 - opt.momentum) * static_cast<double>(rm[ch]) + opt.momentum * mean);
-    rv[ch] = static_cast<T>((1 - opt.momentum) * static_cast<double>(rv[ch]) +
-                            opt.momentum * unbiased);
+    rv[ch] =
+        static_cast<T>((1 - opt.momentum) * static_cast<double>(rv[ch]) + opt.momentum * unbiased);
   }
   return st;
 }
@@ -148,7 +151,8 @@ std::vector<Tensor> bn_backward_typed(const BnSaved& s, const Tensor& dyt) {
     auto c = static_cast<size_t>(ch);
     const double inv = s.st.invstd[c], mean = s.st.mean[c], k1 = inv * static_cast<double>(w[ch]);
     const double mdy = s.training ? red[c] / s.st.count : 0.0;
-    const double mdx = s.training ? red[static_cast<size_t>(g.c) + c] / s.st.count * inv * inv : 0.0;
+    const double mdx =
+        s.training ? red[static_cast<size_t>(g.c) + c] / s.st.count * inv * inv : 0.0;
     for (int64_t i = 0; i < g.n; ++i) {
       const T *p = x + (i * g.c + ch) * g.hw, *d = dy + (i * g.c + ch) * g.hw;
       T* q = dx.data<T>() + (i * g.c + ch) * g.hw;
@@ -163,8 +167,8 @@ std::vector<Tensor> bn_backward_typed(const BnSaved& s, const Tensor& dyt) {
 
 }  // namespace
 
-Tensor batch_norm2d(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                    Tensor& running_mean, Tensor& running_var, const BatchNormOptions& opt) {
+Tensor batch_norm2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& running_mean,
+                    Tensor& running_var, const BatchNormOptions& opt) {
   check_bn(x, weight, bias, running_mean, running_var);
   const BnGeom g{x.shape()[0], x.shape()[1], x.shape()[2] * x.shape()[3]};
   Tensor xc = x.detach().contiguous(), wc = weight.detach().contiguous();
@@ -180,18 +184,17 @@ Tensor batch_norm2d(const Tensor& x, const Tensor& weight, const Tensor& bias,
               y.data<scalar_t>());
   });
   if (!any_requires_grad({x, weight, bias})) return y;
-  BnSaved saved{g, std::move(st), xc, wc, opt.training,
-                opt.reduce ? *opt.reduce : StatsAllReduce()};
-  return make_function("batch_norm2d", {x, weight, bias}, {y},
-                       [saved](const std::vector<Tensor>& grads) {
-                         if (!grads[0].defined()) return std::vector<Tensor>(3);
-                         Tensor dy = grads[0].contiguous();
-                         std::vector<Tensor> out;
-                         DTRAIN_DISPATCH_FLOAT(dy.dtype(), "batch_norm2d backward", [&] {
-                           out = bn_backward_typed<scalar_t>(saved, dy);
-                         });
-                         return out;
-                       })[0];
+  BnSaved saved{g,  std::move(st), xc,
+                wc, opt.training,  opt.reduce ? *opt.reduce : StatsAllReduce()};
+  return make_function(
+      "batch_norm2d", {x, weight, bias}, {y}, [saved](const std::vector<Tensor>& grads) {
+        if (!grads[0].defined()) return std::vector<Tensor>(3);
+        Tensor dy = grads[0].contiguous();
+        std::vector<Tensor> out;
+        DTRAIN_DISPATCH_FLOAT(dy.dtype(), "batch_norm2d backward",
+                              [&] { out = bn_backward_typed<scalar_t>(saved, dy); });
+        return out;
+      })[0];
 }
 
 Tensor relu6(const Tensor& x) {

@@ -36,8 +36,8 @@ struct BatchNormOptions {
 };
 
 // x [N,C,H,W]; weight, bias, running_mean, running_var [C] with x's dtype.
-Tensor batch_norm2d(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                    Tensor& running_mean, Tensor& running_var, const BatchNormOptions& opt);
+Tensor batch_norm2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& running_mean,
+                    Tensor& running_var, const BatchNormOptions& opt);
 
 // min(max(x, 0), 6), any shape; the gradient is 1 strictly inside (0, 6).
 Tensor relu6(const Tensor& x);
