@@ -207,7 +207,7 @@ Tensor relu6(const Tensor& x) {
   DTRAIN_DISPATCH_FLOAT(x.dtype(), "relu6", [&] {
     const scalar_t* p = xc.data<scalar_t>();
     scalar_t* q = y.data<scalar_t>();
-    for (int64_t i = 0; i < xc.numel(); ++i) {
+    for (int64_t i = 0, n = xc.numel(); i < n; ++i) {
       q[i] = std::min(std::max(p[i], scalar_t(0)), scalar_t(6));
     }
   });
@@ -218,7 +218,7 @@ Tensor relu6(const Tensor& x) {
     DTRAIN_DISPATCH_FLOAT(dy.dtype(), "relu6 backward", [&] {
       const scalar_t *p = xc.data<scalar_t>(), *d = dy.data<scalar_t>();
       scalar_t* q = dx.data<scalar_t>();
-      for (int64_t i = 0; i < xc.numel(); ++i) {
+      for (int64_t i = 0, n = xc.numel(); i < n; ++i) {
         q[i] = (p[i] > scalar_t(0) && p[i] < scalar_t(6)) ? d[i] : scalar_t(0);
       }
     });
