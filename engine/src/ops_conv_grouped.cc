@@ -78,6 +78,9 @@ std::vector<Tensor> grouped_backward(const GroupedSaved& s, const Tensor& grad) 
 
 void check_conv_groups(const Shape& xs, const Shape& ws, int64_t groups) {
   DTRAIN_CHECK(groups >= 1, InvalidArgument, "conv2d: groups must be >= 1, got {}", groups);
+  DTRAIN_CHECK(groups != 1 || xs[1] == ws[1], ShapeError,
+               "conv2d: input {} has {} channels but weight {} expects {}", shape_str(xs), xs[1],
+               shape_str(ws), ws[1]);
   DTRAIN_CHECK(xs[1] % groups == 0, ShapeError,
                "conv2d: groups {} does not divide the {} input channels of input {}", groups, xs[1],
                shape_str(xs));
