@@ -121,13 +121,13 @@ int main(int argc, char** argv) {
   int64_t batch = 64;
   int steps = 20, reps = 5;
   std::string models = "all";
-  std::string peers = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
+  std::string peers = std::string(DTRAIN_SOURCE_DIR) + "/bench/peers";  // + mobilenet
   bool no_peer = false;
   app.add_option("--threads", threads, "Kernel threads")->capture_default_str();
   app.add_option("--batch", batch, "Batch size")->capture_default_str();
   app.add_option("--steps", steps, "Steps per repetition")->capture_default_str();
   app.add_option("--reps", reps, "Repetitions (the median is reported)")->capture_default_str();
-  app.add_option("--model", models, "seed-cnn | mlp | seed-lstm | char-lstm | all")
+  app.add_option("--model", models, "seed-cnn | mlp | seed-lstm | char-lstm | mobilenet | all")
       ->capture_default_str();
   app.add_option("--peers", peers, "Folder with pytorch_train.py")->capture_default_str();
   app.add_flag("--no-peer", no_peer, "Do not run the PyTorch peer");
@@ -135,7 +135,7 @@ int main(int argc, char** argv) {
 
   try {
     set_num_threads(threads);
-    std::vector<std::string> names = {"seed-cnn", "mlp", "seed-lstm"};
+    std::vector<std::string> names = {"seed-cnn", "mlp", "seed-lstm", "mobilenet"};
     if (models != "all") names = {models};
     const bool lm = models == "all" || models == "char-lstm";  // char_lstm_bench.h
     if (models == "char-lstm") names.clear();

@@ -15,7 +15,8 @@
 // what those need: x for the weight gradient, the weight for the input gradient
 // (the first layer of a CNN never needs its input gradient). Pooling saves the
 // winner of each window (argmax indices, or oneDNN's workspace), not its input.
-// Deliberately not supported: dilation, groups, asymmetric stride/padding, ceil mode.
+// Groups (grouped and depthwise) are in ops_conv_grouped.cc.
+// Deliberately not supported: dilation, asymmetric stride/padding, ceil mode.
 #include "ops_conv.h"
 
 #include <limits>
@@ -52,7 +53,7 @@ PoolAlgo resolve(PoolAlgo algo, DType dtype) {
   return algo;
 }
 
-void check_conv_tensors(const Tensor& x, const Tensor& w, const Tensor& b) {
+void check_conv_tensors(const Tensor& x, const Tensor& w, const Tensor& b, int64_t groups) {
   DTRAIN_CHECK(x.defined() && w.defined(), InvalidArgument, "conv2d: undefined input or weight");
   DTRAIN_CHECK(x.device() == w.device(), InvalidArgument,
                "conv2d: input on {} but weight on {}; move them with .to(device)", x.device().str(),
@@ -70,9 +71,7 @@ void check_conv_tensors(const Tensor& x, const Tensor& w, const Tensor& b) {
   const Shape &xs = x.shape(), &ws = w.shape();
   DTRAIN_CHECK(ws[0] > 0 && ws[1] > 0 && ws[2] > 0 && ws[3] > 0, ShapeError,
                "conv2d: weight {} has an empty dimension", shape_str(ws));
-  DTRAIN_CHECK(xs[1] == ws[1], ShapeError,
-               "conv2d: input {} has {} channels but weight {} expects {}", shape_str(xs), xs[1],
-               shape_str(ws), ws[1]);
+  check_conv_groups(xs, ws, groups);
   if (!b.defined()) return;
   DTRAIN_CHECK(b.dtype() == x.dtype(), DTypeError, "conv2d: input is {} but bias is {}",
                dtype_name(x.dtype()), dtype_name(b.dtype()));
@@ -85,7 +84,7 @@ void check_conv_tensors(const Tensor& x, const Tensor& w, const Tensor& b) {
 
 cpu::ConvGeom check_conv(const Tensor& x, const Tensor& w, const Tensor& b,
                          const Conv2dOptions& opt) {
-  check_conv_tensors(x, w, b);
+  check_conv_tensors(x, w, b, opt.groups);
   DTRAIN_CHECK(opt.stride >= 1, InvalidArgument, "conv2d: stride must be >= 1, got {}", opt.stride);
   DTRAIN_CHECK(opt.padding >= 0, InvalidArgument, "conv2d: padding must be >= 0, got {}",
                opt.padding);
@@ -95,8 +94,10 @@ cpu::ConvGeom check_conv(const Tensor& x, const Tensor& w, const Tensor& b,
                "conv2d: kernel {}x{} of weight {} is larger than the padded input {}x{} (input "
                "{}, padding {})",
                ws[2], ws[3], shape_str(ws), ph, pw, shape_str(xs), opt.padding);
-  return cpu::make_conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], opt.stride,
-                             opt.padding);
+  cpu::ConvGeom g = cpu::make_conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3],
+                                        opt.stride, opt.padding);
+  g.groups = opt.groups;
+  return g;
 }
 
 cpu::PoolGeom check_pool(const Tensor& x, const MaxPool2dOptions& opt) {
@@ -268,6 +269,7 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dO
                          })[0];
   }
 #endif
+  if (g.groups != 1) return conv2d_grouped_cpu(x, weight, bias, g, algo);  // ops_conv_grouped.cc
   ConvAlgo a = resolve(algo, x.dtype());
   Tensor xc = x.detach().contiguous(), wc = weight.detach().contiguous();
   Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();

@@ -6,6 +6,7 @@
 // dtype (oneDNN with f64) throws DTypeError rather than silently switching kernels.
 #pragma once
 
+#include "cpu/conv.h"
 #include "dtrain/engine/ops.h"
 
 namespace dtrain {
@@ -34,5 +35,15 @@ PoolAlgo default_pool_algo(DType dtype);
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dOptions opt,
               ConvAlgo algo);
 Tensor max_pool2d(const Tensor& x, MaxPool2dOptions opt, PoolAlgo algo);
+
+// ---- grouped convolution (ops_conv_grouped.cc) ----
+// Throws ShapeError unless groups >= 1 divides both channel counts and the weight has
+// C / groups input channels; names the numbers.
+void check_conv_groups(const Shape& x_shape, const Shape& w_shape, int64_t groups);
+// conv2d on the CPU for g.groups > 1 (shapes already checked). kReference runs the
+// direct oracle loops; otherwise depthwise (groups == C) runs the direct depthwise
+// kernels and other group counts per-group im2col + GEMM (cpu/conv_grouped.h).
+Tensor conv2d_grouped_cpu(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                          const cpu::ConvGeom& g, ConvAlgo algo);
 
 }  // namespace dtrain

@@ -31,5 +31,6 @@ Command add_infer_command(CLI::App& app);        // cmd_infer.cc
 Command add_prune_command(CLI::App& app);        // cmd_compress.cc
 Command add_quantize_command(CLI::App& app);     // cmd_compress.cc
 Command add_distill_command(CLI::App& app);      // cmd_distill.cc
+Command add_models_command(CLI::App& app);       // cmd_models.cc
 
 }  // namespace dtrain::cli

@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
   commands.push_back(add_prune_command(app));
   commands.push_back(add_quantize_command(app));
   commands.push_back(add_distill_command(app));
+  commands.push_back(add_models_command(app));
   // (new subcommands are registered here, one line each)
 
   if (argc > 1 && argv[1][0] != '-') {

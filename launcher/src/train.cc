@@ -18,6 +18,7 @@
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
+#include "dtrain/parallel/sync_batchnorm.h"
 #include "dtrain/engine/cuda/runtime.h"
 #include "dtrain/engine/nn/model_file.h"
 #include "dtrain/engine/nn/models.h"
@@ -73,11 +74,13 @@ void validate(const TrainConfig& c) {
   // "no CUDA device: <driver's error>" without a GPU or without the CUDA backend.
   cuda::require_device(cuda::parse_device(c.device));
   DTRAIN_CHECK(c.model == "seed-cnn" || c.model == "mlp" || c.model == "gpt" ||
-                   c.model == "char-lstm" || nn::is_model_file(c.model),
+                   c.model == "char-lstm" || c.model == "mobilenet" || nn::is_model_file(c.model),
                InvalidArgument,
-               "--model {}: dtrain train knows the MNIST models seed-cnn and mlp, gpt, "
+               "--model {}: dtrain train knows the MNIST models seed-cnn, mlp and mobilenet, gpt, "
                "char-lstm, and model files FILE.json (nn/model_file.h)",
                c.model);
+  DTRAIN_CHECK(c.model != "mobilenet" || c.device == "cpu", UnsupportedError,
+               "--model mobilenet: BatchNorm2d runs on the CPU only (use --device cpu)");
   if (nn::is_model_file(c.model)) {
     Generator check_only;
     nn::load_model_file(c.model, check_only);  // names the bad layer before any rank starts
@@ -305,6 +308,8 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
                                           : nn::make_model(config.model, gen);
   const std::string transfer_line = apply_transfer(config.transfer, *model);
   if (!transfer_line.empty() && session.rank() == 0) fmt::print(stderr, "{}\n", transfer_line);
+  // Under DDP every BatchNorm2d (mobilenet) becomes a SyncBatchNorm; no-op for one rank.
+  parallel::convert_sync_batchnorm(*model, session.comm());
   // Initialised on the CPU (the same weights on every device), then moved; the
   // optimizer is built after the move so that it holds the device parameters.
   model->to(device);
@@ -478,7 +483,8 @@ namespace {
 // --model, --data, where it runs and how the workers talk.
 void add_model_data_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--model", c.model,
-                "seed-cnn | mlp (MNIST) | gpt | char-lstm (fortunes, char-level) | FILE.json "
+                "seed-cnn | mlp | mobilenet (MNIST; under DDP mobilenet's BatchNorm is "
+                "synchronised) | gpt | char-lstm (fortunes, char-level) | FILE.json "
                 "(nn/model_file.h)")
       ->capture_default_str();
   t->add_option("--data", c.data,

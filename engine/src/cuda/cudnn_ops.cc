@@ -71,7 +71,8 @@ struct FilterDesc {
   FilterDesc(DType dt, const cpu::ConvGeom& g) {
     DTRAIN_CUDNN_CHECK(cudnnCreateFilterDescriptor(&d));
     DTRAIN_CUDNN_CHECK(cudnnSetFilter4dDescriptor(d, cudnn_type(dt, "conv2d"), CUDNN_TENSOR_NCHW,
-                                                  i32(g.o), i32(g.c), i32(g.kh), i32(g.kw)));
+                                                  i32(g.o), i32(g.c / g.groups), i32(g.kh),
+                                                  i32(g.kw)));
   }
   ~FilterDesc() { cudnnDestroyFilterDescriptor(d); }
   FilterDesc(const FilterDesc&) = delete;
@@ -86,6 +87,8 @@ struct ConvDesc {
     DTRAIN_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(d, i32(g.pad), i32(g.pad), i32(g.stride),
                                                        i32(g.stride), 1, 1, CUDNN_CROSS_CORRELATION,
                                                        compute));
+    // Grouped / depthwise convolution: the filter holds c / groups input channels.
+    DTRAIN_CUDNN_CHECK(cudnnSetConvolutionGroupCount(d, i32(g.groups)));
     // f32 stays f32 (FMA math) unless an AllowTf32Guard is alive (default math lets
     // cuDNN use TF32); half types use the tensor cores.
     bool half = dt == DType::f16 || dt == DType::bf16;
@@ -158,7 +161,7 @@ std::vector<Tensor> conv2d_backward(const Tensor& dy, const Tensor& x, const Ten
   const TensorOptions opts = w.options();
   Tensor dyc = contig(dy);
   Tensor dx = gx ? zeros({g.n, g.c, g.h, g.w}, opts) : Tensor();
-  Tensor dw = gw ? zeros({g.o, g.c, g.kh, g.kw}, opts) : Tensor();
+  Tensor dw = gw ? zeros({g.o, g.c / g.groups, g.kh, g.kw}, opts) : Tensor();
   Tensor db = gb ? zeros({g.o}, opts) : Tensor();
   if (g.n == 0) return {dx, dw, db};
   ConvSetup c(w.device(), w.dtype(), g);

@@ -103,16 +103,20 @@ Conv2d::Conv2d(const Conv2dOptions& options, Generator& gen) : Module("Conv2d"),
                "Conv2d: invalid options (in {}, out {}, kernel {}, stride {}, padding {})",
                options.in_channels(), options.out_channels(), options.kernel_size(),
                options.stride(), options.padding());
+  DTRAIN_CHECK(options.groups() >= 1 && options.in_channels() % options.groups() == 0 &&
+                   options.out_channels() % options.groups() == 0,
+               InvalidArgument, "Conv2d: groups {} must divide in channels {} and out channels {}",
+               options.groups(), options.in_channels(), options.out_channels());
   int64_t k = options.kernel_size();
-  weight =
-      register_parameter("weight", empty({options.out_channels(), options.in_channels(), k, k}));
+  weight = register_parameter(
+      "weight", empty({options.out_channels(), options.in_channels() / options.groups(), k, k}));
   if (options.bias()) bias = register_parameter("bias", empty({options.out_channels()}));
   reset_parameters(gen);
 }
 
 void Conv2d::reset_parameters(Generator& gen) {
   int64_t k = options_.kernel_size();
-  double bound = fan_in_bound(options_.in_channels() * k * k);
+  double bound = fan_in_bound(options_.in_channels() / options_.groups() * k * k);
   fill_uniform(weight, -bound, bound, gen);
   if (bias.defined()) fill_uniform(bias, -bound, bound, gen);
 }
@@ -120,7 +124,8 @@ void Conv2d::reset_parameters(Generator& gen) {
 std::string Conv2d::extra_repr() const {
   return fmt::format("{} -> {}, kernel {}, stride {}, padding {}{}", options_.in_channels(),
                      options_.out_channels(), options_.kernel_size(), options_.stride(),
-                     options_.padding(), options_.bias() ? "" : ", no bias");
+                     options_.padding(), options_.bias() ? "" : ", no bias") +
+         (options_.groups() == 1 ? "" : fmt::format(", groups {}", options_.groups()));
 }
 
 Tensor Conv2d::forward(const Tensor& x) {
@@ -132,7 +137,8 @@ Tensor Conv2d::forward(const Tensor& x) {
   DTRAIN_CHECK(x.shape()[2] >= min_hw && x.shape()[3] >= min_hw, ShapeError,
                "{}: expected input [N,{},H,W] with H,W >= {}, got {}", describe(),
                options_.in_channels(), min_hw, shape_str(x.shape()));
-  return conv2d(x, weight, bias, dtrain::Conv2dOptions{options_.stride(), options_.padding()});
+  return conv2d(x, weight, bias,
+                dtrain::Conv2dOptions{options_.stride(), options_.padding(), options_.groups()});
 }
 
 // ---------------------------------------------------------------- MaxPool2d

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "dtrain/engine/nn/layers.h"
+#include "dtrain/engine/nn/mobilenet.h"
 
 namespace dtrain::nn {
 
@@ -16,6 +17,7 @@ const std::vector<ModelInfo>& registry() {
       {"seed-cnn", "f32 [B,1,28,28]", "i64 [B] in [0,10)", {1, 28, 28}, DType::f32, 10},
       {"mlp", "f32 [B,784] or [B,1,28,28]", "i64 [B] in [0,10)", {784}, DType::f32, 10},
       {"seed-lstm", "i64 tokens [B,20] in [0,1000)", "i64 [B] in [0,1000)", {20}, DType::i64, 1000},
+      {"mobilenet", "f32 [B,1,28,28]", "i64 [B] in [0,10)", {1, 28, 28}, DType::f32, 10},
   };
   return kModels;
 }
@@ -106,6 +108,8 @@ std::shared_ptr<Sequential> make_model(const std::string& name, Generator& gen) 
     build_seed_cnn(*model, gen);
   } else if (name == "mlp") {
     build_mlp(*model, gen);
+  } else if (name == "mobilenet") {
+    build_mobilenet(*model, gen);  // nn/mobilenet.cc
   } else {
     build_seed_lstm(*model, gen);
   }

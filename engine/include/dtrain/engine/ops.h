@@ -62,8 +62,11 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias);
 struct Conv2dOptions {
   int64_t stride = 1;
   int64_t padding = 0;
+  // Grouped convolution (torch.nn.Conv2d groups): C and O split into `groups` equal
+  // groups, weight [O, C/groups, kh, kw]; groups == C is depthwise.
+  int64_t groups = 1;
 };
-// x [N,C,H,W], weight [O,C,kh,kw], bias [O] or undefined.
+// x [N,C,H,W], weight [O,C/groups,kh,kw], bias [O] or undefined.
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dOptions opt = {});
 struct MaxPool2dOptions {
   int64_t kernel = 2;

@@ -83,6 +83,12 @@ class Conv2dOptions {
     bias_ = on;
     return *this;
   }
+  // Grouped / depthwise (groups == in_channels): weight [out, in / groups, k, k].
+  Conv2dOptions& groups(int64_t g) {
+    groups_ = g;
+    return *this;
+  }
+  int64_t groups() const { return groups_; }
   int64_t in_channels() const { return in_; }
   int64_t out_channels() const { return out_; }
   int64_t kernel_size() const { return kernel_; }
@@ -94,6 +100,7 @@ class Conv2dOptions {
   int64_t in_, out_, kernel_;
   int64_t stride_ = 1, padding_ = 0;
   bool bias_ = true;
+  int64_t groups_ = 1;
 };
 
 class Conv2d : public Module {
@@ -106,7 +113,7 @@ class Conv2d : public Module {
   void reset_parameters(Generator& gen);
   const Conv2dOptions& options() const { return options_; }
 
-  Tensor weight;  // [out, in, k, k]
+  Tensor weight;  // [out, in / groups, k, k]
   Tensor bias;    // [out] or undefined
 
  private:

@@ -7,6 +7,8 @@
 //                Flatten Linear(784,256) ReLU Linear(256,256) ReLU Linear(256,10)
 //   "seed-lstm"  input i64 tokens [B,20] in [0,1000), predicts the next token:
 //                Embedding(1000,128) LSTM(128,128) LastTimeStep Linear(128,1000)
+//   "mobilenet"  input f32 [B,1,28,28], 10 classes: a MobileNet-v1-style net with
+//                BatchNorm2d (train/eval modes, running stats as buffers), nn/mobilenet.h
 //
 // Every model is an nn::Sequential whose children are named "0", "1", ..., so the
 // parameter names are "0.weight", "9.bias", ... A shape or dtype error raised inside
