@@ -290,7 +290,8 @@ TEST(Module, ModesGradsAndFreezing) {
 // ---------------------------------------------------------------- models
 
 TEST(Models, EveryModelRunsForwardAndBackward) {
-  EXPECT_EQ(nn::model_names(), (std::vector<std::string>{"seed-cnn", "mlp", "seed-lstm", "mobilenet"}));
+  EXPECT_EQ(nn::model_names(),
+            (std::vector<std::string>{"seed-cnn", "mlp", "seed-lstm", "mobilenet"}));
   for (const std::string& name : nn::model_names()) {
     Generator gen(8);
     auto model = nn::make_model(name, gen);

@@ -426,8 +426,7 @@ TEST(Recovery, MpirunWithCoordinatorCommitsAndARerunResumesBitExact) {
 
 TEST(Recovery, StatusShowsEveryRanksProgressAndRefusesAWrongToken) {
   fs::path dir = scratch("status");
-  Background job(kBin + " launch --nproc 2 --token tk -- dtrain " +
-                     train(dir, "--max-steps 2000"),
+  Background job(kBin + " launch --nproc 2 --token tk -- dtrain " + train(dir, "--max-steps 2000"),
                  dir / "launch.log");
   ASSERT_TRUE(job.wait_for_output("rendezvous complete", std::chrono::seconds(60))) << job.output();
   std::smatch m;

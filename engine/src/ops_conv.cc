@@ -94,8 +94,8 @@ cpu::ConvGeom check_conv(const Tensor& x, const Tensor& w, const Tensor& b,
                "conv2d: kernel {}x{} of weight {} is larger than the padded input {}x{} (input "
                "{}, padding {})",
                ws[2], ws[3], shape_str(ws), ph, pw, shape_str(xs), opt.padding);
-  cpu::ConvGeom g = cpu::make_conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3],
-                                        opt.stride, opt.padding);
+  cpu::ConvGeom g =
+      cpu::make_conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], opt.stride, opt.padding);
   g.groups = opt.groups;
   return g;
 }

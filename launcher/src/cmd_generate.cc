@@ -35,7 +35,8 @@ struct GenerateOptions {
 nn::GptConfig config_of(const nlohmann::json& extra, const std::string& path) {
   DTRAIN_CHECK(extra.value("model", "") == "gpt", DataFormatError,
                "{}: not a GPT or char-lstm checkpoint (model '{}'); write one with dtrain train "
-               "--model gpt|char-lstm --save", path, extra.value("model", ""));
+               "--model gpt|char-lstm --save",
+               path, extra.value("model", ""));
   nn::GptConfig c;
   try {
     c.vocab_size = extra.at("vocab_size");
@@ -76,8 +77,8 @@ int run_generate(const GenerateOptions& o) {
   const Archive archive = load_archive(o.ckpt);
   const nlohmann::json extra = archive.metadata.value("extra", nlohmann::json::object());
   if (extra.value("model", "") == "char-lstm") {
-    return run_char_rnn_generate(
-        o.ckpt, extra, {o.prompt, o.tokens, o.temperature, o.top_k, o.seed});
+    return run_char_rnn_generate(o.ckpt, extra,
+                                 {o.prompt, o.tokens, o.temperature, o.top_k, o.seed});
   }
   nn::Gpt model(config_of(extra, o.ckpt));
   load_checkpoint(o.ckpt, model, nullptr);
@@ -104,10 +105,13 @@ int run_generate(const GenerateOptions& o) {
 Command add_generate_command(CLI::App& app) {
   auto o = std::make_shared<GenerateOptions>();
   CLI::App* g = app.add_subcommand("generate", "Sample text from a GPT or char-lstm checkpoint");
-  g->add_option("--ckpt", o->ckpt, "Checkpoint written by dtrain train --model gpt|char-lstm --save")
+  g->add_option("--ckpt", o->ckpt,
+                "Checkpoint written by dtrain train --model gpt|char-lstm --save")
       ->required();
   g->add_option("--prompt", o->prompt, "Text to continue")->capture_default_str();
-  g->add_option("--tokens,--length", o->tokens, "Tokens (characters) to draw")->capture_default_str()->check(kPositive);
+  g->add_option("--tokens,--length", o->tokens, "Tokens (characters) to draw")
+      ->capture_default_str()
+      ->check(kPositive);
   g->add_option("--temperature", o->temperature, "Softmax temperature")->capture_default_str();
   g->add_option("--top-k", o->top_k, "Draw among the k likeliest")->capture_default_str();
   g->add_option("--seed", o->seed, "Sampling seed")->capture_default_str();

@@ -42,8 +42,8 @@ struct MnistSourceOptions {
   uint64_t seed = 1;              // the shuffle of every epoch
   Device device = Device::cpu();  // where batches are delivered
   int64_t eval_batch = 500;
-  std::string augment;      // training-set augmentation (data/augment.h); empty: none
-  int augment_threads = 1;  // worker threads that augment each batch
+  std::string augment;           // training-set augmentation (data/augment.h); empty: none
+  int augment_threads = 1;       // worker threads that augment each batch
   std::vector<int64_t> classes;  // --classes: only these digits (labels kept); empty: all
 };
 

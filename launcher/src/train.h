@@ -101,8 +101,8 @@ struct TrainConfig {
   // --model char-lstm (char_rnn_train.h): cell, shape, window and evaluation size.
   std::string rnn_cell = "lstm";  // lstm | gru
   int64_t rnn_layers = 2, rnn_hidden = 128, rnn_seq_len = 64;
-  double rnn_dropout = 0.0;         // between layers
-  int64_t rnn_eval_windows = 512;   // held-out windows evaluated (0: all)
+  double rnn_dropout = 0.0;        // between layers
+  int64_t rnn_eval_windows = 512;  // held-out windows evaluated (0: all)
   // Test seams, from the environment (run_train reads them; see train.cc):
   // DTRAIN_TEST_KILL_AT=rank:step[:always] -- that rank kills itself (SIGKILL) after
   // the step; only in its first incarnation (not after a launch restart) unless :always;

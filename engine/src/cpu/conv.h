@@ -27,8 +27,8 @@ struct ConvGeom {
   int64_t n = 0, c = 0, h = 0, w = 0;  // input
   int64_t o = 0, kh = 0, kw = 0;       // weight (o output channels, c input channels)
   int64_t stride = 1, pad = 0;
-  int64_t oh = 0, ow = 0;                        // output
-  int64_t groups = 1;  // > 1: weight [o, c/groups, kh, kw] (conv_grouped.h)
+  int64_t oh = 0, ow = 0;  // output
+  int64_t groups = 1;      // > 1: weight [o, c/groups, kh, kw] (conv_grouped.h)
   int64_t patch() const { return c * kh * kw; }  // the GEMM reduction size
   int64_t pixels() const { return oh * ow; }     // output pixels per image and channel
 };
