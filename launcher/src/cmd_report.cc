@@ -21,6 +21,7 @@
 
 #include "commands.h"
 #include "dtrain/common/error.h"
+#include "report.h"
 
 #ifndef DTRAIN_SOURCE_DIR
 #define DTRAIN_SOURCE_DIR "."
@@ -31,11 +32,6 @@ namespace dtrain::cli {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct ReportOptions {
-  std::string run_dir;
-  std::string out;  // empty: RUN_DIR/report
-};
 
 std::string report_script() {
   std::error_code ec;
@@ -73,6 +69,8 @@ int run_program(const std::vector<std::string>& args) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+}  // namespace
+
 int run_report(const ReportOptions& o) {
   DTRAIN_CHECK(fs::is_directory(o.run_dir), InvalidArgument,
                "{} is not a folder (expected a run folder holding metrics.jsonl)", o.run_dir);
@@ -85,8 +83,6 @@ int run_report(const ReportOptions& o) {
   DTRAIN_CHECK(rc == 0, IoError, "the plotting script failed (exit {})", rc);
   return 0;
 }
-
-}  // namespace
 
 Command add_report_command(CLI::App& app) {
   auto o = std::make_shared<ReportOptions>();

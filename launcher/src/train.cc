@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -31,6 +32,7 @@
 #include "host_values.h"
 #include "mnist_source.h"
 #include "recovery.h"
+#include "report.h"
 #include "signal_checkpoint.h"
 #include "tensorboard.h"
 #include "train_callbacks.h"
@@ -434,6 +436,18 @@ std::unique_ptr<StopSignals> block_checkpoint_signals(const TrainConfig& c) {
   return std::make_unique<StopSignals>(signals);
 }
 
+// --report: the plots of the finished run. The run is already done and saved, so a
+// report that cannot be drawn (no matplotlib) is a warning, not a failure.
+void write_report(const std::string& metrics_path) {
+  const std::string run_dir = std::filesystem::path(metrics_path).parent_path().string();
+  std::fflush(stdout);  // the summary line before the script's own output
+  try {
+    run_report({.run_dir = run_dir, .out = ""});
+  } catch (const Error& e) {
+    fmt::print(stderr, "dtrain train: warning: no report: {}\n", e.what());
+  }
+}
+
 }  // namespace
 
 TrainResult run_train(const TrainConfig& given) {
@@ -475,6 +489,7 @@ TrainResult run_train(const TrainConfig& given) {
     throw;
   }
   if (trace) trace->finish();
+  if (config.report && !result.metrics_path.empty()) write_report(result.metrics_path);
   return result;
 }
 
@@ -587,6 +602,8 @@ void add_output_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--tensorboard", c.tensorboard,
                 "Folder for TensorBoard event files (scalars: loss, lr, samples/s, gradient "
                 "norm, sync wait, test metrics); default: beside the metrics file; none: off");
+  t->add_flag("--report", c.report,
+              "At the end, plots and report.md in the run folder's report/ (dtrain report)");
   t->add_flag("--tensorboard-all-ranks", c.tensorboard_all_ranks,
               "One event file per rank (default: rank 0 only)");
   t->add_option("--save", c.save, "Write a checkpoint (model + optimizer) here at the end");

@@ -77,6 +77,7 @@ struct TrainConfig {
   // folder; "none": off. Rank 0 only unless tensorboard_all_ranks.
   std::string tensorboard;
   bool tensorboard_all_ranks = false;
+  bool report = false;  // render `dtrain report` into <run folder>/report at the end
   bool progress = true;
   std::string ckpt_dir;         // sharded checkpoints; empty: none
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch
