@@ -19,7 +19,7 @@ using tag = memory::format_tag;
 struct Int8Graph::Plan {
   struct Step {
     dnnl::primitive prim;
-    memory::desc dst, scratch;
+    memory::desc src, dst, scratch;
     memory wei, bias;  // conv / linear only
   };
   memory::desc input;
@@ -29,9 +29,10 @@ struct Int8Graph::Plan {
 struct Int8Graph::Impl {
   dnnl::engine eng{dnnl::engine::kind::cpu, 0};
   struct Weights {
-    memory::desc user;            // the plain s8 [out, ...] of Int8GraphOp::weight
-    std::vector<memory> layouts;  // reordered copies, one per layout asked for
-    memory bias;                  // f32 [out]
+    // reordered copies, one per layout asked for (and per [H, W] of a Linear after a
+    // Flatten, whose K order those set)
+    std::vector<std::pair<int64_t, memory>> layouts;
+    memory bias;  // f32 [out]
   };
   std::vector<Weights> weights;  // per op (unused for max-pool)
   std::map<Shape, std::unique_ptr<Plan>> plans;
@@ -83,25 +84,39 @@ size_t Int8Graph::cached_shapes() const {
 
 namespace {
 
-// The weights of op i in layout `want`: a copy made before, or a reorder now.
+// The weights of op i in layout `want`: a copy made before, or a reorder now of the
+// plain `user` weights at `data` (op.weight, or its NHWC-ordered copy: key = H * 2^20 + W).
 memory weights_in(Int8Graph::Impl& impl, const Int8GraphOp& op, size_t i, const memory::desc& want,
-                  const memory::desc& user) {
+                  const memory::desc& user, const int8_t* data, int64_t key = 0) {
   auto& w = impl.weights[i];
-  if (w.layouts.empty()) {  // first use: the plain weights and the bias
-    w.user = user;
+  if (!w.bias) {  // first use: the bias
     w.bias = memory(memory::desc({op.out}, dt::f32, tag::x), impl.eng);
     std::copy(op.bias.begin(), op.bias.end(), static_cast<float*>(w.bias.get_data_handle()));
   }
-  for (const memory& m : w.layouts) {
-    if (m.get_desc() == want) return m;
+  for (const auto& [k, m] : w.layouts) {
+    if (k == key && m.get_desc() == want) return m;
   }
-  memory plain(w.user, impl.eng, const_cast<int8_t*>(op.weight.data()));
+  memory plain(user, impl.eng, const_cast<int8_t*>(data));
   memory m(want, impl.eng);
   dnnl::stream stream(impl.eng);
   dnnl::reorder(plain, m).execute(stream, plain, m);
   stream.wait();
-  w.layouts.push_back(m);
+  w.layouts.emplace_back(key, m);
   return m;
+}
+
+// A Linear's weight [out, C*H*W] (NCHW order) permuted to [out, H*W*C] (NHWC order).
+std::vector<int8_t> weight_nhwc(const Int8GraphOp& op, int64_t c, int64_t hw) {
+  std::vector<int8_t> out(op.weight.size());
+  for (int64_t o = 0; o < op.out; ++o) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      for (int64_t i = 0; i < hw; ++i) {
+        out[static_cast<size_t>(o * op.in + i * c + ch)] =
+            op.weight[static_cast<size_t>(o * op.in + ch * hw + i)];
+      }
+    }
+  }
+  return out;
 }
 
 Int8Graph::Plan::Step conv_step(Int8Graph::Impl& impl, const Int8GraphOp& op, size_t i,
@@ -117,32 +132,41 @@ Int8Graph::Plan::Step conv_step(Int8Graph::Impl& impl, const Int8GraphOp& op, si
       dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src, wei_any,
       bias_md, dst, {op.stride, op.stride}, {op.padding, op.padding}, {op.padding, op.padding});
   dnnl::convolution_forward::primitive_desc pd(d, layer_attr(op), impl.eng);
-  memory wei = weights_in(impl, op, i, pd.weights_desc(), memory::desc(wd, dt::s8, tag::oihw));
-  return {dnnl::convolution_forward(pd), pd.dst_desc(), pd.scratchpad_desc(), wei,
-          impl.weights[i].bias};
+  memory wei = weights_in(impl, op, i, pd.weights_desc(), memory::desc(wd, dt::s8, tag::oihw),
+                          op.weight.data());
+  return {dnnl::convolution_forward(pd), src, pd.dst_desc(),
+          pd.scratchpad_desc(),          wei, impl.weights[i].bias};
 }
 
-// After a Flatten the src is 4D NHWC and the weights [out, C, H, W] (oihw: K in NCHW order).
+// After a Flatten the src is 4D NHWC: read as the 2D [N, H*W*C] it is in memory (oneDNN's
+// 4D int8 inner product is a slow GEMM), with the weights permuted to that K order.
 Int8Graph::Plan::Step linear_step(Int8Graph::Impl& impl, const Int8GraphOp& op, size_t i,
-                                  const memory::desc& src) {
-  memory::dims s = src.dims();
+                                  const memory::desc& src4) {
+  memory::dims s = src4.dims();
   int64_t k = 1;
   for (size_t j = 1; j < s.size(); ++j) k *= s[j];
   DTRAIN_CHECK(k == op.in, ShapeError, "int8 graph linear {}: expected {} input features, got {}",
                i, op.in, k);
-  memory::dims wd{op.out, op.in};
-  tag user_tag = tag::oi;
+  const memory::desc src = act_md({s[0], k}, src4.data_type());
+  std::vector<int8_t> permuted;
+  int64_t key = 0;
   if (s.size() == 4) {
-    wd = {op.out, s[1], s[2], s[3]};
-    user_tag = tag::oihw;
+    permuted = weight_nhwc(op, s[1], s[2] * s[3]);
+    key = (s[2] << 20) + s[3];
   }
-  memory::desc wei_any(wd, dt::s8, tag::any), bias_md({op.out}, dt::f32, tag::x);
+  memory::desc wei_any({op.out, op.in}, dt::s8, tag::any), bias_md({op.out}, dt::f32, tag::x);
   memory::desc dst = act_md({s[0], op.out}, dst_type(op));
   dnnl::inner_product_forward::desc d(dnnl::prop_kind::forward_inference, src, wei_any, bias_md,
                                       dst);
   dnnl::inner_product_forward::primitive_desc pd(d, layer_attr(op), impl.eng);
-  memory wei = weights_in(impl, op, i, pd.weights_desc(), memory::desc(wd, dt::s8, user_tag));
-  return {dnnl::inner_product_forward(pd), pd.dst_desc(), pd.scratchpad_desc(), wei,
+  memory wei =
+      weights_in(impl, op, i, pd.weights_desc(), memory::desc({op.out, op.in}, dt::s8, tag::oi),
+                 permuted.empty() ? op.weight.data() : permuted.data(), key);
+  return {dnnl::inner_product_forward(pd),
+          src,
+          pd.dst_desc(),
+          pd.scratchpad_desc(),
+          wei,
           impl.weights[i].bias};
 }
 
@@ -161,7 +185,7 @@ Int8Graph::Plan::Step pool_step(Int8Graph::Impl& impl, const Int8GraphOp& op, si
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::pooling_forward::primitive_desc pd(d, attr, impl.eng);
-  return {dnnl::pooling_forward(pd), pd.dst_desc(), pd.scratchpad_desc(), {}, {}};
+  return {dnnl::pooling_forward(pd), src, pd.dst_desc(), pd.scratchpad_desc(), {}, {}};
 }
 
 }  // namespace
@@ -219,26 +243,33 @@ Tensor Int8Graph::run_onednn(const Tensor& x, std::vector<std::vector<int32_t>>*
   const memory::dims out_dims = plan.steps.back().dst.dims();
   Tensor y = empty(Shape(out_dims.begin(), out_dims.end()));
   dnnl::stream stream(eng);
-  memory src(plan.input, eng, q.data());
-  std::vector<std::vector<uint8_t>> buffers(plan.steps.size());
+  void* prev = q.data();
+  // Uninitialised buffers (every byte is written): the activations, then the scratchpad.
+  std::vector<std::unique_ptr<uint8_t[]>> buffers;
   try {
     for (size_t i = 0; i < plan.steps.size(); ++i) {
       const auto& st = plan.steps[i];
       const bool last = i + 1 == plan.steps.size();
-      buffers[i].resize(last ? 0 : st.dst.get_size());
-      memory dst(st.dst, eng, last ? static_cast<void*>(y.data<float>()) : buffers[i].data());
-      std::vector<uint8_t> scratch(st.scratch.get_size());
-      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}};
-      args.emplace(DNNL_ARG_SCRATCHPAD, memory(st.scratch, eng, scratch.data()));
+      if (!last) buffers.emplace_back(new uint8_t[st.dst.get_size()]);
+      memory dst(st.dst, eng, last ? static_cast<void*>(y.data<float>()) : buffers.back().get());
+      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(st.src, eng, prev)},
+                                           {DNNL_ARG_DST, dst}};
+      if (st.scratch.get_size() > 0) {
+        buffers.emplace_back(new uint8_t[st.scratch.get_size()]);
+        args.emplace(DNNL_ARG_SCRATCHPAD, memory(st.scratch, eng, buffers.back().get()));
+      }
       if (st.wei) {
         args.emplace(DNNL_ARG_WEIGHTS, st.wei);
         args.emplace(DNNL_ARG_BIAS, st.bias);
       }
       st.prim.execute(stream, args);
-      stream.wait();
-      if (trace != nullptr && !last) trace->push_back(widen(dst));
-      src = dst;
+      if (trace != nullptr && !last) {
+        stream.wait();
+        trace->push_back(widen(dst));
+      }
+      prev = dst.get_data_handle();
     }
+    stream.wait();
   } catch (const dnnl::error& e) {
     DTRAIN_THROW(InternalError, "int8 graph (oneDNN) on input {}: {}", shape_str(x.shape()),
                  e.what());
@@ -261,6 +292,18 @@ std::vector<uint8_t> quantize_input_nhwc(const Tensor& x, float scale, bool u8) 
   const float* p = c.data<float>();
   const int64_t n = s[0], ch = s[1], hw = s.size() == 4 ? s[2] * s[3] : 1;
   std::vector<uint8_t> q(static_cast<size_t>(c.numel()));
+  if (ch == 1 || hw == 1) {  // NCHW is NHWC already; one loop per type, so each vectorizes
+    // Locals: stores through uint8_t* may alias q's pointer and the scale otherwise.
+    uint8_t* out = q.data();
+    const size_t count = q.size();
+    const float sc = scale;
+    if (u8) {
+      for (size_t i = 0; i < count; ++i) out[i] = quantize_u8(p[i], sc);
+    } else {
+      for (size_t i = 0; i < count; ++i) out[i] = static_cast<uint8_t>(quantize_s8(p[i], sc));
+    }
+    return q;
+  }
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t k = 0; k < ch; ++k) {
       const float* src = p + (b * ch + k) * hw;

@@ -29,6 +29,8 @@
 // forward() is const and keeps no state; several threads may run it at once.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -71,10 +73,10 @@ struct CalibrationOptions {
 };
 
 // Symmetric s8 of v with `scale` (round half away from zero, clamp to +-127).
+// Branch-free (min/max, copysign), so a loop over it vectorizes.
 inline int8_t quantize_s8(float v, float scale) {
-  float q = v / scale;
-  q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
-  return static_cast<int8_t>(q >= 0 ? q + 0.5f : q - 0.5f);
+  const float q = std::min(std::max(v / scale, -127.f), 127.f);
+  return static_cast<int8_t>(static_cast<int>(q + std::copysign(0.5f, q)));
 }
 
 class QuantizedModel {

@@ -25,6 +25,7 @@
 // run() is const; the cache is guarded by a mutex, every call has its own buffers.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -38,9 +39,8 @@ namespace dtrain::compress {
 
 // Symmetric u8 of v >= 0 with `scale` (round half away from zero, clamp to [0, 255]).
 inline uint8_t quantize_u8(float v, float scale) {
-  float q = v / scale;
-  q = q > 255.f ? 255.f : (q < 0.f ? 0.f : q);
-  return static_cast<uint8_t>(q + 0.5f);
+  const float q = std::min(std::max(v / scale, 0.f), 255.f);
+  return static_cast<uint8_t>(static_cast<int>(q + 0.5f));
 }
 
 // One requantized output: rne((acc + bias) * oscale), saturated to u8 or s8; the
