@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dtrain/engine/autograd.h"
@@ -107,6 +108,23 @@ TEST(Int8Graph, OddShapesSignedActivationsAndTheShapeCache) {
   EXPECT_THROW(q.forward(testing::randn({2, 4, 11, 11}, gen)), ShapeError);
 }
 
+// forward() is const and may run on several threads at once, creating a shape's plan too.
+TEST(Int8Graph, ThreadsShareTheGraphAndGetTheSameLogits) {
+  Generator gen(27);
+  auto model = nn::make_model("seed-cnn", gen);
+  auto q = QuantizedModel::build(*model, {nn::make_random_batch("seed-cnn", 8, gen).input});
+  Tensor x = nn::make_random_batch("seed-cnn", 3, gen).input;  // a shape not cached yet
+  std::vector<std::vector<float>> got(4);
+  std::vector<std::thread> threads;
+  for (size_t t = 0; t < got.size(); ++t) {
+    threads.emplace_back([&, t] { got[t] = q.forward(x).to_vector<float>(); });
+  }
+  for (auto& t : threads) t.join();
+  const auto want = q.forward(x).to_vector<float>();  // one thread, the plan cached
+  for (const auto& g : got) EXPECT_EQ(g, want);
+  EXPECT_EQ(q.graph()->cached_shapes(), 2u);
+}
+
 // The reference written out for Linear -> ReLU -> Linear: u8 hidden activations at
 // amax / 255, requantized as rne((acc + b / (s_in s_w)) * s_in s_w / s_next).
 TEST(Int8Graph, ReferenceEqualsTheRequantizationFormula) {
@@ -158,6 +176,24 @@ TEST(Int8Graph, ModelsItCannotRunKeepThePerLayerPathAndSayWhy) {
   EXPECT_THROW(q.forward(x, Int8Kernel::kGraph), UnsupportedError);
   auto tanh = seq({std::make_shared<nn::Linear>(4, 4, gen), std::make_shared<nn::Tanh>()});
   EXPECT_THROW(QuantizedModel::build(*tanh, {testing::randn({2, 4}, gen)}), UnsupportedError);
+}
+
+// mobilenet (BatchNorm, ReLU6, depthwise convolution) is refused naming the layer, and a
+// depthwise convolution on its own too (its weight is [out, in / groups, k, k]).
+TEST(Int8Graph, MobilenetAndDepthwiseConvolutionsAreRefusedNamingTheLayer) {
+  Generator gen(26);
+  auto expect_refused = [](const nn::Sequential& m, const Tensor& x, const std::string& what) {
+    try {
+      QuantizedModel::build(m, {x});
+      ADD_FAILURE() << "no error for " << what;
+    } catch (const UnsupportedError& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  auto mobilenet = nn::make_model("mobilenet", gen);
+  expect_refused(*mobilenet, nn::make_random_batch("mobilenet", 2, gen).input, "BatchNorm2d");
+  auto dw = seq({std::make_shared<nn::Conv2d>(nn::Conv2dOptions(4, 4, 3).groups(4), gen)});
+  expect_refused(*dw, testing::randn({2, 4, 6, 6}, gen), "groups 4");
 }
 
 // seed-cnn trained briefly on the MNIST subset: int8 graph accuracy within 1 point of f32.

@@ -185,6 +185,11 @@ QuantizedModel QuantizedModel::build(const nn::Sequential& model,
                    UnsupportedError,
                    "quantize: {} is not supported (Linear, Conv2d, ReLU, MaxPool2d, Flatten)",
                    child->describe());
+      auto* conv = dynamic_cast<nn::Conv2d*>(child.get());
+      DTRAIN_CHECK(conv == nullptr || conv->options().groups() == 1, UnsupportedError,
+                   "quantize: {} is a grouped/depthwise convolution (groups {}); int8 takes "
+                   "groups 1 only",
+                   child->describe(), conv ? conv->options().groups() : 1);
       step.layer = static_cast<int>(q.layers_.size());
       q.layers_.push_back(make_layer(*child));
     }
