@@ -44,6 +44,42 @@ void check_cpu_f32(const char* op, const Tensor& x, const Tensor& w, const Tenso
 
 BFloat16* bf16_data(const Tensor& t) { return t.defined() ? t.data<BFloat16>() : nullptr; }
 
+// t (f32, detached) rounded to bf16 with the conversion shared with CUDA (BFloat16's
+// round to nearest even), in one pass over contiguous memory.
+Tensor to_bf16(const Tensor& t) {
+  Tensor c = t.detach().contiguous();
+  Tensor out = empty(c.shape(), TensorOptions{DType::bf16, c.device()});
+  const float* p = c.data<float>();
+  BFloat16* q = out.data<BFloat16>();
+  for (int64_t i = 0, n = c.numel(); i < n; ++i) q[i] = BFloat16(p[i]);
+  return out;
+}
+
+// db[o] = the sum of dy[n, o, :, :] over n (dy contiguous NCHW f32): 16 running sums
+// per plane (so the compiler keeps them in one vector register), added in order.
+Tensor bias_grad_nchw(const Tensor& dy) {
+  const Shape& s = dy.shape();
+  const int64_t n = s[0], o = s[1], hw = s[2] * s[3];
+  Tensor db = zeros({o}, dy.options());
+  const float* p = dy.data<float>();
+  float* out = db.data<float>();
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t c = 0; c < o; ++c) {
+      const float* plane = p + (b * o + c) * hw;
+      float acc[16] = {};
+      int64_t i = 0;
+      for (; i + 16 <= hw; i += 16) {
+        for (int j = 0; j < 16; ++j) acc[j] += plane[i + j];
+      }
+      float total = 0;
+      for (float a : acc) total += a;
+      for (; i < hw; ++i) total += plane[i];
+      out[c] += total;
+    }
+  }
+  return db;
+}
+
 // Forward: t rounded to dt; backward: the gradient unchanged (straight through).
 Tensor rounded_operand(const Tensor& t, DType dt) {
   Tensor r = round_through(t, dt);
@@ -73,7 +109,7 @@ std::vector<Tensor> linear_backward(const LinearSaved& s, const Tensor& grad) {
   if (!grad.defined()) return std::vector<Tensor>(3);
   NoGradGuard no_grad;
   Tensor g2 = grad.reshape({s.m, s.out});
-  Tensor gb16 = g2.to(DType::bf16);
+  Tensor gb16 = to_bf16(g2);
   Tensor dx, dw, db;
   if (s.gx) {
     dx = empty({s.m, s.in}, g2.options());
@@ -103,7 +139,7 @@ Tensor onednn_bf16_linear(const Tensor& x, const Tensor& weight, const Tensor& b
   const int64_t m = x.numel() / in;
   Shape out_shape = x.shape();
   out_shape.back() = out;
-  Tensor xb = x.detach().to(DType::bf16), wb = weight.detach().to(DType::bf16);
+  Tensor xb = to_bf16(x), wb = to_bf16(weight);
   Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
   Tensor y = empty({m, out}, x.options());
   cpu::matmul_bf16_onednn({m, out, in, false, true}, bf16_data(xb), bf16_data(wb),
@@ -131,7 +167,7 @@ std::vector<Tensor> conv_backward(const ConvSavedBf16& s, const Tensor& grad) {
   NoGradGuard no_grad;
   const cpu::ConvGeom& g = s.g;
   Tensor dy = grad.contiguous();
-  Tensor dyb = dy.to(DType::bf16);
+  Tensor dyb = to_bf16(dy);
   Tensor dx, dw, db;
   if (s.gx) {
     dx = empty({g.n, g.c, g.h, g.w}, dy.options());
@@ -146,7 +182,7 @@ std::vector<Tensor> conv_backward(const ConvSavedBf16& s, const Tensor& grad) {
                                                nullptr);
     }
   }
-  if (s.gb) db = sum(dy, {0, 2, 3});  // f32, as the emulation's bias add
+  if (s.gb) db = bias_grad_nchw(dy);  // from the f32 gradient, as the emulation's bias add
   return {dx, dw, db};
 }
 
@@ -160,7 +196,7 @@ Tensor onednn_bf16_conv2d(const Tensor& x, const Tensor& weight, const Tensor& b
   DTRAIN_CHECK(g.groups == 1, UnsupportedError,
                "conv2d (bf16): groups {} is not supported by the oneDNN bf16 path (groups 1)",
                g.groups);
-  Tensor xb = x.detach().to(DType::bf16), wb = weight.detach().to(DType::bf16);
+  Tensor xb = to_bf16(x), wb = to_bf16(weight);
   Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
   Tensor y = empty({g.n, g.o, g.oh, g.ow}, x.options());
   if (g.n > 0) {
