@@ -23,6 +23,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/bf16_onednn.h"
+#include "cpu/blas.h"
 #include "dtrain/engine/amp.h"
 #include "dtrain/engine/amp_cpu.h"
 #include "dtrain/engine/nn/models.h"
@@ -78,6 +80,30 @@ std::pair<double, double> bench_model(const std::string& name, int64_t batch, in
   std::sort(tb.begin(), tb.end());
   const auto b = static_cast<double>(batch);
   return {b / tf[tf.size() / 2], b / tb[tb.size() / 2]};
+}
+
+// The raw kernels: GFLOP/s of an n^3 GEMM, f32 (cpu::gemm, what linear() runs) and
+// oneDNN bf16 with f32 output (what it runs under bf16 autocast), {f32, bf16}.
+std::pair<double, double> gemm_gflops(int64_t n, int reps) {
+  std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
+  std::vector<BFloat16> ab(n * n, BFloat16(0.5f)), bb(n * n, BFloat16(0.25f));
+  auto time = [&](auto&& f) {
+    f();
+    std::vector<double> t;
+    for (int r = 0; r < reps; ++r) {
+      auto t0 = std::chrono::steady_clock::now();
+      f();
+      t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(t.begin(), t.end());
+    return 2.0 * n * n * n / t[t.size() / 2] / 1e9;
+  };
+  double f32 = time(
+      [&] { cpu::gemm(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n); });
+  double bf16 = time([&] {
+    cpu::matmul_bf16_onednn({n, n, n, false, false}, ab.data(), bb.data(), nullptr, c.data());
+  });
+  return {f32, bf16};
 }
 
 std::string run_capture(const std::string& cmd, int* status) {
@@ -182,6 +208,11 @@ int main(int argc, char** argv) {
                  ratio(both, "ours/" + n, n + "/bf16"));
     }
     fmt::print("(samples/s; bf16 vs torch = dtrain bf16 / PyTorch bf16)\n{}\n", note);
+    auto [gf, gb] = gemm_gflops(1024, reps);
+    fmt::print(
+        "kernels: 1024^3 GEMM f32 {:.1f} GFLOP/s, oneDNN bf16 (f32 out) {:.1f} GFLOP/s: "
+        "bf16/f32 {:.2f}\n",
+        gf, gb, gb / gf);
   } catch (const std::exception& e) {
     fmt::print(stderr, "amp_cpu: error: {}\n", e.what());
     return 1;
