@@ -19,6 +19,7 @@
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
+#include "dtrain/engine/amp.h"
 #include "dtrain/engine/cuda/runtime.h"
 #include "dtrain/engine/nn/model_file.h"
 #include "dtrain/engine/nn/models.h"
@@ -35,6 +36,7 @@
 #include "report.h"
 #include "signal_checkpoint.h"
 #include "tensorboard.h"
+#include "train_amp.h"
 #include "train_callbacks.h"
 #include "trainer.h"
 #include "worker_env.h"
@@ -95,6 +97,7 @@ void validate(const TrainConfig& c) {
   DTRAIN_CHECK(c.model == "gpt" || (c.parallel.empty() && c.zero == 0), InvalidArgument,
                "--parallel and --zero are for --model gpt (the MNIST models train with DDP)");
   validate_compression(c);
+  validate_amp(c);
   DTRAIN_CHECK(c.zero >= 0 && c.zero <= 3, InvalidArgument,
                "--zero {}: expected 0 (DDP), 1, 2 or 3", c.zero);
   DTRAIN_CHECK(c.epochs >= 1, InvalidArgument, "--epochs must be >= 1, got {}", c.epochs);
@@ -297,6 +300,8 @@ TrainConfig gpt_defaults(const TrainConfig& given) {
 // plan, the checkpoints and the callbacks, run through the Trainer.
 TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from,
                          parallel::Tracer* tracer, StopSignals* stop_signals) {
+  amp::AutocastGuard autocast(DType::bf16, config.bf16);  // --amp bf16 (train_amp.h)
+  if (session.rank() == 0 && config.bf16) fmt::print(stderr, "{}\n", amp_line(config));
   if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session, tracer);
   if (config.model == "char-lstm") return train_char_rnn_worker(config, session, from, tracer);
   const int world = session.size();
@@ -588,9 +593,7 @@ void add_gpt_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--stage-split", c.stage_split,
                 "GPT, pp > 1: first layer of each stage, e.g. 0,3 (layers: embedding, blocks, "
                 "head; default: balanced by parameter count)");
-  t->add_flag("--bf16", c.bf16,
-              "GPT: bf16 autocast (the linears' GEMMs on bf16 operands, f32 accumulation and "
-              "master weights)");
+  t->add_flag("--bf16", c.bf16, "The same as --amp bf16 (bf16 autocast, f32 master weights)");
   t->add_flag("--print-schedule", c.print_schedule,
               "GPT: print the pipeline stages and the schedule's timeline, then exit");
 }
@@ -659,7 +662,9 @@ Command add_train_command(CLI::App& app) {
   add_gpt_options(t, *c);
   add_char_rnn_options(t, *c);
   add_transfer_options(t, *c);
+  add_amp_options(t, *c);
   return {t, [c, t] {
+            resolve_amp(*c);
             c->lr_given = t->count("--lr") > 0;
             c->weight_decay_given = t->count("--weight-decay") > 0;
             return run_train(*c).stopped_by.empty() ? 0 : kExitStoppedBySignal;

@@ -98,6 +98,7 @@ struct TrainConfig {
   std::string stage_split;           // "0,3": first layer of each stage; empty: balanced
   bool print_schedule = false;       // print the stages and the schedule, do not train
   bool bf16 = false;                 // GPT: bf16 autocast of the linears (amp.h)
+  std::string amp = "none";          // --amp: none | bf16 (train_amp.h; --bf16 is bf16)
   bool lr_given = false, weight_decay_given = false;  // else the GPT's own defaults
   // --model char-lstm (char_rnn_train.h): cell, shape, window and evaluation size.
   std::string rnn_cell = "lstm";  // lstm | gru
