@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <string>
 
+#include "logging.h"
 #include "transfer.h"
 
 namespace dtrain::cli {
@@ -77,6 +78,9 @@ struct TrainConfig {
   // folder; "none": off. Rank 0 only unless tensorboard_all_ranks.
   std::string tensorboard;
   bool tensorboard_all_ranks = false;
+  // --log-level / --log-dir / --log-format (logging.h); the default folder for the
+  // files is the metrics file's folder/logs.
+  LogOptions log;
   bool progress = true;
   std::string ckpt_dir;         // sharded checkpoints; empty: none
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch

@@ -17,6 +17,7 @@
 #include "dtrain/coordinator/grpc_store.h"
 #include "dtrain/coordinator/heartbeat.h"
 #include "dtrain/engine/cuda/runtime.h"
+#include "logging.h"
 
 namespace dtrain::cli {
 
@@ -222,6 +223,7 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
   c.generation = joined.generation;
   c.newest_generation = joined.generation;
   c.last_checkpoint = joined.last_checkpoint;
+  set_log_membership(joined.generation, joined.rank, joined.world_size);
   if (backend_ == "mpi") {
     DTRAIN_CHECK(joined.rank == comm_->rank() && joined.world_size == comm_->size(),
                  InvalidArgument,
