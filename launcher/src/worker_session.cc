@@ -1,6 +1,7 @@
 #include "worker_session.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -94,6 +95,7 @@ std::unique_ptr<comm::Communicator> inspected(std::unique_ptr<comm::Communicator
   comm::InspectorOptions io;
   io.stall_timeout = o.stall_timeout;
   io.check_collectives = o.check_collectives;
+  io.log = [](const std::string& line) { spdlog::warn("{}", line); };  // stall reports
   if (c->rank() == o.test_stall_rank) io.test_hold_at = o.test_stall_at;
   return comm::make_inspected_communicator(std::move(c), store, std::move(io), std::move(checker));
 }
