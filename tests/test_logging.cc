@@ -150,6 +150,28 @@ TEST(Logging, DemoRunLeavesPerRankLogsInItsRunFolder) {
   }
 }
 
+// A worker launch restarts into generation 2 does not wait for the survivors to share
+// the run folder's time stamp (they are past it): the job finishes, and rank 0's
+// default file shows the new generation.
+TEST(Logging, RestartWithTheDefaultRunFolderFinishes) {
+  fs::path cwd = scratch("demo-restart");
+  Result r = dtrain::testing::run_command(
+      "sh -c 'cd " + cwd.string() + " && DTRAIN_TEST_KILL_AT=1:2 " + kBin +
+          " launch --nproc 2 -- dtrain train --no-progress --model mlp --max-steps 5 "
+          "--data-cache " +
+          std::string(DTRAIN_DATA_CACHE) + "'",
+      60);
+  ASSERT_EQ(r.code, 0) << r.out;
+  ASSERT_TRUE(contains(r.out, "rank 1 was killed by signal 9")) << r.out;
+  bool rank0_gen2 = false;
+  for (const auto& e : fs::directory_iterator(cwd / "runs")) {
+    fs::path file = e.path() / "logs" / "rank-0.log";
+    if (!fs::exists(file)) continue;
+    for (const auto& [gen, msg] : check_rank_file(file, 0)) rank0_gen2 |= gen == "2";
+  }
+  EXPECT_TRUE(rank0_gen2) << r.out;
+}
+
 // The level drops what is below it: the same run killed at the same step by the test
 // seam (a warning, then SIGKILL) logs the banner at info and only the warning at warn.
 TEST(Logging, LevelWarnDropsInfoLines) {

@@ -424,7 +424,10 @@ std::string shared_metrics_path(const TrainConfig& c, WorkerSession& session) {
   int64_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
   const bool shared_folder = (c.tensorboard_all_ranks && c.tensorboard != "none") ||
                              c.log.dir.empty();  // every rank's log file under logs/
-  if (shared_folder && session.size() > 1) {
+  // Not in a process that joined a later generation (restarted by launch): the
+  // survivors are past this broadcast, so it would wait forever. Its default folder
+  // is then its own; --log-dir (launch's) keeps every rank's file in one place.
+  if (shared_folder && session.size() > 1 && session.generation() <= 1) {
     on_host_values(cuda::parse_device(c.device), &now, 1, DType::i64,
                    [&](void* p) { session.comm().broadcast(p, 1, DType::i64, 0); });
   }
