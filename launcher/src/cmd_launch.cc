@@ -4,7 +4,8 @@
 //   dtrain launch --nproc N [--coordinator HOST:PORT] [--job-id ID] [--token T]
 //                 [--grace-period S] [--max-restarts N] [--heartbeat-interval S]
 //                 [--heartbeat-timeout S] [--state-dir DIR]
-//                 [--min-workers M [--rejoin-timeout S]] [--max-workers N] -- <command ...>
+//                 [--min-workers M [--rejoin-timeout S]] [--max-workers N]
+//                 [--log-level L] [--log-dir DIR] [--log-format text|json] -- <command ...>
 //
 // 1. Without --coordinator it spawns `<this binary> coordinator --port 0
 //    --world-size N ...` and reads the address it binds from its stdout (the first
@@ -42,6 +43,9 @@
 // one poll() loop serves the output pipes and a signalfd (signals are blocked and
 // read as events, so there is no signal handler and no global state). Children get
 // PR_SET_PDEATHSIG, so workers do not outlive a launch that is itself killed.
+// Logs (logging.h): launch's own lines say "launch"; --log-dir gives launch.log,
+// coordinator.log and every rank's rank-<r>.log there (handed on as DTRAIN_LOG_*), and
+// the failure line quotes the failed rank's last error line from its file.
 // Linux only. Several nodes (--nnodes, --node-rank): one launch per node, each
 // restarting its own workers; node 0 starts the coordinator (see launch_nodes.h).
 #include <fcntl.h>
