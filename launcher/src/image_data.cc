@@ -2,6 +2,7 @@
 #include "image_data.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <filesystem>
 
@@ -102,7 +103,7 @@ ImageSplits load_image_splits(const ImageDataOptions& o, comm::Communicator& com
   if (o.data.empty()) {
     auto prep = lead_first(comm, [&](bool lead) {
       auto log = [lead](std::string_view line) {
-        if (lead) fmt::print(stderr, "{}\n", line);
+        if (lead) spdlog::info("{}", line);
       };
       return data::prepare_mnist_subset(o.data_cache, log);
     });
