@@ -73,6 +73,8 @@ AlgoOptions AlgoOptions::from_env() {
   o[Collective::kBroadcast] = env_algo("DTRAIN_BROADCAST_ALGO");
   o.local_max_bytes = env_bytes("DTRAIN_LOCAL_MAX_BYTES", o.local_max_bytes);
   o.small_max_bytes = env_bytes("DTRAIN_SMALL_MAX_BYTES", o.small_max_bytes);
+  o.native_min_bytes = env_bytes("DTRAIN_NATIVE_MIN_BYTES", o.native_min_bytes);
+  o.native_max_bytes = env_bytes("DTRAIN_NATIVE_MAX_BYTES", o.native_max_bytes);
   return o;
 }
 
@@ -90,6 +92,9 @@ Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoC
     case Algo::kAuto:
     case Algo::kHierarchical:  // the wrapper's; its inner communicators choose by size
       break;
+  }
+  if (can.native && bytes >= o.native_min_bytes && bytes <= o.native_max_bytes) {
+    return Algo::kNative;
   }
   if (local_fits && bytes <= o.local_max_bytes) return Algo::kLocal;
   if (bytes <= o.small_max_bytes) {

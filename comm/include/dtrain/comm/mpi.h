@@ -71,6 +71,11 @@ struct MpiOptions {
   int mpi_abort_exit_code = 1;
   // Chunking of the pipelined ring (kRing); must be the same on every rank.
   RingOptions ring;
+  // Native collectives as MPI's blocking ones behind an MPI_Ibarrier guard (faster in
+  // Open MPI than its non-blocking ones; src/mpi/native.h) under MPI_THREAD_MULTIPLE;
+  // false (DTRAIN_MPI_NATIVE_BLOCKING=0) keeps MPI_Iallreduce and friends. Must be the
+  // same on every rank.
+  bool native_blocking = true;
 };
 
 // The process's MPI environment (init/finalize guard).
