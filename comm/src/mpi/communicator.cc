@@ -122,8 +122,11 @@ class MpiCommunicator final : public Communicator {
     }
     try {
       if (owned != MPI_COMM_NULL) adopt_comm();
-      native_ =
-          std::make_unique<mpi_detail::NativeCollectives>(*runtime_, comm_, rank_, size_, abort_);
+      local_possible_ = mpi_.algorithm == MpiAlgorithm::kAuto && size_ > 1 && node_is_world();
+      mpi_detail::NativeCollectives::Guard guard;
+      if (local_possible_) guard = [this](Deadline d) { local(d)->barrier(d); };
+      native_ = std::make_unique<mpi_detail::NativeCollectives>(*runtime_, comm_, rank_, size_,
+                                                                abort_, std::move(guard));
     } catch (...) {
       release_mpi_objects();
       throw;
@@ -131,7 +134,6 @@ class MpiCommunicator final : public Communicator {
     ring_p2p_ = std::make_unique<MpiPointToPoint>(*runtime_, comm_, kRingTag, rank_, size_, abort_);
     user_p2p_ = std::make_unique<MpiPointToPoint>(*runtime_, comm_, kUserTag, rank_, size_, abort_);
     ring_ = std::make_unique<Ring>(*ring_p2p_, mpi_.ring);
-    local_possible_ = mpi_.algorithm == MpiAlgorithm::kAuto && size_ > 1 && node_is_world();
     worker_ = std::thread([this] { worker_loop(); });
   }
 

@@ -30,6 +30,8 @@
 
 #include <mpi.h>
 
+#include <functional>
+
 #include "dtrain/comm/communicator.h"
 #include "mpi/transport.h"
 
@@ -39,9 +41,13 @@ enum class NativeMode { kNonBlocking, kGuarded };
 
 class NativeCollectives {
  public:
+  // The guard: every rank of the communicator has entered (bounded by the deadline).
+  using Guard = std::function<void(Deadline)>;
   // Creates the 16-bit reduction ops (freed by the destructor, before MPI_Finalize).
+  // `guard`: a cheaper barrier than MPI_Ibarrier (the shared-memory slots' when every
+  // rank is on this node); empty: MPI_Ibarrier.
   NativeCollectives(const MpiRuntime& runtime, MPI_Comm comm, int rank, int size,
-                    const AbortFlag& abort);
+                    const AbortFlag& abort, Guard guard = {});
   ~NativeCollectives();
   NativeCollectives(const NativeCollectives&) = delete;
   NativeCollectives& operator=(const NativeCollectives&) = delete;
@@ -66,6 +72,7 @@ class NativeCollectives {
   MPI_Comm comm_;
   int rank_, size_;
   const AbortFlag& abort_;
+  Guard guard_;
   MPI_Op ops16_[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL},
                          {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};  // [f16, bf16][sum, max, min]
 };
