@@ -288,7 +288,7 @@ class MpiComm : public testing::TestWithParam<MpiAlgorithm> {
   int n() const { return world_size(); }
   int me() const { return world_rank(); }
   std::vector<size_t> counts() const {
-    // 65537: inside auto's native window (128 KiB - 1 MiB) for the 2-, 4- and 8-byte types.
+    // 65537: inside auto's native window (512 KiB - 1 MiB) for the 8-byte types.
     return {0, 1, 7, 1023, static_cast<size_t>(37 * n() + 1), 65537, kLarge};
   }
 

@@ -489,12 +489,13 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   // The mpi backend's window for MPI's own collectives, ahead of the slots and the ring.
   AlgoCapabilities mpi_node{true, true, o.local_max_bytes};
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, mpi_node), Algo::kLocal);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.local_max_bytes, mpi_node), Algo::kLocal);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_min_bytes - 1, mpi_node),
-            Algo::kLocal);
+            Algo::kRing);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_min_bytes, mpi_node), Algo::kNative);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_max_bytes, mpi), Algo::kNative);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_max_bytes + 1, mpi), Algo::kRing);
-  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_min_bytes, one_host), Algo::kLocal);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_min_bytes, hosts), Algo::kRing);
   o[Collective::kAllreduce] = Algo::kRing;
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, one_host), Algo::kRing);
   o[Collective::kAllreduce] = Algo::kLocal;  // cannot run across hosts: the ring does

@@ -46,9 +46,11 @@ struct AlgoOptions {
   size_t local_max_bytes = 256 << 10;  // and the slot size of the local algorithm
   size_t small_max_bytes = 64 << 10;
   // mpi backend: MPI's own (guarded blocking) collective from native_min_bytes to
-  // native_max_bytes, ahead of local and ring (Open MPI's tuned algorithms beat ours
-  // there; below, the slots win, above, Open MPI's large-message path collapses here).
-  size_t native_min_bytes = 128 << 10;
+  // native_max_bytes, ahead of local and ring. Measured (comm/README.md): between the
+  // slots (up to 256 KiB, ahead of MPI_Allreduce) and the ring (ahead from 2 MiB,
+  // where Open MPI's large-message path collapses on this VM); at 512 KiB - 1 MiB our
+  // ring and MPI_Allreduce are level within the noise.
+  size_t native_min_bytes = 512 << 10;
   size_t native_max_bytes = 1 << 20;
 
   Algo& operator[](Collective c) { return algo[static_cast<size_t>(c)]; }
