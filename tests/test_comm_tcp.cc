@@ -496,6 +496,13 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_max_bytes, mpi), Algo::kNative);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_max_bytes + 1, mpi), Algo::kRing);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_min_bytes, hosts), Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllgather, o.allgather_native_min_bytes, mpi_node),
+            Algo::kNative);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllgather, o.allgather_native_min_bytes - 1, mpi_node),
+            Algo::kLocal);
+  EXPECT_EQ(algorithm_for(o, Collective::kReduceScatter, o.native_min_bytes, mpi_node),
+            Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kBroadcast, o.local_max_bytes, mpi_node), Algo::kLocal);
   o[Collective::kAllreduce] = Algo::kRing;
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, one_host), Algo::kRing);
   o[Collective::kAllreduce] = Algo::kLocal;  // cannot run across hosts: the ring does
