@@ -288,7 +288,8 @@ class MpiComm : public testing::TestWithParam<MpiAlgorithm> {
   int n() const { return world_size(); }
   int me() const { return world_rank(); }
   std::vector<size_t> counts() const {
-    return {0, 1, 7, 1023, static_cast<size_t>(37 * n() + 1), kLarge};
+    // 65537: inside auto's native window (512 KiB - 1 MiB) for the 8-byte types.
+    return {0, 1, 7, 1023, static_cast<size_t>(37 * n() + 1), 65537, kLarge};
   }
 
   std::unique_ptr<Communicator> comm_;
@@ -486,6 +487,25 @@ TEST_P(MpiComm, CollectiveWithoutPeersTimesOut) {
     EXPECT_THROW(c->allreduce(buf.data(), buf.size(), DType::f32, ReduceOp::kSum), TimeoutError);
     EXPECT_LT(Clock::now() - start, milliseconds(3000));
     EXPECT_THROW(c->allgather_async(buf.data(), buf.data(), 0, DType::f32), CommError);
+  }
+}
+
+// MPI's blocking collective (the auto table's native window, MPI_THREAD_MULTIPLE) is
+// entered only after the guard: when rank 0 alone calls it, the guard times out with
+// TimeoutError instead of a hang inside MPI_Allreduce. The first allreduce, on every
+// rank, sets up auto's shared-memory slots, so auto's guard is their barrier.
+TEST_P(MpiComm, BlockingNativeWithoutPeersTimesOut) {
+  if (n() < 2) GTEST_SKIP() << "needs a peer";
+  auto c = make(milliseconds(300));
+  float one = 1.0f;
+  c->allreduce(&one, 1, DType::f32, ReduceOp::kSum);
+  EXPECT_EQ(one, static_cast<float>(n()));
+  if (me() == 0) {
+    static std::vector<float> buf((AlgoOptions{}.native_min_bytes + 1024) / 4, 1.0f);
+    const auto start = Clock::now();
+    EXPECT_THROW(c->allreduce(buf.data(), buf.size(), DType::f32, ReduceOp::kSum), TimeoutError);
+    EXPECT_LT(Clock::now() - start, milliseconds(3000));
+    EXPECT_THROW(c->allreduce(&one, 1, DType::f32, ReduceOp::kSum), CommError);
   }
 }
 

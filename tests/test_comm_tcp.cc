@@ -486,6 +486,23 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   EXPECT_EQ(algorithm_for(o, Collective::kAllgather, 8, hosts), Algo::kRing);
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.small_max_bytes + 1, hosts), Algo::kRing);
   EXPECT_EQ(algorithm_for(o, Collective::kBroadcast, 8, mpi), Algo::kNative);
+  // The mpi backend's window for MPI's own collectives, ahead of the slots and the ring.
+  AlgoCapabilities mpi_node{true, true, o.local_max_bytes};
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, mpi_node), Algo::kLocal);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.local_max_bytes, mpi_node), Algo::kLocal);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_min_bytes - 1, mpi_node),
+            Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_min_bytes, mpi_node), Algo::kNative);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_max_bytes, mpi), Algo::kNative);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_max_bytes + 1, mpi), Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, o.native_min_bytes, hosts), Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllgather, o.allgather_native_min_bytes, mpi_node),
+            Algo::kNative);
+  EXPECT_EQ(algorithm_for(o, Collective::kAllgather, o.allgather_native_min_bytes - 1, mpi_node),
+            Algo::kLocal);
+  EXPECT_EQ(algorithm_for(o, Collective::kReduceScatter, o.native_min_bytes, mpi_node),
+            Algo::kRing);
+  EXPECT_EQ(algorithm_for(o, Collective::kBroadcast, o.local_max_bytes, mpi_node), Algo::kLocal);
   o[Collective::kAllreduce] = Algo::kRing;
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, one_host), Algo::kRing);
   o[Collective::kAllreduce] = Algo::kLocal;  // cannot run across hosts: the ring does

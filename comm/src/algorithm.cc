@@ -22,6 +22,14 @@ Algo env_algo(const char* name) {
   return v == nullptr || *v == '\0' ? Algo::kAuto : parse_algo(v, name);
 }
 
+// The mpi backend's sizes for MPI's own (guarded blocking) collective, by collective.
+bool in_native_window(const AlgoOptions& o, Collective c, size_t bytes) {
+  if (bytes > o.native_max_bytes) return false;
+  if (c == Collective::kAllreduce) return bytes >= o.native_min_bytes;
+  if (c == Collective::kAllgather) return bytes >= o.allgather_native_min_bytes;
+  return false;
+}
+
 }  // namespace
 
 const char* algo_name(Algo algo) {
@@ -73,6 +81,10 @@ AlgoOptions AlgoOptions::from_env() {
   o[Collective::kBroadcast] = env_algo("DTRAIN_BROADCAST_ALGO");
   o.local_max_bytes = env_bytes("DTRAIN_LOCAL_MAX_BYTES", o.local_max_bytes);
   o.small_max_bytes = env_bytes("DTRAIN_SMALL_MAX_BYTES", o.small_max_bytes);
+  o.native_min_bytes = env_bytes("DTRAIN_NATIVE_MIN_BYTES", o.native_min_bytes);
+  o.native_max_bytes = env_bytes("DTRAIN_NATIVE_MAX_BYTES", o.native_max_bytes);
+  o.allgather_native_min_bytes =
+      env_bytes("DTRAIN_ALLGATHER_NATIVE_MIN_BYTES", o.allgather_native_min_bytes);
   return o;
 }
 
@@ -91,6 +103,7 @@ Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoC
     case Algo::kHierarchical:  // the wrapper's; its inner communicators choose by size
       break;
   }
+  if (can.native && in_native_window(o, c, bytes)) return Algo::kNative;
   if (local_fits && bytes <= o.local_max_bytes) return Algo::kLocal;
   if (bytes <= o.small_max_bytes) {
     // Measured over Open MPI (2 ranks): recursive doubling over MPI_Isend/Irecv took

@@ -178,6 +178,9 @@ std::unique_ptr<WorkerSession> WorkerSession::open(const WorkerIdentity& id,
     comm::MpiOptions mo;
     mo.algorithm = o.mpi_native ? comm::MpiAlgorithm::kNative : comm::MpiAlgorithm::kAuto;
     mo.algos = algo_options(o);
+    if (const char* b = std::getenv("DTRAIN_MPI_NATIVE_BLOCKING")) {
+      mo.native_blocking = std::string_view(b) != "0";
+    }
     s->comm_ = inspected(with_allreduce_algo(comm::make_mpi_communicator(runtime, copts, mo), o),
                          nullptr, o);
     // Given a coordinator, MPI moves the data and the coordinator commits checkpoints

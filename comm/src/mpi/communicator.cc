@@ -8,18 +8,17 @@
 //   - One worker thread runs the queued operations in issue order; every async call
 //     returns an MpiWork that the worker completes. Blocking calls (send, recv,
 //     barrier) go through the same queue, so they are ordered after earlier async calls.
-//   - MpiPointToPoint implements comm::PointToPoint over MPI_Isend/MPI_Irecv on one tag:
-//     the ring collectives (Ring, the same code the tcp backend runs) use tag kRingTag,
-//     the user's send/recv use tag kUserTag, so the two never match each other's
-//     messages. MPI's non-overtaking rule (per source, tag and communicator) gives the
-//     in-order delivery PointToPoint promises.
-//   - kNative runs MPI's non-blocking collectives on the same communicator (their
-//     traffic is kept apart from point-to-point traffic by MPI itself).
+//   - MpiPointToPoint (transport.h) implements comm::PointToPoint over
+//     MPI_Isend/MPI_Irecv on one tag: the ring collectives (Ring, the same code the tcp
+//     backend runs) use tag kRingTag, the user's send/recv use tag kUserTag, so the two
+//     never match each other's messages. MPI's non-overtaking rule (per source, tag and
+//     communicator) gives the in-order delivery PointToPoint promises.
+//   - kNative runs MPI's own collectives on the same communicator (native.h: blocking
+//     ones behind a polled MPI_Ibarrier guard under MPI_THREAD_MULTIPLE, the polled
+//     non-blocking ones otherwise); their traffic is kept apart from point-to-point
+//     traffic by MPI itself.
 //   - Every wait polls MPI_Test against the operation's deadline and the abort flag
-//     (Poll): MPI only progresses inside MPI calls, so the poll spins for the first
-//     microseconds, then yields the CPU between tests (ranks may be oversubscribed), and
-//     once a wait has lasted a second sleeps 100 us between tests (a stuck peer should
-//     not burn a core for the whole timeout; a live transfer keeps progressing).
+//     (Poll, transport.h).
 //   - Any failure of an operation aborts the communicator: the ring cannot resume from a
 //     half-finished step, and a timed-out MPI collective cannot be cancelled.
 //   - split() is a queued operation: the ring first all-gathers every rank's (color, key)
@@ -28,8 +27,8 @@
 //     child owns the resulting MPI_Comm (freed on destruction), shares the MpiRuntime and
 //     the options, and checks that MPI ranked it as the gathered pairs say.
 //
-// Deliberately not here: the choice between algorithms by message size (the
-// caller picks one per communicator), and fault recovery.
+// Deliberately not here: the size table of the algorithm choice (algorithm.h), MPI's
+// collectives themselves (native.h), and fault recovery.
 #include <mpi.h>
 
 #include <algorithm>
@@ -48,14 +47,21 @@
 #include "dtrain/comm/ring.h"
 #include "mpi/local_slots.h"
 #include "mpi/mpi_internal.h"
+#include "mpi/native.h"
+#include "mpi/transport.h"
 #include "recursive.h"
 #include "split.h"
 
 namespace dtrain::comm {
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using mpi_detail::AbortFlag;
+using mpi_detail::Clock;
 using mpi_detail::datatype;
+using mpi_detail::kMaxMpiCount;
+using mpi_detail::MpiPointToPoint;
+using mpi_detail::ms_of;
+using mpi_detail::Poll;
 
 // Point-to-point tags on the duplicated communicator. Distinct, so a user's recv never
 // takes a ring chunk; both within MPI's guaranteed tag range (MPI_TAG_UB >= 32767).
@@ -63,197 +69,6 @@ constexpr int kRingTag = 1;
 constexpr int kUserTag = 2;
 static_assert(kRingTag != kUserTag && kRingTag >= 0 && kUserTag >= 0 && kUserTag <= 32767,
               "mpi backend tags must be distinct and inside MPI's guaranteed tag range");
-
-// MPI counts are int: larger messages travel as several MPI messages of at most 1 GiB.
-constexpr size_t kMaxMessageBytes = size_t{1} << 30;
-static_assert(kMaxMessageBytes <= static_cast<size_t>(INT_MAX));
-constexpr size_t kMaxMpiCount = static_cast<size_t>(INT_MAX);
-
-long long ms_of(std::chrono::milliseconds d) { return static_cast<long long>(d.count()); }
-
-// The abort state shared by the communicator and its transports. Safe from any thread.
-class AbortFlag {
- public:
-  bool is_set() const { return set_.load(std::memory_order_acquire); }
-  // Keeps the first reason; later calls change nothing.
-  void set(const std::string& reason) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (set_.load(std::memory_order_relaxed)) return;
-    reason_ = reason;
-    set_.store(true, std::memory_order_release);
-  }
-  std::string reason() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return reason_;
-  }
-
- private:
-  std::atomic<bool> set_{false};
-  mutable std::mutex mu_;
-  std::string reason_;  // GUARDED_BY(mu_)
-};
-
-// One wait's polling rhythm and its exit conditions (abort, deadline).
-class Poll {
- public:
-  Poll(const AbortFlag& abort, Deadline deadline, int rank)
-      : abort_(abort), deadline_(deadline), rank_(rank) {}
-
-  // Throws CommError when aborted, TimeoutError(describe()) when the deadline passed;
-  // otherwise pauses before the next MPI_Test.
-  template <typename Describe>
-  void next(Describe&& describe) {
-    if (abort_.is_set()) {
-      DTRAIN_THROW(CommError, "mpi: rank {}: communicator aborted: {}", rank_, abort_.reason());
-    }
-    const auto now = Clock::now();
-    if (now >= deadline_) {
-      DTRAIN_THROW(TimeoutError, "mpi: rank {}: timed out {}", rank_, describe());
-    }
-    const auto waited = now - start_;
-    if (waited < std::chrono::microseconds(50)) return;
-    if (waited < std::chrono::milliseconds(5)) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-
- private:
-  const AbortFlag& abort_;
-  Deadline deadline_;
-  int rank_;
-  Clock::time_point start_ = Clock::now();
-};
-
-// comm::PointToPoint over MPI_Isend/MPI_Irecv on one tag of one communicator.
-// Thread-safety: REQUIRES external synchronization (the communicator's worker thread).
-class MpiPointToPoint final : public PointToPoint {
- public:
-  MpiPointToPoint(const MpiRuntime& runtime, MPI_Comm comm, int tag, int rank, int size,
-                  const AbortFlag& abort)
-      : runtime_(runtime), comm_(comm), tag_(tag), rank_(rank), size_(size), abort_(abort) {}
-  ~MpiPointToPoint() override { drop_pending(); }
-
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-
-  Request post_send(const void* data, size_t bytes, int peer) override {
-    return post(const_cast<void*>(data), bytes, peer, /*is_send=*/true);
-  }
-  Request post_recv(void* data, size_t bytes, int peer) override {
-    return post(data, bytes, peer, /*is_send=*/false);
-  }
-
-  // Waits for `request` and every earlier request in the same direction with the same
-  // peer (MPI may complete them out of order; callers rely on "sends complete in
-  // order"), then forgets completed requests.
-  void wait(const Request& request, Deadline deadline) override {
-    check_usable();
-    auto covered = [&](const Entry& e) {
-      return e.peer == request.peer && e.is_send == request.is_send && e.seq <= request.seq;
-    };
-    Poll poll(abort_, deadline, rank_);
-    try {
-      for (;;) {
-        const Entry* stuck = nullptr;
-        for (Entry& e : pending_) {
-          if (e.req == MPI_REQUEST_NULL || !covered(e)) continue;
-          int done = 0;
-          {
-            auto lock = runtime_.lock_mpi();
-            MPI_CHECK(MPI_Test(&e.req, &done, MPI_STATUS_IGNORE),
-                      e.is_send ? "MPI_Test (send)" : "MPI_Test (recv)");
-          }
-          if (!done) {
-            stuck = &e;
-            break;  // in-order completion is the common case: test the rest next round
-          }
-        }
-        if (stuck == nullptr) break;
-        poll.next([&] {
-          return fmt::format("after {} ms waiting to {} {} bytes {} rank {}",
-                             ms_of(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                 Clock::now() - stuck->posted)),
-                             stuck->is_send ? "send" : "receive", stuck->bytes,
-                             stuck->is_send ? "to" : "from", stuck->peer);
-        });
-      }
-    } catch (...) {
-      drop_pending();
-      failed_ = true;
-      throw;
-    }
-    while (!pending_.empty() && pending_.front().req == MPI_REQUEST_NULL) pending_.pop_front();
-  }
-
- private:
-  struct Entry {
-    uint64_t seq;
-    int peer;
-    bool is_send;
-    size_t bytes;
-    Clock::time_point posted;
-    MPI_Request req;
-  };
-
-  void check_usable() const {
-    DTRAIN_CHECK(!failed_, CommError,
-                 "mpi: rank {}: point-to-point transport failed earlier and cannot be reused",
-                 rank_);
-  }
-
-  Request post(void* data, size_t bytes, int peer, bool is_send) {
-    check_usable();
-    DTRAIN_CHECK(peer >= 0 && peer < size_ && peer != rank_, InvalidArgument,
-                 "mpi: rank {}: bad point-to-point peer {} (size {})", rank_, peer, size_);
-    DTRAIN_CHECK(bytes > 0, InvalidArgument, "mpi: rank {}: empty point-to-point message", rank_);
-    Request r;
-    r.peer = peer;
-    r.is_send = is_send;
-    r.seq = ++seq_;
-    const auto now = Clock::now();
-    auto* p = static_cast<std::byte*>(data);
-    // Pieces of at most 1 GiB; the receiver posts the same sizes, so pieces match 1:1.
-    for (size_t off = 0; off < bytes; off += kMaxMessageBytes) {
-      const int n = static_cast<int>(std::min(kMaxMessageBytes, bytes - off));
-      Entry e{r.seq, peer, is_send, static_cast<size_t>(n), now, MPI_REQUEST_NULL};
-      {
-        auto lock = runtime_.lock_mpi();
-        if (is_send) {
-          MPI_CHECK(MPI_Isend(p + off, n, MPI_BYTE, peer, tag_, comm_, &e.req), "MPI_Isend");
-        } else {
-          MPI_CHECK(MPI_Irecv(p + off, n, MPI_BYTE, peer, tag_, comm_, &e.req), "MPI_Irecv");
-        }
-      }
-      pending_.push_back(e);
-    }
-    return r;
-  }
-
-  // After a failure: cancel pending receives so they never write their buffers, and
-  // release the requests. MPI cannot cancel sends; they may still read their buffers.
-  void drop_pending() noexcept {
-    auto lock = runtime_.lock_mpi();
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (finalized) return pending_.clear();
-    for (Entry& e : pending_) {
-      if (e.req == MPI_REQUEST_NULL) continue;
-      if (!e.is_send) MPI_Cancel(&e.req);
-      MPI_Request_free(&e.req);
-    }
-    pending_.clear();
-  }
-
-  const MpiRuntime& runtime_;
-  MPI_Comm comm_;
-  int tag_, rank_, size_;
-  const AbortFlag& abort_;
-  uint64_t seq_ = 0;
-  bool failed_ = false;
-  std::deque<Entry> pending_;  // in post order
-};
 
 // The Work handle of one queued operation.
 class MpiWork final : public Work {
@@ -289,15 +104,6 @@ class MpiWork final : public Work {
   std::exception_ptr error_;                       // GUARDED_BY(mu_)
 };
 
-// Reductions for f16/bf16 in kNative: MPI has no 16-bit float types, so the buffers
-// travel as MPI_UINT16_T and these user-defined ops combine them in float with the same
-// arithmetic as the ring (comm::reduce_into). MPI calls them as inout = in op inout;
-// every op here is commutative.
-template <DType D, ReduceOp Op>
-void reduce_16bit(void* in, void* inout, int* len, MPI_Datatype*) {
-  reduce_into(inout, in, static_cast<size_t>(*len), D, Op);
-}
-
 class MpiCommunicator final : public Communicator {
   using Run = std::function<void(Deadline)>;
 
@@ -316,7 +122,11 @@ class MpiCommunicator final : public Communicator {
     }
     try {
       if (owned != MPI_COMM_NULL) adopt_comm();
-      create_16bit_ops();
+      local_possible_ = mpi_.algorithm == MpiAlgorithm::kAuto && size_ > 1 && node_is_world();
+      mpi_detail::NativeCollectives::Guard guard;
+      if (local_possible_) guard = [this](Deadline d) { local(d)->barrier(d); };
+      native_ = std::make_unique<mpi_detail::NativeCollectives>(*runtime_, comm_, rank_, size_,
+                                                                abort_, std::move(guard));
     } catch (...) {
       release_mpi_objects();
       throw;
@@ -324,7 +134,6 @@ class MpiCommunicator final : public Communicator {
     ring_p2p_ = std::make_unique<MpiPointToPoint>(*runtime_, comm_, kRingTag, rank_, size_, abort_);
     user_p2p_ = std::make_unique<MpiPointToPoint>(*runtime_, comm_, kUserTag, rank_, size_, abort_);
     ring_ = std::make_unique<Ring>(*ring_p2p_, mpi_.ring);
-    local_possible_ = mpi_.algorithm == MpiAlgorithm::kAuto && size_ > 1 && node_is_world();
     worker_ = std::thread([this] { worker_loop(); });
   }
 
@@ -358,7 +167,9 @@ class MpiCommunicator final : public Communicator {
   Run allreduce_op(void* data, size_t count, DType dtype, ReduceOp op) {
     switch (algorithm(Collective::kAllreduce, count * dtype_size(dtype))) {
       case Algo::kNative:
-        return [=, this](Deadline d) { native_allreduce(data, count, dtype, op, d); };
+        return [=, this](Deadline d) {
+          native_->allreduce(data, count, dtype, op, d, native_mode(count * dtype_size(dtype)));
+        };
       case Algo::kLocal:
         return [=, this](Deadline d) { local(d)->allreduce(data, count, dtype, op, d); };
       case Algo::kRecursiveDoubling:
@@ -384,7 +195,9 @@ class MpiCommunicator final : public Communicator {
       return enqueue(what,
                      [=, this](Deadline d) { ring_->broadcast(data, count, dtype, root, d); });
     }
-    return enqueue(what, [=, this](Deadline d) { native_broadcast(data, count, dtype, root, d); });
+    return enqueue(what, [=, this](Deadline d) {
+      native_->broadcast(data, count, dtype, root, d, native_mode(count * dtype_size(dtype)));
+    });
   }
 
   std::shared_ptr<Work> allgather_async(const void* send, void* recv, size_t count,
@@ -400,17 +213,9 @@ class MpiCommunicator final : public Communicator {
       return enqueue(what,
                      [=, this](Deadline d) { ring_->allgather(send, recv, count, dtype, d); });
     }
-    check_native_count(count, "allgather");
+    native_->check_count(count, "allgather");
     return enqueue(what, [=, this](Deadline d) {
-      if (count == 0) return;
-      MPI_Request req = MPI_REQUEST_NULL;
-      {
-        auto lock = runtime_->lock_mpi();
-        MPI_CHECK(MPI_Iallgather(send, static_cast<int>(count), datatype(dtype), recv,
-                                 static_cast<int>(count), datatype(dtype), comm_, &req),
-                  "MPI_Iallgather");
-      }
-      wait_collective({req}, d, "MPI_Iallgather");
+      native_->allgather(send, recv, count, dtype, d, native_mode(count * dtype_size(dtype)));
     });
   }
 
@@ -428,18 +233,10 @@ class MpiCommunicator final : public Communicator {
       return enqueue(
           what, [=, this](Deadline d) { ring_->reduce_scatter(send, recv, count, dtype, op, d); });
     }
-    check_native_count(count, "reduce_scatter");
+    native_->check_count(count, "reduce_scatter");
     return enqueue(what, [=, this](Deadline d) {
-      if (count == 0) return;
-      MPI_Request req = MPI_REQUEST_NULL;
-      {
-        auto lock = runtime_->lock_mpi();
-        MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, static_cast<int>(count), datatype(dtype),
-                                            native_op(dtype, op), comm_, &req),
-                  "MPI_Ireduce_scatter_block");
-      }
-      wait_collective({req}, d, "MPI_Ireduce_scatter_block");
-      if (op == ReduceOp::kAvg) scale_in_place(recv, count, dtype, 1.0 / size_);
+      native_->reduce_scatter(send, recv, count, dtype, op, d,
+                              native_mode(count * dtype_size(dtype) * size_));
     });
   }
 
@@ -477,14 +274,7 @@ class MpiCommunicator final : public Communicator {
       return;
     }
     run_blocking([] { return std::string("barrier"); },
-                 [this](Deadline d) {
-                   MPI_Request req = MPI_REQUEST_NULL;
-                   {
-                     auto lock = runtime_->lock_mpi();
-                     MPI_CHECK(MPI_Ibarrier(comm_, &req), "MPI_Ibarrier");
-                   }
-                   wait_collective({req}, d, "MPI_Ibarrier");
-                 });
+                 [this](Deadline d) { native_->barrier(d); });
   }
 
   void abort(const std::string& reason) override {
@@ -558,7 +348,8 @@ class MpiCommunicator final : public Communicator {
       MPI_CHECK(MPI_Comm_idup(MPI_COMM_WORLD, &comm_, &req), "MPI_Comm_idup");
     }
     // The request is a collective one: it cannot be cancelled, so a timeout abandons it.
-    wait_collective({req}, deadline, "MPI_Comm_idup (creating the communicator)");
+    mpi_detail::wait_requests(*runtime_, abort_, rank_, {req}, deadline,
+                              "MPI_Comm_idup (creating the communicator)");
     auto lock = runtime_->lock_mpi();
     MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
   }
@@ -571,32 +362,12 @@ class MpiCommunicator final : public Communicator {
     MPI_CHECK(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
   }
 
-  void create_16bit_ops() {
-    auto lock = runtime_->lock_mpi();
-    MPI_CHECK(MPI_Op_create(&reduce_16bit<DType::f16, ReduceOp::kSum>, 1, &ops16_[0][0]),
-              "MPI_Op_create");
-    MPI_CHECK(MPI_Op_create(&reduce_16bit<DType::f16, ReduceOp::kMax>, 1, &ops16_[0][1]),
-              "MPI_Op_create");
-    MPI_CHECK(MPI_Op_create(&reduce_16bit<DType::f16, ReduceOp::kMin>, 1, &ops16_[0][2]),
-              "MPI_Op_create");
-    MPI_CHECK(MPI_Op_create(&reduce_16bit<DType::bf16, ReduceOp::kSum>, 1, &ops16_[1][0]),
-              "MPI_Op_create");
-    MPI_CHECK(MPI_Op_create(&reduce_16bit<DType::bf16, ReduceOp::kMax>, 1, &ops16_[1][1]),
-              "MPI_Op_create");
-    MPI_CHECK(MPI_Op_create(&reduce_16bit<DType::bf16, ReduceOp::kMin>, 1, &ops16_[1][2]),
-              "MPI_Op_create");
-  }
-
   void release_mpi_objects() noexcept {
+    native_.reset();  // frees its MPI_Ops (unless MPI is finalised)
     auto lock = runtime_->lock_mpi();
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (finalized) return;
-    for (auto& row : ops16_) {
-      for (MPI_Op& op : row) {
-        if (op != MPI_OP_NULL) MPI_Op_free(&op);
-      }
-    }
     if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
   }
 
@@ -610,6 +381,14 @@ class MpiCommunicator final : public Communicator {
     can.local = local_possible_;
     can.local_capacity = (mpi_.algos.local_max_bytes + 4095) / 4096 * 4096;
     return algorithm_for(mpi_.algos, c, bytes, can);
+  }
+
+  // MPI's blocking collectives behind an MPI_Ibarrier guard (native.h) where MPI allows
+  // calling them from any thread at once; the polled non-blocking ones otherwise.
+  mpi_detail::NativeMode native_mode(size_t /*bytes*/) const {
+    return mpi_.native_blocking && runtime_->thread_level() == MPI_THREAD_MULTIPLE
+               ? mpi_detail::NativeMode::kGuarded
+               : mpi_detail::NativeMode::kNonBlocking;
   }
 
   // Whether every process of the job runs on this node (Open MPI's, MPICH's counts):
@@ -637,7 +416,7 @@ class MpiCommunicator final : public Communicator {
   }
   std::unique_ptr<mpi_detail::LocalSlots> setup_local_slots(Deadline deadline) {
     auto wait_requests = [this, deadline](std::vector<MPI_Request> reqs, const char* what) {
-      wait_collective(std::move(reqs), deadline, what);
+      mpi_detail::wait_requests(*runtime_, abort_, rank_, std::move(reqs), deadline, what);
     };
     auto wait_until = [this](const std::function<bool()>& ready, Deadline d) {
       Poll poll(abort_, d, rank_);
@@ -749,72 +528,6 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
-  // ---- native collectives ----
-
-  MPI_Op native_op(DType dtype, ReduceOp op) const {
-    const int col = op == ReduceOp::kMax ? 1 : op == ReduceOp::kMin ? 2 : 0;
-    if (dtype == DType::f16) return ops16_[0][col];
-    if (dtype == DType::bf16) return ops16_[1][col];
-    return col == 1 ? MPI_MAX : col == 2 ? MPI_MIN : MPI_SUM;
-  }
-
-  // Elementwise collectives split counts above INT_MAX into several MPI calls.
-  void native_allreduce(void* data, size_t count, DType dtype, ReduceOp op, Deadline d) {
-    std::vector<MPI_Request> reqs;
-    auto* p = static_cast<std::byte*>(data);
-    const size_t es = dtype_size(dtype);
-    for (size_t off = 0; off < count; off += kMaxMpiCount) {
-      const int n = static_cast<int>(std::min(kMaxMpiCount, count - off));
-      MPI_Request req = MPI_REQUEST_NULL;
-      auto lock = runtime_->lock_mpi();
-      MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, p + off * es, n, datatype(dtype), native_op(dtype, op),
-                               comm_, &req),
-                "MPI_Iallreduce");
-      reqs.push_back(req);
-    }
-    wait_collective(std::move(reqs), d, "MPI_Iallreduce");
-    if (op == ReduceOp::kAvg) scale_in_place(data, count, dtype, 1.0 / size_);
-  }
-
-  void native_broadcast(void* data, size_t count, DType dtype, int root, Deadline d) {
-    std::vector<MPI_Request> reqs;
-    auto* p = static_cast<std::byte*>(data);
-    const size_t es = dtype_size(dtype);
-    for (size_t off = 0; off < count; off += kMaxMpiCount) {
-      const int n = static_cast<int>(std::min(kMaxMpiCount, count - off));
-      MPI_Request req = MPI_REQUEST_NULL;
-      auto lock = runtime_->lock_mpi();
-      MPI_CHECK(MPI_Ibcast(p + off * es, n, datatype(dtype), root, comm_, &req), "MPI_Ibcast");
-      reqs.push_back(req);
-    }
-    wait_collective(std::move(reqs), d, "MPI_Ibcast");
-  }
-
-  // Polls collective requests until all complete. On timeout or abort they are
-  // abandoned: MPI forbids cancelling or freeing a pending collective request.
-  void wait_collective(std::vector<MPI_Request> reqs, Deadline deadline, const char* what) {
-    Poll poll(abort_, deadline, rank_);
-    const auto start = Clock::now();
-    for (;;) {
-      int done = 0;
-      {
-        auto lock = runtime_->lock_mpi();
-        MPI_CHECK(
-            MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &done, MPI_STATUSES_IGNORE),
-            what);
-      }
-      if (done) return;
-      poll.next([&] {
-        return fmt::format(
-            "after {} ms in {}: not every rank joined the collective",
-            ms_of(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start)),
-            what);
-      });
-    }
-  }
-
-  // ---- argument checks (on the calling thread) ----
-
   void check_buffer(const void* p, size_t count, const char* op) const {
     DTRAIN_CHECK(p != nullptr || count == 0, InvalidArgument,
                  "mpi: {}: null buffer for {} elements", op, count);
@@ -823,12 +536,6 @@ class MpiCommunicator final : public Communicator {
     DTRAIN_CHECK(peer >= 0 && peer < size_ && peer != rank_, InvalidArgument,
                  "mpi: rank {}: {} peer {} must be another rank of this communicator (size {})",
                  rank_, op, peer, size_);
-  }
-  void check_native_count(size_t count, const char* op) const {
-    DTRAIN_CHECK(count <= kMaxMpiCount, UnsupportedError,
-                 "mpi: {} of {} elements per rank exceeds MPI's int count limit ({}) in the "
-                 "native algorithm; use MpiAlgorithm::kRing",
-                 op, count, kMaxMpiCount);
   }
 
   static std::string describe(const char* name, size_t count, DType dtype) {
@@ -844,8 +551,7 @@ class MpiCommunicator final : public Communicator {
   int rank_ = 0;
   int size_ = 1;
   MPI_Comm comm_ = MPI_COMM_NULL;
-  MPI_Op ops16_[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL},
-                         {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};  // [f16, bf16][sum, max, min]
+  std::unique_ptr<mpi_detail::NativeCollectives> native_;  // MPI's own collectives
   AbortFlag abort_;
   std::unique_ptr<MpiPointToPoint> ring_p2p_;
   std::unique_ptr<MpiPointToPoint> user_p2p_;

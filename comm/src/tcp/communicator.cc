@@ -417,6 +417,7 @@ TcpOptions TcpOptions::from_env() {
   o.ring.chunk_bytes =
       static_cast<size_t>(env_int("DTRAIN_TCP_CHUNK_BYTES", static_cast<int>(o.ring.chunk_bytes)));
   o.spin_us = env_int("DTRAIN_TCP_SPIN_US", o.spin_us);
+  o.pure_spin_us = env_int("DTRAIN_TCP_PURE_SPIN_US", o.pure_spin_us);
   if (const char* v = std::getenv("DTRAIN_SHM"); v != nullptr && *v != '\0') {
     const std::string s = v;
     DTRAIN_CHECK(s == "0" || s == "1", InvalidArgument, "DTRAIN_SHM='{}' must be 0 or 1", s);

@@ -174,6 +174,9 @@ std::unique_ptr<Transport> Transport::connect(Store& store, int rank, int size,
     // late, as Open MPI's default); more ranks than cores: yield after 3 us.
     const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
     if (local.size() + 1 <= cores) t->pure_spin_ = t->spin_;
+    if (opts.pure_spin_us >= 0) {
+      t->pure_spin_ = std::min(t->spin_, std::chrono::microseconds(opts.pure_spin_us));
+    }
   }
   for (int p = 0; p < size; ++p) {
     if (p == rank) continue;

@@ -9,16 +9,18 @@
 //   hierarchical  (allreduce, chosen per job: `dtrain train --allreduce-algo
 //          hierarchical` wraps the world in a HierarchicalCommunicator, hierarchical.h);
 //          inside a backend it reads as auto
-//   auto   by size, from the table below: local up to local_max_bytes when every
-//          rank is on this host (tcp backend); else up to small_max_bytes rd for
-//          allreduce and native for the others (mpi backend); else ring.
+//   auto   by size, from the table below: on the mpi backend native from
+//          native_min_bytes to native_max_bytes; else local up to local_max_bytes when
+//          every rank is on this host; else up to small_max_bytes rd for allreduce and
+//          native for the others (mpi backend); else ring.
 //
 // The thresholds are a table measured on the development VM with `dtrain bench
 // allreduce` (2 ranks; docs/collectives.md), not a start-up probe: every rank must
 // pick the same algorithm for the same call, and a probe's timings differ per rank.
 // Overridden per collective by DTRAIN_ALLREDUCE_ALGO, DTRAIN_REDUCE_SCATTER_ALGO,
 // DTRAIN_ALLGATHER_ALGO, DTRAIN_BROADCAST_ALGO (and `dtrain train --allreduce-algo`);
-// the thresholds by DTRAIN_LOCAL_MAX_BYTES and DTRAIN_SMALL_MAX_BYTES. A forced
+// the thresholds by DTRAIN_LOCAL_MAX_BYTES, DTRAIN_SMALL_MAX_BYTES,
+// DTRAIN_NATIVE_MIN_BYTES and DTRAIN_NATIVE_MAX_BYTES. A forced
 // algorithm that cannot run a call (local across hosts or above the slot size,
 // native on tcp) runs the ring and says so in algorithm_for's `why`.
 #pragma once
@@ -43,6 +45,18 @@ struct AlgoOptions {
   std::array<Algo, 4> algo{Algo::kAuto, Algo::kAuto, Algo::kAuto, Algo::kAuto};
   size_t local_max_bytes = 256 << 10;  // and the slot size of the local algorithm
   size_t small_max_bytes = 64 << 10;
+  // mpi backend: MPI's own (guarded blocking) collective from native_min_bytes to
+  // native_max_bytes, ahead of local and ring. Measured (comm/README.md): between the
+  // slots (up to 256 KiB, ahead of MPI_Allreduce) and the ring (ahead from 2 MiB,
+  // where Open MPI's large-message path collapses on this VM); at 512 KiB - 1 MiB our
+  // ring and MPI_Allreduce are level within the noise.
+  size_t native_min_bytes = 512 << 10;
+  size_t native_max_bytes = 1 << 20;
+  // allgather's window starts lower (per-rank block; MPI_Allgather measured 1.7x the
+  // slots at 64-512 KiB blocks). reduce_scatter and broadcast have none: Open MPI's
+  // MPI_Reduce_scatter_block measured 0.4x our ring at 512 KiB - 1 MiB, and broadcast
+  // was not measured.
+  size_t allgather_native_min_bytes = 16 << 10;
 
   Algo& operator[](Collective c) { return algo[static_cast<size_t>(c)]; }
   Algo operator[](Collective c) const { return algo[static_cast<size_t>(c)]; }

@@ -4,15 +4,18 @@
 //   kRing    dtrain's own ring collectives (comm/ring.h, the code the tcp backend runs)
 //            over MPI point-to-point (MPI_Isend/MPI_Irecv). Every dtype and op the tcp
 //            backend handles, with the same arithmetic.
-//   kNative  MPI's own non-blocking collectives (MPI_Iallreduce, MPI_Ibcast,
-//            MPI_Iallgather, MPI_Ireduce_scatter_block), for comparison. f32/f64/i32/i64/u8
+//   kNative  MPI's own collectives: under MPI_THREAD_MULTIPLE the blocking ones
+//            (MPI_Allreduce, MPI_Bcast, MPI_Allgather, MPI_Reduce_scatter_block: Open
+//            MPI's tuned algorithms) behind a polled barrier guard, else the
+//            non-blocking ones (MPI_Iallreduce, ...; src/mpi/native.h). f32/f64/i32/i64/u8
 //            map to MPI's basic types; f16 and bf16 travel as MPI_UINT16_T and reduce
 //            through user-defined MPI_Ops that call comm::reduce_into (combine in float),
 //            so both algorithms support every dtype. kAvg = MPI_SUM, then one
 //            scale_in_place by 1/size.
 //
 // Timeouts: MPI calls never time out by themselves, so every operation is started with
-// non-blocking MPI calls and its requests are polled (MPI_Test) against the deadline
+// non-blocking MPI calls (the blocking native collectives only once every rank has
+// passed the polled guard) and its requests are polled (MPI_Test) against the deadline
 // (CommOptions::timeout from the moment the operation starts running). When the deadline
 // passes the operation fails with TimeoutError; abort() fails the running operation
 // within one poll and every queued one with CommError; later calls throw CommError at
@@ -56,7 +59,7 @@ namespace dtrain::comm {
 enum class MpiAlgorithm {
   kRing,    // dtrain's ring algorithms over MPI point-to-point
   kNative,  // MPI's own collectives
-  kAuto,    // per call by size (algorithm.h): native up to algos.small_max_bytes, ring above
+  kAuto,    // per call by size (algorithm.h): slots / rd / native / ring
 };
 const char* mpi_algorithm_name(MpiAlgorithm algo);
 
@@ -71,6 +74,11 @@ struct MpiOptions {
   int mpi_abort_exit_code = 1;
   // Chunking of the pipelined ring (kRing); must be the same on every rank.
   RingOptions ring;
+  // Native collectives as MPI's blocking ones behind an MPI_Ibarrier guard (faster in
+  // Open MPI than its non-blocking ones; src/mpi/native.h) under MPI_THREAD_MULTIPLE;
+  // false (DTRAIN_MPI_NATIVE_BLOCKING=0) keeps MPI_Iallreduce and friends. Must be the
+  // same on every rank.
+  bool native_blocking = true;
 };
 
 // The process's MPI environment (init/finalize guard).

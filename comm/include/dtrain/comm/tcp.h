@@ -70,6 +70,10 @@ struct TcpOptions {
   // per pipeline step, which is most of the idle time at high bandwidth. 0: block
   // at once.
   int spin_us = 300;
+  // The first part of that spin without any syscall (pause instructions); the rest
+  // yields the CPU between looks. -1: the whole spin when this host has a core per
+  // rank, else 3 us. DTRAIN_TCP_PURE_SPIN_US.
+  int pure_spin_us = -1;
   // Chunking of the pipelined ring; must be the same on every rank.
   RingOptions ring;
   // Shared-memory fast path: data between two ranks on one host goes through a
