@@ -1,8 +1,8 @@
 // Several nodes, one `dtrain launch` each (torchrun-style):
 //
-//   node 0:  dtrain launch --nnodes 2 --node-rank 0 --nproc-per-node 2 \
+//   node 0:  dtrain launch --nnodes 2 --node-rank 0 --nproc-per-node 2
 //              --coordinator 10.0.0.1:29500 --token T -- dtrain train ...
-//   node 1:  dtrain launch --nnodes 2 --node-rank 1 --nproc-per-node 2 \
+//   node 1:  dtrain launch --nnodes 2 --node-rank 1 --nproc-per-node 2
 //              --coordinator 10.0.0.1:29500 --token T -- dtrain train ...
 //
 // Node 0 starts the coordinator on the given HOST:PORT (bound to HOST) unless
