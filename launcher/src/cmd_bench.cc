@@ -40,6 +40,7 @@
 #include "dtrain/engine/optim/sgd.h"
 #include "dtrain/engine/threading.h"
 #include "dtrain/parallel/ddp.h"
+#include "scaling_report.h"
 #include "worker_env.h"
 #include "worker_session.h"
 
@@ -281,12 +282,17 @@ int run_scaling(const ScalingOptions& o) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0.0 : v[v.size() / 2];
   };
-  fmt::print(
-      "# data-parallel weak scaling: {}, batch {} per worker, 1 thread per worker{}, "
-      "tcp backend, {} interleaved round(s), each the median of {} x {} steps\n",
+  ScalingReport report;
+  report.title = fmt::format(
+      "data-parallel weak scaling: {}, batch {} per worker, 1 thread per worker{}, "
+      "tcp backend, {} interleaved round(s), each the median of {} x {} steps",
       o.model, o.batch, o.pin ? " pinned to its own core" : "", o.rounds, o.reps, o.steps);
-  fmt::print("{:>8} {:>12} {:>14} {:>16} {:>12}   {}\n", "workers", "ms/step", "samples/s",
-             "vs 1 worker", "efficiency", "vs 1 worker, each round");
+  report.columns = {"workers",     "ms/step",    "samples/s",
+                    "vs 1 worker", "efficiency", "vs 1 worker, each round"};
+  ScalingSeries measured{"measured (this host)", true, {}, {}, {}};
+  fmt::print("# {}\n", report.title);
+  const auto& c = report.columns;
+  fmt::print("{:>8} {:>12} {:>14} {:>16} {:>12}   {}\n", c[0], c[1], c[2], c[3], c[4], c[5]);
   for (int n : o.workers) {
     if (ms[n].empty()) continue;
     double t = median(ms[n]);
@@ -294,9 +300,19 @@ int run_scaling(const ScalingOptions& o) {
     for (double r : speedup[n]) rounds += fmt::format("{}{:.2f}x", rounds.empty() ? "" : " ", r);
     bool has = !speedup[n].empty();
     double sp = median(speedup[n]);
-    fmt::print("{:>8} {:>12.3f} {:>14.1f} {:>16} {:>12}   {}\n", n, t,
-               static_cast<double>(o.batch * n) / (t / 1e3), has ? fmt::format("{:.2f}x", sp) : "-",
-               has ? fmt::format("{:.0f}%", 100.0 * sp / n) : "-", has ? rounds : "-");
+    const auto& r = report.rows.emplace_back(std::vector<std::string>{
+        std::to_string(n), fmt::format("{:.3f}", t),
+        fmt::format("{:.1f}", static_cast<double>(o.batch * n) / (t / 1e3)),
+        has ? fmt::format("{:.2f}x", sp) : "-", has ? fmt::format("{:.0f}%", 100.0 * sp / n) : "-",
+        has ? rounds : "-"});
+    fmt::print("{:>8} {:>12} {:>14} {:>16} {:>12}   {}\n", r[0], r[1], r[2], r[3], r[4], r[5]);
+    if (has) measured.ranks.push_back(n), measured.step_ms.push_back(t);
+    if (has) measured.efficiency.push_back(sp / n);
+  }
+  if (!o.out.empty()) {
+    report.series = {measured};
+    write_scaling_report(o.out, report);
+    fmt::print("# table and plot: {}/scaling.md, {}/scaling.png\n", o.out, o.out);
   }
   if (!note.empty()) fmt::print("# notes:\n{}", note);
   return note.empty() ? 0 : 1;
@@ -507,7 +523,8 @@ Command add_bench_command(CLI::App& app) {
       ->check(kPositive);
   sc->add_flag("!--no-pin", so->pin, "Do not pin each worker to its own core");
   sc->add_flag("--worker", so->worker, "(internal) run as one rank");
-  sc->add_option("--out", so->out, "(internal) where rank 0 writes its row");
+  sc->add_option("--out", so->out,
+                 "Folder for scaling.md and scaling.png (with --worker, internal: rank 0's row)");
   auto model = add_scaling_model_options(*sc);  // --predict, --fit, --validate
   auto collectives = add_collective_benches(*bench);
   auto gpt = add_gpt_bench(*bench);
