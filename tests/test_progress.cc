@@ -10,10 +10,13 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -89,7 +92,7 @@ std::vector<std::string> lines_of(const std::string& text) {
 // The test's own mm:ss (rounded to the nearest second), the oracle of the ETA field.
 std::string mmss(double s) {
   const long t = std::lround(s);
-  char buf[16];
+  char buf[48];
   std::snprintf(buf, sizeof buf, "%02ld:%02ld", t / 60, t % 60);
   return buf;
 }
@@ -264,5 +267,66 @@ TEST(ProgressCli, TrainShowsEvaluationAndCheckpointBars) {
   EXPECT_EQ(eval_done, (std::vector<int64_t>{0, 1, 2, 3})) << r.out;  // 0: before the first
   EXPECT_EQ(ckpt_done.size(), 2u) << r.out;                           // 128 / 64: steps 1 and 2
   for (const auto& [name, n] : ckpt_lines) EXPECT_LE(n, 11) << name;  // a line per tenth at most
+}
+
+// `dtrain bench allreduce --out DIR` (2 tcp ranks, 8 B to 1 KiB, no peers): the sweep's
+// bar on stderr (0/1 then 1/1 sweeps), allreduce.md's rows against the printed
+// side-by-side table cell for cell, the plot's JSON against the table, and a PNG of
+// 800 x 450 (IHDR).
+TEST(ProgressCli, BenchAllreduceShowsItsSweepAndWritesTableAndPlot) {
+  fs::path dir = dtrain::testing::scratch_dir("dtrain_test_progress", "allreduce") / "out";
+  auto r = dtrain::testing::run_command(std::string(DTRAIN_BIN) +
+                                            " bench allreduce --nproc 2 --backends tcp --no-peers "
+                                            "--max-bytes 1024 --out " +
+                                            dir.string(),
+                                        120);
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::vector<std::string> bars;
+  std::vector<std::vector<std::string>> printed, md;
+  bool in_table = false;
+  for (const std::string& l : lines_of(r.out)) {
+    if (l.rfind("bench allreduce [", 0) == 0) bars.push_back(l);
+    if (l.rfind("# busbw (GB/s) side by side", 0) == 0) in_table = true;
+    std::istringstream words(l);
+    std::vector<std::string> cells;
+    for (std::string w; words >> w;) cells.push_back(w);
+    if (in_table && cells.size() == 2 && std::isdigit(static_cast<unsigned char>(cells[0][0]))) {
+      printed.push_back(cells);
+    }
+  }
+  ASSERT_EQ(bars.size(), 2u) << r.out;
+  EXPECT_NE(bars[0].find(" 0/1 sweeps"), std::string::npos) << bars[0];
+  EXPECT_NE(bars[1].find(" 1/1 sweeps"), std::string::npos) << bars[1];
+  ASSERT_EQ(printed.size(), 8u) << r.out;  // 8, 16, ..., 1024 B
+  std::ifstream in(dir / "allreduce.md");
+  for (std::string l; std::getline(in, l);) {
+    if (l.rfind("| ", 0) != 0) continue;
+    std::vector<std::string> cells;
+    std::istringstream c(l);
+    for (std::string w; c >> w;) {
+      if (w != "|") cells.push_back(w);
+    }
+    if (std::isdigit(static_cast<unsigned char>(cells[0][0]))) md.push_back(cells);
+  }
+  EXPECT_EQ(md, printed);
+  std::ifstream js(dir / "allreduce.json");
+  auto j = nlohmann::json::parse(js);
+  ASSERT_EQ(j["series"].size(), 1u);
+  EXPECT_EQ(j["series"][0]["name"], "tcp");
+  for (size_t i = 0; i < printed.size(); ++i) {
+    EXPECT_EQ(j["series"][0]["bytes"][i].get<int64_t>(), std::stoll(printed[i][0]));
+    EXPECT_NEAR(j["series"][0]["busbw_GBps"][i].get<double>(), std::stod(printed[i][1]), 5e-4);
+  }
+  std::ifstream png(dir / "allreduce.png", std::ios::binary);
+  std::string head(24, '\0');
+  png.read(head.data(), 24);
+  EXPECT_EQ(head.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+  auto be32 = [&](size_t at) {
+    return uint32_t(uint8_t(head[at])) << 24 | uint32_t(uint8_t(head[at + 1])) << 16 |
+           uint32_t(uint8_t(head[at + 2])) << 8 | uint32_t(uint8_t(head[at + 3]));
+  };
+  EXPECT_EQ(be32(16), 800u);
+  EXPECT_EQ(be32(20), 450u);
+  EXPECT_GT(fs::file_size(dir / "allreduce.png"), 1000u);
 }
 #endif

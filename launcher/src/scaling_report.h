@@ -9,6 +9,7 @@
 // model, the measurement). Thread-safety: none needed (plain data, one writer).
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -36,5 +37,17 @@ std::string scaling_markdown(const ScalingReport& r);
 // Creates DIR and writes scaling.md, scaling.json and scaling.png (IoError naming
 // the file that cannot be written, or the plotting script's failure).
 void write_scaling_report(const std::string& dir, const ScalingReport& r);
+
+// The same for any printed bench table: DIR/STEM.md (title, notes, the table, the
+// plot's link), DIR/STEM.json (`plot`, what the script reads) and DIR/STEM.png drawn
+// by scripts/SCRIPT (`bench allreduce --out`: allreduce_plot.py).
+struct TableReport {
+  std::string stem, script, title;
+  std::vector<std::string> notes, columns;
+  std::vector<std::vector<std::string>> rows;
+  nlohmann::json plot;
+};
+std::string table_markdown(const TableReport& r);
+void write_table_report(const std::string& dir, const TableReport& r);
 
 }  // namespace dtrain::cli
