@@ -269,6 +269,38 @@ TEST(ProgressCli, TrainShowsEvaluationAndCheckpointBars) {
   for (const auto& [name, n] : ckpt_lines) EXPECT_LE(n, 11) << name;  // a line per tenth at most
 }
 
+// --data imagefolder:DIR: rank 0 draws a loading bar per split over its images
+// (2 classes x 6 train, 2 x 3 test, 28 x 28 PGMs), plain lines ending at the total.
+TEST(ProgressCli, ImageFolderLoadingShowsImagesRead) {
+  fs::path dir = dtrain::testing::scratch_dir("dtrain_test_progress", "imagefolder");
+  for (const auto& [split, n] : {std::pair{"train", 6}, {"test", 3}}) {
+    for (const char* cls : {"a", "b"}) {
+      fs::create_directories(dir / split / cls);
+      for (int i = 0; i < n; ++i) {
+        std::ofstream f(dir / split / cls / (std::to_string(i) + ".pgm"), std::ios::binary);
+        f << "P5\n28 28\n255\n" << std::string(28 * 28, char(cls[0] == 'a' ? 40 : 200 + i));
+      }
+    }
+  }
+  auto r = dtrain::testing::run_command(
+      std::string(DTRAIN_BIN) + " train --data imagefolder:" + dir.string() +
+          " --epochs 1 --batch 4 --metrics " + (dir / "m.jsonl").string(),
+      120);
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (const auto& [split, n] : {std::pair{"train", 12}, {"test", 6}}) {
+    const std::string head = "loading " + (dir / split).string() + " [";
+    std::vector<std::string> got;
+    for (const std::string& l : lines_of(r.out)) {
+      if (l.rfind(head, 0) == 0) got.push_back(l);
+    }
+    ASSERT_FALSE(got.empty()) << r.out;
+    const std::string total = "/" + std::to_string(n) + " images";
+    for (const std::string& l : got) EXPECT_NE(l.find(total), std::string::npos) << l;
+    EXPECT_NE(got.front().find(" 0" + total), std::string::npos) << got.front();
+    EXPECT_NE(got.back().find(" " + std::to_string(n) + total), std::string::npos) << got.back();
+  }
+}
+
 // `dtrain bench allreduce --out DIR` (2 tcp ranks, 8 B to 1 KiB, no peers): the sweep's
 // bar on stderr (0/1 then 1/1 sweeps), allreduce.md's rows against the printed
 // side-by-side table cell for cell, the plot's JSON against the table, and a PNG of

@@ -10,6 +10,7 @@
 #include "dtrain/engine/data/image_folder.h"
 #include "dtrain/engine/data/mnist.h"
 #include "dtrain/engine/data/records.h"
+#include "progress.h"
 
 namespace dtrain::cli {
 
@@ -59,12 +60,20 @@ void hold_out(const data::TensorDataset& all, ImageSplits& s) {
   s.test = take(test);
 }
 
-ImageSplits image_folder(const std::string& dir) {
+// The loading bar of one folder (rank 0 draws; progress.h).
+ProgressFn loading_bar(const fs::path& dir, bool lead) {
+  return progress_reporter({.label = "loading " + dir.string(), .unit = "images", .enabled = lead});
+}
+
+ImageSplits image_folder(const std::string& dir, bool lead) {
   ImageSplits s;
   s.dir = dir;
   if (fs::is_directory(fs::path(dir) / "train")) {
-    auto train = std::make_shared<data::ImageFolderDataset>((fs::path(dir) / "train").string());
-    auto test = std::make_shared<data::ImageFolderDataset>((fs::path(dir) / "test").string());
+    const fs::path train_dir = fs::path(dir) / "train", test_dir = fs::path(dir) / "test";
+    auto train = std::make_shared<data::ImageFolderDataset>(train_dir.string(),
+                                                            loading_bar(train_dir, lead));
+    auto test =
+        std::make_shared<data::ImageFolderDataset>(test_dir.string(), loading_bar(test_dir, lead));
     DTRAIN_CHECK(train->classes() == test->classes(), DataFormatError,
                  "--data imagefolder:{}: train/ and test/ have different class folders", dir);
     s.source = fmt::format("image folder {} ({} classes)", dir, train->classes().size());
@@ -72,7 +81,7 @@ ImageSplits image_folder(const std::string& dir) {
     s.test = test;
     return s;
   }
-  data::ImageFolderDataset all(dir);
+  data::ImageFolderDataset all(dir, loading_bar(dir, lead));
   s.source = fmt::format("image folder {} ({} classes, every 5th image held out)", dir,
                          all.classes().size());
   hold_out(data::TensorDataset(all.images(), all.labels()), s);
@@ -118,7 +127,7 @@ ImageSplits load_image_splits(const ImageDataOptions& o, comm::Communicator& com
                                  "train / 10000 test)"},
                       data::kFashionMnistMean, data::kFashionMnistStd);
   }
-  if (starts_with(o.data, "imagefolder:")) return image_folder(o.data.substr(12));
+  if (starts_with(o.data, "imagefolder:")) return image_folder(o.data.substr(12), comm.rank() == 0);
   if (starts_with(o.data, "records:")) return records(o.data.substr(8));
   return idx_folder(o, {.dir = o.data, .source = fmt::format("MNIST IDX files from {}", o.data)},
                     mnist.mean, mnist.std);
