@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "dtrain/engine/data/fashion_mnist.h"
 #include "dtrain/engine/data/mnist.h"
 #include "dtrain/engine/serialize.h"
 #include "progress.h"
@@ -224,6 +225,29 @@ TEST(Progress, ArchiveWriteReportsBytesUpToTheFileSize) {
     }
   }
   EXPECT_EQ(calls.back().first, size);
+}
+
+// Fashion-MNIST from the Debian package: (0, total), then one call per file, the
+// total the four gzip files' sizes; nothing once the unpacked files are cached.
+TEST(Progress, FashionMnistUnpackReportsGzipBytes) {
+  const fs::path src = dtrain::data::kFashionMnistDebianDir;
+  if (!fs::exists(src / "train-images-idx3-ubyte.gz")) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed (" << src << ")";
+  }
+  uint64_t total = 0;
+  for (const auto& e : fs::directory_iterator(src)) {
+    if (e.path().extension() == ".gz") total += e.file_size();
+  }
+  fs::path cache = dtrain::testing::scratch_dir("dtrain_test_progress", "fashion");
+  std::vector<std::pair<uint64_t, uint64_t>> calls;
+  auto record = [&](uint64_t d, uint64_t t) { calls.emplace_back(d, t); };
+  dtrain::data::prepare_fashion_mnist(cache.string(), src.string(), record);
+  ASSERT_EQ(calls.size(), 5u);
+  EXPECT_EQ(calls.front(), std::make_pair(uint64_t{0}, total));
+  EXPECT_EQ(calls.back(), std::make_pair(total, total));
+  calls.clear();
+  dtrain::data::prepare_fashion_mnist(cache.string(), src.string(), record);
+  EXPECT_TRUE(calls.empty());
 }
 
 #ifdef DTRAIN_BIN

@@ -119,8 +119,11 @@ ImageSplits load_image_splits(const ImageDataOptions& o, comm::Communicator& com
                       mnist.mean, mnist.std);
   }
   if (o.data == "fashion-mnist") {
-    std::string dir =
-        lead_first(comm, [&](bool) { return data::prepare_fashion_mnist(o.data_cache); });
+    std::string dir = lead_first(comm, [&](bool lead) {
+      return data::prepare_fashion_mnist(
+          o.data_cache, data::kFashionMnistDebianDir,
+          bytes_reporter({.label = "unpacking fashion-mnist", .enabled = lead}));
+    });
     return idx_folder(o,
                       {.dir = dir,
                        .source = "Fashion-MNIST (Debian dataset-fashion-mnist, 60000 "
