@@ -173,6 +173,21 @@ TEST(Progress, TerminalRedrawsInPlaceAndEndsWithOneNewline) {
   EXPECT_NE(text.find("5/5 steps 1.0 steps/s ETA 00:00\x1b[K\n"), std::string::npos) << text;
 }
 
+// A task that stops before its total: finish() ends the line, once.
+TEST(Progress, TerminalLineOfAnUnfinishedTaskEndsInFinish) {
+  FakeClock clock;
+  std::string text = through_pty([&](FILE* w) {
+    ProgressBar bar({.label = "t", .total = 5, .out = w, .clock = clock.fn()});
+    clock.now += 1.0;
+    bar.advance(3);
+    bar.finish();
+    bar.finish();
+  });
+  EXPECT_EQ(count(text, '\r'), 1u) << text;
+  EXPECT_EQ(count(text, '\n'), 1u) << text;
+  EXPECT_NE(text.find("3/5 steps"), std::string::npos) << text;
+}
+
 // Updates 10 ms apart: only the first and the last (the total) are drawn.
 TEST(Progress, TerminalRedrawsAtMostTenTimesASecond) {
   FakeClock clock;

@@ -87,8 +87,11 @@ void ProgressBar::advance(int64_t done, const std::string& detail) {
   if (tty_) {
     if (done < o_.total && last_draw_s_ >= 0 && now - last_draw_s_ < kRedrawSeconds) return;
     last_draw_s_ = now;
-    fmt::print(o_.out, "\r{}\x1b[K", render(done, now - start_s_, detail));
-    drawn_ = true;
+    // The last draw ends the line at once, so what follows (another bar, a log
+    // line) starts on a fresh one.
+    const bool last = done >= o_.total;
+    fmt::print(o_.out, "\r{}\x1b[K{}", render(done, now - start_s_, detail), last ? "\n" : "");
+    drawn_ = !last;
     std::fflush(o_.out);
     return;
   }

@@ -3,9 +3,10 @@
 // preparation and benchmark sweeps (sizes, configurations).
 //
 // On a terminal it redraws one line in place ("\r", at most every 100 ms, always at
-// the end) and ends it with one newline in finish(); when the stream is not a
-// terminal (CI, log files, a pipe) it prints a plain line whenever another tenth of
-// the total is done (the first update, every 10%, the last), never a "\r".
+// the end) and ends it with one newline when the total is reached (or in finish(),
+// for a task that stops early); when the stream is not a terminal (CI, log files, a
+// pipe) it prints a plain line whenever another tenth of the total is done (the
+// first update, every 10%, the last), never a "\r".
 // ETA = remaining units / rate, the rate counted from the units done since the bar
 // began (a resumed run starts at `start`). The clock can be injected so that tests
 // are deterministic. Callers draw on the logging rank only (enabled = false
