@@ -195,6 +195,30 @@ TEST(Augment, SameSeedSameBatchesForAnyThreadCount) {
   EXPECT_NE(one, epoch_values(1, 0, 8, 6));  // another seed too
 }
 
+// What a CUDA run does: a loader over the raw rows, then augment() on the delivered
+// batch keyed by Batch::indices. On the CPU it must give the AugmentedDataset's bytes.
+std::vector<float> deferred_epoch_values(int64_t epoch, int64_t batch, uint64_t seed) {
+  auto base = std::make_shared<TensorDataset>(random_images(40, 1, 12, 12, 11),
+                                              zeros({40}, TensorOptions{}.with_dtype(DType::i64)));
+  AugmentedDataset aug(base, parse_augment("crop:2,flip,rotate:10"), seed, 2);
+  aug.set_epoch(epoch);
+  DataLoader loader(aug.base(), DistributedSampler(40, 0, 1, 3), batch);
+  loader.begin_epoch(epoch);
+  std::vector<float> all;
+  Batch b;
+  while (loader.next(b)) {
+    EXPECT_EQ(static_cast<int64_t>(b.indices.size()), b.input.size(0));
+    auto v = values(aug.augment(b.input, b.indices));
+    all.insert(all.end(), v.begin(), v.end());
+  }
+  return all;
+}
+
+TEST(Augment, AugmentingTheDeliveredBatchMatchesTheAugmentedDataset) {
+  EXPECT_EQ(epoch_values(1, 2, 8, 5), deferred_epoch_values(2, 8, 5));
+  EXPECT_EQ(epoch_values(1, 0, 7, 9), deferred_epoch_values(0, 7, 9));
+}
+
 TEST(Augment, BadBatchIsOneClearError) {
   std::vector<int64_t> idx = {0, 1};
   EXPECT_THROW(augment_batch(empty({2, 4, 4}), idx, parse_augment("flip"), 1, 0), ShapeError);

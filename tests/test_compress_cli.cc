@@ -87,8 +87,31 @@ TEST(CompressCli, QuantizePrintsBothAccuraciesAndRejectsZeroCalibrationBatches) 
                          " --calib-batches 2 --iters 3 --data " + f.data.string());
   ASSERT_EQ(ok.code, 0) << ok.out;
   EXPECT_TRUE(contains(ok.out, "int8 speed-up")) << ok.out;
+  EXPECT_TRUE(contains(ok.out, "int8 path: int8 graph")) << ok.out;
   CommandResult bad =
       run("quantize --ckpt " + f.ckpt.string() + " --calib-batches 0 --data " + f.data.string());
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_TRUE(contains(bad.out, "--calib-batches must be >= 1, got 0")) << bad.out;
+}
+
+// The accuracy `dtrain infer` prints ("accuracy 0.1234 (").
+double printed_accuracy(const std::string& out) {
+  size_t at = out.find("accuracy ");
+  return at == std::string::npos ? -1.0 : std::stod(out.substr(at + 9));
+}
+
+TEST(CompressCli, InferInt8RunsTheInt8GraphNearTheF32Accuracy) {
+  Fixture f = make_fixture("infer_int8", "seed-cnn");
+  const std::string base =
+      "infer --model seed-cnn --ckpt " + f.ckpt.string() + " --data " + f.data.string();
+  CommandResult f32 = run(base);
+  CommandResult i8 = run(base + " --int8 --calib-batches 2 --batch 64");
+  ASSERT_EQ(f32.code, 0) << f32.out;
+  ASSERT_EQ(i8.code, 0) << i8.out;
+  EXPECT_TRUE(contains(i8.out, "int8 (int8 graph, calibrated on 2 batches")) << i8.out;
+  EXPECT_GE(printed_accuracy(f32.out), 0.0) << f32.out;
+  EXPECT_NEAR(printed_accuracy(i8.out), printed_accuracy(f32.out), 0.02) << i8.out << f32.out;
+  CommandResult bad = run(base + " --int8 --calib-batches 0");
   EXPECT_EQ(bad.code, 1) << bad.out;
   EXPECT_TRUE(contains(bad.out, "--calib-batches must be >= 1, got 0")) << bad.out;
 }

@@ -55,6 +55,18 @@ TEST(TrainCli, DeviceCudaWithoutGpuIsOneLine) {
   EXPECT_NE(r.out.find("no CUDA device: " + cuda::device_error()), std::string::npos) << r.out;
 }
 
+// On a GPU the augmentation runs on the device batch (mnist_source.h); the bytes are
+// the CPU's (Augment.CudaMatchesCpuBitForBit), so the run trains like the CPU one.
+TEST(TrainCli, DeviceCudaAugmentsOnTheGpuAndLearns) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_error();
+  CommandResult r =
+      run_command(kBin + " train --device cuda --epochs 1 --augment crop:2,flip,rotate:10", 300);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const size_t at = r.out.find("test accuracy ");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  EXPECT_GT(std::stod(r.out.substr(at + 14)), 0.8) << r.out;
+}
+
 TEST(TrainCli, MalformedDeviceIsRefused) {
   CommandResult r = run_command(kBin + " train --device gpu0 --epochs 1", 120);
   EXPECT_NE(r.code, 0);

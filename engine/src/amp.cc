@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "dtrain/engine/amp_cpu.h"
 #include "dtrain/engine/autograd.h"
 #include "dtrain/engine/functors.h"
 #include "dtrain/engine/ops.h"
@@ -147,6 +148,14 @@ Tensor round_through(const Tensor& t, DType dtype) {
 }
 
 Tensor autocast_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, DType dtype) {
+  // bf16 on the CPU: oneDNN's bf16 primitives (amp_cpu.h) unless DTRAIN_CPU_BF16=emulate.
+  if (dtype == DType::bf16 && x.device().is_cpu() && cpu_bf16_path() == CpuBf16Path::kOneDnn) {
+    return onednn_bf16_linear(x, weight, bias);
+  }
+  return emulated_linear(x, weight, bias, dtype);
+}
+
+Tensor emulated_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, DType dtype) {
   const int64_t in = weight.size(1), out = weight.size(0);
   Shape out_shape = x.shape();
   out_shape.back() = out;

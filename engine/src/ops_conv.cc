@@ -22,6 +22,8 @@
 #include <limits>
 
 #include "cpu/conv.h"
+#include "dtrain/engine/amp.h"
+#include "dtrain/engine/amp_cpu.h"
 #include "dtrain/engine/autograd.h"
 #ifdef DTRAIN_WITH_CUDA
 #include "cuda/ops_cuda.h"
@@ -285,7 +287,16 @@ Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dO
 }
 
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dOptions opt) {
+  if (x.defined() && x.dtype() == DType::f32 && opt.groups == 1 &&
+      amp::AutocastGuard::dtype() != DType::f32) {  // bf16/f16 autocast (amp_cpu.h)
+    return amp::autocast_conv2d(x, weight, bias, opt, amp::AutocastGuard::dtype());
+  }
   return conv2d(x, weight, bias, opt, ConvAlgo::kAuto);
+}
+
+cpu::ConvGeom conv2d_geometry(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                              const Conv2dOptions& opt) {
+  return check_conv(x, weight, bias, opt);
 }
 
 namespace {

@@ -35,6 +35,10 @@ PoolAlgo default_pool_algo(DType dtype);
 Tensor conv2d(const Tensor& x, const Tensor& weight, const Tensor& bias, Conv2dOptions opt,
               ConvAlgo algo);
 Tensor max_pool2d(const Tensor& x, MaxPool2dOptions opt, PoolAlgo algo);
+// The checked geometry of conv2d(x, weight, bias, opt): throws what conv2d throws for
+// bad input (the bf16 paths of amp_cpu.cc check through it).
+cpu::ConvGeom conv2d_geometry(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                              const Conv2dOptions& opt);
 
 // ---- grouped convolution (ops_conv_grouped.cc) ----
 // Throws ShapeError unless groups >= 1 divides both channel counts and the weight has

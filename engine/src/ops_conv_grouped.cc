@@ -22,14 +22,14 @@ GroupedKernel pick(const cpu::ConvGeom& g, ConvAlgo algo) {
 
 template <typename T>
 void forward(GroupedKernel k, const cpu::ConvGeom& g, const T* x, const T* w, const T* b, T* y) {
-  if (k == GroupedKernel::kReference) return cpu::conv2d_grouped_forward_ref(g, x, w, b, y);
+  if (k == GroupedKernel::kReference) return cpu::conv2d_forward_ref(g, x, w, b, y);
   if (k == GroupedKernel::kDepthwise) return cpu::conv2d_depthwise_forward(g, x, w, b, y);
   cpu::conv2d_grouped_forward(g, x, w, b, y);
 }
 
 template <typename T>
 void backward_data(GroupedKernel k, const cpu::ConvGeom& g, const T* dy, const T* w, T* dx) {
-  if (k == GroupedKernel::kReference) return cpu::conv2d_grouped_backward_data_ref(g, dy, w, dx);
+  if (k == GroupedKernel::kReference) return cpu::conv2d_backward_data_ref(g, dy, w, dx);
   if (k == GroupedKernel::kDepthwise) return cpu::conv2d_depthwise_backward_data(g, dy, w, dx);
   cpu::conv2d_grouped_backward_data(g, dy, w, dx);
 }
@@ -38,7 +38,7 @@ template <typename T>
 void backward_weights(GroupedKernel k, const cpu::ConvGeom& g, const T* x, const T* dy, T* dw,
                       T* db) {
   if (k == GroupedKernel::kReference) {
-    return cpu::conv2d_grouped_backward_weights_ref(g, x, dy, dw, db);
+    return cpu::conv2d_backward_weights_ref(g, x, dy, dw, db);
   }
   if (k == GroupedKernel::kDepthwise) {
     return cpu::conv2d_depthwise_backward_weights(g, x, dy, dw, db);

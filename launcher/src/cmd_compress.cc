@@ -146,11 +146,14 @@ int run_quantize(const QuantArgs& a) {
       "  {:<5} {:>9} {:>14} {:>16}\n"
       "  {:<5} {:>9.4f} {:>14.3f} {:>16.0f}\n"
       "  {:<5} {:>9.4f} {:>14.3f} {:>16.0f}\n"
-      "  int8 - f32 accuracy {:+.4f}; int8 speed-up x{:.2f} (batch {}, median of {})\n",
+      "  int8 - f32 accuracy {:+.4f}; int8 speed-up x{:.2f} (batch {}, median of {})\n"
+      "  int8 path: {}\n",
       checkpoint_model(a.ckpt), data.source(), calib.size(), a.data.batch,
       a.percentile >= 100 ? std::string("min/max") : fmt::format("p{}", a.percentile), a.threads,
       "", "accuracy", "latency ms", "samples/s", "f32", acc32, t32 * 1e3, n / t32, "int8", acc8,
-      t8 * 1e3, n / t8, acc8 - acc32, t32 / t8, idx.size(), a.iters);
+      t8 * 1e3, n / t8, acc8 - acc32, t32 / t8, idx.size(), a.iters,
+      q.graph() ? std::string("int8 graph (8-bit activations from layer to layer)")
+                : "per layer, f32 between layers: " + q.graph_unavailable());
   return 0;
 }
 

@@ -3,6 +3,7 @@
 //   dtrain infer --ckpt FILE | --weights FILE.safetensors [--name-map MAP.json]
 //                [--model seed-cnn] [--input IMAGES.idx [--labels LABELS.idx]]
 //                [--data DIR] [--batch 256] [--warmup 2] [--threads 1]
+//                [--int8 [--calib-batches 4]]
 //
 // The weights: a `dtrain train --save` checkpoint (--ckpt) or a safetensors file
 // (--weights, names mapped as for train --init-from). The samples: an IDX image file
@@ -11,12 +12,15 @@
 // Every layer runs in eval mode (dropout off) under NoGradGuard. Prints the accuracy
 // (when labels are known), the per-batch latency p50/p90/p99 and the throughput; the
 // first --warmup batches run untimed first. An image file whose images are not the
-// model's size fails naming the file and both shapes.
+// model's size fails naming the file and both shapes. --int8 quantizes the model first
+// (engine/compress/quant.h: the int8 graph), calibrated on --calib-batches batches of the
+// MNIST training split of --data or the demo subset (of the --input images with --input).
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -24,6 +28,7 @@
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "dtrain/engine/autograd.h"
+#include "dtrain/engine/compress/quant.h"
 #include "dtrain/engine/data/idx.h"
 #include "dtrain/engine/data/mnist.h"
 #include "dtrain/engine/nn/models.h"
@@ -43,6 +48,8 @@ struct InferConfig {
   int64_t warmup = 2;
   int threads = 1;
   bool normalize = true;
+  bool int8 = false;
+  int64_t calib_batches = 4;
 };
 
 struct Samples {
@@ -137,6 +144,32 @@ int64_t argmax_hits(const Tensor& logits, const Tensor& labels) {
   return hits;
 }
 
+// --int8: the calibration batches (training split, or the first samples with --input).
+std::vector<Tensor> calibration(const InferConfig& c, const Samples& s, std::string* from) {
+  DTRAIN_CHECK(c.calib_batches >= 1, InvalidArgument, "--calib-batches must be >= 1, got {}",
+               c.calib_batches);
+  std::unique_ptr<data::MnistDataset> train;
+  const data::Dataset* set = &s.set;
+  *from = "the first samples of " + s.source;
+  if (c.input.empty()) {
+    std::string dir = c.data.empty() ? data::prepare_mnist_subset(c.data_cache).dir : c.data;
+    data::MnistOptions mo;
+    mo.normalize = c.normalize;
+    train = std::make_unique<data::MnistDataset>(dir, data::MnistSplit::kTrain, mo);
+    set = train.get();
+    *from = "the training split of " + dir;
+  }
+  std::vector<Tensor> out;
+  for (int64_t b = 0; b < c.calib_batches && b * c.batch < set->size(); ++b) {
+    std::vector<int64_t> idx;
+    for (int64_t i = b * c.batch; i < std::min(set->size(), (b + 1) * c.batch); ++i) {
+      idx.push_back(i);
+    }
+    out.push_back(set->get_batch(idx).input);
+  }
+  return out;
+}
+
 int run_infer(const InferConfig& c) {
   DTRAIN_CHECK(c.batch >= 1 && c.warmup >= 0, InvalidArgument,
                "--batch must be >= 1 and --warmup >= 0, got {} and {}", c.batch, c.warmup);
@@ -144,6 +177,20 @@ int run_infer(const InferConfig& c) {
   const nn::ModelInfo& info = nn::model_info(c.model);
   Samples s = load_samples(c, info);
   std::shared_ptr<nn::Module> model = load_model(c);
+  std::function<Tensor(const Tensor&)> forward = [&](const Tensor& x) { return model->forward(x); };
+  std::string kind = "f32";
+  std::shared_ptr<compress::QuantizedModel> q;
+  if (c.int8) {
+    auto seq = std::dynamic_pointer_cast<nn::Sequential>(model);
+    DTRAIN_CHECK(seq != nullptr, UnsupportedError, "--int8: {} is not a Sequential", c.model);
+    std::string from;
+    q = std::make_shared<compress::QuantizedModel>(
+        compress::QuantizedModel::build(*seq, calibration(c, s, &from)));
+    forward = [q](const Tensor& x) { return q->forward(x); };
+    kind = fmt::format("int8 ({}, calibrated on {} batches of {})",
+                       q->graph() ? "int8 graph" : "per layer: " + q->graph_unavailable(),
+                       c.calib_batches, from);
+  }
   NoGradGuard no_grad;
   std::vector<int64_t> all(static_cast<size_t>(s.set.size()));
   for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
@@ -151,13 +198,13 @@ int run_infer(const InferConfig& c) {
     size_t n = std::min(all.size() - start, static_cast<size_t>(c.batch));
     return s.set.get_batch(std::span<const int64_t>(all.data() + start, n));
   };
-  for (int64_t w = 0; w < c.warmup && !all.empty(); ++w) model->forward(batch_at(0).input);
+  for (int64_t w = 0; w < c.warmup && !all.empty(); ++w) forward(batch_at(0).input);
   std::vector<double> ms;
   int64_t hits = 0;
   for (size_t start = 0; start < all.size(); start += static_cast<size_t>(c.batch)) {
     data::Batch b = batch_at(start);
     auto t0 = std::chrono::steady_clock::now();
-    Tensor logits = model->forward(b.input).contiguous();
+    Tensor logits = forward(b.input).contiguous();
     ms.push_back(
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     hits += argmax_hits(logits, b.target);
@@ -170,11 +217,12 @@ int run_infer(const InferConfig& c) {
                                static_cast<double>(hits) / s.set.size(), hits, s.set.size())
                  : "";
   fmt::print(
-      "dtrain infer: {} from {} on {}: {} samples in {} batches of {} (eval mode, {} thread(s)), "
+      "dtrain infer: {} {} from {} on {}: {} samples in {} batches of {} (eval mode, {} "
+      "thread(s)), "
       "{}latency per batch p50 {:.3f} ms p90 {:.3f} ms p99 {:.3f} ms, throughput {:.0f} "
       "samples/s\n",
-      c.model, c.ckpt.empty() ? c.weights : c.ckpt, s.source, s.set.size(), ms.size(), c.batch,
-      c.threads, acc, percentile(ms, 0.5), percentile(ms, 0.9), percentile(ms, 0.99),
+      c.model, kind, c.ckpt.empty() ? c.weights : c.ckpt, s.source, s.set.size(), ms.size(),
+      c.batch, c.threads, acc, percentile(ms, 0.5), percentile(ms, 0.9), percentile(ms, 0.99),
       1000.0 * static_cast<double>(s.set.size()) / total_ms);
   return 0;
 }
@@ -197,6 +245,9 @@ Command add_infer_command(CLI::App& app) {
   t->add_option("--warmup", c->warmup, "Untimed batches first")->capture_default_str();
   t->add_option("--threads", c->threads, "CPU threads")->capture_default_str()->check(kPositive);
   t->add_flag("!--no-normalize", c->normalize, "Raw [0,1] pixels (as train --no-normalize)");
+  t->add_flag("--int8", c->int8, "Quantize to int8 first (post-training, calibrated)");
+  t->add_option("--calib-batches", c->calib_batches, "With --int8: calibration batches")
+      ->capture_default_str();
   return {t, [c] { return run_infer(*c); }};
 }
 

@@ -18,17 +18,11 @@
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "plot_script.h"
+#include "report.h"
 
 namespace dtrain::cli {
 
-namespace {
-
 namespace fs = std::filesystem;
-
-struct ReportOptions {
-  std::string run_dir;
-  std::string out;  // empty: RUN_DIR/report
-};
 
 int run_report(const ReportOptions& o) {
   DTRAIN_CHECK(fs::is_directory(o.run_dir), InvalidArgument,
@@ -39,8 +33,6 @@ int run_report(const ReportOptions& o) {
   run_plot_script("report.py", {o.run_dir, out});
   return 0;
 }
-
-}  // namespace
 
 Command add_report_command(CLI::App& app) {
   auto o = std::make_shared<ReportOptions>();

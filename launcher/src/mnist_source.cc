@@ -94,7 +94,8 @@ MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Comm
       splits_(filtered(load_image_splits(image_options(options), comm), options.classes)),
       origin_{splits_.dir, splits_.source, splits_.generated},
       aug_(augmented(options, splits_)),
-      train_(aug_ ? aug_ : splits_.train),
+      augment_on_device_(aug_ && options.device.is_cuda()),
+      train_(aug_ && !augment_on_device_ ? aug_ : splits_.train),
       test_(splits_.test),
       loader_(train_,
               data::DistributedSampler(train_->size(), comm.rank(), comm.size(), options.seed),
@@ -103,6 +104,7 @@ MnistBatchSource::MnistBatchSource(const MnistSourceOptions& options, comm::Comm
 bool MnistBatchSource::next(TrainBatch& batch) {
   data::Batch b;
   if (!loader_.next(b)) return false;
+  if (augment_on_device_) b.input = aug_->augment(b.input, b.indices);  // CUDA kernels
   batch.samples = b.input.size(0) * comm_.size();
   batch.tensors = {std::move(b.input), std::move(b.target)};
   return true;

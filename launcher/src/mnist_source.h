@@ -12,6 +12,8 @@
 // unnormalised, augmented on the loader's prefetch thread (split over
 // augment_threads), then normalised with MNIST's mean/std as the pipeline's last
 // stage, like torchvision's Compose([..., Normalize]); the test split is not augmented.
+// With a CUDA device the loader copies the raw batch to the device and the
+// augmentation runs there as CUDA kernels (the same bytes as the CPU path, augment.h).
 // The other image data sets of --data come from image_data.h.
 // Not here: the model (nn::make_model).
 // Thread-safety: the training thread (the DataLoader's prefetch thread is its own).
@@ -82,7 +84,8 @@ class MnistBatchSource final : public BatchSource {
   ImageSplits splits_;  // the --data choice (image_data.h)
   MnistOrigin origin_;
   std::shared_ptr<data::AugmentedDataset> aug_;  // null without --augment
-  std::shared_ptr<const data::Dataset> train_;   // aug_, or splits_.train
+  bool augment_on_device_;  // --device cuda: the loader delivers raw rows, aug_ runs on them
+  std::shared_ptr<const data::Dataset> train_;  // aug_, or splits_.train
   std::shared_ptr<const data::Dataset> test_;
   data::DataLoader loader_;
 };

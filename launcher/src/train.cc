@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -18,6 +19,7 @@
 #include "checkpointing.h"
 #include "commands.h"
 #include "ddp_plan.h"
+#include "dtrain/engine/amp.h"
 #include "dtrain/engine/cuda/runtime.h"
 #include "dtrain/engine/nn/model_file.h"
 #include "dtrain/engine/nn/models.h"
@@ -31,8 +33,10 @@
 #include "host_values.h"
 #include "mnist_source.h"
 #include "recovery.h"
+#include "report.h"
 #include "signal_checkpoint.h"
 #include "tensorboard.h"
+#include "train_amp.h"
 #include "train_callbacks.h"
 #include "trainer.h"
 #include "worker_env.h"
@@ -93,6 +97,7 @@ void validate(const TrainConfig& c) {
   DTRAIN_CHECK(c.model == "gpt" || (c.parallel.empty() && c.zero == 0), InvalidArgument,
                "--parallel and --zero are for --model gpt (the MNIST models train with DDP)");
   validate_compression(c);
+  validate_amp(c);
   DTRAIN_CHECK(c.zero >= 0 && c.zero <= 3, InvalidArgument,
                "--zero {}: expected 0 (DDP), 1, 2 or 3", c.zero);
   DTRAIN_CHECK(c.epochs >= 1, InvalidArgument, "--epochs must be >= 1, got {}", c.epochs);
@@ -296,6 +301,8 @@ TrainConfig gpt_defaults(const TrainConfig& given) {
 // plan, the checkpoints and the callbacks, run through the Trainer.
 TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from,
                          parallel::Tracer* tracer, StopSignals* stop_signals) {
+  amp::AutocastGuard autocast(DType::bf16, config.bf16);  // --amp bf16 (train_amp.h)
+  if (session.rank() == 0 && config.bf16) fmt::print(stderr, "{}\n", amp_line(config));
   if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session, tracer);
   if (config.model == "char-lstm") return train_char_rnn_worker(config, session, from, tracer);
   const int world = session.size();
@@ -437,6 +444,18 @@ std::unique_ptr<StopSignals> block_checkpoint_signals(const TrainConfig& c) {
   return std::make_unique<StopSignals>(signals);
 }
 
+// --report: the plots of the finished run. The run is already done and saved, so a
+// report that cannot be drawn (no matplotlib) is a warning, not a failure.
+void write_report(const std::string& metrics_path) {
+  const std::string run_dir = std::filesystem::path(metrics_path).parent_path().string();
+  std::fflush(stdout);  // the summary line before the script's own output
+  try {
+    run_report({.run_dir = run_dir, .out = ""});
+  } catch (const Error& e) {
+    fmt::print(stderr, "dtrain train: warning: no report: {}\n", e.what());
+  }
+}
+
 }  // namespace
 
 TrainResult run_train(const TrainConfig& given) {
@@ -478,6 +497,7 @@ TrainResult run_train(const TrainConfig& given) {
     throw;
   }
   if (trace) trace->finish();
+  if (config.report && !result.metrics_path.empty()) write_report(result.metrics_path);
   return result;
 }
 
@@ -576,9 +596,7 @@ void add_gpt_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--stage-split", c.stage_split,
                 "GPT, pp > 1: first layer of each stage, e.g. 0,3 (layers: embedding, blocks, "
                 "head; default: balanced by parameter count)");
-  t->add_flag("--bf16", c.bf16,
-              "GPT: bf16 autocast (the linears' GEMMs on bf16 operands, f32 accumulation and "
-              "master weights)");
+  t->add_flag("--bf16", c.bf16, "The same as --amp bf16 (bf16 autocast, f32 master weights)");
   t->add_flag("--print-schedule", c.print_schedule,
               "GPT: print the pipeline stages and the schedule's timeline, then exit");
 }
@@ -590,6 +608,8 @@ void add_output_options(CLI::App* t, TrainConfig& c) {
   t->add_option("--tensorboard", c.tensorboard,
                 "Folder for TensorBoard event files (scalars: loss, lr, samples/s, gradient "
                 "norm, sync wait, test metrics); default: beside the metrics file; none: off");
+  t->add_flag("--report", c.report,
+              "At the end, plots and report.md in the run folder's report/ (dtrain report)");
   t->add_flag("--tensorboard-all-ranks", c.tensorboard_all_ranks,
               "One event file per rank (default: rank 0 only)");
   t->add_option("--save", c.save, "Write a checkpoint (model + optimizer) here at the end");
@@ -645,7 +665,9 @@ Command add_train_command(CLI::App& app) {
   add_gpt_options(t, *c);
   add_char_rnn_options(t, *c);
   add_transfer_options(t, *c);
+  add_amp_options(t, *c);
   return {t, [c, t] {
+            resolve_amp(*c);
             c->lr_given = t->count("--lr") > 0;
             c->weight_decay_given = t->count("--weight-decay") > 0;
             return run_train(*c).stopped_by.empty() ? 0 : kExitStoppedBySignal;

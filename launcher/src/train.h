@@ -77,6 +77,7 @@ struct TrainConfig {
   // folder; "none": off. Rank 0 only unless tensorboard_all_ranks.
   std::string tensorboard;
   bool tensorboard_all_ranks = false;
+  bool report = false;  // render `dtrain report` into <run folder>/report at the end
   bool progress = true;
   std::string ckpt_dir;         // sharded checkpoints; empty: none
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch
@@ -97,6 +98,7 @@ struct TrainConfig {
   std::string stage_split;           // "0,3": first layer of each stage; empty: balanced
   bool print_schedule = false;       // print the stages and the schedule, do not train
   bool bf16 = false;                 // GPT: bf16 autocast of the linears (amp.h)
+  std::string amp = "none";          // --amp: none | bf16 (train_amp.h; --bf16 is bf16)
   bool lr_given = false, weight_decay_given = false;  // else the GPT's own defaults
   // --model char-lstm (char_rnn_train.h): cell, shape, window and evaluation size.
   std::string rnn_cell = "lstm";  // lstm | gru

@@ -6,7 +6,8 @@ of nonzero size whose CRC holds, IEND last); report.md holds the final train los
 test_accuracy and test_loss exactly as metrics.jsonl has them; a folder without
 metrics.jsonl fails with one line and exit 1; a metrics.jsonl cut off mid-line gives
 a warning naming the file and the line, exit 0, and a report of the lines before it; with one event file per rank (dtrain launch
---nproc 2, --tensorboard-all-ranks) a valid rank_throughput.png and a row per rank.
+--nproc 2, --tensorboard-all-ranks) a valid rank_throughput.png and a row per rank, rendered by `dtrain train --report`
+on rank 0 at the end of the run.
 """
 import argparse
 import json
@@ -116,11 +117,12 @@ def check_ranks(args):
     run_dir = os.path.join(args.work, "ranks")
     r = run([args.dtrain, "launch", "--nproc", "2", "--", "dtrain", "train", "--model", "mlp",
              "--epochs", "1", "--max-steps", "30", "--log-every", "5", "--no-progress",
-             "--data-cache", args.data_cache, "--tensorboard-all-ranks",
+             "--data-cache", args.data_cache, "--tensorboard-all-ranks", "--report",
              "--metrics", os.path.join(run_dir, "metrics.jsonl")])
     check(r.returncode == 0, f"2-rank train: {r.stdout}{r.stderr}")
-    r = run([args.dtrain, "report", run_dir])
-    check(r.returncode == 0, f"2-rank report exit {r.returncode}: {r.stderr}")
+    # --report: rank 0 renders the report itself once training ended (one, not two)
+    said = [l for l in r.stdout.splitlines() if "report: " in l and "report.md" in l]
+    check(len(said) == 1 and said[0].startswith("[rank 0] "), f"train --report: {said!r}")
     check_png(os.path.join(run_dir, "report", "rank_throughput.png"))
     with open(os.path.join(run_dir, "report", "report.md")) as f:
         md = f.read()

@@ -185,6 +185,11 @@ QuantizedModel QuantizedModel::build(const nn::Sequential& model,
                    UnsupportedError,
                    "quantize: {} is not supported (Linear, Conv2d, ReLU, MaxPool2d, Flatten)",
                    child->describe());
+      auto* conv = dynamic_cast<nn::Conv2d*>(child.get());
+      DTRAIN_CHECK(conv == nullptr || conv->options().groups() == 1, UnsupportedError,
+                   "quantize: {} is a grouped/depthwise convolution (groups {}); int8 takes "
+                   "groups 1 only",
+                   child->describe(), conv ? conv->options().groups() : 1);
       step.layer = static_cast<int>(q.layers_.size());
       q.layers_.push_back(make_layer(*child));
     }
@@ -193,12 +198,17 @@ QuantizedModel QuantizedModel::build(const nn::Sequential& model,
   // Calibration: the f32 model, child by child, recording the inputs' range.
   NoGradGuard ng;
   std::vector<float> amax(q.layers_.size(), 0.f);
+  std::vector<char> nonneg(q.layers_.size(), 1);
   for (const Tensor& batch : calibration) {
     Tensor x = batch;
     for (const Step& s : q.steps_) {
       if (s.layer >= 0) {
         float& a = amax[static_cast<size_t>(s.layer)];
         a = std::max(a, abs_percentile(x, options.percentile));
+        auto v = x.contiguous().to_vector<float>();
+        if (std::any_of(v.begin(), v.end(), [](float f) { return f < 0.f; })) {
+          nonneg[static_cast<size_t>(s.layer)] = 0;
+        }
       }
       bool was_training = s.module->is_training();
       s.module->eval();
@@ -208,7 +218,9 @@ QuantizedModel QuantizedModel::build(const nn::Sequential& model,
   }
   for (size_t i = 0; i < q.layers_.size(); ++i) {
     q.layers_[i].input_scale = amax[i] > 0.f ? amax[i] / 127.f : 1.f;
+    q.layers_[i].input_nonneg = nonneg[i] != 0;
   }
+  q.make_graph(calibration.front().shape());
   return q;
 }
 
@@ -260,6 +272,11 @@ Tensor QuantizedModel::forward(const Tensor& x, Int8Kernel kernel) const {
   DTRAIN_CHECK(x.dtype() == DType::f32 && x.device().is_cpu(), DTypeError,
                "quantized model: expected a CPU f32 input, got {}", dtype_name(x.dtype()));
   NoGradGuard ng;
+  if (kernel == Int8Kernel::kGraph || kernel == Int8Kernel::kGraphReference) {
+    DTRAIN_CHECK(graph_ != nullptr, UnsupportedError, "quantized model: no int8 graph: {}",
+                 graph_reason_);
+    return graph_->run(x, kernel == Int8Kernel::kGraphReference);
+  }
   Tensor h = x;
   for (const Step& s : steps_) {
     if (s.fused) continue;

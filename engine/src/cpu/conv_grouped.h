@@ -5,7 +5,7 @@
 // weight is [o, c/G, kh, kw] (as torch.nn.Conv2d(groups=G)). Depthwise is the case
 // G == c (each output channel reads one input channel; o = c * multiplier).
 //
-//   *_ref      direct loops accumulating in double, any G: the test oracle.
+//   conv2d_*_ref (conv.h) direct loops accumulating in double, any G: the test oracle.
 //   *_grouped  per group: gather the group's channels into contiguous buffers and run
 //              the im2col + GEMM kernels of conv.h on them (the weight slice of a
 //              group is already contiguous).
@@ -21,15 +21,6 @@ namespace dtrain::cpu {
 // c / groups and o / groups.
 inline int64_t group_in(const ConvGeom& g) { return g.c / g.groups; }
 inline int64_t group_out(const ConvGeom& g) { return g.o / g.groups; }
-
-template <typename T>
-void conv2d_grouped_forward_ref(const ConvGeom& g, const T* x, const T* weight, const T* bias,
-                                T* y);
-template <typename T>
-void conv2d_grouped_backward_data_ref(const ConvGeom& g, const T* dy, const T* weight, T* dx);
-template <typename T>
-void conv2d_grouped_backward_weights_ref(const ConvGeom& g, const T* x, const T* dy, T* dweight,
-                                         T* dbias);
 
 template <typename T>
 void conv2d_grouped_forward(const ConvGeom& g, const T* x, const T* weight, const T* bias, T* y);

@@ -1,4 +1,4 @@
-// Reference convolution and max-pooling kernels: the oracle the fast kernels are
+// Reference convolution (any group count) and max-pooling kernels: the oracle the fast kernels are
 // tested against, plus the shared geometry helpers.
 //
 // Written for obviousness, not speed: every output element is one direct sum over
@@ -50,22 +50,27 @@ int64_t out_coord(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t ou
 
 }  // namespace
 
+// Any group count: output channel o reads the cg = c / groups input channels of its
+// group, from c0 = (o / og) * cg on; the weight is [o, cg, kh, kw] (groups == 1: the
+// plain convolution).
 template <typename T>
 void conv2d_forward_ref(const ConvGeom& g, const T* x, const T* weight, const T* bias, T* y) {
+  const int64_t cg = g.c / g.groups, og = g.o / g.groups;
   for (int64_t n = 0; n < g.n; ++n) {
     for (int64_t o = 0; o < g.o; ++o) {
+      const int64_t c0 = (o / og) * cg;
       for (int64_t oy = 0; oy < g.oh; ++oy) {
         for (int64_t ox = 0; ox < g.ow; ++ox) {
           double acc = bias ? static_cast<double>(bias[o]) : 0.0;
-          for (int64_t c = 0; c < g.c; ++c) {
+          for (int64_t c = 0; c < cg; ++c) {
             for (int64_t i = 0; i < g.kh; ++i) {
               int64_t iy = in_coord(oy, i, g.stride, g.pad);
               if (!inside(iy, g.h)) continue;
               for (int64_t j = 0; j < g.kw; ++j) {
                 int64_t ix = in_coord(ox, j, g.stride, g.pad);
                 if (!inside(ix, g.w)) continue;
-                acc += static_cast<double>(x[((n * g.c + c) * g.h + iy) * g.w + ix]) *
-                       static_cast<double>(weight[((o * g.c + c) * g.kh + i) * g.kw + j]);
+                acc += static_cast<double>(x[((n * g.c + c0 + c) * g.h + iy) * g.w + ix]) *
+                       static_cast<double>(weight[((o * cg + c) * g.kh + i) * g.kw + j]);
               }
             }
           }
@@ -76,14 +81,17 @@ void conv2d_forward_ref(const ConvGeom& g, const T* x, const T* weight, const T*
   }
 }
 
+// Gather form: input channel c sums over the output channels of its group.
 template <typename T>
 void conv2d_backward_data_ref(const ConvGeom& g, const T* dy, const T* weight, T* dx) {
+  const int64_t cg = g.c / g.groups, og = g.o / g.groups;
   for (int64_t n = 0; n < g.n; ++n) {
     for (int64_t c = 0; c < g.c; ++c) {
+      const int64_t o0 = (c / cg) * og, cl = c % cg;
       for (int64_t iy = 0; iy < g.h; ++iy) {
         for (int64_t ix = 0; ix < g.w; ++ix) {
           double acc = 0.0;
-          for (int64_t o = 0; o < g.o; ++o) {
+          for (int64_t o = o0; o < o0 + og; ++o) {
             for (int64_t i = 0; i < g.kh; ++i) {
               int64_t oy = out_coord(iy, i, g.stride, g.pad, g.oh);
               if (oy < 0) continue;
@@ -91,7 +99,7 @@ void conv2d_backward_data_ref(const ConvGeom& g, const T* dy, const T* weight, T
                 int64_t ox = out_coord(ix, j, g.stride, g.pad, g.ow);
                 if (ox < 0) continue;
                 acc += static_cast<double>(dy[((n * g.o + o) * g.oh + oy) * g.ow + ox]) *
-                       static_cast<double>(weight[((o * g.c + c) * g.kh + i) * g.kw + j]);
+                       static_cast<double>(weight[((o * cg + cl) * g.kh + i) * g.kw + j]);
               }
             }
           }
@@ -104,8 +112,10 @@ void conv2d_backward_data_ref(const ConvGeom& g, const T* dy, const T* weight, T
 
 template <typename T>
 void conv2d_backward_weights_ref(const ConvGeom& g, const T* x, const T* dy, T* dweight, T* dbias) {
+  const int64_t cg = g.c / g.groups, og = g.o / g.groups;
   for (int64_t o = 0; o < g.o; ++o) {
-    for (int64_t c = 0; c < g.c; ++c) {
+    const int64_t c0 = (o / og) * cg;
+    for (int64_t c = 0; c < cg; ++c) {
       for (int64_t i = 0; i < g.kh; ++i) {
         for (int64_t j = 0; j < g.kw; ++j) {
           double acc = 0.0;
@@ -117,11 +127,11 @@ void conv2d_backward_weights_ref(const ConvGeom& g, const T* x, const T* dy, T* 
                 int64_t ix = in_coord(ox, j, g.stride, g.pad);
                 if (!inside(ix, g.w)) continue;
                 acc += static_cast<double>(dy[((n * g.o + o) * g.oh + oy) * g.ow + ox]) *
-                       static_cast<double>(x[((n * g.c + c) * g.h + iy) * g.w + ix]);
+                       static_cast<double>(x[((n * g.c + c0 + c) * g.h + iy) * g.w + ix]);
               }
             }
           }
-          dweight[((o * g.c + c) * g.kh + i) * g.kw + j] = static_cast<T>(acc);
+          dweight[((o * cg + c) * g.kh + i) * g.kw + j] = static_cast<T>(acc);
         }
       }
     }

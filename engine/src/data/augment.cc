@@ -229,8 +229,12 @@ AugmentedDataset::AugmentedDataset(std::shared_ptr<const Dataset> base, AugmentP
 
 Batch AugmentedDataset::get_batch(std::span<const int64_t> indices) const {
   Batch b = base_->get_batch(indices);
-  b.input = augment_batch(b.input, indices, pipeline_, seed_, epoch_.load(), threads_);
+  b.input = augment(b.input, indices);
   return b;
+}
+
+Tensor AugmentedDataset::augment(const Tensor& batch, std::span<const int64_t> indices) const {
+  return augment_batch(batch, indices, pipeline_, seed_, epoch_.load(), threads_);
 }
 
 }  // namespace dtrain::data

@@ -86,6 +86,8 @@ DataLoader::Item DataLoader::make_item(size_t batch_index) const {
   const size_t count = std::min(static_cast<size_t>(batch_size_), plan_.size() - begin);
   try {
     item.batch = dataset_->get_batch(std::span<const int64_t>(plan_.data() + begin, count));
+    item.batch.indices.assign(plan_.begin() + static_cast<std::ptrdiff_t>(begin),
+                              plan_.begin() + static_cast<std::ptrdiff_t>(begin + count));
     item.count = static_cast<int64_t>(count);
 #ifdef DTRAIN_WITH_CUDA
     if (options_.device.is_cuda()) {

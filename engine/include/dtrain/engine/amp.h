@@ -113,7 +113,9 @@ class AutocastGuard {
 // t rounded to `dtype` and back to t's dtype (not differentiable).
 Tensor round_through(const Tensor& t, DType dtype);
 // x [..., in] W[out, in]^T + b with the operands rounded to `dtype` (see above);
-// differentiable. What linear() calls under an AutocastGuard.
+// differentiable. What linear() calls under an AutocastGuard. bf16 on the CPU runs
+// oneDNN's bf16 primitives instead of the f32 GEMM (amp_cpu.h: same products, another
+// summation order; conv2d gets the same treatment there).
 Tensor autocast_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, DType dtype);
 
 }  // namespace dtrain::amp

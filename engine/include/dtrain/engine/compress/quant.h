@@ -22,14 +22,21 @@
 //
 // Supported models: an nn::Sequential whose children are Linear, Conv2d (any stride
 // and padding), ReLU, MaxPool2d and Flatten (seed-cnn, mlp). Anything else throws
-// UnsupportedError naming the layer. Thread-safety: forward() is const and keeps no
-// state; several threads may run it at once.
+// UnsupportedError naming the layer. When every layer is quantized and the ops between
+// them are ReLU (after a layer), MaxPool2d and Flatten, build() also makes the int8 graph
+// (quant_graph.h: 8-bit activations from layer to layer), and forward(x) runs it; else
+// forward(x) runs the per-layer path above and graph_unavailable() says why. Thread-safety:
+// forward() is const and keeps no state; several threads may run it at once.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "dtrain/engine/compress/quant_graph.h"
 #include "dtrain/engine/nn/layers.h"
 #include "dtrain/engine/tensor.h"
 
@@ -37,8 +44,9 @@ namespace dtrain::compress {
 
 // kReference: plain loops (GEMM and direct convolution). kOneDnn: dnnl_gemm_s8s8s32 for
 // Linear, oneDNN's int8 convolution primitive for Conv2d. kOneDnnIm2col: Conv2d as
-// im2col + dnnl_gemm_s8s8s32 (slower; kept as the measured alternative).
-enum class Int8Kernel { kReference, kOneDnn, kOneDnnIm2col };
+// im2col + dnnl_gemm_s8s8s32 (slower; kept as the measured alternative). kGraph: the int8
+// graph on oneDNN (quant_graph.h); kGraphReference: the same graph as plain integer loops.
+enum class Int8Kernel { kReference, kOneDnn, kOneDnnIm2col, kGraph, kGraphReference };
 
 // C[M,N] = A[M,K] * B[N,K]^T (b_transposed) or A[M,K] * B[K,N], row-major, A and B
 // s8, C s32, packed (lda = K, ldb = K or N, ldc = N).
@@ -65,10 +73,10 @@ struct CalibrationOptions {
 };
 
 // Symmetric s8 of v with `scale` (round half away from zero, clamp to +-127).
+// Branch-free (min/max, copysign), so a loop over it vectorizes.
 inline int8_t quantize_s8(float v, float scale) {
-  float q = v / scale;
-  q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
-  return static_cast<int8_t>(q >= 0 ? q + 0.5f : q - 0.5f);
+  const float q = std::min(std::max(v / scale, -127.f), 127.f);
+  return static_cast<int8_t>(static_cast<int>(q + std::copysign(0.5f, q)));
 }
 
 class QuantizedModel {
@@ -77,8 +85,14 @@ class QuantizedModel {
   // the f32 model (eval mode, no grad) on `calibration` (at least one batch).
   static QuantizedModel build(const nn::Sequential& model, const std::vector<Tensor>& calibration,
                               const CalibrationOptions& options = {});
-  // Logits (f32) for a CPU f32 input; the same input the f32 model takes.
-  Tensor forward(const Tensor& x, Int8Kernel kernel = Int8Kernel::kOneDnn) const;
+  // Logits (f32) for a CPU f32 input; the same input the f32 model takes. Without a
+  // kernel: the int8 graph when there is one, else kOneDnn (best_kernel()).
+  Tensor forward(const Tensor& x) const { return forward(x, best_kernel()); }
+  Tensor forward(const Tensor& x, Int8Kernel kernel) const;
+  Int8Kernel best_kernel() const { return graph_ ? Int8Kernel::kGraph : Int8Kernel::kOneDnn; }
+  // The int8 graph, or null; then graph_unavailable() names what it cannot run.
+  const Int8Graph* graph() const { return graph_.get(); }
+  const std::string& graph_unavailable() const { return graph_reason_; }
 
   // One quantized Linear or Conv2d.
   struct Layer {
@@ -90,7 +104,8 @@ class QuantizedModel {
     std::vector<float> weight_scale;  // [out]
     std::vector<float> bias;          // [out] (zeros when the layer has none)
     float input_scale = 1.f;
-    bool relu = false;  // a ReLU that followed the layer, applied in its dequantization
+    bool relu = false;          // a ReLU that followed the layer, applied in its dequantization
+    bool input_nonneg = false;  // every calibrated input value was >= 0
   };
   const std::vector<Layer>& layers() const { return layers_; }
 
@@ -101,8 +116,11 @@ class QuantizedModel {
     bool fused = false;  // a ReLU done by the quantized layer before it
   };
   Tensor run_layer(const Layer& l, const Tensor& x, Int8Kernel kernel) const;
+  void make_graph(const Shape& example);  // quant_graph_build.cc
   std::vector<Step> steps_;
   std::vector<Layer> layers_;
+  std::shared_ptr<const Int8Graph> graph_;
+  std::string graph_reason_;
 };
 
 }  // namespace dtrain::compress

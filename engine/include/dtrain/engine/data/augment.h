@@ -14,7 +14,9 @@
 //
 // AugmentedDataset wraps a Dataset of images f32 [N,C,H,W] and augments each batch
 // the DataLoader asks for on `threads` worker threads (the loader's prefetch
-// thread splits the batch over them), so augmentation overlaps training.
+// thread splits the batch over them), so augmentation overlaps training. For a CUDA
+// run, a loader over base() delivers the raw batch to the device and augment() runs
+// the kernels on it (the rows come from Batch::indices): the same bytes.
 //
 // Deliberately not here: colour jitter, scale/shear (kAugAffine takes any matrix;
 // only rotation draws one), per-channel normalisation.
@@ -83,6 +85,10 @@ class AugmentedDataset : public Dataset {
                    int threads = 1);
   int64_t size() const override { return base_->size(); }
   Batch get_batch(std::span<const int64_t> indices) const override;
+  // Augments a batch of base() rows `indices` (CPU or CUDA) as get_batch would: what
+  // a loader over base() calls on the device batch (the DataLoader's Batch::indices).
+  Tensor augment(const Tensor& batch, std::span<const int64_t> indices) const;
+  const std::shared_ptr<const Dataset>& base() const { return base_; }
   // The epoch mixed into every draw; call before the loader starts the epoch.
   void set_epoch(int64_t epoch) { epoch_.store(epoch); }
   const AugmentPipeline& pipeline() const { return pipeline_; }

@@ -43,6 +43,9 @@ namespace dtrain::data {
 struct Batch {
   Tensor input;   // [B, ...]
   Tensor target;  // [B, ...]
+  // The dataset rows of the batch, in order (DataLoader fills it; get_batch need not),
+  // so a transform applied later (augmentation on the device batch) can key on them.
+  std::vector<int64_t> indices = {};
 };
 
 class Dataset {

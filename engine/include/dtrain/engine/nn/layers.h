@@ -127,6 +127,7 @@ class MaxPool2d : public Module {
   explicit MaxPool2d(int64_t kernel_size) : MaxPool2d(MaxPool2dOptions{kernel_size, 0, 0}) {}
   Tensor forward(const Tensor& x) override;
   std::string extra_repr() const override;
+  const MaxPool2dOptions& options() const { return options_; }
 
  private:
   MaxPool2dOptions options_;
