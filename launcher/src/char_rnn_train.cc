@@ -2,6 +2,7 @@
 #include "char_rnn_train.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <cmath>
 #include <filesystem>
@@ -143,7 +144,7 @@ void save_char_rnn(const TrainConfig& c, const nn::CharRnnLM& model, const optim
                    {"seed", m.seed},
                    {"step", steps},
                    {"tokenizer_bytes", std::vector<int>(tok.bytes().begin(), tok.bytes().end())}});
-  fmt::print(stderr, "checkpoint: {}\n", c.save);
+  spdlog::info("checkpoint: {}", c.save);
 }
 
 CheckpointOptions checkpoint_options(const TrainConfig& c, int world, const StartFrom& from) {
@@ -236,12 +237,11 @@ TrainResult train_char_rnn_worker(const TrainConfig& given, WorkerSession& sessi
   std::optional<MetricsCallback> metrics;
   std::vector<Callback*> callbacks{&watch, &kill, &notice};
   if (plan.is_logging_rank()) {
-    fmt::print(stderr,
-               "dtrain train: {} ({} parameters) on fortunes ({} train / {} held-out characters), "
-               "batch {} x {} ({} worker(s)), {} steps, Adam lr {}\n",
-               model->config().str(), model->num_parameters(), corpus.train_tokens,
-               corpus.val_tokens, config.batch, config.rnn_seq_len, world, config.max_steps,
-               config.lr);
+    spdlog::info(
+        "dtrain train: {} ({} parameters) on fortunes ({} train / {} held-out characters), "
+        "batch {} x {} ({} worker(s)), {} steps, Adam lr {}",
+        model->config().str(), model->num_parameters(), corpus.train_tokens, corpus.val_tokens,
+        config.batch, config.rnn_seq_len, world, config.max_steps, config.lr);
     if (config.progress) callbacks.push_back(&progress.emplace("char-lstm"));
     callbacks.push_back(&metrics.emplace(
         config.metrics, nlohmann::json{{"workers", world}, {"model", model->config().str()}}));

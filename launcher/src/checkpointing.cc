@@ -1,6 +1,7 @@
 #include "checkpointing.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <chrono>
 #include <filesystem>
@@ -30,7 +31,7 @@ std::optional<ckpt::Manifest> ShardedCheckpoints::choose() const {
   if (comm.rank() == 0) {
     if (options_.resume == "auto") {
       m = store_.find_resumable(
-          [](const std::string& line) { fmt::print(stderr, "dtrain train: {}\n", line); });
+          [](const std::string& line) { spdlog::info("dtrain train: {}", line); });
     } else {
       m = store_.read_manifest(options_.resume);
       store_.verify(*m);
@@ -52,8 +53,8 @@ bool ShardedCheckpoints::load(CheckpointState& state) {
   std::optional<ckpt::Manifest> m = choose();
   if (!m) {
     if (lead) {
-      fmt::print(stderr, "dtrain train: no committed checkpoint in {}: starting at step 0\n",
-                 store_.root());
+      spdlog::info("dtrain train: no committed checkpoint in {}: starting at step 0",
+                   store_.root());
     }
     return false;
   }
@@ -63,10 +64,10 @@ bool ShardedCheckpoints::load(CheckpointState& state) {
                saved_model, options_.model);
   ckpt::load(store_, *m, state.training, state.shard, state.num_shards);
   if (lead) {
-    fmt::print(stderr,
-               "dtrain train: resumed from {} in {} (step {}, epoch {}, written by {} "
-               "worker(s), now {})\n",
-               m->name, store_.root(), m->step, m->epoch, m->world_size, session_.comm().size());
+    spdlog::info(
+        "dtrain train: resumed from {} in {} (step {}, epoch {}, written by {} "
+        "worker(s), now {})",
+        m->name, store_.root(), m->step, m->epoch, m->world_size, session_.comm().size());
   }
   return true;
 }
@@ -81,8 +82,8 @@ void ShardedCheckpoints::on_checkpoint(const CheckpointState& state) {
        .enabled = options_.progress && session_.comm().rank() == 0});
   ckpt::ShardEntry entry = ckpt::write_shard(store_, name, st, state.shard, state.num_shards, bar);
   if (options_.test_commit_delay_ms > 0) {
-    fmt::print(stderr, "dtrain train: rank {}: shard of {} written, committing in {} ms\n",
-               session_.comm().rank(), name, options_.test_commit_delay_ms);
+    spdlog::info("dtrain train: rank {}: shard of {} written, committing in {} ms",
+                 session_.comm().rank(), name, options_.test_commit_delay_ms);
     std::this_thread::sleep_for(std::chrono::milliseconds(options_.test_commit_delay_ms));
   }
   if (session_.has_coordinator()) {
@@ -100,8 +101,8 @@ bool ShardedCheckpoints::begin(const std::string& name, const ckpt::TrainingStat
         {0, 0, st.step, st.epoch, store_.root(), options_.run_config.dump(), options_.keep});
     return true;
   } catch (const Error& e) {
-    fmt::print(stderr, "dtrain train: rank {}: checkpoint {} skipped: {}\n", session_.comm().rank(),
-               name, e.message());
+    spdlog::warn("dtrain train: rank {}: checkpoint {} skipped: {}", session_.comm().rank(), name,
+                 e.message());
     // The seam keeps a skipped checkpoint as long as a written one.
     std::this_thread::sleep_for(std::chrono::milliseconds(options_.test_commit_delay_ms));
     return false;
@@ -113,10 +114,10 @@ void ShardedCheckpoints::commit_through_coordinator(const std::string& name, int
   try {
     coordinator::ShardCommit c =
         session_.commit_shard(step, {entry.rank, entry.file, entry.bytes, entry.checksum});
-    if (c.committed) fmt::print(stderr, "dtrain train: checkpoint {} committed\n", name);
+    if (c.committed) spdlog::info("dtrain train: checkpoint {} committed", name);
   } catch (const Error& e) {
-    fmt::print(stderr, "dtrain train: rank {}: checkpoint {} not committed: {}\n",
-               session_.comm().rank(), name, e.message());
+    spdlog::warn("dtrain train: rank {}: checkpoint {} not committed: {}", session_.comm().rank(),
+                 name, e.message());
   }
 }
 
@@ -145,7 +146,7 @@ void ShardedCheckpoints::commit_locally(const std::string& name, const Checkpoin
         {r, file, static_cast<uint64_t>(fs::file_size(path)), ckpt::file_checksum(path)});
   }
   store_.commit(m, options_.keep);
-  fmt::print(stderr, "dtrain train: checkpoint {} committed\n", name);
+  spdlog::info("dtrain train: checkpoint {} committed", name);
 }
 
 }  // namespace dtrain::cli

@@ -20,6 +20,7 @@
 // NETNS_TBF_LATENCY, the links' MTU from NETNS_MTU (read by the script).
 // Deliberately not here: other dtypes and ops, peers (Gloo, Open MPI).
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -157,8 +158,8 @@ int run_host_worker(const HostsOptions& o) {
   int rc = 0;
   for (int k = 0; k < o.ranks_per_host; ++k) {
     if (errors[static_cast<size_t>(k)].empty()) continue;
-    fmt::print(stderr, "host {} rank {}: {}\n", o.host, o.host * o.ranks_per_host + k,
-               errors[static_cast<size_t>(k)]);
+    spdlog::error("host {} rank {}: {}", o.host, o.host * o.ranks_per_host + k,
+                  errors[static_cast<size_t>(k)]);
     rc = 1;
   }
   return rc;

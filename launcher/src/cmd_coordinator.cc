@@ -26,6 +26,7 @@
 #include <fmt/format.h>
 #include <pthread.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <chrono>
@@ -38,6 +39,7 @@
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "dtrain/coordinator/server.h"
+#include "logging.h"
 
 namespace dtrain::cli {
 
@@ -89,6 +91,15 @@ class BlockedSignals {
   sigset_t old_{};
 };
 
+// Lines name the coordinator; coordinator.log in --log-dir ($DTRAIN_LOG_DIR) when given.
+void start_coordinator_log(const LogOptions& given) {
+  LogOptions o = resolve_log_options(given, process_env_reader());
+  LogContext context;
+  context.role = LogRole::kCoordinator;
+  configure_process_log(o, context);
+  if (!o.dir.empty() && o.dir != "none") open_log_file(o, o.dir);
+}
+
 int run_coordinator(CoordinatorConfig c) {
   if (c.world_size == 0) c.world_size = c.max_workers;
   DTRAIN_CHECK(c.max_workers == 0 || c.max_workers == c.world_size, InvalidArgument,
@@ -119,7 +130,7 @@ int run_coordinator(CoordinatorConfig c) {
   o.rejoin_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(std::llround(c.rejoin_timeout_s * 1000)));
   o.log = [](const std::string& line) {
-    fmt::print(stderr, "dtrain coordinator: {}\n", line);
+    spdlog::info("dtrain coordinator: {}", line);
     std::fflush(stderr);
   };
 
@@ -130,12 +141,12 @@ int run_coordinator(CoordinatorConfig c) {
   std::fflush(stdout);
 
   int sig = signals.wait();
-  fmt::print(stderr, "dtrain coordinator: {} received, shutting down\n",
-             sig == SIGINT ? "SIGINT" : "SIGTERM");
+  spdlog::info("dtrain coordinator: {} received, shutting down",
+               sig == SIGINT ? "SIGINT" : "SIGTERM");
   coordinator::JobStatus st = server.status();
   server.shutdown();
-  fmt::print(stderr, "dtrain coordinator: stopped; job '{}' was {} with {} of {} workers\n",
-             st.job_id, coordinator::job_state_name(st.state), st.workers.size(), st.world_size);
+  spdlog::info("dtrain coordinator: stopped; job '{}' was {} with {} of {} workers", st.job_id,
+               coordinator::job_state_name(st.state), st.workers.size(), st.world_size);
   return 0;
 }
 
@@ -189,7 +200,12 @@ Command add_coordinator_command(CLI::App& app) {
   cmd->add_option("--rejoin-timeout", c->rejoin_timeout_s,
                   "Elastic: seconds a recovering rendezvous waits for every worker")
       ->capture_default_str();
-  return {cmd, [c] { return run_coordinator(*c); }};
+  auto log = std::make_shared<LogOptions>();
+  add_log_options(cmd, *log);
+  return {cmd, [c, log] {
+            start_coordinator_log(*log);
+            return run_coordinator(*c);
+          }};
 }
 
 }  // namespace dtrain::cli

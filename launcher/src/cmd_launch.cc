@@ -4,7 +4,8 @@
 //   dtrain launch --nproc N [--coordinator HOST:PORT] [--job-id ID] [--token T]
 //                 [--grace-period S] [--max-restarts N] [--heartbeat-interval S]
 //                 [--heartbeat-timeout S] [--state-dir DIR]
-//                 [--min-workers M [--rejoin-timeout S]] [--max-workers N] -- <command ...>
+//                 [--min-workers M [--rejoin-timeout S]] [--max-workers N]
+//                 [--log-level L] [--log-dir DIR] [--log-format text|json] -- <command ...>
 //
 // 1. Without --coordinator it spawns `<this binary> coordinator --port 0
 //    --world-size N ...` and reads the address it binds from its stdout (the first
@@ -42,6 +43,9 @@
 // one poll() loop serves the output pipes and a signalfd (signals are blocked and
 // read as events, so there is no signal handler and no global state). Children get
 // PR_SET_PDEATHSIG, so workers do not outlive a launch that is itself killed.
+// Logs (logging.h): launch's own lines say "launch"; --log-dir gives launch.log,
+// coordinator.log and every rank's rank-<r>.log there (handed on as DTRAIN_LOG_*), and
+// the failure line quotes the failed rank's last error line from its file.
 // Linux only. Several nodes (--nnodes, --node-rank): one launch per node, each
 // restarting its own workers; node 0 starts the coordinator (see launch_nodes.h).
 #include <fcntl.h>
@@ -53,6 +57,8 @@
 #include <unistd.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -61,6 +67,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <random>
@@ -72,6 +79,7 @@
 #include "dtrain/common/error.h"
 #include "dtrain/coordinator/client.h"
 #include "launch_nodes.h"
+#include "logging.h"
 #include "signal_checkpoint.h"
 
 extern char** environ;
@@ -103,6 +111,7 @@ struct LaunchOptions {
   int max_workers = 0;    // --max-workers: the same as nproc when given
   double rejoin_timeout = 10.0;
   std::vector<std::string> command;
+  LogOptions log;  // resolved; handed to the coordinator and the workers
 
   NodeLayout layout() const {
     return {nnodes, node_rank, nproc, external_coordinator, coordinator, bind};
@@ -280,6 +289,8 @@ class Launcher {
   void check_coordinator();
   coordinator::ClientOptions client_options(std::chrono::milliseconds connect_timeout) const;
   std::vector<std::string> coordinator_argv(int port) const;
+  std::vector<std::string> coordinator_env() const;
+  std::string last_error_note() const;
   void start_workers();
   void start_worker(int rank, int restart);
   // Restarts queued by on_exit (children_ cannot grow while reap() walks it).
@@ -333,6 +344,9 @@ class Launcher {
   std::optional<coordinator::CoordinatorClient> client_;
   Clock::time_point next_status_ = Clock::now();
   uint64_t seen_generation_ = 1;
+  int failed_rank_ = -1;  // the worker whose exit failed the job
+  // The last error lines each rank printed on stderr (for the failure message).
+  std::map<int, std::vector<std::string>> stderr_errors_;
 };
 
 void Launcher::block_signals() {
@@ -398,6 +412,38 @@ std::vector<std::string> Launcher::coordinator_argv(int port) const {
           opt_.tls_key};
 }
 
+// The token travels in the environment, not on a command line `ps` shows; so do the
+// log settings.
+std::vector<std::string> Launcher::coordinator_env() const {
+  std::vector<std::string> env = inherited_env(
+      {"DTRAIN_JOB_TOKEN", "DTRAIN_LOG_LEVEL", "DTRAIN_LOG_DIR", "DTRAIN_LOG_FORMAT"});
+  if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
+  for (std::string& kv : log_env(opt_.log)) env.push_back(std::move(kv));
+  return env;
+}
+
+// "; its last error (in DIR/rank-1.log): ..." for the rank that failed: from its log
+// file when launch knows the folder, else from what it printed on stderr.
+std::string Launcher::last_error_note() const {
+  if (failed_rank_ < 0) return "";
+  std::vector<std::string> errors;
+  std::string where;
+  if (!opt_.log.dir.empty() && opt_.log.dir != "none") {
+    LogContext c;
+    c.role = LogRole::kRank;
+    c.rank = failed_rank_;
+    where = (std::filesystem::path(opt_.log.dir) / log_file_name(c)).string();
+    errors = last_error_messages(where, 2);
+  }
+  if (errors.empty()) {
+    auto it = stderr_errors_.find(failed_rank_);
+    if (it == stderr_errors_.end()) return "";
+    errors = it->second;
+    where = "stderr";
+  }
+  return fmt::format("; its last error (in {}): {}", where, fmt::join(errors, " | "));
+}
+
 void Launcher::start_coordinator(int port) {
   if (opt_.state_dir.empty()) {
     std::string tmpl = (std::filesystem::temp_directory_path() / "dtrain-launch-XXXXXX").string();
@@ -409,8 +455,7 @@ void Launcher::start_coordinator(int port) {
   }
   std::vector<std::string> argv = coordinator_argv(port);
   // The token travels in the environment, not on a command line `ps` shows.
-  std::vector<std::string> env = inherited_env({"DTRAIN_JOB_TOKEN"});
-  if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
+  std::vector<std::string> env = coordinator_env();
   coordinator_ = add_child("coordinator", -1, argv, env);
   streams_[streams_.size() - 2].watch_address = true;
 
@@ -447,12 +492,16 @@ std::vector<std::string> Launcher::worker_command() const {
 void Launcher::start_workers() {
   const int first = opt_.layout().first_rank();
   for (int r = first; r < first + opt_.nproc; ++r) start_worker(r, 0);
+  spdlog::info("dtrain launch: started ranks {}..{} of {} (job '{}', coordinator {})", first,
+               first + opt_.nproc - 1, opt_.world_size(), opt_.job_id, coordinator_address_);
 }
 
 void Launcher::start_worker(int r, int restart) {
   std::vector<std::string> env =
       inherited_env({"DTRAIN_RANK", "DTRAIN_WORLD_SIZE", "DTRAIN_LOCAL_RANK", "DTRAIN_COORDINATOR",
-                     "DTRAIN_JOB_ID", "DTRAIN_JOB_TOKEN", "DTRAIN_RESTART_COUNT"});
+                     "DTRAIN_JOB_ID", "DTRAIN_JOB_TOKEN", "DTRAIN_RESTART_COUNT",
+                     "DTRAIN_LOG_LEVEL", "DTRAIN_LOG_DIR", "DTRAIN_LOG_FORMAT"});
+  for (std::string& kv : log_env(opt_.log)) env.push_back(std::move(kv));
   env.push_back(fmt::format("DTRAIN_RANK={}", r));
   env.push_back(fmt::format("DTRAIN_WORLD_SIZE={}", opt_.world_size()));
   env.push_back(fmt::format("DTRAIN_LOCAL_RANK={}", r - opt_.layout().first_rank()));
@@ -530,9 +579,8 @@ void Launcher::kill_lost_workers() {
   if (st.failed_pid == 0) return;
   for (const Child& c : children_) {
     if (c.rank < 0 || !c.running || c.pid != st.failed_pid) continue;
-    fmt::print(stderr,
-               "dtrain launch: the coordinator declared {} (pid {}) lost ({}); killing it\n",
-               c.label, c.pid, st.reason);
+    spdlog::warn("dtrain launch: the coordinator declared {} (pid {}) lost ({}); killing it",
+                 c.label, c.pid, st.reason);
     std::fflush(stderr);
     signal_group(c, SIGKILL);  // reaped and restarted like any dead worker
   }
@@ -543,9 +591,7 @@ void Launcher::run_restarts() {
     restart_coordinator_ = false;
     size_t colon = coordinator_address_.rfind(':');
     int port = std::stoi(coordinator_address_.substr(colon + 1));
-    std::vector<std::string> env = inherited_env({"DTRAIN_JOB_TOKEN"});
-    if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
-    coordinator_ = add_child("coordinator", -1, coordinator_argv(port), env);
+    coordinator_ = add_child("coordinator", -1, coordinator_argv(port), coordinator_env());
     client_.reset();
   }
   std::vector<int> ranks = std::move(restart_ranks_);
@@ -561,6 +607,14 @@ void Launcher::emit_line(Stream& s, const std::string& line) {
     if (std::optional<std::string> addr = parse_coordinator_address(line)) {
       coordinator_address_ = *addr;
       s.watch_address = false;
+    }
+  }
+  const int rank = children_[s.child].rank;
+  if (rank >= 0 && s.sink == stderr) {
+    if (std::optional<std::string> msg = error_message(line)) {
+      std::vector<std::string>& errors = stderr_errors_[rank];
+      errors.push_back(std::move(*msg));
+      if (errors.size() > 2) errors.erase(errors.begin());
     }
   }
   std::string out = s.prefix + line + "\n";
@@ -613,16 +667,15 @@ void Launcher::on_exit(Child& c) {
     if (!stopping_ && !failure_ && workers_running() &&
         coordinator_restarts_ < std::max(1, opt_.max_restarts)) {
       ++coordinator_restarts_;
-      fmt::print(stderr,
-                 "dtrain launch: the coordinator {}; starting it again on {} (restart {})\n",
-                 describe_status(c.status), coordinator_address_, coordinator_restarts_);
+      spdlog::warn("dtrain launch: the coordinator {}; starting it again on {} (restart {})",
+                   describe_status(c.status), coordinator_address_, coordinator_restarts_);
       std::fflush(stderr);
       restart_coordinator_ = true;
       return;
     }
     if (!stopping_ && !failure_ && workers_running()) {
       failure_ = fmt::format("the coordinator {}", describe_status(c.status));
-      fmt::print(stderr, "dtrain launch: {}; stopping the workers\n", *failure_);
+      spdlog::error("dtrain launch: {}; stopping the workers", *failure_);
       stop_workers(SIGTERM);
     }
     return;
@@ -635,8 +688,8 @@ void Launcher::on_exit(Child& c) {
   std::optional<std::string> job_failed = coordinator_failure();
   if (!job_failed && worker_restarts_ < opt_.max_restarts) {
     ++worker_restarts_;
-    fmt::print(stderr, "dtrain launch: {} {}; starting it again (restart {} of {})\n", c.label,
-               describe_status(c.status), worker_restarts_, opt_.max_restarts);
+    spdlog::warn("dtrain launch: {} {}; starting it again (restart {} of {})", c.label,
+                 describe_status(c.status), worker_restarts_, opt_.max_restarts);
     std::fflush(stderr);
     restart_ranks_.push_back(c.rank);
     return;
@@ -645,20 +698,21 @@ void Launcher::on_exit(Child& c) {
   int left = 0;
   for (const Child& w : children_) left += (w.rank >= 0 && w.running) ? 1 : 0;
   if (!job_failed && elastic && left >= opt_.min_workers) {
-    fmt::print(stderr,
-               "dtrain launch: {} {}; restarts exhausted: not started again, the job goes on "
-               "with {} worker(s) (elastic, --min-workers {})\n",
-               c.label, describe_status(c.status), left, opt_.min_workers);
+    spdlog::warn(
+        "dtrain launch: {} {}; restarts exhausted: not started again, the job goes on "
+        "with {} worker(s) (elastic, --min-workers {})",
+        c.label, describe_status(c.status), left, opt_.min_workers);
     std::fflush(stderr);
     return;
   }
   failure_ = fmt::format("{} {}", c.label, describe_status(c.status));
+  failed_rank_ = c.rank;
   if (opt_.max_restarts > 0 && worker_restarts_ >= opt_.max_restarts) {
     *failure_ +=
         fmt::format("; restarts exhausted ({} of {})", worker_restarts_, opt_.max_restarts);
   }
   if (job_failed) *failure_ += fmt::format("; the job FAILED: {}", *job_failed);
-  fmt::print(stderr, "dtrain launch: {}; stopping the other workers\n", *failure_);
+  spdlog::error("dtrain launch: {}; stopping the other workers", *failure_);
   std::fflush(stderr);
   term_at_ =
       Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(opt_.failure_wait * 1000));
@@ -684,22 +738,20 @@ void Launcher::handle_signals() {
     int sig = static_cast<int>(info.ssi_signo);
     if (sig == SIGCHLD) continue;  // reap() runs after every poll round
     if (sig == SIGUSR1) {          // not a stop: the workers checkpoint and exit 75
-      fmt::print(stderr, "dtrain launch: got SIGUSR1, forwarding it to the workers\n");
+      spdlog::info("dtrain launch: got SIGUSR1, forwarding it to the workers");
       for (const Child& c : children_) {
         if (c.rank >= 0) signal_group(c, sig);
       }
       continue;
     }
     if (interrupted_by_ != 0 || stopping_) {
-      fmt::print(stderr, "dtrain launch: got SIG{} again, killing the workers\n",
-                 signal_abbrev(sig));
+      spdlog::warn("dtrain launch: got SIG{} again, killing the workers", signal_abbrev(sig));
       if (interrupted_by_ == 0) interrupted_by_ = sig;
       stop_workers(SIGKILL);
       continue;
     }
     interrupted_by_ = sig;
-    fmt::print(stderr, "dtrain launch: got SIG{}, forwarding it to the workers\n",
-               signal_abbrev(sig));
+    spdlog::warn("dtrain launch: got SIG{}, forwarding it to the workers", signal_abbrev(sig));
     stop_workers(sig);
   }
 }
@@ -828,12 +880,22 @@ int Launcher::run() {
   cleanup();
 
   if (failure_) {
-    fmt::print(stderr, "dtrain launch: failed: {}\n", *failure_);
+    spdlog::error("dtrain launch: failed: {}{}", *failure_, last_error_note());
     return 1;
   }
   if (stopped_at_checkpoint_) return kExitStoppedBySignal;
   if (interrupted_by_ != 0) return 128 + interrupted_by_;
   return 0;
+}
+
+// Resolves the log options (for launch and, through the environment, its children) and
+// opens launch.log in --log-dir when one is given.
+void start_launch_log(LogOptions& o) {
+  o = resolve_log_options(o, process_env_reader());
+  LogContext context;
+  context.role = LogRole::kLaunch;
+  configure_process_log(o, context);
+  if (!o.dir.empty() && o.dir != "none") open_log_file(o, o.dir);
 }
 
 }  // namespace
@@ -914,7 +976,9 @@ Command add_launch_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   l->add_option("command", o->command, "The worker command, after --")->required();
+  add_log_options(l, o->log);
   return {l, [o, nproc, max_workers] {
+            start_launch_log(o->log);
             if (*max_workers && !*nproc) o->nproc = o->max_workers;
             DTRAIN_CHECK(!*max_workers || o->max_workers == o->nproc, InvalidArgument,
                          "launch: --max-workers {} differs from --nproc {}: launch starts the "

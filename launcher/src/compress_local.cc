@@ -1,6 +1,7 @@
 #include "compress_local.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <numeric>
@@ -26,8 +27,8 @@ LocalMnistSource::LocalMnistSource(const LocalDataOptions& o) {
   std::string dir = o.data;
   source_ = fmt::format("MNIST IDX files from {}", o.data);
   if (dir.empty()) {
-    auto prep = data::prepare_mnist_subset(
-        o.data_cache, [](std::string_view line) { fmt::print(stderr, "{}\n", line); });
+    auto prep = data::prepare_mnist_subset(o.data_cache,
+                                           [](std::string_view line) { spdlog::info("{}", line); });
     dir = prep.dir;
     source_ = prep.source;
   }

@@ -2,6 +2,7 @@
 #include "gpt_checkpoints.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -18,8 +19,11 @@ namespace {
 namespace fs = std::filesystem;
 
 nlohmann::json model_json(const nn::GptConfig& g) {
-  return {{"vocab_size", g.vocab_size}, {"block_size", g.block_size}, {"n_layer", g.n_layer},
-          {"n_head", g.n_head},         {"n_embd", g.n_embd}};
+  return {{"vocab_size", g.vocab_size},
+          {"block_size", g.block_size},
+          {"n_layer", g.n_layer},
+          {"n_head", g.n_head},
+          {"n_embd", g.n_embd}};
 }
 
 // step-* folders under dir, oldest first.
@@ -55,7 +59,7 @@ void GptCheckpoints::on_checkpoint(const CheckpointState& state) {
                                {"model", model_json(run_.model()->config())}};
   parallel::save_gpt_sharded(dir, *run_.model(), run_.mesh(), run_.train_state(), meta);
   if (run_.mesh().rank() == 0) {
-    fmt::print(stderr, "checkpoint: {} (mesh {})\n", dir, run_.mesh().shape().str());
+    spdlog::info("checkpoint: {} (mesh {})", dir, run_.mesh().shape().str());
     prune();
   }
 }
@@ -82,8 +86,8 @@ std::string GptCheckpoints::choose() const {
 }
 
 void GptCheckpoints::check_model(const std::string& dir, const nlohmann::json& meta) const {
-  DTRAIN_CHECK(meta.value("format", "") == "dtrain-gpt" && meta.contains("step"),
-               CheckpointError, "checkpoint {}: not a dtrain GPT checkpoint", dir);
+  DTRAIN_CHECK(meta.value("format", "") == "dtrain-gpt" && meta.contains("step"), CheckpointError,
+               "checkpoint {}: not a dtrain GPT checkpoint", dir);
   const nlohmann::json want = model_json(run_.model()->config());
   DTRAIN_CHECK(meta.value("model", nlohmann::json()) == want, CheckpointError,
                "checkpoint {}: it holds the model {}, this run builds {}", dir,
@@ -94,7 +98,7 @@ bool GptCheckpoints::load(CheckpointState& state) {
   const std::string dir = choose();
   if (dir.empty()) {
     if (run_.mesh().rank() == 0 && config_.resume != "none") {
-      fmt::print(stderr, "resume: no checkpoint in {}, starting fresh\n", config_.ckpt_dir);
+      spdlog::info("resume: no checkpoint in {}, starting fresh", config_.ckpt_dir);
     }
     return false;
   }
@@ -122,8 +126,8 @@ bool GptCheckpoints::load(CheckpointState& state) {
   schedule_.set_last_epoch(step);
   resume_data_(step);
   if (run_.mesh().rank() == 0) {
-    fmt::print(stderr, "resume: {} (saved at mesh {}, step {}) on mesh {}\n", dir,
-               meta.value("mesh", std::string("?")), step, run_.mesh().shape().str());
+    spdlog::info("resume: {} (saved at mesh {}, step {}) on mesh {}", dir,
+                 meta.value("mesh", std::string("?")), step, run_.mesh().shape().str());
   }
   return true;
 }

@@ -2,6 +2,7 @@
 #include "gpt_train.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <cmath>
 #include <filesystem>
@@ -207,7 +208,7 @@ void save_gpt(const TrainConfig& c, parallel::GptOnMesh& run, int64_t vocab) {
                      {"seed", g.seed},
                      {"tokenizer_bytes", tokenizer_bytes(c)}});
     fs::remove_all(shards);
-    fmt::print(stderr, "checkpoint: {}\n", c.save);
+    spdlog::info("checkpoint: {}", c.save);
   }
   mesh.world().barrier();
 }
@@ -248,16 +249,16 @@ void print_plan(const TrainConfig& c, parallel::GptOnMesh& run) {
 void print_banner(const TrainConfig& c, parallel::GptOnMesh& run,
                   const data::PreparedText& corpus) {
   const nn::Gpt& gpt = *run.model();
-  fmt::print(stderr,
-             "dtrain train: {} ({} parameters, {} on this rank) on fortunes ({} tokens), "
-             "mesh {}, zero {}{}, batch {} x {} tokens, {} steps",
-             gpt.config().str(), gpt.config().num_parameters(), run.parameter_elements(),
-             corpus.train_tokens, run.mesh().shape().str(), c.zero, c.bf16 ? ", bf16 autocast" : "",
-             c.batch, c.context, c.max_steps);
+  std::string line = fmt::format(
+      "dtrain train: {} ({} parameters, {} on this rank) on fortunes ({} tokens), "
+      "mesh {}, zero {}{}, batch {} x {} tokens, {} steps",
+      gpt.config().str(), gpt.config().num_parameters(), run.parameter_elements(),
+      corpus.train_tokens, run.mesh().shape().str(), c.zero, c.bf16 ? ", bf16 autocast" : "",
+      c.batch, c.context, c.max_steps);
   if (run.mesh().shape().pp > 1) {
-    fmt::print(stderr, ", {} schedule over {} micro-batches", c.pp_schedule, c.microbatches);
+    line += fmt::format(", {} schedule over {} micro-batches", c.pp_schedule, c.microbatches);
   }
-  fmt::print(stderr, "\n");
+  spdlog::info("{}", line);
 }
 
 void print_result(const TrainStats& stats, parallel::GptOnMesh& run, MeshPlan& plan) {

@@ -2,6 +2,7 @@
 #include "image_data.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <filesystem>
 
@@ -111,7 +112,7 @@ ImageSplits load_image_splits(const ImageDataOptions& o, comm::Communicator& com
   if (o.data.empty()) {
     auto prep = lead_first(comm, [&](bool lead) {
       auto log = [lead](std::string_view line) {
-        if (lead) print_above_bar(stderr, line);
+        if (lead) spdlog::info("{}", line);
       };
       data::MnistSubsetOptions options;
       options.progress =

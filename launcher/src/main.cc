@@ -3,6 +3,7 @@
 // 2 a bad command line (unknown command or flag, bad value), 75 `train` (and `launch`)
 // stopped on a signal after committing a final checkpoint (signal_checkpoint.h).
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
 #include <exception>
@@ -11,6 +12,7 @@
 #include "commands.h"
 #include "dtrain/common/error.h"
 #include "dtrain/engine/data/mnist.h"
+#include "logging.h"
 #include "progress.h"
 
 namespace dtrain::cli {
@@ -37,7 +39,7 @@ Command add_data_command(CLI::App& app) {
             data::MnistSubsetOptions options;
             options.progress = progress_reporter({.label = "data mnist", .unit = "stages"});
             auto r = data::prepare_mnist_subset(
-                *dir, [](std::string_view line) { print_above_bar(stderr, line); }, options);
+                *dir, [](std::string_view line) { spdlog::info("{}", line); }, options);
             fmt::print("{}: {} ({} train / {} test){}\n", r.dir, r.source, r.num_train, r.num_test,
                        r.cached ? ", cached" : "");
             return 0;
@@ -48,6 +50,9 @@ Command add_data_command(CLI::App& app) {
 
 int main(int argc, char** argv) {
   using namespace dtrain::cli;
+  // Once, before anything logs: spdlog's default logger (logging.h). Until a command
+  // configures it, it prints the bare message to stderr.
+  install_process_logger();
   CLI::App app{"dtrain: distributed training for neural networks"};
   app.require_subcommand(1);
   std::vector<Command> commands;
@@ -77,8 +82,7 @@ int main(int argc, char** argv) {
       names += (names.empty() ? "" : ", ") + c.app->get_name();
     }
     if (!known) {
-      fmt::print(stderr, "dtrain: unknown command '{}' (commands: {}; see dtrain --help)\n", cmd,
-                 names);
+      spdlog::error("dtrain: unknown command '{}' (commands: {}; see dtrain --help)", cmd, names);
       return 2;
     }
   }
@@ -94,11 +98,11 @@ int main(int argc, char** argv) {
       if (c.app->parsed()) return c.run();
     }
   } catch (const dtrain::Error& e) {
-    fmt::print(stderr, "dtrain: error: {} ({}{})\n", e.message(), dtrain::error_kind_name(e.kind()),
-               e.where().empty() ? "" : ", " + e.where());
+    spdlog::error("dtrain: error: {} ({}{})", e.message(), dtrain::error_kind_name(e.kind()),
+                  e.where().empty() ? "" : ", " + e.where());
     return 1;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "dtrain: error: {}\n", e.what());
+    spdlog::error("dtrain: error: {}", e.what());
     return 1;
   }
   return 0;

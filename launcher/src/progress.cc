@@ -45,11 +45,6 @@ std::string format_duration(double s) {
                    : fmt::format("{:02}:{:02}", t / 60, t % 60);
 }
 
-void print_above_bar(FILE* out, std::string_view line) {
-  fmt::print(out, "{}{}\n", isatty(fileno(out)) != 0 ? "\r\x1b[K" : "", line);
-  std::fflush(out);
-}
-
 ProgressBar::ProgressBar(ProgressOptions options) : o_(std::move(options)) {
   if (!o_.clock) o_.clock = steady_progress_clock();
   tty_ = o_.tty.value_or(o_.out != nullptr && isatty(fileno(o_.out)) != 0);

@@ -18,7 +18,6 @@
 #include <functional>
 #include <optional>
 #include <string>
-#include <string_view>
 
 namespace dtrain::cli {
 
@@ -73,10 +72,6 @@ ProgressFn progress_reporter(ProgressOptions options);
 // The same for byte counts (checkpoint writes: save_archive's WriteProgress), unit
 // "bytes" (shown as MiB).
 std::function<void(uint64_t done, uint64_t total)> bytes_reporter(ProgressOptions options);
-
-// One line of log text while a bar may be drawn: on a terminal the bar's line is
-// cleared first (the next update redraws it below), elsewhere a plain line.
-void print_above_bar(FILE* out, std::string_view line);
 
 // "01:05", "1:02:03", "--:--" (unknown or absurd).
 std::string format_duration(double seconds);

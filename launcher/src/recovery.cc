@@ -1,6 +1,7 @@
 #include "recovery.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include "dtrain/common/error.h"
 
@@ -38,14 +39,14 @@ void run_with_recovery(WorkerSession& session, const RecoveryOptions& options,
         throw;
       }
       from.failure_seen = std::chrono::steady_clock::now();
-      fmt::print(stderr, "dtrain train: {}; re-joining the job\n", reason);
+      spdlog::warn("dtrain train: {}; re-joining the job", reason);
       // False (or a throw) when the job has failed: recovery off or restarts exhausted.
       if (!session.rejoin(reason)) throw;
       from.resume = recovery_resume(options, session);
       from.recovered = true;
-      fmt::print(stderr, "dtrain train: rank {} joined generation {}, resuming from {}\n",
-                 session.rank(), session.generation(),
-                 from.resume == "auto" ? "the last committed checkpoint" : "step 0");
+      spdlog::info("dtrain train: rank {} joined generation {}, resuming from {}", session.rank(),
+                   session.generation(),
+                   from.resume == "auto" ? "the last committed checkpoint" : "step 0");
     }
   }
 }

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -124,8 +125,8 @@ bool SignalStop::stop_requested(const StepEnd& end) {
   if (comm_.rank() == test_rank_ && end.step == test_step_) ::kill(::getpid(), SIGUSR1);
   std::optional<int> seen = signals_.poll();
   if (seen) {
-    fmt::print(stderr, "dtrain train: rank {} got {} at step {}\n", comm_.rank(),
-               signal_name(*seen), end.step);
+    spdlog::info("dtrain train: rank {} got {} at step {}", comm_.rank(), signal_name(*seen),
+                 end.step);
   }
   int32_t agreed = seen.value_or(0);
   if (comm_.size() > 1) {

@@ -1,6 +1,7 @@
 #include "train.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <chrono>
 #include <cmath>
@@ -31,6 +32,7 @@
 #include "dtrain/parallel/trace.h"
 #include "gpt_train.h"
 #include "host_values.h"
+#include "logging.h"
 #include "mnist_source.h"
 #include "recovery.h"
 #include "report.h"
@@ -185,9 +187,9 @@ class Banner final : public Callback {
   Banner(std::string line, const MetricsCallback& metrics, const TensorBoardCallback* events)
       : line_(std::move(line)), metrics_(metrics), events_(events) {}
   void on_train_begin(const TrainBegin& /*begin*/) override {
-    fmt::print(stderr, "{}\n", line_);
-    fmt::print(stderr, "metrics: {}\n", metrics_.path());
-    if (events_) fmt::print(stderr, "tensorboard: {}\n", events_->path());
+    spdlog::info("{}", line_);
+    spdlog::info("metrics: {}", metrics_.path());
+    if (events_) spdlog::info("tensorboard: {}", events_->path());
   }
 
  private:
@@ -253,11 +255,11 @@ TrainResult stopped(const TrainStats& stats, const TrainCallbacks& callbacks,
   result.steps = stats.steps;
   result.final_loss = stats.final_loss;
   result.stopped_by = signal_name(*callbacks.stop->signal());
-  fmt::print(stderr,
-             "dtrain train: rank {}: stopped by {} after step {}: checkpoint {} committed in {}; "
-             "exit {} (run again with --resume auto to continue)\n",
-             session.rank(), result.stopped_by, stats.steps, name, checkpoints.store().root(),
-             kExitStoppedBySignal);
+  spdlog::warn(
+      "dtrain train: rank {}: stopped by {} after step {}: checkpoint {} committed in {}; "
+      "exit {} (run again with --resume auto to continue)",
+      session.rank(), result.stopped_by, stats.steps, name, checkpoints.store().root(),
+      kExitStoppedBySignal);
   return result;
 }
 
@@ -277,7 +279,7 @@ TrainResult finish(const TrainConfig& config, const TrainStats& stats, const Mni
   if (!config.save.empty()) {
     save_checkpoint(config.save, model, &opt,
                     {{"model", config.model}, {"step", stats.steps}, {"seed", config.seed}});
-    fmt::print(stderr, "checkpoint: {}\n", config.save);
+    spdlog::info("checkpoint: {}", config.save);
   }
   fmt::print(
       "dtrain train: {} on {}: {} worker(s), {} steps in {:.1f} s ({:.0f} samples/s), "
@@ -302,7 +304,7 @@ TrainConfig gpt_defaults(const TrainConfig& given) {
 TrainResult train_worker(const TrainConfig& config, WorkerSession& session, const StartFrom& from,
                          parallel::Tracer* tracer, StopSignals* stop_signals) {
   amp::AutocastGuard autocast(DType::bf16, config.bf16);  // --amp bf16 (train_amp.h)
-  if (session.rank() == 0 && config.bf16) fmt::print(stderr, "{}\n", amp_line(config));
+  if (session.rank() == 0 && config.bf16) spdlog::info("{}", amp_line(config));
   if (config.model == "gpt") return train_gpt_worker(gpt_defaults(config), session, tracer);
   if (config.model == "char-lstm") return train_char_rnn_worker(config, session, from, tracer);
   const int world = session.size();
@@ -315,7 +317,7 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
                                           ? nn::load_model_file(config.model, gen)
                                           : nn::make_model(config.model, gen);
   const std::string transfer_line = apply_transfer(config.transfer, *model);
-  if (!transfer_line.empty() && session.rank() == 0) fmt::print(stderr, "{}\n", transfer_line);
+  if (!transfer_line.empty() && session.rank() == 0) spdlog::info("{}", transfer_line);
   // Under DDP every BatchNorm2d (mobilenet) becomes a SyncBatchNorm; no-op for one rank.
   parallel::convert_sync_batchnorm(*model, session.comm());
   // Initialised on the CPU (the same weights on every device), then moved; the
@@ -384,14 +386,14 @@ struct RankTrace {
     parallel::write_chrome_trace(tracer, path);
     if (tracer.rank() != 0) return;
     fmt::print("{}\n", parallel::overlap_line(parallel::communication_overlap(tracer.spans())));
-    fmt::print(stderr, "trace: {} (one file per rank; open in ui.perfetto.dev)\n", path);
+    spdlog::info("trace: {} (one file per rank; open in ui.perfetto.dev)", path);
   }
   // The spans up to a failure are worth keeping; the failure is what propagates.
   void write_after_failure() const noexcept {
     try {
       parallel::write_chrome_trace(tracer, path);
     } catch (const std::exception& e) {
-      fmt::print(stderr, "{}\n", e.what());
+      spdlog::error("{}", e.what());
     }
   }
 };
@@ -424,15 +426,38 @@ void read_test_seams(TrainConfig& c) {
 }
 
 // The default metrics path, once for every attempt (recovery) and for the event files
-// beside it. With an event file per rank, rank 0's time stamp is broadcast so every
-// rank writes into the same run folder (one collective, only then).
+// beside it. With an event file per rank, or a log file per rank in the default
+// logs/, rank 0's time stamp is broadcast so every rank writes into the same run
+// folder (one collective, only then).
 std::string shared_metrics_path(const TrainConfig& c, WorkerSession& session) {
   int64_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
-  if (c.tensorboard_all_ranks && c.tensorboard != "none" && session.size() > 1) {
+  const bool shared_folder = (c.tensorboard_all_ranks && c.tensorboard != "none") ||
+                             c.log.dir.empty();  // every rank's log file under logs/
+  // Not in a process that joined a later generation (restarted by launch): the
+  // survivors are past this broadcast, so it would wait forever. Its default folder
+  // is then its own; --log-dir (launch's) keeps every rank's file in one place.
+  if (shared_folder && session.size() > 1 && session.generation() <= 1) {
     on_host_values(cuda::parse_device(c.device), &now, 1, DType::i64,
                    [&](void* p) { session.comm().broadcast(p, 1, DType::i64, 0); });
   }
   return default_metrics_path(now);
+}
+
+// The run folder's logs/ (the metrics file's folder; "." when it has none).
+std::string default_log_dir(const std::string& metrics_path) {
+  const std::filesystem::path parent = std::filesystem::path(metrics_path).parent_path();
+  return ((parent.empty() ? std::filesystem::path(".") : parent) / "logs").string();
+}
+
+// The worker's log at start-up: its context, and the file of a --log-dir given (checked
+// before the session starts; the default folder, the run folder's logs/, is known
+// once the metrics path is).
+WorkerIdentity start_train_log(TrainConfig& c) {
+  c.log = resolve_log_options(c.log, process_env_reader());
+  WorkerIdentity id = detect_worker_identity(process_env_reader());
+  configure_process_log(c.log, worker_log_context(id));
+  if (!c.log.dir.empty() && c.log.dir != "none") open_log_file(c.log, c.log.dir);
+  return id;
 }
 
 // --checkpoint-signals, blocked before any thread of ours starts; off without
@@ -452,7 +477,7 @@ void write_report(const std::string& metrics_path) {
   try {
     run_report({.run_dir = run_dir, .out = ""});
   } catch (const Error& e) {
-    fmt::print(stderr, "dtrain train: warning: no report: {}\n", e.what());
+    spdlog::warn("dtrain train: no report: {}", e.what());
   }
 }
 
@@ -460,12 +485,12 @@ void write_report(const std::string& metrics_path) {
 
 TrainResult run_train(const TrainConfig& given) {
   TrainConfig config = given;
+  WorkerIdentity id = start_train_log(config);
   read_test_seams(config);
   validate(config);
 
   std::unique_ptr<StopSignals> stop_signals = block_checkpoint_signals(config);
   set_num_threads(config.threads);
-  WorkerIdentity id = detect_worker_identity(process_env_reader());
   SessionOptions so;
   // --device cuda without an index: one GPU per worker, cuda:<local rank>.
   if (config.device == "cuda" && id.launcher != "none") {
@@ -485,6 +510,11 @@ TrainResult run_train(const TrainConfig& given) {
   if (!config.trace.empty()) trace.emplace(config.trace, id.rank);  // fails here, not later
   std::unique_ptr<WorkerSession> session = WorkerSession::open(id, so);
   if (config.metrics.empty()) config.metrics = shared_metrics_path(config, *session);
+  if (config.log.dir.empty()) open_log_file(config.log, default_log_dir(config.metrics));
+  if (session->generation() > 0) {  // every rank's log opens with who it is
+    spdlog::info("dtrain train: rank {} of {} (local {}) joined generation {}", session->rank(),
+                 session->size(), id.local_rank, session->generation());
+  }
   parallel::Tracer* tracer = trace ? &trace->tracer : nullptr;
   TrainResult result;
   try {
@@ -666,6 +696,7 @@ Command add_train_command(CLI::App& app) {
   add_char_rnn_options(t, *c);
   add_transfer_options(t, *c);
   add_amp_options(t, *c);
+  add_log_options(t, c->log);
   return {t, [c, t] {
             resolve_amp(*c);
             c->lr_given = t->count("--lr") > 0;

@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <string>
 
+#include "logging.h"
 #include "transfer.h"
 
 namespace dtrain::cli {
@@ -78,6 +79,9 @@ struct TrainConfig {
   std::string tensorboard;
   bool tensorboard_all_ranks = false;
   bool report = false;  // render `dtrain report` into <run folder>/report at the end
+  // --log-level / --log-dir / --log-format (logging.h); the default folder for the
+  // files is the metrics file's folder/logs.
+  LogOptions log;
   bool progress = true;
   std::string ckpt_dir;         // sharded checkpoints; empty: none
   int64_t ckpt_every = 0;       // steps between checkpoints; 0: at the end of every epoch

@@ -2,6 +2,7 @@
 
 #include <fmt/chrono.h>
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <chrono>
 #include <csignal>
@@ -70,10 +71,10 @@ void HeartbeatProgress::on_log(const StepEnd& log) {
 
 void TestKillSwitch::on_step_end(const StepEnd& end) {
   if (this_rank_ != kill_rank_ || end.step != kill_step_) return;
-  fmt::print(stderr,
-             "dtrain train: rank {}: DTRAIN_TEST_KILL_AT reached at step {}: SIGKILL; unix "
-             "time {:.3f}\n",
-             this_rank_, end.step, unix_seconds());
+  spdlog::warn(
+      "dtrain train: rank {}: DTRAIN_TEST_KILL_AT reached at step {}: SIGKILL; unix "
+      "time {:.3f}",
+      this_rank_, end.step, unix_seconds());
   std::fflush(stderr);
   ::raise(SIGKILL);
 }
@@ -87,10 +88,10 @@ void RecoveryNotice::on_step_end(const StepEnd& end) {
         std::chrono::duration<double>(std::chrono::steady_clock::now() - *from_.failure_seen)
             .count());
   }
-  fmt::print(stderr,
-             "dtrain train: rank {}: training again at step {} (generation {}){}; unix "
-             "time {:.3f}\n",
-             session_.rank(), end.step, session_.generation(), after, unix_seconds());
+  spdlog::info(
+      "dtrain train: rank {}: training again at step {} (generation {}){}; unix "
+      "time {:.3f}",
+      session_.rank(), end.step, session_.generation(), after, unix_seconds());
 }
 
 void ProgressCallback::on_train_begin(const TrainBegin& begin) {

@@ -1,6 +1,7 @@
 #include "worker_session.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -17,6 +18,7 @@
 #include "dtrain/coordinator/grpc_store.h"
 #include "dtrain/coordinator/heartbeat.h"
 #include "dtrain/engine/cuda/runtime.h"
+#include "logging.h"
 
 namespace dtrain::cli {
 
@@ -93,6 +95,7 @@ std::unique_ptr<comm::Communicator> inspected(std::unique_ptr<comm::Communicator
   comm::InspectorOptions io;
   io.stall_timeout = o.stall_timeout;
   io.check_collectives = o.check_collectives;
+  io.log = [](const std::string& line) { spdlog::warn("{}", line); };  // stall reports
   if (c->rank() == o.test_stall_rank) io.test_hold_at = o.test_stall_at;
   return comm::make_inspected_communicator(std::move(c), store, std::move(io), std::move(checker));
 }
@@ -222,6 +225,7 @@ void WorkerSession::connect_generation(const coordinator::JoinResult& joined) {
   c.generation = joined.generation;
   c.newest_generation = joined.generation;
   c.last_checkpoint = joined.last_checkpoint;
+  set_log_membership(joined.generation, joined.rank, joined.world_size);
   if (backend_ == "mpi") {
     DTRAIN_CHECK(joined.rank == comm_->rank() && joined.world_size == comm_->size(),
                  InvalidArgument,
