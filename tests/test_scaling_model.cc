@@ -3,8 +3,11 @@
 // and `dtrain bench scaling --predict` on a fixed fit file.
 #include <gtest/gtest.h>
 
+#include <cctype>
+#include <filesystem>
 #include <fstream>
 #include <random>
+#include <sstream>
 
 #include "dtrain/common/error.h"
 #include "scaling_model.h"
@@ -190,3 +193,90 @@ TEST(ScalingModelCli, BadInputGivesOneClearLine) {
 }
 
 }  // namespace
+
+// ---- --out DIR: scaling.md, scaling.json, scaling.png ----
+
+namespace {
+
+std::vector<std::string> cells_of(const std::string& line, char sep) {
+  std::vector<std::string> out;
+  std::istringstream in(line);
+  for (std::string c; std::getline(in, c, sep);) {
+    const size_t a = c.find_first_not_of(' '), b = c.find_last_not_of(' ');
+    if (a != std::string::npos) out.push_back(c.substr(a, b - a + 1));
+  }
+  return out;
+}
+
+std::string read_all(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+uint32_t be32(const std::string& b, size_t at) {
+  return uint32_t(uint8_t(b[at])) << 24 | uint32_t(uint8_t(b[at + 1])) << 16 |
+         uint32_t(uint8_t(b[at + 2])) << 8 | uint32_t(uint8_t(b[at + 3]));
+}
+
+}  // namespace
+
+// The markdown's rows are the printed table's, cell for cell; the JSON's series are
+// the table's step times and efficiencies plus the fit file's measured rows; the PNG
+// has its signature, an IHDR of 1000 x 400, an IEND, and matplotlib reads it back
+// with that shape.
+TEST(ScalingModelCli, OutWritesTheTableAndAPlot) {
+  nlohmann::json fit = toy_fit_json();
+  fit["measured"] = {{"scaling",
+                      {{{"model", "toy"}, {"workers", 1}, {"ms_per_step", 10.0}},
+                       {{"model", "toy"}, {"workers", 2}, {"ms_per_step", 16.0}}}}};
+  const std::string file = write_file("out", fit.dump());
+  const auto dir = dtrain::testing::scratch_dir("test_scaling_model", "out_dir") / "report";
+  auto r = predict("--predict 8 --model toy --fit-file " + file + " --out " + dir.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::vector<std::vector<std::string>> printed, md;
+  std::istringstream out(r.out);
+  for (std::string l; std::getline(out, l);) {
+    auto c = cells_of(l, ' ');
+    if (!c.empty() && std::isdigit(static_cast<unsigned char>(c[0][0]))) printed.push_back(c);
+  }
+  std::istringstream mdin(read_all(dir / "scaling.md"));
+  for (std::string l; std::getline(mdin, l);) {
+    if (l.rfind("| ", 0) != 0) continue;
+    auto c = cells_of(l, '|');
+    if (c.size() == 9 && std::isdigit(static_cast<unsigned char>(c[0][0]))) md.push_back(c);
+  }
+  ASSERT_EQ(printed.size(), 4u) << r.out;  // 1, 2, 4, 8 ranks
+  EXPECT_EQ(md, printed) << read_all(dir / "scaling.md");
+  EXPECT_NE(read_all(dir / "scaling.md").find("| ranks | nodes | algo |"), std::string::npos);
+
+  auto j = nlohmann::json::parse(read_all(dir / "scaling.json"));
+  ASSERT_EQ(j["series"].size(), 2u);
+  const auto& pred = j["series"][0];
+  for (size_t i = 0; i < printed.size(); ++i) {
+    EXPECT_EQ(pred["ranks"][i].get<int>(), std::stoi(printed[i][0]));
+    EXPECT_NEAR(pred["step_ms"][i].get<double>(), std::stod(printed[i][7]), 5e-4);
+    EXPECT_NEAR(100 * pred["efficiency"][i].get<double>(), std::stod(printed[i][8]), 0.05);
+  }
+  EXPECT_EQ(j["series"][1]["ranks"], nlohmann::json({1, 2}));
+  EXPECT_NEAR(j["series"][1]["efficiency"][1].get<double>(), 10.0 / 16.0, 1e-12);
+
+  const std::string png = read_all(dir / "scaling.png");
+  ASSERT_GT(png.size(), 1000u);
+  EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+  EXPECT_EQ(png.substr(12, 4), "IHDR");
+  EXPECT_EQ(be32(png, 16), 1000u);
+  EXPECT_EQ(be32(png, 20), 400u);
+  EXPECT_EQ(png.substr(png.size() - 8, 4), "IEND");
+  auto back = dtrain::testing::run_command(
+      "/usr/bin/python3 -c \"import matplotlib.image as m; print(m.imread('" +
+          (dir / "scaling.png").string() + "').shape[:2])\"",
+      60);
+  EXPECT_EQ(back.out, "(400, 1000)\n") << back.out;
+
+  // A folder that cannot be made is one clear line naming it.
+  r = predict("--predict 2 --model toy --fit-file " + file + " --out /proc/nope/report");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("/proc/nope/report"), std::string::npos) << r.out;
+}

@@ -156,7 +156,8 @@ data::SamplerState sampler_state(const nlohmann::json& j) {
 }  // namespace
 
 ShardEntry write_shard(const CheckpointStore& store, const std::string& name,
-                       const TrainingState& s, int rank, int world_size) {
+                       const TrainingState& s, int rank, int world_size,
+                       const WriteProgress& progress) {
   DTRAIN_CHECK(s.model != nullptr, InvalidArgument, "write_shard: TrainingState.model is null");
   DTRAIN_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, InvalidArgument,
                "write_shard: rank {} is outside [0, {})", rank, world_size);
@@ -195,7 +196,7 @@ ShardEntry write_shard(const CheckpointStore& store, const std::string& name,
       {"tensors", index}};
   const std::string file = shard_file_name(rank, world_size);
   const std::string path = (fs::path(dir) / file).string();
-  save_archive(path, mine, meta);
+  save_archive(path, mine, meta, progress);
   ShardEntry e;
   e.rank = rank;
   e.file = file;

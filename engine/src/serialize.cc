@@ -234,8 +234,8 @@ uint32_t crc32(const void* data, size_t size, uint32_t crc) {
   return ~crc;
 }
 
-void save_archive(const std::string& path, const TensorMap& tensors,
-                  const nlohmann::json& metadata) {
+void save_archive(const std::string& path, const TensorMap& tensors, const nlohmann::json& metadata,
+                  const WriteProgress& progress) {
   NoGradGuard no_grad;
   std::vector<Tensor> data;
   nlohmann::json list = nlohmann::json::array();
@@ -261,6 +261,8 @@ void save_archive(const std::string& path, const TensorMap& tensors,
       nlohmann::json{{"metadata", metadata}, {"tensors", std::move(list)}}.dump();
 
   const std::string tmp = path + ".tmp";
+  const uint64_t head = kPrefixSize + header.size(), total = head + payload_len;
+  if (progress) progress(0, total);  // the caller's clock starts before the first byte
   int raw_fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   DTRAIN_CHECK(raw_fd >= 0, IoError, "cannot create '{}': {}", tmp, errno_str());
   Fd fd(raw_fd);
@@ -269,16 +271,25 @@ void save_archive(const std::string& path, const TensorMap& tensors,
     write_all(fd.get(), prefix, kPrefixSize, tmp);  // placeholder, rewritten below
     write_all(fd.get(), header.data(), header.size(), tmp);
     uint32_t crc = crc32(header.data(), header.size());
+    if (progress) progress(head, total);
     static const unsigned char kZeros[kAlign] = {};
+    constexpr uint64_t kPiece = uint64_t{8} << 20;  // progress granularity
     uint64_t written = 0;
     for (const Tensor& c : data) {
       uint64_t pad = align_up(written) - written;
       write_all(fd.get(), kZeros, pad, tmp);
       crc = crc32(kZeros, pad, crc);
-      write_all(fd.get(), c.raw_data(), c.nbytes(), tmp);
-      crc = crc32(c.raw_data(), c.nbytes(), crc);
-      written += pad + c.nbytes();
+      written += pad;
+      const auto* bytes = static_cast<const unsigned char*>(c.raw_data());
+      for (uint64_t at = 0; at < c.nbytes(); at += kPiece) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(kPiece, c.nbytes() - at));
+        write_all(fd.get(), bytes + at, n, tmp);
+        crc = crc32(bytes + at, n, crc);
+        written += n;
+        if (progress) progress(head + written, total);
+      }
     }
+    if (progress && head + written != total) progress(total, total);  // trailing empty tensors
     std::memcpy(prefix, kMagic, 4);
     put_le(prefix + 4, kArchiveVersion, 4);
     put_le(prefix + 8, header.size(), 8);

@@ -10,6 +10,7 @@
 #include "dtrain/common/error.h"
 #include "dtrain/engine/checkpoint.h"
 #include "host_values.h"
+#include "progress.h"
 
 namespace dtrain::cli {
 
@@ -76,7 +77,10 @@ void ShardedCheckpoints::on_checkpoint(const CheckpointState& state) {
   const ckpt::TrainingState& st = state.training;
   const std::string name = ckpt::checkpoint_name(st.step);
   if (!begin(name, st)) return;
-  ckpt::ShardEntry entry = ckpt::write_shard(store_, name, st, state.shard, state.num_shards);
+  const WriteProgress bar = bytes_reporter(
+      {.label = fmt::format("checkpoint {} shard {}/{}", name, state.shard + 1, state.num_shards),
+       .enabled = options_.progress && session_.comm().rank() == 0});
+  ckpt::ShardEntry entry = ckpt::write_shard(store_, name, st, state.shard, state.num_shards, bar);
   if (options_.test_commit_delay_ms > 0) {
     spdlog::info("dtrain train: rank {}: shard of {} written, committing in {} ms",
                  session_.comm().rank(), name, options_.test_commit_delay_ms);

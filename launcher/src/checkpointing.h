@@ -40,6 +40,7 @@ struct CheckpointOptions {
   std::string model;            // the model a checkpoint to resume must hold
   nlohmann::json run_config;    // written into every manifest ("model" among it)
   int64_t test_commit_delay_ms = 0;
+  bool progress = false;  // rank 0 draws a bar of its shard's bytes (progress.h)
 };
 
 class ShardedCheckpoints final : public CheckpointLoader, public Callback {

@@ -40,6 +40,8 @@
 #include "dtrain/engine/optim/sgd.h"
 #include "dtrain/engine/threading.h"
 #include "dtrain/parallel/ddp.h"
+#include "progress.h"
+#include "scaling_report.h"
 #include "worker_env.h"
 #include "worker_session.h"
 
@@ -268,6 +270,10 @@ int run_scaling(const ScalingOptions& o) {
   std::string self = self_exe();
   std::map<int, std::vector<double>> ms, speedup;  // per worker count, one entry per round
   std::string note;
+  const ProgressFn bar = progress_reporter({.label = "bench scaling", .unit = "runs"});
+  const auto runs = static_cast<int64_t>(o.rounds) * static_cast<int64_t>(o.workers.size());
+  int64_t done = 0;
+  if (bar) bar(0, runs);
   for (int round = 0; round < o.rounds && note.empty(); ++round) {
     double base = 0;
     for (int n : o.workers) {
@@ -292,18 +298,24 @@ int run_scaling(const ScalingOptions& o) {
       if (n == 1) base = sps;
       ms[n].push_back(got[0]["ms_per_step"].get<double>());
       if (base > 0) speedup[n].push_back(sps / base);
+      if (bar) bar(++done, runs);
     }
   }
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0.0 : v[v.size() / 2];
   };
-  fmt::print(
-      "# data-parallel weak scaling: {}, batch {} per worker, 1 thread per worker{}, "
-      "tcp backend, {} interleaved round(s), each the median of {} x {} steps\n",
+  ScalingReport report;
+  report.title = fmt::format(
+      "data-parallel weak scaling: {}, batch {} per worker, 1 thread per worker{}, "
+      "tcp backend, {} interleaved round(s), each the median of {} x {} steps",
       o.model, o.batch, o.pin ? " pinned to its own core" : "", o.rounds, o.reps, o.steps);
-  fmt::print("{:>8} {:>12} {:>14} {:>16} {:>12}   {}\n", "workers", "ms/step", "samples/s",
-             "vs 1 worker", "efficiency", "vs 1 worker, each round");
+  report.columns = {"workers",     "ms/step",    "samples/s",
+                    "vs 1 worker", "efficiency", "vs 1 worker, each round"};
+  ScalingSeries measured{"measured (this host)", true, {}, {}, {}};
+  fmt::print("# {}\n", report.title);
+  const auto& c = report.columns;
+  fmt::print("{:>8} {:>12} {:>14} {:>16} {:>12}   {}\n", c[0], c[1], c[2], c[3], c[4], c[5]);
   for (int n : o.workers) {
     if (ms[n].empty()) continue;
     double t = median(ms[n]);
@@ -311,9 +323,19 @@ int run_scaling(const ScalingOptions& o) {
     for (double r : speedup[n]) rounds += fmt::format("{}{:.2f}x", rounds.empty() ? "" : " ", r);
     bool has = !speedup[n].empty();
     double sp = median(speedup[n]);
-    fmt::print("{:>8} {:>12.3f} {:>14.1f} {:>16} {:>12}   {}\n", n, t,
-               static_cast<double>(o.batch * n) / (t / 1e3), has ? fmt::format("{:.2f}x", sp) : "-",
-               has ? fmt::format("{:.0f}%", 100.0 * sp / n) : "-", has ? rounds : "-");
+    const auto& r = report.rows.emplace_back(std::vector<std::string>{
+        std::to_string(n), fmt::format("{:.3f}", t),
+        fmt::format("{:.1f}", static_cast<double>(o.batch * n) / (t / 1e3)),
+        has ? fmt::format("{:.2f}x", sp) : "-", has ? fmt::format("{:.0f}%", 100.0 * sp / n) : "-",
+        has ? rounds : "-"});
+    fmt::print("{:>8} {:>12} {:>14} {:>16} {:>12}   {}\n", r[0], r[1], r[2], r[3], r[4], r[5]);
+    if (has) measured.ranks.push_back(n), measured.step_ms.push_back(t);
+    if (has) measured.efficiency.push_back(sp / n);
+  }
+  if (!o.out.empty()) {
+    report.series = {measured};
+    write_scaling_report(o.out, report);
+    fmt::print("# table and plot: {}/scaling.md, {}/scaling.png\n", o.out, o.out);
   }
   if (!note.empty()) fmt::print("# notes:\n{}", note);
   return note.empty() ? 0 : 1;
@@ -427,9 +449,11 @@ void print_latency(std::map<std::string, Rows>& ours, std::map<std::string, Rows
 }
 
 // busbw of every backend and peer at every size, then ours / peer for each pair that
-// the acceptance compares (tcp and mpi against Open MPI and Gloo).
+// the acceptance compares (tcp and mpi against Open MPI and Gloo). The cells go into
+// `report` too (bench allreduce --out), and each column's busbw into its plot.
 void print_side_by_side(const BenchOptions& o, const std::vector<std::string>& backends,
-                        std::map<std::string, Rows>& ours, std::map<std::string, Rows>& peers) {
+                        std::map<std::string, Rows>& ours, std::map<std::string, Rows>& peers,
+                        TableReport& report) {
   std::vector<std::string> cols = backends;
   for (const auto& [p, rows] : peers) {
     if (!rows.empty()) cols.push_back(p);
@@ -440,25 +464,42 @@ void print_side_by_side(const BenchOptions& o, const std::vector<std::string>& b
       if (ours.count(b) && peers.count(p) && !peers[p].empty()) ratios.emplace_back(b, p);
     }
   }
-  fmt::print("# busbw (GB/s) side by side, {} ranks on this host\n", o.nproc);
+  report.title = fmt::format("busbw (GB/s) side by side, {} ranks on this host", o.nproc);
+  fmt::print("# {}\n", report.title);
+  report.columns = {"size(B)"};
   std::string head = fmt::format("{:>12}", "size(B)");
-  for (const auto& c : cols) head += fmt::format(" {:>10}", c);
-  for (const auto& [b, p] : ratios) head += fmt::format(" {:>12}", b + "/" + p);
+  for (const auto& c : cols) head += fmt::format(" {:>10}", c), report.columns.push_back(c);
+  for (const auto& [b, p] : ratios) {
+    head += fmt::format(" {:>12}", b + "/" + p), report.columns.push_back(b + "/" + p);
+  }
   fmt::print("{}\n", head);
   std::map<int64_t, bool> sizes;
   for (const auto& [b, rows] : ours) {
     for (const auto& [sz, j] : rows) sizes[sz] = true;
   }
+  std::map<std::string, nlohmann::json> series;
   for (const auto& [sz, unused] : sizes) {
+    std::vector<std::string>& cells = report.rows.emplace_back(1, std::to_string(sz));
     std::string line = fmt::format("{:>12}", sz);
     for (const auto& c : cols) {
       const double v = busbw_at(ours.count(c) ? ours[c] : peers[c], sz);
-      line += v < 0 ? fmt::format(" {:>10}", "-") : fmt::format(" {:>10.3f}", v);
+      cells.push_back(v < 0 ? "-" : fmt::format("{:.3f}", v));
+      line += fmt::format(" {:>10}", cells.back());
+      if (v >= 0) series[c]["bytes"].push_back(sz), series[c]["busbw_GBps"].push_back(v);
     }
     for (const auto& [b, p] : ratios) {
-      line += ratio_cell(busbw_at(ours[b], sz), busbw_at(peers[p], sz));
+      const std::string cell = ratio_cell(busbw_at(ours[b], sz), busbw_at(peers[p], sz));
+      line += cell;
+      cells.push_back(cell.substr(cell.find_first_not_of(' ')));
     }
     fmt::print("{}\n", line);
+  }
+  report.plot = {{"title", report.title}, {"series", nlohmann::json::array()}};
+  for (const auto& c : cols) {
+    if (!series.count(c)) continue;
+    nlohmann::json one = series[c];
+    one["name"] = c;
+    report.plot["series"].push_back(one);
   }
   print_latency(ours, peers);
 }
@@ -473,15 +514,34 @@ int run_orchestrator(const BenchOptions& o) {
   }
   std::string note;
   std::map<std::string, std::map<int64_t, nlohmann::json>> ours, peers;
+  const ProgressFn bar = progress_reporter({.label = "bench allreduce", .unit = "sweeps"});
+  const auto sweeps = static_cast<int64_t>(backends.size()) + (o.peers ? 2 : 0);
+  if (bar) bar(0, sweeps);
   for (const auto& b : backends) {
     ours[b] = run_backend(o, b, &note);
+    if (bar) bar(static_cast<int64_t>(ours.size()), sweeps);
     print_nccl_table(b, o.nproc, ours[b]);
   }
   if (o.peers) {
-    peers["gloo"] = run_peer(o, "gloo", &note);
-    peers["openmpi"] = run_peer(o, "openmpi", &note);
+    for (const char* p : {"gloo", "openmpi"}) {
+      peers[p] = run_peer(o, p, &note);
+      if (bar) bar(static_cast<int64_t>(ours.size() + peers.size()), sweeps);
+    }
   }
-  print_side_by_side(o, backends, ours, peers);
+  TableReport report{"allreduce", "allreduce_plot.py", "", {}, {}, {}, {}};
+  print_side_by_side(o, backends, ours, peers, report);
+  if (!o.out.empty()) {
+    for (const auto& b : backends) {
+      double sum = 0;
+      for (const auto& [bytes, j] : ours[b]) sum += j["busbw_GBps"].get<double>();
+      if (!ours[b].empty()) {
+        report.notes.push_back(fmt::format("{}: average bus bandwidth {:.3f} GB/s", b,
+                                           sum / static_cast<double>(ours[b].size())));
+      }
+    }
+    write_table_report(o.out, report);
+    fmt::print("# table and plot: {}/allreduce.md, {}/allreduce.png\n", o.out, o.out);
+  }
   if (!note.empty()) fmt::print("# notes:\n{}", note);
   bool complete = true;
   for (const auto& b : backends) complete &= !ours[b].empty();
@@ -509,7 +569,9 @@ Command add_bench_command(CLI::App& app) {
       ->capture_default_str();
   ar->add_flag("--worker", o->worker, "(internal) run as one rank of the sweep");
   ar->add_option("--backend", o->backend, "(internal) the worker's backend");
-  ar->add_option("--out", o->out, "(internal) where rank 0 writes its rows");
+  ar->add_option("--out", o->out,
+                 "Folder for allreduce.md and allreduce.png (with --worker, internal: rank 0's "
+                 "rows)");
   auto so = std::make_shared<ScalingOptions>();
   CLI::App* sc = bench->add_subcommand(
       "scaling", "Data-parallel weak scaling: N workers on N cores against 1 worker on 1 core");
@@ -524,7 +586,8 @@ Command add_bench_command(CLI::App& app) {
       ->check(kPositive);
   sc->add_flag("!--no-pin", so->pin, "Do not pin each worker to its own core");
   sc->add_flag("--worker", so->worker, "(internal) run as one rank");
-  sc->add_option("--out", so->out, "(internal) where rank 0 writes its row");
+  sc->add_option("--out", so->out,
+                 "Folder for scaling.md and scaling.png (with --worker, internal: rank 0's row)");
   auto model = add_scaling_model_options(*sc);  // --predict, --fit, --validate
   auto collectives = add_collective_benches(*bench);
   auto gpt = add_gpt_bench(*bench);

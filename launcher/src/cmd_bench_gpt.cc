@@ -25,6 +25,7 @@
 #include "commands.h"
 #include "dtrain/engine/ops.h"
 #include "dtrain/engine/threading.h"
+#include "progress.h"
 
 namespace dtrain::cli {
 
@@ -114,8 +115,15 @@ int run_gpt_bench(const GptBenchOptions& o) {
   fmt::print("# dtrain bench gpt: gpt-small (context 128, 4 x d256, batch 16), {} steps per run\n",
              o.steps);
   fmt::print("# peak {:.1f} GFLOP/s = measured 1-thread f32 GEMM x {} cores\n", peak, cores);
+  const ProgressFn bar = progress_reporter({.label = "bench gpt", .unit = "runs"});
+  const auto runs = static_cast<int64_t>(o.meshes.size()) + 1;
+  if (bar) bar(0, runs);
   std::vector<Row> rows{run_config(o, "dp=1", 1)};
-  for (const auto& m : o.meshes) rows.push_back(run_config(o, m, o.nproc));
+  if (bar) bar(1, runs);
+  for (const auto& m : o.meshes) {
+    rows.push_back(run_config(o, m, o.nproc));
+    if (bar) bar(static_cast<int64_t>(rows.size()), runs);
+  }
   fmt::print("{:>20} {:>6} {:>12} {:>14} {:>7} {:>9}  {}\n", "mesh", "ranks", "tokens/s",
              "model GFLOP/s", "MFU", "vs 1 rank", "note");
   for (const Row& r : rows) {

@@ -30,6 +30,7 @@
 #include "dtrain/engine/nn/models.h"
 #include "dtrain/parallel/ddp.h"
 #include "scaling_model.h"
+#include "scaling_report.h"
 
 #ifndef DTRAIN_SOURCE_DIR
 #define DTRAIN_SOURCE_DIR "."
@@ -58,6 +59,7 @@ struct ModelOptions {
   int rate_mbit = 1000;  // tbf rate of the namespaced hosts
   int64_t max_bytes = int64_t{16} << 20;
   int rounds = 3;
+  std::string out;  // --predict --out DIR: scaling.md and scaling.png (scaling_report.h)
 };
 
 // ---- the fit file ----
@@ -413,6 +415,42 @@ sm::Workload predict_workload(const ModelOptions& o, const sm::Fit& fit, const s
   return w;
 }
 
+// One printed row: the cells as the console shows them (and the markdown repeats).
+std::vector<std::string> predict_cells(const sm::Machine& m, const sm::Workload& w, int n,
+                                       double bytes, comm::Algo algo, sm::StepPrediction* step) {
+  const int nodes = std::max(1, n / std::min(n, m.ranks_per_node));
+  auto one = sm::allreduce_time(m, n, static_cast<size_t>(bytes), algo);
+  *step = sm::predict_step(m, w, n, algo);
+  return {std::to_string(n),
+          std::to_string(nodes),
+          n == 1 ? "-" : comm::algo_name(one.algo),
+          fmt::format("{:.1f}", one.seconds * 1e6),
+          fmt::format("{:.3f}", sm::busbw_Bps(n, bytes, one.seconds) / 1e9),
+          fmt::format("{:.3f}", step->comm_s * 1e3),
+          fmt::format("{:.3f}", step->exposed_s * 1e3),
+          fmt::format("{:.3f}", step->step_s * 1e3),
+          fmt::format("{:.1f}%", 100.0 * step->efficiency)};
+}
+
+// The fit file's measured weak-scaling rows of `model` (this host), as plot points.
+ScalingSeries measured_series(const sm::Fit& fit, const std::string& model) {
+  ScalingSeries s{"measured (fit file, this host)", true, {}, {}, {}};
+  double one = 0;
+  const json rows =
+      fit.measured.is_object() ? fit.measured.value("scaling", json::array()) : json::array();
+  for (const json& r : rows) {
+    if (r.value("model", "") != model) continue;
+    const int n = r["workers"].get<int>();
+    const double ms = r["ms_per_step"].get<double>();
+    if (n == 1) one = ms;
+    s.ranks.push_back(n);
+    s.step_ms.push_back(ms);
+  }
+  for (double ms : s.step_ms) s.efficiency.push_back(one > 0 ? one / ms : 0.0);
+  if (one <= 0) s.ranks.clear(), s.step_ms.clear(), s.efficiency.clear();
+  return s;
+}
+
 int run_predict(const ModelOptions& o, const std::string& model) {
   const std::vector<int> ranks = sm::predict_ranks(*o.predict);
   sm::Fit fit = load_fit(o.fit_file);
@@ -422,23 +460,39 @@ int run_predict(const ModelOptions& o, const std::string& model) {
   double grad = 0;
   for (double b : w.bucket_bytes) grad += b;
   const double bytes = o.bytes ? positive(o.bytes, "--bytes") : grad;
-  fmt::print(
-      "# scaling model ({}{}): {} compute {:.3f} ms/step, gradients {:.0f} B in {} "
-      "bucket(s), overlap {:.2f}; {} rank(s)/node, {} NIC(s)/node\n",
+  ScalingReport report;
+  report.title = fmt::format(
+      "scaling model ({}{}): {} compute {:.3f} ms/step, gradients {:.0f} B in {} "
+      "bucket(s), overlap {:.2f}; {} rank(s)/node, {} NIC(s)/node",
       o.fit_file, o.preset.empty() ? "" : ", preset " + o.preset, w.name, w.compute_s * 1e3, grad,
       w.bucket_bytes.size(), w.overlap, m.ranks_per_node, m.nics_per_node);
+  fmt::print("# {}\n", report.title);
   print_links(m);
-  fmt::print("{:>6} {:>6} {:>13} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8}\n", "ranks", "nodes",
-             "algo", "allreduce(us)", "busbw(GB/s)", "comm(ms)", "exposed", "step(ms)", "effic");
+  report.columns = {"ranks",    "nodes",   "algo",     "allreduce(us)", "busbw(GB/s)",
+                    "comm(ms)", "exposed", "step(ms)", "effic"};
+  const auto& c = report.columns;
+  fmt::print("{:>6} {:>6} {:>13} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8}\n", c[0], c[1], c[2],
+             c[3], c[4], c[5], c[6], c[7], c[8]);
+  ScalingSeries predicted{"predicted", false, {}, {}, {}};
   for (int n : ranks) {
-    const int nodes = std::max(1, n / std::min(n, m.ranks_per_node));
-    auto one = sm::allreduce_time(m, n, static_cast<size_t>(bytes), algo);
-    auto s = sm::predict_step(m, w, n, algo);
-    fmt::print("{:>6} {:>6} {:>13} {:>14.1f} {:>12.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>7.1f}%\n",
-               n, nodes, n == 1 ? "-" : comm::algo_name(one.algo), one.seconds * 1e6,
-               sm::busbw_Bps(n, bytes, one.seconds) / 1e9, s.comm_s * 1e3, s.exposed_s * 1e3,
-               s.step_s * 1e3, 100.0 * s.efficiency);
+    sm::StepPrediction s;
+    const auto& r = report.rows.emplace_back(predict_cells(m, w, n, bytes, algo, &s));
+    fmt::print("{:>6} {:>6} {:>13} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8}\n", r[0], r[1], r[2],
+               r[3], r[4], r[5], r[6], r[7], r[8]);
+    predicted.ranks.push_back(n);
+    predicted.step_ms.push_back(s.step_s * 1e3);
+    predicted.efficiency.push_back(s.efficiency);
   }
+  if (o.out.empty()) return 0;
+  for (auto [name, l] : {std::pair{"mem", m.mem}, {"intra", m.intra}, {"inter", m.inter}}) {
+    report.notes.push_back(fmt::format("{} alpha {:.2f} us, beta {:.4f} GB/s", name,
+                                       l.alpha_s * 1e6, l.beta_Bps / 1e9));
+  }
+  report.series = {predicted};  // this host's measured rows say nothing of a preset's machine
+  if (o.preset.empty() || o.preset == "fitted")
+    report.series.push_back(measured_series(fit, model));
+  write_scaling_report(o.out, report);
+  fmt::print("# table and plot: {}/scaling.md, {}/scaling.png\n", o.out, o.out);
   return 0;
 }
 
@@ -476,6 +530,7 @@ std::function<std::optional<int>()> add_scaling_model_options(CLI::App& sc) {
   return [o, &sc]() -> std::optional<int> {
     if (!sc.parsed() || (!o->predict && o->fit_out.empty() && !o->validate)) return std::nullopt;
     const std::string model = sc.get_option("--model")->as<std::string>();
+    o->out = sc.get_option("--out")->as<std::string>();  // --predict: the report folder
     if (!o->fit_out.empty()) return run_fit(*o, model);
     if (o->validate) return run_validate(*o, model);
     return run_predict(*o, model);

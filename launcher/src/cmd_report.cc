@@ -2,7 +2,7 @@
 //
 // The folder is a run when it holds metrics.jsonl (what `dtrain train` writes; the
 // TensorBoard events sit beside it). The plots (loss.png, throughput.png, lr.png) and
-// report.md are drawn by scripts/report.py with matplotlib: the script is looked up
+// report.md are drawn by scripts/report.py with matplotlib (plot_script.h): looked up
 // next to the binary (<exe>/../share/dtrain/report.py, the install tree), then in the
 // source tree; the interpreter is $DTRAIN_PYTHON, else Debian's /usr/bin/python3
 // (where python3-matplotlib installs), else python3 on the PATH. A line of
@@ -10,66 +10,19 @@
 // is rendered. Errors: a folder that is not a run, no script or interpreter, or the
 // script failing, each a typed error with one line.
 #include <fmt/format.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <string>
-#include <vector>
 
 #include "commands.h"
 #include "dtrain/common/error.h"
+#include "plot_script.h"
 #include "report.h"
-
-#ifndef DTRAIN_SOURCE_DIR
-#define DTRAIN_SOURCE_DIR "."
-#endif
 
 namespace dtrain::cli {
 
-namespace {
-
 namespace fs = std::filesystem;
-
-std::string report_script() {
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  std::vector<fs::path> candidates;
-  if (!ec) candidates.push_back(exe.parent_path().parent_path() / "share/dtrain/report.py");
-  candidates.push_back(fs::path(DTRAIN_SOURCE_DIR) / "scripts/report.py");
-  for (const fs::path& p : candidates) {
-    if (fs::exists(p)) return p.string();
-  }
-  DTRAIN_THROW(IoError, "the plotting script report.py is in neither {} nor {}",
-               candidates.front().string(), candidates.back().string());
-}
-
-std::string python_interpreter() {
-  if (const char* env = std::getenv("DTRAIN_PYTHON"); env != nullptr && *env != '\0') return env;
-  if (::access("/usr/bin/python3", X_OK) == 0) return "/usr/bin/python3";
-  return "python3";
-}
-
-// Runs argv (no shell) and returns its exit status (127: it could not be started).
-int run_program(const std::vector<std::string>& args) {
-  std::vector<char*> argv;
-  for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  const pid_t pid = ::fork();
-  DTRAIN_CHECK(pid >= 0, IoError, "fork failed");
-  if (pid == 0) {
-    ::execvp(argv[0], argv.data());
-    ::_exit(127);
-  }
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0) {
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-}  // namespace
 
 int run_report(const ReportOptions& o) {
   DTRAIN_CHECK(fs::is_directory(o.run_dir), InvalidArgument,
@@ -77,10 +30,7 @@ int run_report(const ReportOptions& o) {
   DTRAIN_CHECK(fs::is_regular_file(fs::path(o.run_dir) / "metrics.jsonl"), InvalidArgument,
                "{} is not a dtrain run folder (no metrics.jsonl in it)", o.run_dir);
   const std::string out = o.out.empty() ? (fs::path(o.run_dir) / "report").string() : o.out;
-  const std::string python = python_interpreter();
-  const int rc = run_program({python, report_script(), o.run_dir, out});
-  DTRAIN_CHECK(rc != 127, IoError, "cannot run {} (set DTRAIN_PYTHON)", python);
-  DTRAIN_CHECK(rc == 0, IoError, "the plotting script failed (exit {})", rc);
+  run_plot_script("report.py", {o.run_dir, out});
   return 0;
 }
 

@@ -11,6 +11,7 @@
 #include "dtrain/engine/data/image_folder.h"
 #include "dtrain/engine/data/mnist.h"
 #include "dtrain/engine/data/records.h"
+#include "progress.h"
 
 namespace dtrain::cli {
 
@@ -60,12 +61,20 @@ void hold_out(const data::TensorDataset& all, ImageSplits& s) {
   s.test = take(test);
 }
 
-ImageSplits image_folder(const std::string& dir) {
+// The loading bar of one folder (rank 0 draws; progress.h).
+ProgressFn loading_bar(const fs::path& dir, bool lead) {
+  return progress_reporter({.label = "loading " + dir.string(), .unit = "images", .enabled = lead});
+}
+
+ImageSplits image_folder(const std::string& dir, bool lead) {
   ImageSplits s;
   s.dir = dir;
   if (fs::is_directory(fs::path(dir) / "train")) {
-    auto train = std::make_shared<data::ImageFolderDataset>((fs::path(dir) / "train").string());
-    auto test = std::make_shared<data::ImageFolderDataset>((fs::path(dir) / "test").string());
+    const fs::path train_dir = fs::path(dir) / "train", test_dir = fs::path(dir) / "test";
+    auto train = std::make_shared<data::ImageFolderDataset>(train_dir.string(),
+                                                            loading_bar(train_dir, lead));
+    auto test =
+        std::make_shared<data::ImageFolderDataset>(test_dir.string(), loading_bar(test_dir, lead));
     DTRAIN_CHECK(train->classes() == test->classes(), DataFormatError,
                  "--data imagefolder:{}: train/ and test/ have different class folders", dir);
     s.source = fmt::format("image folder {} ({} classes)", dir, train->classes().size());
@@ -73,7 +82,7 @@ ImageSplits image_folder(const std::string& dir) {
     s.test = test;
     return s;
   }
-  data::ImageFolderDataset all(dir);
+  data::ImageFolderDataset all(dir, loading_bar(dir, lead));
   s.source = fmt::format("image folder {} ({} classes, every 5th image held out)", dir,
                          all.classes().size());
   hold_out(data::TensorDataset(all.images(), all.labels()), s);
@@ -105,21 +114,27 @@ ImageSplits load_image_splits(const ImageDataOptions& o, comm::Communicator& com
       auto log = [lead](std::string_view line) {
         if (lead) spdlog::info("{}", line);
       };
-      return data::prepare_mnist_subset(o.data_cache, log);
+      data::MnistSubsetOptions options;
+      options.progress =
+          progress_reporter({.label = "data mnist", .unit = "stages", .enabled = lead});
+      return data::prepare_mnist_subset(o.data_cache, log, options);
     });
     return idx_folder(o, {.dir = prep.dir, .source = prep.source, .generated = prep.generated},
                       mnist.mean, mnist.std);
   }
   if (o.data == "fashion-mnist") {
-    std::string dir =
-        lead_first(comm, [&](bool) { return data::prepare_fashion_mnist(o.data_cache); });
+    std::string dir = lead_first(comm, [&](bool lead) {
+      return data::prepare_fashion_mnist(
+          o.data_cache, data::kFashionMnistDebianDir,
+          bytes_reporter({.label = "unpacking fashion-mnist", .enabled = lead}));
+    });
     return idx_folder(o,
                       {.dir = dir,
                        .source = "Fashion-MNIST (Debian dataset-fashion-mnist, 60000 "
                                  "train / 10000 test)"},
                       data::kFashionMnistMean, data::kFashionMnistStd);
   }
-  if (starts_with(o.data, "imagefolder:")) return image_folder(o.data.substr(12));
+  if (starts_with(o.data, "imagefolder:")) return image_folder(o.data.substr(12), comm.rank() == 0);
   if (starts_with(o.data, "records:")) return records(o.data.substr(8));
   return idx_folder(o, {.dir = o.data, .source = fmt::format("MNIST IDX files from {}", o.data)},
                     mnist.mean, mnist.std);

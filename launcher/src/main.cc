@@ -13,6 +13,7 @@
 #include "dtrain/common/error.h"
 #include "dtrain/engine/data/mnist.h"
 #include "logging.h"
+#include "progress.h"
 
 namespace dtrain::cli {
 
@@ -35,8 +36,10 @@ Command add_data_command(CLI::App& app) {
   mnist->add_option("--dir", *dir, "Cache folder")->capture_default_str();
   data->require_subcommand(1);
   return {data, [dir] {
+            data::MnistSubsetOptions options;
+            options.progress = progress_reporter({.label = "data mnist", .unit = "stages"});
             auto r = data::prepare_mnist_subset(
-                *dir, [](std::string_view line) { spdlog::info("{}", line); });
+                *dir, [](std::string_view line) { spdlog::info("{}", line); }, options);
             fmt::print("{}: {} ({} train / {} test){}\n", r.dir, r.source, r.num_train, r.num_test,
                        r.cached ? ", cached" : "");
             return 0;

@@ -124,6 +124,8 @@ Metrics MnistBatchSource::evaluate(nn::Module& model) {
   std::vector<int64_t> mine;
   for (int64_t i = comm_.rank(); i < test_->size(); i += comm_.size()) mine.push_back(i);
   const size_t batch = static_cast<size_t>(options_.eval_batch);
+  const auto batches = static_cast<int64_t>((mine.size() + batch - 1) / batch);
+  eval_progress(0, batches);  // the bar's clock starts before the first batch
   for (size_t start = 0; start < mine.size(); start += batch) {
     size_t end = std::min(mine.size(), start + batch);
     data::Batch b = test_->get_batch(std::span<const int64_t>(mine.data() + start, end - start));
@@ -131,6 +133,7 @@ Metrics MnistBatchSource::evaluate(nn::Module& model) {
     counts[0] += count_correct(logits, b.target);
     counts[1] += logits.size(0);
     loss_sum += sum_cross_entropy(logits, b.target);
+    eval_progress(static_cast<int64_t>(start / batch) + 1, batches);
   }
   on_host_values(options_.device, counts, 2, DType::i64,
                  [&](void* p) { comm_.allreduce(p, 2, DType::i64, comm::ReduceOp::kSum); });

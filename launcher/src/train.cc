@@ -177,6 +177,7 @@ CheckpointOptions checkpoint_options(const TrainConfig& c, int world, const Star
   o.model = c.model;
   o.run_config = run_config_json(c, world);
   o.test_commit_delay_ms = c.test_commit_delay_ms;
+  o.progress = c.progress;
   return o;
 }
 
@@ -343,6 +344,8 @@ TrainResult train_worker(const TrainConfig& config, WorkerSession& session, cons
   }
   if (plan.is_logging_rank()) {
     if (config.progress) callbacks.progress.emplace(config.model);
+    if (config.progress)
+      data.set_eval_progress(progress_reporter({.label = "evaluation", .unit = "batches"}));
     callbacks.metrics.emplace(config.metrics,
                               nlohmann::json{{"workers", world},
                                              {"data", data.origin().source},

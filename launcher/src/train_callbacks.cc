@@ -95,7 +95,8 @@ void RecoveryNotice::on_step_end(const StepEnd& end) {
 }
 
 void ProgressCallback::on_train_begin(const TrainBegin& begin) {
-  bar_.emplace(label_, begin.total_steps, stderr, /*enabled=*/true);
+  bar_.emplace(ProgressOptions{
+      .label = label_, .total = begin.total_steps, .start = begin.start_step, .show_rate = false});
 }
 
 void ProgressCallback::on_step_end(const StepEnd& end) {

@@ -122,6 +122,20 @@ class BatchSource {
   virtual void load_position(const data::SamplerState& state) = 0;
   // Collective over the source's ranks: every rank returns the global metrics.
   virtual Metrics evaluate(nn::Module& model) = 0;
+
+  // Optional: evaluate() reports (batches done, batches total) of this rank's pass
+  // to it (the logging rank's evaluation bar, progress.h); empty: nothing.
+  void set_eval_progress(std::function<void(int64_t, int64_t)> fn) {
+    eval_progress_ = std::move(fn);
+  }
+
+ protected:
+  void eval_progress(int64_t done, int64_t total) const {
+    if (eval_progress_) eval_progress_(done, total);
+  }
+
+ private:
+  std::function<void(int64_t, int64_t)> eval_progress_;
 };
 
 // A checkpoint's content and which shard of it this rank writes and reads.

@@ -33,18 +33,28 @@ void gunzip_file(const std::string& from, const std::string& to) {
   fs::rename(tmp, to);
 }
 
-std::string prepare_fashion_mnist(const std::string& data_dir, const std::string& source_dir) {
+std::string prepare_fashion_mnist(const std::string& data_dir, const std::string& source_dir,
+                                  const std::function<void(uint64_t, uint64_t)>& progress) {
   const std::string dir = (fs::path(data_dir) / "fashion-mnist").string();
   if (check_mnist_folder(dir, 60000, 10000).empty()) return dir;
   fs::create_directories(dir);
-  for (const char* name : {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}) {
+  const char* names[] = {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"};
+  uint64_t total = 0, done = 0;
+  for (const char* name : names) {
     fs::path gz = fs::path(source_dir) / (std::string(name) + ".gz");
     DTRAIN_CHECK(fs::exists(gz), IoError,
                  "--data fashion-mnist: {} not found; install the Debian package "
                  "dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
                  gz.string());
+    total += fs::file_size(gz);
+  }
+  if (progress) progress(0, total);
+  for (const char* name : names) {
+    fs::path gz = fs::path(source_dir) / (std::string(name) + ".gz");
     gunzip_file(gz.string(), (fs::path(dir) / name).string());
+    done += fs::file_size(gz);
+    if (progress) progress(done, total);
   }
   std::string why = check_mnist_folder(dir, 60000, 10000);
   DTRAIN_CHECK(why.empty(), DataFormatError, "--data fashion-mnist: unpacked files in {}: {}", dir,

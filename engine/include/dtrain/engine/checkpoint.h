@@ -24,6 +24,7 @@
 #include "dtrain/engine/optim/lr_scheduler.h"
 #include "dtrain/engine/optim/optimizer.h"
 #include "dtrain/engine/random.h"
+#include "dtrain/engine/serialize.h"
 
 namespace dtrain::ckpt {
 
@@ -39,9 +40,11 @@ struct TrainingState {
 };
 
 // Phase 1, every rank: writes this rank's shard into store.folder(name) (creating the
-// folder) and returns its entry (file, bytes, checksum).
+// folder) and returns its entry (file, bytes, checksum); `progress` (when set) hears
+// the shard's bytes as they are written (save_archive).
 ShardEntry write_shard(const CheckpointStore& store, const std::string& name,
-                       const TrainingState& s, int rank, int world_size);
+                       const TrainingState& s, int rank, int world_size,
+                       const WriteProgress& progress = {});
 
 // Loads committed checkpoint m into s as rank `rank` of `world_size`, which may differ
 // from m.world_size (N -> M): tensors come from whichever shard holds them; the

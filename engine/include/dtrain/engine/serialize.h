@@ -28,6 +28,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 
@@ -58,9 +59,16 @@ struct Archive {
   nlohmann::json metadata;
 };
 
-// Writes `tensors` (CPU tensors of any dtype and strides) and `metadata` to path.
+// Bytes written so far of the file's total: 0 before the first byte, then after the
+// header and after every piece of tensor data (at most 8 MiB); the last call has
+// written == total.
+using WriteProgress = std::function<void(uint64_t written, uint64_t total)>;
+
+// Writes `tensors` (CPU tensors of any dtype and strides) and `metadata` to path,
+// reporting to `progress` (when set) as the bytes go out.
 void save_archive(const std::string& path, const TensorMap& tensors,
-                  const nlohmann::json& metadata = nlohmann::json::object());
+                  const nlohmann::json& metadata = nlohmann::json::object(),
+                  const WriteProgress& progress = {});
 // Reads and validates an archive written by save_archive.
 Archive load_archive(const std::string& path);
 

@@ -8,6 +8,8 @@
 // Thread-safety: the functions share no state.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <string>
 
 namespace dtrain::data {
@@ -20,9 +22,12 @@ inline constexpr const char* kFashionMnistClasses[10] = {
     "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
 
 // The folder of unpacked IDX files. Throws IoError naming the missing file and the
-// package to install, or DataFormatError for a corrupt gzip stream.
-std::string prepare_fashion_mnist(const std::string& data_dir,
-                                  const std::string& source_dir = kFashionMnistDebianDir);
+// package to install, or DataFormatError for a corrupt gzip stream. `progress` (when
+// set) hears (gzip bytes unpacked, gzip bytes in all): 0 first, then after each file;
+// not called when the unpacked files are already there.
+std::string prepare_fashion_mnist(
+    const std::string& data_dir, const std::string& source_dir = kFashionMnistDebianDir,
+    const std::function<void(uint64_t done, uint64_t total)>& progress = {});
 
 // Unpacks one gzip file to `to` (tmp + rename).
 void gunzip_file(const std::string& from, const std::string& to);

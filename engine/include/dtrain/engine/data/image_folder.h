@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -37,7 +38,9 @@ void write_pnm(const std::string& path, const Image& image);
 class ImageFolderDataset : public Dataset {
  public:
   // Throws IoError when root has no class folder with images, DataFormatError as above.
-  explicit ImageFolderDataset(const std::string& root);
+  // `progress` (when set) hears (images read, images in all) as they load: 0 first.
+  explicit ImageFolderDataset(const std::string& root,
+                              const std::function<void(int64_t, int64_t)>& progress = {});
   int64_t size() const override { return data_.size(); }
   Batch get_batch(std::span<const int64_t> indices) const override {
     return data_.get_batch(indices);
@@ -47,7 +50,8 @@ class ImageFolderDataset : public Dataset {
   const Tensor& labels() const { return data_.targets(); }  // i64 [N]
 
  private:
-  static TensorDataset load(const std::string& root, std::vector<std::string>& classes);
+  static TensorDataset load(const std::string& root, std::vector<std::string>& classes,
+                            const std::function<void(int64_t, int64_t)>& progress);
   std::vector<std::string> classes_;
   TensorDataset data_;
 };

