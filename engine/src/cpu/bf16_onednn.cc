@@ -19,6 +19,7 @@
 
 #include "dtrain/common/error.h"
 #include "dtrain/engine/allocator.h"
+#include "host_buffer.h"
 
 namespace dtrain::cpu {
 
@@ -39,22 +40,6 @@ dnnl::stream& cpu_stream() {
   thread_local dnnl::stream stream(cpu_engine());
   return stream;
 }
-
-// Bytes from the engine's caching allocator, returned on destruction.
-class Buffer {
- public:
-  explicit Buffer(size_t bytes)
-      : bytes_(std::max<size_t>(bytes, 1)),
-        ptr_(default_allocator(Device::cpu())->allocate(bytes_)) {}
-  ~Buffer() { default_allocator(Device::cpu())->deallocate(ptr_, bytes_); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  size_t bytes_;
-  void* ptr_;
-};
 
 // A plain tensor of ours and the layout the primitive wants, with the reorder between
 // them when they differ (plain -> want for inputs, want -> plain for the output).
@@ -93,7 +78,7 @@ const Prim& cached(const Key& key, const std::function<Prim()>& make) {
 
 // An input in the primitive's layout: the user's buffer itself, or a reordered copy.
 struct Staged {
-  std::optional<Buffer> storage;
+  std::optional<HostBuffer> storage;
   memory mem;
 };
 

@@ -28,6 +28,7 @@
 #include "conv.h"
 #include "dtrain/common/error.h"
 #include "dtrain/engine/allocator.h"
+#include "host_buffer.h"
 
 namespace dtrain::cpu {
 
@@ -52,22 +53,6 @@ void wait() {
   dnnl::stream s = cpu_stream();
   s.wait();
 }
-
-// Bytes from the engine's caching allocator, returned on destruction.
-class Buffer {
- public:
-  explicit Buffer(size_t bytes)
-      : bytes_(std::max<size_t>(bytes, 1)),
-        ptr_(default_allocator(Device::cpu())->allocate(bytes_)) {}
-  ~Buffer() { default_allocator(Device::cpu())->deallocate(ptr_, bytes_); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  size_t bytes_;
-  void* ptr_;
-};
 
 // Runs f, turning oneDNN's exceptions into dtrain errors that name the operation.
 template <typename F>
@@ -100,7 +85,7 @@ void reorder(const memory& from, const memory& to) {
 
 // `user` in the layout `want`: itself when the layouts agree, else a reordered copy
 // in `storage` (copied only when `copy_in`; outputs are written back by the caller).
-memory in_layout(const memory& user, const memory::desc& want, std::optional<Buffer>& storage,
+memory in_layout(const memory& user, const memory::desc& want, std::optional<HostBuffer>& storage,
                  bool copy_in) {
   if (user.get_desc() == want) return user;
   storage.emplace(want.get_size());
@@ -154,7 +139,7 @@ dnnl::convolution_forward::primitive_desc forward_pd(const ConvGeom& g, bool bia
 // (the scratchpad is released on return).
 template <typename Pd>
 void execute(const dnnl::primitive& prim, const Pd& pd, Args args) {
-  Buffer scratch(pd.scratchpad_desc().get_size());
+  HostBuffer scratch(pd.scratchpad_desc().get_size());
   args.emplace(DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), cpu_engine(), scratch.get()));
   prim.execute(cpu_stream(), args);
   wait();
@@ -167,7 +152,7 @@ void conv2d_forward_onednn(const ConvGeom& g, const float* x, const float* weigh
   guarded("conv2d forward", [&] {
     auto pd = forward_pd(g, bias != nullptr, layout);
     UserConv u = user_conv(g, x, weight, bias, y);
-    std::optional<Buffer> bx, bw, by;
+    std::optional<HostBuffer> bx, bw, by;
     memory mx = in_layout(u.x, pd.src_desc(), bx, true);
     memory mw = in_layout(u.w, pd.weights_desc(), bw, true);
     memory my = in_layout(u.y, pd.dst_desc(), by, false);
@@ -188,7 +173,7 @@ void conv2d_backward_data_onednn(const ConvGeom& g, const float* dy, const float
     dnnl::convolution_backward_data::primitive_desc pd(desc, user_scratchpad(), cpu_engine(),
                                                        forward_pd(g, false, layout));
     UserConv u = user_conv(g, dx, weight, nullptr, dy);
-    std::optional<Buffer> bdy, bw, bdx;
+    std::optional<HostBuffer> bdy, bw, bdx;
     memory mdy = in_layout(u.y, pd.diff_dst_desc(), bdy, true);
     memory mw = in_layout(u.w, pd.weights_desc(), bw, true);
     memory mdx = in_layout(u.x, pd.diff_src_desc(), bdx, false);
@@ -210,7 +195,7 @@ void conv2d_backward_weights_onednn(const ConvGeom& g, const float* x, const flo
     Bwd::primitive_desc pd(desc, user_scratchpad(), cpu_engine(),
                            forward_pd(g, dbias != nullptr, layout));
     UserConv u = user_conv(g, x, dweight, dbias, dy);
-    std::optional<Buffer> bx, bdy, bdw;
+    std::optional<HostBuffer> bx, bdy, bdw;
     memory mx = in_layout(u.x, pd.src_desc(), bx, true);
     memory mdy = in_layout(u.y, pd.diff_dst_desc(), bdy, true);
     memory mdw = in_layout(u.w, pd.diff_weights_desc(), bdw, false);
