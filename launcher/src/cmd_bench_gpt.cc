@@ -34,10 +34,10 @@ namespace {
 struct GptBenchOptions {
   int nproc = 8;
   int64_t steps = 20;
-  std::vector<std::string> meshes = {"dp=8",           "dp=4,tp=2",      "dp=2,tp=4",
-                                     "dp=4,pp=2",      "dp=2,tp=2,pp=2", "dp=4,tp=2+zero1",
-                                     "dp=8+zero1",     "dp=8+zero2",     "dp=8+zero3",
-                                     "dp=2,tp=2,pp=2+zero1"};
+  std::vector<std::string> meshes = {
+      "dp=8",           "dp=4,tp=2",           "dp=2,tp=4",  "dp=4,pp=2",
+      "dp=2,tp=2,pp=2", "dp=4,tp=2+zero1",     "dp=8+zero1", "dp=8+zero2",
+      "dp=8+zero3",     "dp=2,tp=2,pp=2+zero1"};
   std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
 };
 
@@ -74,18 +74,18 @@ Row run_config(const GptBenchOptions& o, const std::string& spec, int ranks) {
       "{} train --model gpt --parallel {} --zero {} --max-steps {} --batch 16 --context 128 "
       "--n-embd 256 --n-layer 4 --n-head 4 --no-progress --log-every 100000 --metrics /dev/null",
       self, mesh, zero, o.steps);
-  const std::string cmd = ranks == 1 ? train + " 2>&1"
-                                     : fmt::format("{} launch --nproc {} -- {} 2>&1", self, ranks,
-                                                   train);
+  const std::string cmd = ranks == 1
+                              ? train + " 2>&1"
+                              : fmt::format("{} launch --nproc {} -- {} 2>&1", self, ranks, train);
   int st = 0;
   const std::string out = bench_detail::run_capture(cmd, &st);
   std::smatch m;
   const std::regex line("\\(([0-9.]+) tokens/s, ([0-9.]+) GFLOP/s model\\)");
   if (st != 0 || !std::regex_search(out, m, line)) {
     const size_t err = out.rfind("error: ");
-    row.note = fmt::format("failed (status {}): {}", st,
-                           err == std::string::npos ? "no summary line"
-                                                    : out.substr(err, out.find('\n', err) - err));
+    row.note = fmt::format(
+        "failed (status {}): {}", st,
+        err == std::string::npos ? "no summary line" : out.substr(err, out.find('\n', err) - err));
     return row;
   }
   row.tokens_per_s = std::stod(m[1]);
@@ -151,7 +151,9 @@ std::function<std::optional<int>()> add_gpt_bench(CLI::App& bench) {
   auto o = std::make_shared<GptBenchOptions>();
   CLI::App* g = bench.add_subcommand(
       "gpt", "GPT tokens/s and model FLOPs utilisation for 1 rank and each mesh of --nproc");
-  g->add_option("--nproc", o->nproc, "Ranks of the meshes")->capture_default_str()->check(kPositive);
+  g->add_option("--nproc", o->nproc, "Ranks of the meshes")
+      ->capture_default_str()
+      ->check(kPositive);
   g->add_option("--steps", o->steps, "Steps per run")->capture_default_str()->check(kPositive);
   g->add_option("--meshes", o->meshes, "Meshes (dp=..,tp=..[+zeroK])")->capture_default_str();
   return [o, g]() -> std::optional<int> {
