@@ -318,6 +318,16 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   o[Collective::kAllreduce] = Algo::kLocal;  // cannot run across hosts: the ring does
   EXPECT_EQ(algorithm_for(o, Collective::kAllreduce, 8, hosts), Algo::kRing);
   EXPECT_EQ(parse_algo("rd", "x"), Algo::kRecursiveDoubling);
+  EXPECT_EQ(parse_algo("direct", "x"), Algo::kDirect);
+  // Single-copy reads of the peers' memory take over above the slots, on one host only.
+  AlgoOptions d;
+  AlgoCapabilities cma{true, false, d.local_max_bytes, true};
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, d.local_max_bytes, cma), Algo::kLocal);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, d.local_max_bytes + 1, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 64 << 20, cma), Algo::kDirect);
+  d[Collective::kAllreduce] = Algo::kDirect;
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 8, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 8, hosts), Algo::kRing);
   try {
     parse_algo("tree", "DTRAIN_ALLREDUCE_ALGO");
     ADD_FAILURE() << "no throw";

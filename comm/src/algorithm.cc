@@ -46,6 +46,8 @@ const char* algo_name(Algo algo) {
       return "native";
     case Algo::kHierarchical:
       return "hierarchical";
+    case Algo::kDirect:
+      return "direct";
   }
   return "?";
 }
@@ -66,11 +68,12 @@ const char* collective_name(Collective c) {
 
 Algo parse_algo(std::string_view text, std::string_view what) {
   for (Algo a : {Algo::kAuto, Algo::kRing, Algo::kLocal, Algo::kRecursiveDoubling, Algo::kNative,
-                 Algo::kHierarchical}) {
+                 Algo::kHierarchical, Algo::kDirect}) {
     if (text == algo_name(a)) return a;
   }
-  DTRAIN_THROW(InvalidArgument, "{} '{}': expected auto, ring, local, rd, native or hierarchical",
-               what, text);
+  DTRAIN_THROW(InvalidArgument,
+               "{} '{}': expected auto, ring, local, rd, native, direct or hierarchical", what,
+               text);
 }
 
 AlgoOptions AlgoOptions::from_env() {
@@ -97,6 +100,8 @@ Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoC
       return local_fits ? Algo::kLocal : Algo::kRing;
     case Algo::kNative:
       return can.native ? Algo::kNative : Algo::kRing;
+    case Algo::kDirect:
+      return can.direct ? Algo::kDirect : Algo::kRing;
     case Algo::kRecursiveDoubling:
       return c == Collective::kAllreduce ? Algo::kRecursiveDoubling : Algo::kRing;
     case Algo::kAuto:
@@ -105,6 +110,7 @@ Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoC
   }
   if (can.native && in_native_window(o, c, bytes)) return Algo::kNative;
   if (local_fits && bytes <= o.local_max_bytes) return Algo::kLocal;
+  if (can.direct) return Algo::kDirect;
   if (bytes <= o.small_max_bytes) {
     // Measured over Open MPI (2 ranks): recursive doubling over MPI_Isend/Irecv took
     // 0.8 us at 8 B and 25 us at 64 KiB, MPI_Iallreduce 1.6 us and 31 us.

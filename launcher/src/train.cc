@@ -559,10 +559,11 @@ void add_model_data_options(CLI::App* t, TrainConfig& c) {
       ->capture_default_str();
   t->add_option("--allreduce-algo", c.allreduce_algo,
                 "All-reduce algorithm: auto (by size), ring, local (one host, shared memory), rd "
-                "(recursive doubling), native (mpi), hierarchical (reduce-scatter on the host, "
+                "(recursive doubling), native (mpi), direct (one host, reads the peers' memory), "
+                "hierarchical (reduce-scatter on the host, "
                 "all-reduce across hosts, all-gather on the host; equal ranks per host); default "
                 "DTRAIN_ALLREDUCE_ALGO or auto")
-      ->check(CLI::IsMember({"auto", "ring", "local", "rd", "native", "hierarchical"}));
+      ->check(CLI::IsMember({"auto", "ring", "local", "rd", "native", "direct", "hierarchical"}));
   t->add_option("--timeout", c.timeout_s,
                 "Seconds a collective may take; a lost peer fails the job within this")
       ->capture_default_str();

@@ -5,13 +5,18 @@
 //   rd     recursive doubling (allreduce): log2(n) exchanges of the whole message,
 //          for small messages between hosts; other collectives run the ring
 //   native MPI's own collective (mpi backend)
+//   direct single-copy collectives for ranks that all share one host (tcp backend):
+//          each rank reads its peers' buffers straight from their address spaces
+//          (process_vm_readv, Linux cross-memory attach), reduce-scatter then
+//          all-gather; no staging copy through shared memory
 //   ring   the pipelined ring (comm/ring.h): bandwidth-optimal, for large messages
 //   hierarchical  (allreduce, chosen per job: `dtrain train --allreduce-algo
 //          hierarchical` wraps the world in a HierarchicalCommunicator, hierarchical.h);
 //          inside a backend it reads as auto
 //   auto   by size, from the table below: on the mpi backend native from
 //          native_min_bytes to native_max_bytes; else local up to local_max_bytes when
-//          every rank is on this host; else up to small_max_bytes rd for allreduce and
+//          every rank is on this host; else direct when every rank is on this host and
+//          can read its peers' memory; else up to small_max_bytes rd for allreduce and
 //          native for the others (mpi backend); else ring.
 //
 // The thresholds are a table measured on the development VM with `dtrain bench
@@ -32,12 +37,12 @@
 
 namespace dtrain::comm {
 
-enum class Algo { kAuto, kRing, kLocal, kRecursiveDoubling, kNative, kHierarchical };
+enum class Algo { kAuto, kRing, kLocal, kRecursiveDoubling, kNative, kHierarchical, kDirect };
 enum class Collective { kAllreduce, kReduceScatter, kAllgather, kBroadcast };
 
 const char* algo_name(Algo algo);
 const char* collective_name(Collective c);
-// "auto", "ring", "local", "rd", "native", "hierarchical"; InvalidArgument naming
+// "auto", "ring", "local", "rd", "native", "hierarchical", "direct"; InvalidArgument naming
 // `what` otherwise.
 Algo parse_algo(std::string_view text, std::string_view what);
 
@@ -69,6 +74,7 @@ struct AlgoCapabilities {
   bool local = false;         // every rank shares this host's memory (slots mapped)
   bool native = false;        // mpi
   size_t local_capacity = 0;  // slot bytes
+  bool direct = false;        // every rank on this host, each can read its peers' memory
 };
 
 // The algorithm for `bytes` (the largest buffer one rank places: allreduce's,
