@@ -31,6 +31,7 @@
 #include "dtrain/engine/ops.h"
 #include "dtrain/engine/optim/sgd.h"
 #include "dtrain/engine/threading.h"
+#include "peer_process.h"
 
 #ifndef DTRAIN_SOURCE_DIR
 #define DTRAIN_SOURCE_DIR "."
@@ -106,38 +107,17 @@ std::pair<double, double> gemm_gflops(int64_t n, int reps) {
   return {f32, bf16};
 }
 
-std::string run_capture(const std::string& cmd, int* status) {
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) {
-    *status = -1;
-    return out;
-  }
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  *status = pclose(p);
-  return out;
-}
-
 // "model/amp" -> samples/s of the PyTorch peer; empty (with *note) when it cannot run.
 std::map<std::string, double> run_peer(const std::string& models, int threads, int64_t batch,
                                        int steps, int reps, std::string* note) {
   std::map<std::string, double> out;
-  int st = 0;
-  std::string py;
-  for (const char* cand : {"/usr/bin/python3", "python3"}) {  // Debian's python3-torch
-    run_capture(fmt::format("{} -c 'import torch' >/dev/null 2>&1", cand), &st);
-    if (st == 0) {
-      py = cand;
-      break;
-    }
-  }
+  const std::string py = bench::find_torch_python();
   if (py.empty()) {
     *note = "peer: PyTorch not installed (apt-get install python3-torch libopenblas0-pthread)";
     return out;
   }
-  std::string text = run_capture(
+  int st = 0;
+  std::string text = bench::run_capture(
       fmt::format("{} {}/bench/peers/pytorch_amp_cpu.py --model {} --threads {} --batch {} "
                   "--steps {} --reps {} 2>/dev/null",
                   py, DTRAIN_SOURCE_DIR, models, threads, batch, steps, reps),

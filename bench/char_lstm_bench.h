@@ -16,6 +16,7 @@
 
 #include "dtrain/engine/nn/recurrent.h"
 #include "dtrain/engine/optim/adam.h"
+#include "peer_process.h"
 
 namespace dtrain::bench {
 
@@ -72,13 +73,9 @@ inline nlohmann::json run_char_lstm_peer(const std::string& python, const std::s
       "--steps {} --reps {} 2>/dev/null",
       python, script, s.cell, s.vocab, s.hidden, s.layers, s.batch, s.seq_len, threads, steps,
       reps);
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return nullptr;
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  if (pclose(p) != 0) return nullptr;
+  int status = 0;
+  const std::string out = run_capture(cmd, &status);
+  if (status != 0) return nullptr;
   auto j = nlohmann::json::parse(out.substr(0, out.find('\n')), nullptr, false);
   return j.is_discarded() ? nlohmann::json(nullptr) : j;
 }

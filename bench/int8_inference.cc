@@ -34,6 +34,7 @@
 #include "dtrain/engine/ops.h"
 #include "dtrain/engine/optim/sgd.h"
 #include "dtrain/engine/threading.h"
+#include "peer_process.h"
 
 namespace {
 
@@ -61,13 +62,8 @@ std::map<std::string, double> run_peer(int64_t batch, int iters, int threads) {
       "2>/dev/null",
       DTRAIN_SOURCE_DIR, batch, iters, threads);
   std::map<std::string, double> out;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return out;
-  std::string text;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) text.append(buf.data(), n);
-  pclose(p);
+  int status = 0;
+  const std::string text = bench::run_capture(cmd, &status);
   std::istringstream lines(text);
   for (std::string line; std::getline(lines, line);) {
     auto j = nlohmann::json::parse(line, nullptr, false);

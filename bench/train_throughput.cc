@@ -22,12 +22,16 @@
 #include "dtrain/engine/ops.h"
 #include "dtrain/engine/optim/sgd.h"
 #include "dtrain/engine/threading.h"
+#include "peer_process.h"
 
 #ifndef DTRAIN_SOURCE_DIR
 #define DTRAIN_SOURCE_DIR "."
 #endif
 
 namespace {
+
+using dtrain::bench::find_torch_python;
+using dtrain::bench::run_capture;
 
 using namespace dtrain;
 
@@ -58,29 +62,6 @@ Timing bench_model(const std::string& name, int64_t batch, int steps, int reps) 
   std::sort(times.begin(), times.end());
   double med = times[times.size() / 2];
   return {med * 1e3, static_cast<double>(batch) / med};
-}
-
-std::string run_capture(const std::string& cmd, int* status) {
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) {
-    *status = -1;
-    return out;
-  }
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  *status = pclose(p);
-  return out;
-}
-
-std::string find_torch_python() {
-  for (const char* py : {"/usr/bin/python3", "python3"}) {
-    int st = 0;
-    run_capture(fmt::format("{} -c 'import torch' >/dev/null 2>&1", py), &st);
-    if (st == 0) return py;
-  }
-  return "";
 }
 
 // model -> samples/s from the PyTorch peer; empty when it is not installed.

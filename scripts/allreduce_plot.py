@@ -8,28 +8,16 @@ series per backend and peer. Draws busbw (GB/s) against the message size (log2 a
 800 x 450 pixels. Exit 1 (one line) when the file cannot be read or matplotlib is
 missing.
 """
-import json
 import sys
+
+from plot_json import open_plot
 
 
 def main():
-    if len(sys.argv) != 3:
-        print("usage: allreduce_plot.py ALLREDUCE.json OUT.png", file=sys.stderr)
-        return 2
-    try:
-        with open(sys.argv[1], encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"dtrain bench allreduce: cannot read {sys.argv[1]}: {e}", file=sys.stderr)
-        return 1
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("dtrain bench allreduce: matplotlib is missing (apt-get install python3-matplotlib)",
-              file=sys.stderr)
-        return 1
+    opened = open_plot("dtrain bench allreduce", "allreduce_plot.py ALLREDUCE.json OUT.png")
+    if isinstance(opened, int):
+        return opened
+    data, plt, out = opened
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for s in data.get("series", []):
         if s.get("bytes"):
@@ -41,7 +29,7 @@ def main():
     ax.legend(fontsize=8)
     ax.set_title(data.get("title", ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(sys.argv[2])  # figsize x dpi: 800 x 450
+    fig.savefig(out)  # figsize x dpi: 800 x 450
     return 0
 
 

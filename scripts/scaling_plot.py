@@ -9,29 +9,17 @@ efficiency (%) and step time (ms) against the rank (GPU) count on a log2 axis; a
 predicted series is a line, a measured one points. Exit 1 (one line) when the file
 cannot be read or matplotlib is missing.
 """
-import json
 import sys
 import textwrap
 
+from plot_json import open_plot
+
 
 def main():
-    if len(sys.argv) != 3:
-        print("usage: scaling_plot.py SCALING.json OUT.png", file=sys.stderr)
-        return 2
-    try:
-        with open(sys.argv[1], encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"dtrain bench scaling: cannot read {sys.argv[1]}: {e}", file=sys.stderr)
-        return 1
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("dtrain bench scaling: matplotlib is missing (apt-get install python3-matplotlib)",
-              file=sys.stderr)
-        return 1
+    opened = open_plot("dtrain bench scaling", "scaling_plot.py SCALING.json OUT.png")
+    if isinstance(opened, int):
+        return opened
+    data, plt, out = opened
     fig, (eff_ax, step_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     ticks = set()
     for s in data.get("series", []):
@@ -54,7 +42,7 @@ def main():
     eff_ax.set_ylim(bottom=0)
     fig.suptitle(textwrap.fill(data.get("title", ""), 160), fontsize=8)
     fig.tight_layout()
-    fig.savefig(sys.argv[2])  # figsize x dpi: 1000 x 400
+    fig.savefig(out)  # figsize x dpi: 1000 x 400
     return 0
 
 

@@ -416,7 +416,8 @@ TEST(Coordinator, HeartbeatUpdatesStatus) {
   EXPECT_LT(after.workers[0].last_heartbeat_age, after.workers[1].last_heartbeat_age);
 
   {
-    HeartbeatSender sender(c, {.rank = 1, .generation = 1, .interval = 20ms, .on_change = {}});
+    HeartbeatSender sender(
+        c, {.rank = 1, .generation = 1, .interval = 20ms, .on_change = {}, .progress = {}});
     ASSERT_TRUE(eventually([&] { return sender.last().sent >= 3; }));
     EXPECT_EQ(sender.last().last.state, JobState::kRunning);
   }
@@ -435,7 +436,8 @@ TEST(Coordinator, SilentRankIsLostAndBlockedCallsAbort) {
   HeartbeatSender alive(c0, {.rank = 0,
                              .generation = 1,
                              .interval = 50ms,
-                             .on_change = [&](const HeartbeatSnapshot&) { ++changes; }});
+                             .on_change = [&](const HeartbeatSnapshot&) { ++changes; },
+                             .progress = {}});
   c1.heartbeat(1, 1);  // rank 1 is monitored from here on, and then stays silent
   // Rank 0 waits at a barrier rank 1 never reaches: the loss aborts it.
   auto t0 = std::chrono::steady_clock::now();

@@ -104,7 +104,8 @@ TEST(CoordinatorRecovery, SilentRankIsLostAndStartsANewGeneration) {
   CoordinatorServer server(o);
   join_ranked(server, 2);
   CoordinatorClient c0 = connect(server);
-  HeartbeatSender alive(c0, {.rank = 0, .generation = 1, .interval = 50ms, .on_change = {}});
+  HeartbeatSender alive(
+      c0, {.rank = 0, .generation = 1, .interval = 50ms, .on_change = {}, .progress = {}});
   c0.heartbeat(1, 1);  // rank 1 is monitored from here on, and then stays silent
   ASSERT_TRUE(eventually([&] { return alive.last().last.generation == 2; }));
   EXPECT_EQ(alive.last().last.state, JobState::kRecovering);

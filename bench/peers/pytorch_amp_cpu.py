@@ -4,12 +4,12 @@ torch.autocast("cpu", dtype=torch.bfloat16), timed with pytorch_train.py's proto
 (5 warm-up steps, median of reps x steps). The peer of bench/amp_cpu.cc; one JSON
 object per line on stdout ({"model", "amp", "samples_per_s", ...}), a table on stderr.
 """
-import argparse, contextlib, json, os, statistics, sys, time
+import contextlib, json, os, statistics, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 import torch.nn as nn
-from pytorch_train import make  # the same model definitions
+from pytorch_train import make, parse_timing_args  # the same models and options
 
 
 def make_step(name, amp, batch):
@@ -56,14 +56,7 @@ def bench(name, batch, steps, reps):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="seed-cnn,mlp", help="comma-separated model names")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--reps", type=int, default=5)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    a = parse_timing_args("seed-cnn,mlp", "comma-separated model names")
     for n in a.model.split(","):
         for r in bench(n, a.batch, a.steps, a.reps):
             amp = r["amp"]

@@ -77,15 +77,22 @@ def bench(name, batch, steps, reps):
             "samples_per_s": round(batch / med, 1)}
 
 
-def main():
+def parse_timing_args(model_default, model_help):
+    """The peers' shared command line (--model --threads --batch --steps --reps); sets
+    torch's thread count."""
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="all", help="seed-cnn | mlp | seed-lstm | mobilenet | all")
+    p.add_argument("--model", default=model_default, help=model_help)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--reps", type=int, default=5)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    return a
+
+
+def main():
+    a = parse_timing_args("all", "seed-cnn | mlp | seed-lstm | mobilenet | all")
     names = ["seed-cnn", "mlp", "seed-lstm", "mobilenet"] if a.model == "all" else [a.model]
     for n in names:
         r = bench(n, a.batch, a.steps, a.reps)

@@ -28,14 +28,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-data::PreparedText prepare_corpus(const TrainConfig& c) {
-  const fs::path dir = fs::path(c.data_cache) / "fortunes";
-  fs::create_directories(dir);
-  const std::string text =
-      c.data.empty() ? data::write_fortunes_corpus((dir / "corpus.txt").string()) : c.data;
-  return data::prepare_text_corpus(text, dir.string());
-}
-
 // Step k's global batch comes from a generator seeded by (seed, k); this rank keeps
 // its rows. The data position a checkpoint stores is the step.
 class CharTextSource final : public BatchSource {
@@ -214,7 +206,7 @@ TrainResult train_char_rnn_worker(const TrainConfig& given, WorkerSession& sessi
   const int world = session.size();
   DTRAIN_CHECK(config.batch % world == 0, InvalidArgument,
                "--batch {} cannot be split evenly over {} workers", config.batch, world);
-  const data::PreparedText corpus = prepare_corpus(config);
+  const data::PreparedText corpus = data::prepare_cached_corpus(config.data, config.data_cache);
   CharTextSource data(corpus, config, session.comm());
   auto model = std::make_shared<nn::CharRnnLM>(model_config(config, data.vocab()));
   optim::Adam opt(model->parameters(), optim::AdamOptions(config.lr));

@@ -62,21 +62,6 @@ std::string self_exe() {
   return std::string(buf.data(), static_cast<size_t>(n));
 }
 
-std::string run_capture(const std::string& cmd, int* status) {
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) {
-    *status = -1;
-    return out;
-  }
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int st = pclose(p);
-  *status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
-  return out;
-}
-
 std::vector<nlohmann::json> json_lines(const std::string& text) {
   std::vector<nlohmann::json> out;
   std::istringstream in(text);
@@ -111,8 +96,8 @@ std::unique_ptr<WorkerSession> open_bench_session(const std::string& backend) {
 namespace {
 
 using bench_detail::json_lines;
-using bench_detail::run_capture;
 using bench_detail::self_exe;
+using dtrain::run_capture;
 
 struct BenchOptions {
   int nproc = 2;

@@ -12,14 +12,14 @@
 #include <string>
 #include <vector>
 
+#include "dtrain/common/process.h"
 #include "worker_session.h"
 
 namespace dtrain::cli {
 namespace bench_detail {
 
 std::string self_exe();
-// Runs `cmd` through the shell; returns its stdout and sets *status to its exit code.
-std::string run_capture(const std::string& cmd, int* status);
+using dtrain::run_capture;  // dtrain/common/process.h
 // The lines of `text` that parse as JSON objects.
 std::vector<nlohmann::json> json_lines(const std::string& text);
 // `worker` (a command line) on `nproc` ranks of `backend`: tcp and tcp-noshm through

@@ -65,7 +65,9 @@ struct Row {
 };
 
 Row run_config(const GptBenchOptions& o, const std::string& spec, int ranks) {
-  Row row{spec, ranks};
+  Row row;
+  row.mesh = spec;
+  row.ranks = ranks;
   const size_t plus = spec.find("+zero");
   const std::string mesh = spec.substr(0, plus);
   const std::string zero = plus == std::string::npos ? "0" : spec.substr(plus + 5);

@@ -30,15 +30,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The corpus, prepared under the data cache (deterministic, so every rank may do it).
-data::PreparedText prepare_corpus(const TrainConfig& c) {
-  const fs::path dir = fs::path(c.data_cache) / "fortunes";
-  fs::create_directories(dir);
-  const std::string text =
-      c.data.empty() ? data::write_fortunes_corpus((dir / "corpus.txt").string()) : c.data;
-  return data::prepare_text_corpus(text, dir.string());
-}
-
 // A Sampler-shaped position for the Trainer (the GPT's position is its step: each
 // step's batch is drawn from a generator seeded by (seed, step), see TextSource).
 data::DistributedSampler no_position() { return data::DistributedSampler(1, 0, 1, 0, false); }
@@ -286,7 +277,7 @@ TrainResult train_gpt_worker(const TrainConfig& config, WorkerSession& session,
                              parallel::Tracer* tracer) {
   const int world = session.size();
   parallel::ProcessMesh mesh(session.comm(), mesh_shape(config, world));
-  const data::PreparedText corpus = prepare_corpus(config);
+  const data::PreparedText corpus = data::prepare_cached_corpus(config.data, config.data_cache);
   const nn::GptConfig g = model_config(config, corpus.vocab_size, mesh.shape().tp);
   parallel::GptOnMesh run(mesh, g, mesh_options(config, g, mesh.shape().pp));
   if (config.print_schedule) {

@@ -292,6 +292,14 @@ PreparedText prepare_text_corpus(const std::string& text_path, const std::string
   return r;
 }
 
+PreparedText prepare_cached_corpus(const std::string& text_path, const std::string& cache_dir) {
+  const std::filesystem::path dir = std::filesystem::path(cache_dir) / "fortunes";
+  std::filesystem::create_directories(dir);
+  const std::string text =
+      text_path.empty() ? write_fortunes_corpus((dir / "corpus.txt").string()) : text_path;
+  return prepare_text_corpus(text, dir.string());
+}
+
 // ---------------------------------------------------------------- dataset
 
 TokenDataset::TokenDataset(std::vector<int32_t> tokens, int64_t block_size)

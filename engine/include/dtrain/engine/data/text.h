@@ -141,6 +141,11 @@ struct PreparedText {
 PreparedText prepare_text_corpus(const std::string& text_path, const std::string& out_dir,
                                  double val_fraction = 0.1);
 
+// What the text models train on: the text file `text_path`, or the fortunes corpus
+// (written to cache_dir/fortunes/corpus.txt) when it is empty, prepared into
+// cache_dir/fortunes. Deterministic, so every rank may call it.
+PreparedText prepare_cached_corpus(const std::string& text_path, const std::string& cache_dir);
+
 // ---- the dataset ----
 
 struct TokenBatch {
