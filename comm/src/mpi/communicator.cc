@@ -6,8 +6,10 @@
 //     MPI_COMM_WORLD, error handler MPI_ERRORS_RETURN so MPI failures become CommError
 //     instead of killing the job).
 //   - One worker thread runs the queued operations in issue order; every async call
-//     returns an MpiWork that the worker completes. Blocking calls (send, recv,
-//     barrier) go through the same queue, so they are ordered after earlier async calls.
+//     returns an MpiWork that the worker completes. Blocking collectives and barrier
+//     run on the calling thread when nothing is queued or running (busy_ is 0: one
+//     compare-and-swap), else they queue and wait; send and recv always queue. Either
+//     way they are ordered after earlier async calls.
 //   - MpiPointToPoint (transport.h) implements comm::PointToPoint over
 //     MPI_Isend/MPI_Irecv on one tag: the ring collectives (Ring, the same code the tcp
 //     backend runs) use tag kRingTag, the user's send/recv use tag kUserTag, so the two
