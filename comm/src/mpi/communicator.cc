@@ -69,11 +69,11 @@ using mpi_detail::Poll;
 // takes a ring chunk; both within MPI's guaranteed tag range (MPI_TAG_UB >= 32767).
 constexpr int kRingTag = 1;
 constexpr int kUserTag = 2;
-// Looks at the slots' sequence numbers before a wait starts its clock (about 1 us).
-constexpr int kPureSpinLooks = 256;
-
 static_assert(kRingTag != kUserTag && kRingTag >= 0 && kUserTag >= 0 && kUserTag <= 32767,
               "mpi backend tags must be distinct and inside MPI's guaranteed tag range");
+
+// Looks at the slots' sequence numbers before a wait starts its clock (about 1 us).
+constexpr int kPureSpinLooks = 256;
 
 // The Work handle of one queued operation.
 class MpiWork final : public Work {
