@@ -7,11 +7,15 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <regex>
 #include <string>
+
+#include "launch_binding.h"
 
 #ifndef DTRAIN_BIN
 #error "DTRAIN_BIN must point at the dtrain binary"
@@ -114,14 +118,21 @@ TEST(Launch, KilledWorkerStopsTheOthersAndIsNamed) {
   EXPECT_LT(r.seconds, 10) << "the other workers were not terminated";
 }
 
+// `dtrain launch <args> -- sh -c "<then>"` where rank 1's first run exits 5 before
+// `then` (the restarted one runs it); the output ends with "launch-exit=<code>".
+ShellRun launch_failing_once(const std::string& args, const std::string& then) {
+  return shell("d=$(mktemp -d); \"$DTRAIN\" launch " + args +
+               " -- sh -c "
+               "\"if [ \\$DTRAIN_RANK = 1 ] && [ ! -e $d/once ]; then touch $d/once; exit 5; fi; " +
+               then + "\"; echo launch-exit=$?; rm -rf $d");
+}
+
 // Recovery: a worker that fails is started again with the same rank and identity
 // (and DTRAIN_RESTART_COUNT), and the job succeeds when the new one does.
 TEST(Launch, FailedWorkerIsStartedAgainWithTheSameRank) {
-  ShellRun r = shell(
-      "d=$(mktemp -d); \"$DTRAIN\" launch --nproc 2 -- sh -c "
-      "\"if [ \\$DTRAIN_RANK = 1 ] && [ ! -e $d/once ]; then touch $d/once; exit 5; fi; "
-      "echo ran \\$DTRAIN_RANK/\\$DTRAIN_WORLD_SIZE restart=\\${DTRAIN_RESTART_COUNT:-0}\"; "
-      "echo launch-exit=$?; rm -rf $d");
+  ShellRun r = launch_failing_once(
+      "--nproc 2",
+      "echo ran \\$DTRAIN_RANK/\\$DTRAIN_WORLD_SIZE restart=\\${DTRAIN_RESTART_COUNT:-0}");
   EXPECT_TRUE(contains(r.out, "launch-exit=0")) << r.out;
   EXPECT_TRUE(contains(r.out, "rank 1 exited with code 5; starting it again (restart 1 of 3)"))
       << r.out;
@@ -186,6 +197,113 @@ TEST(Launch, MaxWorkersIsTheNumberOfWorkersStarted) {
   ShellRun too_few = launch("--nproc 2 --min-workers 3 -- true");
   EXPECT_EQ(too_few.code, 1) << too_few.out;
   EXPECT_TRUE(contains(too_few.out, "--min-workers 3 is more than the 2 workers")) << too_few.out;
+}
+
+// ---- --bind-to: each worker reads its own affinity ----
+
+// "[rank k] Cpus_allowed_list:\t0-1" lines of the workers (one per run of a rank).
+std::multimap<int, std::string> workers_affinity(const std::string& out) {
+  std::multimap<int, std::string> got;
+  const std::regex line(R"(\[rank (\d+)\] Cpus_allowed_list:\s*(\S+))");
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), line); it != std::sregex_iterator();
+       ++it) {
+    got.emplace(std::stoi((*it)[1].str()), (*it)[2].str());
+  }
+  return got;
+}
+
+// What launch logged: "rank k on CPUs 0-3".
+std::map<int, std::string> launch_binding(const std::string& out) {
+  std::map<int, std::string> got;
+  const std::regex item(R"(rank (\d+) on CPUs ([0-9,-]+))");
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), item); it != std::sregex_iterator();
+       ++it) {
+    got[std::stoi((*it)[1].str())] = (*it)[2].str();
+  }
+  return got;
+}
+
+const char* kPrintAffinity = "-- sh -c \"grep Cpus_allowed_list /proc/self/status\"";
+
+std::string own_cpus() {
+  dtrain::cli::CpuList all;
+  for (const auto& core : dtrain::cli::read_cpu_topology().cores) {
+    all.insert(all.end(), core.begin(), core.end());
+  }
+  std::sort(all.begin(), all.end());
+  return dtrain::cli::format_cpu_list(all);
+}
+
+// Each worker runs on the CPUs launch logged for it: disjoint, non-empty, inside
+// launch's own set; the restarted rank 1 reads its CPUs after its restart.
+TEST(LaunchBindTo, CoreBindsEachWorkerToTheCpusLaunchLogged) {
+  if (dtrain::cli::read_cpu_topology().cores.size() < 2) GTEST_SKIP() << "needs two cores";
+  ShellRun r =
+      launch_failing_once("--nproc 2 --bind-to core", "grep Cpus_allowed_list /proc/self/status");
+  EXPECT_TRUE(contains(r.out, "launch-exit=0")) << r.out;
+  EXPECT_TRUE(contains(r.out, "rank 1 exited with code 5; starting it again")) << r.out;
+  const auto logged = launch_binding(r.out);
+  const auto got = workers_affinity(r.out);
+  ASSERT_EQ(logged.size(), 2u) << r.out;
+  ASSERT_EQ(got.count(0), 1u) << r.out;
+  ASSERT_EQ(got.count(1), 1u) << r.out;
+  for (const auto& [rank, cpus] : got) EXPECT_EQ(cpus, logged.at(rank)) << "rank " << rank;
+  const auto c0 = dtrain::cli::parse_cpu_list(logged.at(0));
+  const auto c1 = dtrain::cli::parse_cpu_list(logged.at(1));
+  const auto own = dtrain::cli::parse_cpu_list(own_cpus());
+  ASSERT_FALSE(c0.empty());
+  ASSERT_FALSE(c1.empty());
+  for (int c : c0) EXPECT_EQ(std::count(c1.begin(), c1.end(), c), 0) << "CPU " << c << " shared";
+  for (int c : c0) EXPECT_EQ(std::count(own.begin(), own.end(), c), 1) << "CPU " << c;
+  for (int c : c1) EXPECT_EQ(std::count(own.begin(), own.end(), c), 1) << "CPU " << c;
+}
+
+// Launch binds inside its own CPU set (taskset), and none leaves the workers on it.
+TEST(LaunchBindTo, BindingStaysInsideLaunchsOwnCpus) {
+  ShellRun one = shell("taskset -c 0 \"$DTRAIN\" launch --nproc 1 --bind-to core " +
+                       std::string(kPrintAffinity));
+  EXPECT_EQ(one.code, 0) << one.out;
+  EXPECT_EQ(workers_affinity(one.out), (std::multimap<int, std::string>{{0, "0"}})) << one.out;
+  ShellRun none = launch("--nproc 2 --bind-to none " + std::string(kPrintAffinity));
+  EXPECT_EQ(none.code, 0) << none.out;
+  EXPECT_EQ(workers_affinity(none.out),
+            (std::multimap<int, std::string>{{0, own_cpus()}, {1, own_cpus()}}))
+      << none.out;
+}
+
+// auto: core for up to 2 workers, unbound for 3 (as mpirun) or for 2 on one core.
+TEST(LaunchBindTo, AutoFollowsMpirun) {
+  ShellRun three = launch("--nproc 3 " + std::string(kPrintAffinity));
+  EXPECT_EQ(three.code, 0) << three.out;
+  const auto got = workers_affinity(three.out);
+  ASSERT_EQ(got.size(), 3u) << three.out;
+  for (const auto& [rank, cpus] : got) EXPECT_EQ(cpus, own_cpus()) << "rank " << rank;
+  ShellRun squeezed = shell("taskset -c 0 \"$DTRAIN\" launch --nproc 2 --log-level debug " +
+                            std::string(kPrintAffinity));
+  EXPECT_EQ(squeezed.code, 0) << squeezed.out;
+  EXPECT_TRUE(contains(squeezed.out, "--bind-to auto (= none: 2 workers on 1 cores)"))
+      << squeezed.out;
+  EXPECT_EQ(workers_affinity(squeezed.out), (std::multimap<int, std::string>{{0, "0"}, {1, "0"}}))
+      << squeezed.out;
+  if (dtrain::cli::read_cpu_topology().cores.size() < 2) return;
+  ShellRun two = launch("--nproc 2 " + std::string(kPrintAffinity));
+  EXPECT_TRUE(contains(two.out, "--bind-to auto (= core: 2 worker(s) <= 2, as mpirun)")) << two.out;
+  EXPECT_NE(workers_affinity(two.out).find(0)->second, workers_affinity(two.out).find(1)->second)
+      << two.out;
+}
+
+TEST(LaunchBindTo, BadValuesAndTooFewCoresAreRefused) {
+  ShellRun bad = launch("--nproc 2 --bind-to socket -- true");
+  EXPECT_EQ(bad.code, 2) << bad.out;
+  EXPECT_TRUE(contains(bad.out, "--bind-to")) << bad.out;
+  EXPECT_TRUE(contains(bad.out, "must be none, core or auto, got 'socket'")) << bad.out;
+  ShellRun few = shell("taskset -c 0 \"$DTRAIN\" launch --nproc 2 --bind-to core -- echo ran");
+  EXPECT_EQ(few.code, 1) << few.out;
+  EXPECT_TRUE(contains(few.out,
+                       "--bind-to core needs a core per worker: 2 workers, 1 core(s) "
+                       "allowed (CPUs 0)"))
+      << few.out;
+  EXPECT_FALSE(contains(few.out, "[rank")) << "no worker may start\n" << few.out;
 }
 
 }  // namespace

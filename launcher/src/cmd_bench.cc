@@ -74,9 +74,13 @@ std::vector<nlohmann::json> json_lines(const std::string& text) {
   return out;
 }
 
+// DTRAIN_BENCH_PIN=0 keeps the tcp workers unbound: launch's default binding too.
 std::string launch_command(const std::string& backend, int nproc, const std::string& worker) {
+  const char* pin = std::getenv("DTRAIN_BENCH_PIN");
+  const bool unpinned = pin != nullptr && std::string_view(pin) == "0";
   return backend == "tcp" || backend == "tcp-noshm"
-             ? fmt::format("{} launch --nproc {} -- {} 2>&1", self_exe(), nproc, worker)
+             ? fmt::format("{} launch --nproc {}{} -- {} 2>&1", self_exe(), nproc,
+                           unpinned ? " --bind-to none" : "", worker)
              : fmt::format("mpirun --allow-run-as-root --oversubscribe -np {} {} 2>&1", nproc,
                            worker);
 }
@@ -265,9 +269,10 @@ int run_scaling(const ScalingOptions& o) {
       fs::path out =
           fs::temp_directory_path() / fmt::format("dtrain-scaling-{}-{}.json", getpid(), n);
       std::string cmd = fmt::format(
-          "{} launch --nproc {} -- {} bench scaling --worker --model {} --batch {} --steps {} "
+          "{} launch --nproc {}{} -- {} bench scaling --worker --model {} --batch {} --steps {} "
           "--reps {}{} --out {} 2>&1",
-          self, n, self, o.model, o.batch, o.steps, o.reps, o.pin ? "" : " --no-pin", out.string());
+          self, n, o.pin ? "" : " --bind-to none", self, o.model, o.batch, o.steps, o.reps,
+          o.pin ? "" : " --no-pin", out.string());
       int st = 0;
       std::string log = run_capture(cmd, &st);
       std::ifstream in(out);

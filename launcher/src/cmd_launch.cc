@@ -5,6 +5,7 @@
 //                 [--grace-period S] [--max-restarts N] [--heartbeat-interval S]
 //                 [--heartbeat-timeout S] [--state-dir DIR]
 //                 [--min-workers M [--rejoin-timeout S]] [--max-workers N]
+//                 [--bind-to auto|none|core]
 //                 [--log-level L] [--log-dir DIR] [--log-format text|json] -- <command ...>
 //
 // 1. Without --coordinator it spawns `<this binary> coordinator --port 0
@@ -14,7 +15,9 @@
 //    DTRAIN_LOCAL_RANK, DTRAIN_COORDINATOR, DTRAIN_JOB_ID and DTRAIN_JOB_TOKEN set
 //    (see worker_env.h), each in its own process group, with stdout and stderr on
 //    pipes. Every line they print is re-emitted on the same stream prefixed with
-//    "[rank k] " (the coordinator's with "[coordinator] ").
+//    "[rank k] " (the coordinator's with "[coordinator] "). --bind-to places each
+//    worker on its own cores (launch_binding.h; default auto: as mpirun, one core each
+//    for up to 2 workers, unbound for more); the binding is logged at info level.
 // 3. Recovery: when a worker exits non-zero or is killed while restarts are left
 //    (--max-restarts, default 3) and the coordinator has not failed the job, it is
 //    started again with the same rank and identity (plus DTRAIN_RESTART_COUNT); the
@@ -63,6 +66,18 @@
 namespace dtrain::cli {
 
 namespace {
+
+// --bind-to's text to BindTo; a bad value is a usage error naming it (exit code 2).
+const CLI::Validator kBindTo(
+    [](std::string& v) -> std::string {
+      try {
+        v = std::to_string(static_cast<int>(parse_bind_to(v)));
+        return "";
+      } catch (const InvalidArgument&) {
+        return "must be none, core or auto, got '" + v + "'";
+      }
+    },
+    "auto|none|core");
 
 // Resolves the log options (for launch and, through the environment, its children) and
 // opens launch.log in --log-dir when one is given.
@@ -151,6 +166,12 @@ Command add_launch_command(CLI::App& app) {
                 "Elastic: seconds the coordinator waits for every worker to re-join")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  l->add_option("--bind-to", o->bind_to,
+                "Worker CPU binding: core (each worker its own whole cores, cores/N each), none "
+                "(inherit launch's), auto (core for up to 2 workers and enough cores, else none, "
+                "as mpirun)")
+      ->transform(kBindTo)
+      ->default_str("auto");
   l->add_option("command", o->command, "The worker command, after --")->required();
   add_log_options(l, o->log);
   return {l, [o, nproc, max_workers] {

@@ -1,6 +1,7 @@
 #include "launch_process.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -56,8 +57,30 @@ std::string self_exe() {
   return buf;
 }
 
+namespace {
+
+cpu_set_t cpu_set_of(const std::vector<int>& cpus) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (int c : cpus) {
+    DTRAIN_CHECK(c >= 0 && c < CPU_SETSIZE, InvalidArgument, "launch: CPU {} is out of range", c);
+    CPU_SET(c, &set);
+  }
+  return set;
+}
+
+// In the child, before exec (async-signal-safe calls only).
+void child_write(const std::string& head, const char* why) {
+  ssize_t ignored = ::write(STDERR_FILENO, head.data(), head.size());
+  if (why != nullptr) ignored = ::write(STDERR_FILENO, why, std::strlen(why));
+  ignored = ::write(STDERR_FILENO, "\n", 1);
+  (void)ignored;
+}
+
+}  // namespace
+
 pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env, int out,
-            int err, const sigset_t& child_mask) {
+            int err, const sigset_t& child_mask, const std::vector<int>& cpus) {
   std::vector<char*> cargv;
   for (const std::string& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
   cargv.push_back(nullptr);
@@ -65,6 +88,9 @@ pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>
   for (const std::string& e : env) cenv.push_back(const_cast<char*>(e.c_str()));
   cenv.push_back(nullptr);
   const std::string exec_error = fmt::format("dtrain launch: cannot execute '{}': ", argv[0]);
+  const cpu_set_t cpu_set = cpu_set_of(cpus);
+  const std::string bind_error =
+      fmt::format("dtrain launch: cannot bind '{}' to its CPUs: ", argv[0]);
   pid_t parent = ::getpid();
 
   pid_t pid = ::fork();
@@ -83,12 +109,12 @@ pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>
     ::sigaction(SIGINT, &dfl, nullptr);
     ::sigaction(SIGTERM, &dfl, nullptr);
     ::sigprocmask(SIG_SETMASK, &child_mask, nullptr);
+    if (!cpus.empty() && ::sched_setaffinity(0, sizeof cpu_set, &cpu_set) != 0) {
+      child_write(bind_error, ::strerrordesc_np(errno));
+      ::_exit(126);
+    }
     ::execvpe(cargv[0], cargv.data(), cenv.data());
-    ssize_t ignored = ::write(STDERR_FILENO, exec_error.data(), exec_error.size());
-    const char* why = ::strerrordesc_np(errno);
-    if (why != nullptr) ignored = ::write(STDERR_FILENO, why, std::strlen(why));
-    ignored = ::write(STDERR_FILENO, "\n", 1);
-    (void)ignored;
+    child_write(exec_error, ::strerrordesc_np(errno));
     ::_exit(127);
   }
   ::setpgid(pid, pid);  // also here, so the group exists before we may signal it

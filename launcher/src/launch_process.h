@@ -68,10 +68,11 @@ struct Child {
   int status = 0;
 };
 
-// Forks and execs argv with env, stdout/stderr on out/err, in a new process group.
-// Everything the child needs is prepared before fork().
+// Forks and execs argv with env, stdout/stderr on out/err, in a new process group,
+// bound to `cpus` (sched_setaffinity before exec) unless it is empty. Everything the
+// child needs is prepared before fork().
 pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env, int out,
-            int err, const sigset_t& child_mask);
+            int err, const sigset_t& child_mask, const std::vector<int>& cpus = {});
 
 // The environment of the current process without the variables in `drop`.
 std::vector<std::string> inherited_env(const std::vector<std::string>& drop);

@@ -52,13 +52,13 @@ void Launcher::block_signals() {
 }
 
 size_t Launcher::add_child(std::string label, int rank, const std::vector<std::string>& argv,
-                           const std::vector<std::string>& env) {
+                           const std::vector<std::string>& env, const CpuList& cpus) {
   Pipe out = make_pipe();
   Pipe err = make_pipe();
   Child c;
   c.label = std::move(label);
   c.rank = rank;
-  c.pid = spawn(argv, env, out.write.get(), err.write.get(), old_mask_);
+  c.pid = spawn(argv, env, out.write.get(), err.write.get(), old_mask_, cpus);
   c.running = true;
   children_.push_back(c);
   size_t index = children_.size() - 1;
@@ -199,7 +199,18 @@ void Launcher::start_worker(int r, int restart) {
   env.push_back("DTRAIN_JOB_ID=" + opt_.job_id);
   if (!opt_.token.empty()) env.push_back("DTRAIN_JOB_TOKEN=" + opt_.token);
   if (restart > 0) env.push_back(fmt::format("DTRAIN_RESTART_COUNT={}", restart));
-  add_child(fmt::format("rank {}", r), r, worker_command(), env);
+  const auto local_rank = static_cast<size_t>(r - opt_.layout().first_rank());
+  add_child(fmt::format("rank {}", r), r, worker_command(), env, binding_.cpus.at(local_rank));
+}
+
+void Launcher::plan_worker_binding() {
+  binding_ = plan_binding(opt_.bind_to, opt_.nproc, read_cpu_topology());
+  const std::string line = describe_binding(binding_, opt_.layout().first_rank(), opt_.bind_to);
+  if (binding_.resolved == BindTo::kNone) {
+    spdlog::debug("dtrain launch: {}", line);
+  } else {
+    spdlog::info("dtrain launch: {}", line);
+  }
 }
 
 coordinator::CoordinatorClient* Launcher::client() {
@@ -525,6 +536,7 @@ void Launcher::cleanup() {
 }
 
 int Launcher::run() {
+  plan_worker_binding();
   block_signals();
   const NodeLayout nodes = opt_.layout();
   if (nodes.multi_node() && opt_.bind.empty()) opt_.bind = local_address_towards(opt_.coordinator);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "dtrain/coordinator/client.h"
+#include "launch_binding.h"
 #include "launch_nodes.h"
 #include "launch_process.h"
 #include "logging.h"
@@ -41,6 +42,7 @@ struct LaunchOptions {
   int min_workers = 0;    // elastic when 0 < min_workers < nproc
   int max_workers = 0;    // --max-workers: the same as nproc when given
   double rejoin_timeout = 10.0;
+  BindTo bind_to = BindTo::kAuto;  // --bind-to (launch_binding.h)
   std::vector<std::string> command;
   LogOptions log;  // resolved; handed to the coordinator and the workers
 
@@ -79,7 +81,9 @@ class Launcher {
   coordinator::CoordinatorClient* client();  // nullptr when the coordinator cannot be reached
   std::vector<std::string> worker_command() const;
   size_t add_child(std::string label, int rank, const std::vector<std::string>& argv,
-                   const std::vector<std::string>& env);
+                   const std::vector<std::string>& env, const CpuList& cpus = {});
+  // --bind-to resolved against this node's cores (before anything starts), and logged.
+  void plan_worker_binding();
   // One poll round (at most `max_wait`): output, signals, exits, kill deadlines.
   void poll_once(std::chrono::milliseconds max_wait);
   void read_stream(Stream& s);
@@ -96,6 +100,7 @@ class Launcher {
   void cleanup();
 
   LaunchOptions opt_;
+  BindingPlan binding_;  // the CPUs of each local rank, restarts included
   sigset_t old_mask_{};
   bool mask_set_ = false;
   Fd sigfd_;

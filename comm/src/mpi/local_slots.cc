@@ -79,6 +79,8 @@ std::unique_ptr<LocalSlots> make_local_slots(const MpiRuntime& runtime, MPI_Comm
   const auto names = gather(runtime, comm, size, padded(std::to_string(nonce) + "@" + name),
                             wait_requests, "MPI_Iallgather (slot names)");
   std::vector<shm::Slots> all(static_cast<size_t>(size));
+  // No doorbells: these waits poll (Poll) and never sleep on one, so ringing would
+  // only cost a locked instruction per peer and collective.
   std::vector<shm::Doorbell> bells(static_cast<size_t>(size));
   for (int p = 0; p < size; ++p) {
     if (p == rank) continue;
@@ -87,7 +89,6 @@ std::unique_ptr<LocalSlots> make_local_slots(const MpiRuntime& runtime, MPI_Comm
     const uint64_t peer_nonce = std::stoull(entry.substr(0, at));
     slots->peers.push_back(shm::Segment::open(entry.substr(at + 1), p, size, peer_nonce));
     all[static_cast<size_t>(p)] = slots->peers.back().slots();
-    bells[static_cast<size_t>(p)] = slots->peers.back().bell();
   }
   everyone(runtime, comm, true, wait_requests, "MPI_Iallreduce (slots mapped)");
   slots->own.unlink();  // every peer has it mapped: nothing stays in /dev/shm

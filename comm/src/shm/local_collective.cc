@@ -46,14 +46,16 @@ std::byte* LocalCollectives::begin(size_t bytes, Deadline deadline) {
                capacity());
   ++seq_;
   if (seq_ >= 2) wait_posted(seq_ - 1, deadline);  // collective seq_ - 2 is read everywhere
-  return slots_[static_cast<size_t>(rank_)].buffer[seq_ % 2];
+  inline_ = bytes <= kInlineBytes;
+  return place(rank_);
 }
 
 void LocalCollectives::post(Deadline deadline) {
   std::atomic_ref<uint64_t>(*slots_[static_cast<size_t>(rank_)].posted)
       .store(seq_, std::memory_order_release);
   for (int r = 0; r < size(); ++r) {
-    if (r != rank_) bells_[static_cast<size_t>(r)].ring();
+    Doorbell& bell = bells_[static_cast<size_t>(r)];
+    if (r != rank_ && bell.valid()) bell.ring();
   }
   wait_posted(seq_, deadline);
 }
@@ -105,7 +107,7 @@ void LocalCollectives::allgather(const void* send, void* recv, size_t count, DTy
 void LocalCollectives::broadcast(void* data, size_t count, DType dtype, int root,
                                  Deadline deadline) {
   const size_t bytes = count * dtype_size(dtype);
-  std::byte* own = begin(rank_ == root ? bytes : 0, deadline);
+  std::byte* own = begin(bytes, deadline);
   if (rank_ == root) copy(own, data, bytes);
   post(deadline);
   if (rank_ != root) copy(data, input(root), bytes);

@@ -5,8 +5,9 @@
 // every rank's slots:
 //   1. wait until every rank has posted s - 1: they have all finished collective
 //      s - 2, the last one that read buffer s % 2, so it may be overwritten;
-//   2. copy this rank's input into its own buffer, publish posted = s (release) and
-//      ring the peers' doorbells (a syscall only for a peer asleep in FUTEX_WAIT);
+//   2. copy this rank's input into its own buffer (up to 24 bytes: into the cache
+//      line of `posted`, half s % 2), publish posted = s (release) and ring the
+//      peers' doorbells (a syscall only for a peer asleep in FUTEX_WAIT);
 //   3. wait until every rank has posted s, then read what this rank needs straight
 //      from the peers' buffers (mapped in this process).
 // One copy in, one pass over the peers' inputs, and two waits on a cache line: no
@@ -38,7 +39,8 @@ using WaitUntil = std::function<void(const std::function<bool()>& ready, Deadlin
 class LocalCollectives {
  public:
   // slots[r] is rank r's (this rank's own at `rank`), bells[r] rank r's doorbell
-  // (this rank's entry unused).
+  // (this rank's entry unused; an invalid Doorbell is never rung: the mpi backend's
+  // waits poll and never sleep on one, and a ring is a locked instruction).
   LocalCollectives(int rank, std::vector<Slots> slots, std::vector<Doorbell> bells, WaitUntil wait);
 
   int rank() const { return rank_; }
@@ -55,10 +57,21 @@ class LocalCollectives {
   void barrier(Deadline deadline);
 
  private:
-  std::byte* begin(size_t bytes, Deadline deadline);  // steps 1 and the buffer of 2
-  void post(Deadline deadline);                       // the rest of 2, and 3's wait
+  // Step 1 and the buffer of step 2 for a collective whose every rank's input has
+  // `bytes` (the same on every rank, so every rank picks the same place).
+  std::byte* begin(size_t bytes, Deadline deadline);
+  void post(Deadline deadline);  // the rest of 2, and 3's wait
   void wait_posted(uint64_t seq, Deadline deadline);
-  const std::byte* input(int r) const { return slots_[static_cast<size_t>(r)].buffer[seq_ % 2]; }
+  // Inputs of up to kInlineBytes travel in `posted`'s cache line (two halves, by
+  // seq % 2), so a peer's wait brings them along: one cache-line transfer, not two.
+  static constexpr size_t kInlineBytes = 24;
+  static_assert(sizeof(uint64_t) + 2 * kInlineBytes <= 64, "posted and both halves: one line");
+  std::byte* place(int r) const {
+    const Slots& s = slots_[static_cast<size_t>(r)];
+    return inline_ ? reinterpret_cast<std::byte*>(s.posted + 1) + (seq_ % 2) * kInlineBytes
+                   : s.buffer[seq_ % 2];
+  }
+  const std::byte* input(int r) const { return place(r); }
   // dst = input(0) op input(1) op ... over `count` elements from element `offset` of
   // each input; dst_holds_own: dst already holds this rank's input (allreduce).
   void reduce_inputs(std::byte* dst, size_t offset, size_t count, DType dtype, ReduceOp op,
@@ -69,6 +82,7 @@ class LocalCollectives {
   std::vector<Doorbell> bells_;
   WaitUntil wait_;
   uint64_t seq_ = 0;
+  bool inline_ = false;  // the running collective's inputs are in the posted lines
 };
 
 }  // namespace dtrain::comm::shm

@@ -28,7 +28,8 @@
 // MPI_Abort.
 //
 // Threading: each communicator runs its operations in issue order on one worker thread
-// (the async Work), so MPI is called from a thread that is not the one that initialised
+// (the async Work; a blocking collective on an idle communicator runs on the calling
+// thread instead), so MPI is called from a thread that is not the one that initialised
 // it. MpiRuntime therefore asks for MPI_THREAD_MULTIPLE (several communicators, and the
 // application, may call MPI at the same time). If MPI was already initialised by the
 // application with MPI_THREAD_SERIALIZED, dtrain serialises its own MPI calls with one
