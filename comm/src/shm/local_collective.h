@@ -54,11 +54,16 @@ class LocalCollectives {
   void broadcast(void* data, size_t count, DType dtype, int root, Deadline deadline);
   void barrier(Deadline deadline);
 
- private:
-  std::byte* begin(size_t bytes, Deadline deadline);  // steps 1 and the buffer of 2
-  void post(Deadline deadline);                       // the rest of 2, and 3's wait
-  void wait_posted(uint64_t seq, Deadline deadline);
+  // The protocol's steps, for algorithms built on the slots (shm/direct_collective.h):
+  // begin() starts the next collective number and returns this rank's buffer for it
+  // (`bytes` at most capacity()), post() publishes it and waits until every rank has
+  // (steps 1-3 above); input(r) is rank r's buffer of the current number.
+  std::byte* begin(size_t bytes, Deadline deadline);
+  void post(Deadline deadline);
   const std::byte* input(int r) const { return slots_[static_cast<size_t>(r)].buffer[seq_ % 2]; }
+
+ private:
+  void wait_posted(uint64_t seq, Deadline deadline);
   // dst = input(0) op input(1) op ... over `count` elements from element `offset` of
   // each input; dst_holds_own: dst already holds this rank's input (allreduce).
   void reduce_inputs(std::byte* dst, size_t offset, size_t count, DType dtype, ReduceOp op,
