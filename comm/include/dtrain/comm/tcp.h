@@ -95,8 +95,10 @@ struct TcpOptions {
   // on and every rank could read every peer. DTRAIN_DIRECT (0 or 1).
   bool direct = true;
   // The reduction's unit: a peer's chunk is read into a scratch buffer of this size
-  // and combined from the cache. DTRAIN_DIRECT_CHUNK_BYTES.
-  size_t direct_chunk_bytes = 256 << 10;
+  // and combined from the cache. DTRAIN_DIRECT_CHUNK_BYTES. Measured (2 ranks, 2-core
+  // VM, comm/README.md): 1 MiB gave 10.8-12.8 GB/s busbw at 512 KiB - 2 MiB in its
+  // better runs, 256 KiB 8.5-11.4 (each process_vm_readv call costs about 2 us here).
+  size_t direct_chunk_bytes = 1 << 20;
   // Test hook: this rank publishes an unreadable address in the probe, so its peers'
   // reads fail and nobody uses direct.
   bool direct_probe_fault = false;
