@@ -1,12 +1,14 @@
 // Shared helpers of the tcp backend tests (test_comm_tcp.cc, test_comm_tcp_split.cc):
 // typed buffers compared through double, the sequential oracle's inputs, ranks as
-// threads over one MemoryStore, /dev/shm leftovers, the data paths.
+// threads over one MemoryStore, /dev/shm leftovers, the data paths, whether
+// process_vm_readv works here.
 #pragma once
 
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -160,7 +162,16 @@ inline TcpOptions small_chunks() {
   o.ring.chunk_bytes = 4096;
   o.ring.window = 3;
   o.shm_ring_bytes = 8192;
+  o.direct_chunk_bytes = 1001;  // many chunks, not a whole number of 8-byte elements
   return o;
+}
+
+// Whether this process may read memory with process_vm_readv (what the tcp
+// backend's direct probe needs; a seccomp filter may forbid it), tried on itself.
+inline bool cma_available() {
+  uint64_t word = 0x1234567887654321ull, got = 0;
+  iovec local{&got, sizeof(got)}, remote{&word, sizeof(word)};
+  return ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) == sizeof(got) && got == word;
 }
 
 // The names this process (or `pid`) left in /dev/shm.

@@ -1,11 +1,13 @@
 // tcp backend: every collective at world sizes 1-4, every dtype and awkward counts,
 // checked element by element against a sequential oracle computed here, over each
 // data path (same-host shared memory, plain TCP with the fast path off, and a mix);
+// each algorithm forced (local, direct, ring on one host; rd, ring across hosts);
 // async ordering; argument checks; timeouts; lost peers (an aborted rank, a
-// destroyed rank, a SIGKILLed child process) on both paths; stray connections; no
-// shared-memory names left in /dev/shm; the reduction arithmetic; FileStore (split():
-// test_comm_tcp_split.cc). Ranks are threads sharing a MemoryStore unless stated
-// otherwise.
+// destroyed rank, a SIGKILLed child process) over TCP, the shared-memory ring and
+// the direct reads; stray connections; no shared-memory names left in /dev/shm; the
+// reduction arithmetic; FileStore (split(): test_comm_tcp_split.cc; the direct
+// probe, its fallback and its bits: test_comm_tcp_direct.cc). Ranks are threads
+// sharing a MemoryStore unless stated otherwise.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -275,11 +277,11 @@ INSTANTIATE_TEST_SUITE_P(WorldSizes, TcpWorld,
                                             ::testing::Values(Algo::kAuto)),
                          world_name);
 // Each algorithm forced, at world sizes that are and are not powers of two.
-INSTANTIATE_TEST_SUITE_P(OneHost, TcpWorld,
-                         ::testing::Combine(::testing::Values(2, 3, 5),
-                                            ::testing::Values(Path::kShm),
-                                            ::testing::Values(Algo::kLocal, Algo::kRing)),
-                         world_name);
+INSTANTIATE_TEST_SUITE_P(
+    OneHost, TcpWorld,
+    ::testing::Combine(::testing::Values(2, 3, 5), ::testing::Values(Path::kShm),
+                       ::testing::Values(Algo::kLocal, Algo::kDirect, Algo::kRing)),
+    world_name);
 INSTANTIATE_TEST_SUITE_P(
     AcrossHosts, TcpWorld,
     ::testing::Combine(::testing::Values(2, 3, 5, 6), ::testing::Values(Path::kTcp),
@@ -322,6 +324,8 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   // Single-copy reads of the peers' memory take over above the slots, on one host only.
   AlgoOptions d;
   AlgoCapabilities cma{true, false, d.local_max_bytes, true};
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 64 << 20, cma), Algo::kRing);  // default
+  d.direct_min_bytes = d.local_max_bytes + 1;
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, d.local_max_bytes, cma), Algo::kLocal);
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, d.local_max_bytes + 1, cma), Algo::kDirect);
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 64 << 20, cma), Algo::kDirect);
@@ -405,12 +409,24 @@ TEST(TcpComm, SizeOneNeedsNoPeers) {
   EXPECT_THROW(comm->send(a.data(), 3, DType::f32, 0), InvalidArgument);
 }
 
-class TcpPath : public ::testing::TestWithParam<bool> {
+// The lost-peer tests over each data path of large collectives: loopback TCP, the
+// ring over shared memory (direct off), and the single-copy reads (direct, chosen by
+// auto above the slots when the probe passes and direct_min_bytes allows).
+enum class Link { kTcp, kShmRing, kShmDirect };
+class TcpPath : public ::testing::TestWithParam<Link> {
  protected:
   TcpOptions options() const {
     TcpOptions o;
-    o.shm = GetParam();
+    o.shm = GetParam() != Link::kTcp;
+    o.direct = GetParam() == Link::kShmDirect;
+    if (o.direct) o.algos.direct_min_bytes = o.algos.local_max_bytes + 1;
     return o;
+  }
+  // The large allreduces below run the path under test.
+  void expect_path(const Communicator& comm, size_t bytes) const {
+    const Algo want =
+        GetParam() == Link::kShmDirect && cma_available() ? Algo::kDirect : Algo::kRing;
+    EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, bytes), want) << "rank " << comm.rank();
   }
 };
 
@@ -445,7 +461,9 @@ TEST_P(TcpPath, TimeoutWhenAPeerStopsAnswering) {
 
 // Ranks 0 and 2 are in an allreduce that rank 1 never joins; rank 1 then aborts or
 // destroys its communicator. Both must fail quickly with an error naming rank 1.
-void expect_peer_failure_names_rank1(bool destroy, const TcpOptions& topts) {
+void expect_peer_failure_names_rank1(
+    bool destroy, const TcpOptions& topts,
+    const std::function<void(const Communicator&, size_t)>& expect_path) {
   const milliseconds timeout(2000);
   MemoryStore store;
   std::vector<std::thread> threads;
@@ -468,6 +486,7 @@ void expect_peer_failure_names_rank1(bool destroy, const TcpOptions& topts) {
           return;
         }
         std::vector<float> a(1 << 20, 1.0f);
+        expect_path(*comm, a.size() * 4);
         try {
           comm->allreduce(a.data(), a.size(), DType::f32, ReduceOp::kSum);
           ADD_FAILURE() << "rank " << r << ": allreduce succeeded without rank 1";
@@ -488,10 +507,12 @@ void expect_peer_failure_names_rank1(bool destroy, const TcpOptions& topts) {
 }
 
 TEST_P(TcpPath, AbortedPeerFailsTheOthersQuickly) {
-  expect_peer_failure_names_rank1(false, options());
+  expect_peer_failure_names_rank1(false, options(),
+                                  [&](const Communicator& c, size_t b) { expect_path(c, b); });
 }
 TEST_P(TcpPath, DestroyedPeerFailsTheOthersQuickly) {
-  expect_peer_failure_names_rank1(true, options());
+  expect_peer_failure_names_rank1(true, options(),
+                                  [&](const Communicator& c, size_t b) { expect_path(c, b); });
 }
 
 TEST_P(TcpPath, DestroyingWithPendingWorkTellsThePeers) {
@@ -621,6 +642,7 @@ TEST_P(TcpPath, KilledProcessFailsTheOthersQuickly) {
     threads.emplace_back([&, r] {
       try {
         auto comm = make_tcp_communicator(store, r, 3, CommOptions{timeout}, topts);
+        expect_path(*comm, count * 4);
         std::vector<float> a(count, 1.0f);
         for (;;) {
           comm->allreduce(a.data(), count, DType::f32, ReduceOp::kSum);
@@ -660,8 +682,13 @@ TEST_P(TcpPath, KilledProcessFailsTheOthersQuickly) {
   fs::remove_all(dir, ec);
 }
 
-INSTANTIATE_TEST_SUITE_P(DataPath, TcpPath, ::testing::Bool(),
-                         [](const auto& info) { return info.param ? "shm" : "tcp"; });
+INSTANTIATE_TEST_SUITE_P(DataPath, TcpPath,
+                         ::testing::Values(Link::kTcp, Link::kShmRing, Link::kShmDirect),
+                         [](const auto& info) {
+                           return info.param == Link::kTcp       ? "tcp"
+                                  : info.param == Link::kShmRing ? "shm"
+                                                                 : "shm_direct";
+                         });
 
 // The arithmetic on its own, against dtrain::Half / BFloat16 on values that round.
 TEST(Reduce, SixteenBitFloatsRoundLikeTheScalarConversions) {

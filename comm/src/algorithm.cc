@@ -88,6 +88,7 @@ AlgoOptions AlgoOptions::from_env() {
   o.native_max_bytes = env_bytes("DTRAIN_NATIVE_MAX_BYTES", o.native_max_bytes);
   o.allgather_native_min_bytes =
       env_bytes("DTRAIN_ALLGATHER_NATIVE_MIN_BYTES", o.allgather_native_min_bytes);
+  o.direct_min_bytes = env_bytes("DTRAIN_DIRECT_MIN_BYTES", o.direct_min_bytes);
   return o;
 }
 
@@ -110,7 +111,7 @@ Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoC
   }
   if (can.native && in_native_window(o, c, bytes)) return Algo::kNative;
   if (local_fits && bytes <= o.local_max_bytes) return Algo::kLocal;
-  if (can.direct) return Algo::kDirect;
+  if (can.direct && bytes >= o.direct_min_bytes) return Algo::kDirect;
   if (bytes <= o.small_max_bytes) {
     // Measured over Open MPI (2 ranks): recursive doubling over MPI_Isend/Irecv took
     // 0.8 us at 8 B and 25 us at 64 KiB, MPI_Iallreduce 1.6 us and 31 us.

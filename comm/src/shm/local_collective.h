@@ -56,11 +56,16 @@ class LocalCollectives {
   void broadcast(void* data, size_t count, DType dtype, int root, Deadline deadline);
   void barrier(Deadline deadline);
 
- private:
-  // Step 1 and the buffer of step 2 for a collective whose every rank's input has
-  // `bytes` (the same on every rank, so every rank picks the same place).
+  // The protocol's steps, for algorithms built on the slots (shm/direct_collective.h):
+  // begin() starts the next collective number and returns this rank's buffer for it
+  // (`bytes` at most capacity(), the same on every rank, so every rank picks the same
+  // place), post() publishes it and waits until every rank has (steps 1-3 above);
+  // input(r) is rank r's buffer of the current number.
   std::byte* begin(size_t bytes, Deadline deadline);
-  void post(Deadline deadline);  // the rest of 2, and 3's wait
+  void post(Deadline deadline);
+  const std::byte* input(int r) const { return place(r); }
+
+ private:
   void wait_posted(uint64_t seq, Deadline deadline);
   // Inputs of up to kInlineBytes travel in `posted`'s cache line (two halves, by
   // seq % 2), so a peer's wait brings them along: one cache-line transfer, not two.
@@ -71,7 +76,6 @@ class LocalCollectives {
     return inline_ ? reinterpret_cast<std::byte*>(s.posted + 1) + (seq_ % 2) * kInlineBytes
                    : s.buffer[seq_ % 2];
   }
-  const std::byte* input(int r) const { return place(r); }
   // dst = input(0) op input(1) op ... over `count` elements from element `offset` of
   // each input; dst_holds_own: dst already holds this rank's input (allreduce).
   void reduce_inputs(std::byte* dst, size_t offset, size_t count, DType dtype, ReduceOp op,

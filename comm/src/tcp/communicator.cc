@@ -76,6 +76,7 @@ AlgoCapabilities capabilities(tcp::Transport& t) {
   AlgoCapabilities c;
   c.local = t.local() != nullptr;
   c.local_capacity = c.local ? t.local()->capacity() : 0;
+  c.direct = t.direct() != nullptr;
   return c;
 }
 
@@ -203,6 +204,12 @@ class TcpCommunicator final : public Communicator {
                                  CommOptions{timeout()}, child);
   }
 
+  // ---- algorithm choice (every rank decides the same from the same arguments)
+
+  Algo algorithm(Collective c, size_t bytes) const {
+    return algorithm_for(tcp_.algos, c, bytes, caps_);
+  }
+
  private:
   struct Op {
     const char* name;
@@ -210,17 +217,15 @@ class TcpCommunicator final : public Communicator {
     std::shared_ptr<TcpWork> work;
   };
 
-  // ---- algorithm choice (every rank decides the same from the same arguments)
-
-  Algo algorithm(Collective c, size_t bytes) const {
-    return algorithm_for(tcp_.algos, c, bytes, caps_);
-  }
   using Run = std::function<void(Deadline)>;
 
   Run allreduce_op(void* data, size_t count, DType dtype, ReduceOp op) {
     switch (algorithm(Collective::kAllreduce, count * dtype_size(dtype))) {
       case Algo::kLocal:
         return [=, this](Deadline d) { transport_->local()->allreduce(data, count, dtype, op, d); };
+      case Algo::kDirect:
+        return
+            [=, this](Deadline d) { transport_->direct()->allreduce(data, count, dtype, op, d); };
       case Algo::kRecursiveDoubling:
         return [=, this](Deadline d) {
           recursive_doubling_allreduce(*transport_, data, count, dtype, op, d, scratch_);
@@ -230,25 +235,43 @@ class TcpCommunicator final : public Communicator {
     }
   }
   Run broadcast_op(void* data, size_t count, DType dtype, int root) {
-    if (algorithm(Collective::kBroadcast, count * dtype_size(dtype)) == Algo::kLocal) {
-      return [=, this](Deadline d) { transport_->local()->broadcast(data, count, dtype, root, d); };
+    switch (algorithm(Collective::kBroadcast, count * dtype_size(dtype))) {
+      case Algo::kLocal:
+        return
+            [=, this](Deadline d) { transport_->local()->broadcast(data, count, dtype, root, d); };
+      case Algo::kDirect:
+        return
+            [=, this](Deadline d) { transport_->direct()->broadcast(data, count, dtype, root, d); };
+      default:
+        return [=, this](Deadline d) { ring_.broadcast(data, count, dtype, root, d); };
     }
-    return [=, this](Deadline d) { ring_.broadcast(data, count, dtype, root, d); };
   }
   Run allgather_op(const void* send, void* recv, size_t count, DType dtype) {
-    if (algorithm(Collective::kAllgather, count * dtype_size(dtype)) == Algo::kLocal) {
-      return [=, this](Deadline d) { transport_->local()->allgather(send, recv, count, dtype, d); };
+    switch (algorithm(Collective::kAllgather, count * dtype_size(dtype))) {
+      case Algo::kLocal:
+        return
+            [=, this](Deadline d) { transport_->local()->allgather(send, recv, count, dtype, d); };
+      case Algo::kDirect:
+        return
+            [=, this](Deadline d) { transport_->direct()->allgather(send, recv, count, dtype, d); };
+      default:
+        return [=, this](Deadline d) { ring_.allgather(send, recv, count, dtype, d); };
     }
-    return [=, this](Deadline d) { ring_.allgather(send, recv, count, dtype, d); };
   }
   Run reduce_scatter_op(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
     const size_t bytes = count * dtype_size(dtype) * static_cast<size_t>(size());
-    if (algorithm(Collective::kReduceScatter, bytes) == Algo::kLocal) {
-      return [=, this](Deadline d) {
-        transport_->local()->reduce_scatter(send, recv, count, dtype, op, d);
-      };
+    switch (algorithm(Collective::kReduceScatter, bytes)) {
+      case Algo::kLocal:
+        return [=, this](Deadline d) {
+          transport_->local()->reduce_scatter(send, recv, count, dtype, op, d);
+        };
+      case Algo::kDirect:
+        return [=, this](Deadline d) {
+          transport_->direct()->reduce_scatter(send, recv, count, dtype, op, d);
+        };
+      default:
+        return [=, this](Deadline d) { ring_.reduce_scatter(send, recv, count, dtype, op, d); };
     }
-    return [=, this](Deadline d) { ring_.reduce_scatter(send, recv, count, dtype, op, d); };
   }
 
   // ---- argument checks (on the calling thread)
@@ -425,8 +448,21 @@ TcpOptions TcpOptions::from_env() {
   }
   o.shm_ring_bytes =
       static_cast<size_t>(env_int("DTRAIN_SHM_RING_BYTES", static_cast<int>(o.shm_ring_bytes)));
+  if (const char* v = std::getenv("DTRAIN_DIRECT"); v != nullptr && *v != '\0') {
+    const std::string s = v;
+    DTRAIN_CHECK(s == "0" || s == "1", InvalidArgument, "DTRAIN_DIRECT='{}' must be 0 or 1", s);
+    o.direct = s == "1";
+  }
+  o.direct_chunk_bytes = static_cast<size_t>(
+      env_int("DTRAIN_DIRECT_CHUNK_BYTES", static_cast<int>(o.direct_chunk_bytes)));
   o.algos = AlgoOptions::from_env();
   return o;
+}
+
+std::optional<Algo> tcp_algorithm(const Communicator& comm, Collective c, size_t bytes) {
+  const auto* tcp = dynamic_cast<const TcpCommunicator*>(&comm);
+  if (tcp == nullptr) return std::nullopt;
+  return tcp->algorithm(c, bytes);
 }
 
 std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int size,

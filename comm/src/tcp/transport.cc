@@ -16,6 +16,8 @@
 #include <random>
 #include <thread>
 
+#include <spdlog/spdlog.h>
+
 #include "dtrain/common/error.h"
 
 namespace dtrain::comm::tcp {
@@ -145,6 +147,8 @@ std::unique_ptr<Transport> Transport::connect(Store& store, int rank, int size,
                kMaxTag);
   DTRAIN_CHECK(opts.spin_us >= 0, InvalidArgument, "tcp: spin_us must be >= 0, got {}",
                opts.spin_us);
+  DTRAIN_CHECK(opts.direct_chunk_bytes >= 8, InvalidArgument,
+               "tcp: direct_chunk_bytes must be at least 8, got {}", opts.direct_chunk_bytes);
   DTRAIN_CHECK(!opts.shm || (opts.shm_ring_bytes >= 4096 && opts.shm_ring_bytes % 4096 == 0),
                InvalidArgument, "tcp: shm_ring_bytes must be a positive multiple of 4096, got {}",
                opts.shm_ring_bytes);
@@ -182,7 +186,18 @@ std::unique_ptr<Transport> Transport::connect(Store& store, int rank, int size,
     if (p == rank) continue;
     t->peers_[p].ctrl_open = true;
   }
+  if (t->local_ != nullptr) t->probe_direct(opts, deadline);
   return t;
+}
+
+void Transport::probe_direct(const TcpOptions& opts, Deadline deadline) {
+  direct_ = std::make_unique<shm::DirectCollectives>(
+      *local_, [this] { check_peers(); }, opts.direct_chunk_bytes);
+  std::string why;
+  if (!direct_->probe(opts.direct, opts.direct_probe_fault, deadline, &why)) {
+    spdlog::debug("tcp: rank {} of {}: no direct (single-copy) collectives: {}", rank_, size_, why);
+    direct_.reset();
+  }
 }
 
 std::vector<int> Transport::find_same_host(Store& store, const TcpOptions& opts,
@@ -202,8 +217,11 @@ void Transport::create_segment(Store& store, const TcpOptions& opts, const std::
                                uint64_t nonce) {
   std::string name = fmt::format("/dtrain-{}-r{}-{:x}", ::getpid(), rank_, nonce);
   const bool everyone = static_cast<int>(local.size()) == size_ - 1;
+  // Slots when every rank is here: local_max_bytes of them for the local algorithm, at
+  // least a page for the direct algorithm's headers.
+  const size_t slot_bytes = std::max<size_t>((opts.algos.local_max_bytes + 4095) / 4096, 1) * 4096;
   shm_own_ = shm::Segment::create(name, rank_, size_, nonce, local, opts.shm_ring_bytes,
-                                  everyone ? (opts.algos.local_max_bytes + 4095) / 4096 * 4096 : 0);
+                                  everyone ? slot_bytes : 0);
   store.set(shm_key(opts.tag, rank_), fmt::format("{:x}@{}", nonce, name));
 }
 
@@ -240,7 +258,20 @@ void Transport::make_local_collectives(const std::vector<int>& local) {
   }
   local_ = std::make_unique<shm::LocalCollectives>(
       rank_, std::move(slots), std::move(bells),
-      [this](const std::function<bool()>& ready, Deadline d) { wait_until(ready, d); });
+      [this](const std::function<bool()>& ready, Deadline d) { wait_for_every_peer(ready, d); });
+}
+
+void Transport::wait_for_every_peer(const std::function<bool()>& ready, Deadline deadline) {
+  wait_until(
+      [&] {
+        if (ready()) return true;
+        for (int p = 0; p < size_; ++p) {
+          // It published what it did before its "bye", which we have read: look again.
+          if (p != rank_ && peers_[p].bye && !ready()) lose(p, 0);
+        }
+        return ready();
+      },
+      deadline);
 }
 
 void Transport::connect_lower(Store& store, const TcpOptions& opts, Deadline deadline) {

@@ -51,6 +51,7 @@
 #include "dtrain/comm/ring.h"
 #include "dtrain/comm/store.h"
 #include "dtrain/comm/tcp.h"
+#include "shm/direct_collective.h"
 #include "shm/local_collective.h"
 #include "shm/segment.h"
 #include "tcp/socket.h"
@@ -73,10 +74,16 @@ class Transport final : public PointToPoint {
   void wait(const Request& request, Deadline deadline) override;
   // The wait loop of wait() for any condition (progressing posted requests meanwhile).
   void wait_until(const std::function<bool()>& ready, Deadline deadline);
+  // wait_until for a condition every peer must help make true (the slots' waits): a
+  // peer that closed its communicator cleanly meanwhile is reported as closed.
+  void wait_for_every_peer(const std::function<bool()>& ready, Deadline deadline);
 
   // The one-host collectives, when every peer shares this host (TcpOptions::shm and
   // a slot size); nullptr otherwise.
   shm::LocalCollectives* local() { return local_.get(); }
+  // The single-copy one-host collectives, when local() exists and every rank's probe
+  // read every peer's memory (TcpOptions::direct); nullptr otherwise.
+  shm::DirectCollectives* direct() { return direct_.get(); }
 
   // Whether data to and from `peer` goes through shared memory.
   bool uses_shm(int peer) const { return peers_[peer].shm; }
@@ -131,6 +138,9 @@ class Transport final : public PointToPoint {
   void create_segment(Store& store, const TcpOptions& opts, const std::vector<int>& local,
                       uint64_t nonce);
   void make_local_collectives(const std::vector<int>& local);
+  // Collective over the slots, after the mesh is up: direct_ stays only when every
+  // rank can read every peer's memory.
+  void probe_direct(const TcpOptions& opts, Deadline deadline);
   void map_segments(Store& store, const TcpOptions& opts, const std::vector<int>& local,
                     Deadline deadline);
 
@@ -165,6 +175,7 @@ class Transport final : public PointToPoint {
   std::vector<shm::Segment> shm_peer_;  // theirs, mapped
   shm::Doorbell bell_;                  // ours; valid when any peer uses shm
   std::unique_ptr<shm::LocalCollectives> local_;
+  std::unique_ptr<shm::DirectCollectives> direct_;  // built on *local_
 
   std::atomic<bool> failed_{false};
   mutable std::mutex fail_mu_;

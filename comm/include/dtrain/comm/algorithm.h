@@ -15,8 +15,9 @@
 //          inside a backend it reads as auto
 //   auto   by size, from the table below: on the mpi backend native from
 //          native_min_bytes to native_max_bytes; else local up to local_max_bytes when
-//          every rank is on this host; else direct when every rank is on this host and
-//          can read its peers' memory; else up to small_max_bytes rd for allreduce and
+//          every rank is on this host; else direct from direct_min_bytes (default:
+//          never) when every rank is on this host and can read its peers' memory; else
+//          up to small_max_bytes rd for allreduce and
 //          native for the others (mpi backend); else ring.
 //
 // The thresholds are a table measured on the development VM with `dtrain bench
@@ -32,6 +33,7 @@
 
 #include <array>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -62,6 +64,12 @@ struct AlgoOptions {
   // MPI_Reduce_scatter_block measured 0.4x our ring at 512 KiB - 1 MiB, and broadcast
   // was not measured.
   size_t allgather_native_min_bytes = 16 << 10;
+  // tcp backend, one host: `direct` from this size when the probe passes. Default: auto
+  // never picks it. On the development VM process_vm_readv moved 2.8-3.9 GB/s from
+  // memory against memcpy's 7.6-16.6 (about 2 us a call), and direct measured 0.64-0.71x
+  // the ring's busbw at 512 KiB - 8 MiB, level at 16-64 MiB (comm/README.md); set
+  // DTRAIN_DIRECT_MIN_BYTES where cross-memory attach is fast.
+  size_t direct_min_bytes = SIZE_MAX;
 
   Algo& operator[](Collective c) { return algo[static_cast<size_t>(c)]; }
   Algo operator[](Collective c) const { return algo[static_cast<size_t>(c)]; }

@@ -17,7 +17,10 @@
 // still carries "bye"/"abort" and tells a dead peer by its EOF. Each such rank
 // publishes its segment's name under "tcp/<tag>/shm/<rank>", maps its peers'
 // segments, acknowledges under "tcp/<tag>/shm-mapped/<owner>/<rank>", and unlinks
-// its own name once every same-host peer has mapped it.
+// its own name once every same-host peer has mapped it. When every rank of the
+// communicator shares the host, the collectives also get the one-host algorithms:
+// `local` (shared-memory slots, small messages) and `direct` (single-copy reads of
+// the peers' buffers with process_vm_readv, probed once the mesh is up).
 //
 // Execution: one worker thread per communicator runs the queued operations in
 // issue order (async forms return at once; blocking forms wait). Collectives run the
@@ -44,6 +47,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "dtrain/comm/algorithm.h"
@@ -85,6 +89,19 @@ struct TcpOptions {
   // Measured (2 ranks, 2-core VM): large messages did not tell 1, 2 and 8 MiB rings
   // apart; 4 MiB keeps four 1 MiB chunks in flight.
   size_t shm_ring_bytes = 4 << 20;
+  // Single-copy collectives (Algo::kDirect, comm/src/shm/direct_collective.h) when
+  // every rank of the communicator shares this host: each rank reads its peers'
+  // buffers with process_vm_readv. Probed at setup; used only when every rank has it
+  // on and every rank could read every peer. DTRAIN_DIRECT (0 or 1).
+  bool direct = true;
+  // The reduction's unit: a peer's chunk is read into a scratch buffer of this size
+  // and combined from the cache. DTRAIN_DIRECT_CHUNK_BYTES. Measured (2 ranks, 2-core
+  // VM, comm/README.md): 1 MiB gave 10.8-12.8 GB/s busbw at 512 KiB - 2 MiB in its
+  // better runs, 256 KiB 8.5-11.4 (each process_vm_readv call costs about 2 us here).
+  size_t direct_chunk_bytes = 1 << 20;
+  // Test hook: this rank publishes an unreadable address in the probe, so its peers'
+  // reads fail and nobody uses direct.
+  bool direct_probe_fault = false;
   // Algorithm choice by size (algorithm.h); algos.local_max_bytes is also the size
   // of each collective slot of the one-host algorithm (two per rank, allocated when
   // every rank of the communicator shares this host; 0: none). Every rank must use
@@ -93,8 +110,9 @@ struct TcpOptions {
 
   // Defaults, overridden by DTRAIN_TCP_BIND, DTRAIN_TCP_ADVERTISE,
   // DTRAIN_TCP_SOCKET_BUFFER, DTRAIN_TCP_CHUNK_BYTES, DTRAIN_TCP_SPIN_US, DTRAIN_SHM
-  // (0 or 1), DTRAIN_SHM_RING_BYTES and AlgoOptions::from_env's variables when set (InvalidArgument
-  // on values that do not parse).
+  // (0 or 1), DTRAIN_SHM_RING_BYTES, DTRAIN_DIRECT (0 or 1), DTRAIN_DIRECT_CHUNK_BYTES
+  // and AlgoOptions::from_env's variables when set (InvalidArgument on values that do
+  // not parse).
   static TcpOptions from_env();
 };
 
@@ -106,5 +124,10 @@ std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int 
                                                     CommOptions opts);
 std::unique_ptr<Communicator> make_tcp_communicator(Store& store, int rank, int size,
                                                     CommOptions opts, const TcpOptions& tcp);
+
+// The algorithm a tcp communicator runs for a call of `bytes` (counted as
+// algorithm_for counts them), after its setup probes (direct only where the probe
+// agreed); nullopt when `comm` is not a tcp communicator.
+std::optional<Algo> tcp_algorithm(const Communicator& comm, Collective c, size_t bytes);
 
 }  // namespace dtrain::comm
