@@ -4,14 +4,17 @@
 // `dtrain launch --nproc N` (as `tcp`, with its same-host shared-memory path, and as
 // `tcp-noshm`, with DTRAIN_SHM=0: plain loopback TCP), for the mpi backends through
 // mpirun. Each worker runs the
-// same sweep (8 B .. --max-bytes, doubling; f32 sum) with the peers' protocol: per
-// size, refill, barrier, time one all-reduce, repeat (20 times below 16 MiB, 5 above,
-// after 3 warm-ups), report the median. Rank 0 writes JSON lines that the
-// orchestrator prints as the nccl-tests table (size, count, type, redop, time, algbw,
-// busbw, #wrong; busbw = algbw x 2(n-1)/n). Then, where installed, it runs the peers
-// of ../shared/bench/peers (PyTorch Gloo, Open MPI's MPI_Allreduce) in the same run
-// and prints the ratios side by side. all_gather, reduce_scatter and sendrecv live in
-// cmd_bench_collectives.cc.
+// same sweep (8 B .. --max-bytes, doubling; f32 sum) with the peers' protocol
+// (bench_detail::time_loop, nccl-tests' way): per size, warm up, then rounds of a
+// barrier and `iters` all-reduces back to back, the slowest rank's time per operation,
+// the median round; then one all-reduce of refilled buffers counts #wrong. tcp rows
+// also name the algorithm the backend ran (bench_detail::tcp_allreduce_algo). Rank 0
+// writes JSON lines that the orchestrator prints as the nccl-tests table (size, count,
+// type, redop, time, algbw, busbw, #wrong; busbw = algbw x 2(n-1)/n). Then, where
+// installed, it runs the peers with the same timing loop (PyTorch Gloo:
+// bench/peers/gloo_allreduce.py, Open MPI's MPI_Allreduce: bench/peers_mpi_collectives.cpp;
+// the programs of ../shared/bench/peers with this timing) in the same run and prints the ratios
+// side by side. all_gather, reduce_scatter and sendrecv live in cmd_bench_collectives.cc.
 #include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -119,7 +122,8 @@ struct BenchOptions {
   std::string backends = "tcp,tcp-noshm,mpi,mpi-native";
   int64_t max_bytes = int64_t{64} << 20;
   bool peers = true;
-  std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
+  // The project's gloo_allreduce.py: the shared peer's with this bench's timing loop.
+  std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/bench/peers";
   // worker mode
   bool worker = false;
   std::string backend;
@@ -165,36 +169,32 @@ int run_worker(const BenchOptions& o) {
     float x = 1;
     comm.allreduce(&x, 1, DType::f32, comm::ReduceOp::kSum);
   }
+  const bool tcp = o.backend == "tcp" || o.backend == "tcp-noshm";
   for (int64_t nbytes : sweep_sizes(o.max_bytes)) {
     size_t count = static_cast<size_t>(std::max<int64_t>(1, nbytes / 4));
-    std::vector<float> buf(count);
-    int iters = nbytes < (int64_t{16} << 20) ? 20 : 5;
-    std::vector<double> samples;
-    for (int i = 0; i < iters + 3; ++i) {
-      std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
-      comm.barrier();
-      auto t0 = std::chrono::steady_clock::now();
-      comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum);
-      double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i >= 3) samples.push_back(dt);
-    }
-    std::sort(samples.begin(), samples.end());
-    double t = samples[samples.size() / 2];
+    std::vector<float> buf(count, 0.0f);  // zeros: in-place sums stay finite
+    auto allreduce = [&] { comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum); };
+    const double t = bench_detail::time_loop(comm, bench_detail::loop_timing(nbytes), allreduce);
+    std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
+    allreduce();
     float expect = static_cast<float>(n) * static_cast<float>(n + 1) / 2.0f;
     int64_t wrong = std::count_if(buf.begin(), buf.end(), [&](float v) { return v != expect; });
     comm.allreduce(&wrong, 1, DType::i64, comm::ReduceOp::kSum);
     if (comm.rank() == 0) {
       double algbw = static_cast<double>(nbytes) / t / 1e9;
-      out << nlohmann::json{{"backend", o.backend},
-                            {"nproc", n},
-                            {"bytes", nbytes},
-                            {"count", count},
-                            {"time_us", t * 1e6},
-                            {"algbw_GBps", algbw},
-                            {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
-                            {"wrong", wrong}}
-                 .dump()
-          << "\n";
+      nlohmann::json row{{"backend", o.backend},
+                         {"nproc", n},
+                         {"bytes", nbytes},
+                         {"count", count},
+                         {"time_us", t * 1e6},
+                         {"algbw_GBps", algbw},
+                         {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
+                         {"wrong", wrong}};
+      if (tcp) {
+        row["algo"] = comm::algo_name(bench_detail::tcp_allreduce_algo(
+            comm::TcpOptions::from_env(), true, count * sizeof(float)));
+      }
+      out << row.dump() << "\n";
       out.flush();
     }
   }
@@ -209,6 +209,7 @@ struct ScalingOptions {
   int steps = 20, reps = 5;
   int rounds = 5;  // interleaved sweeps over `workers`
   bool pin = true;
+  bool sync = true;  // --no-sync: no DDP, every worker computes alone (compute at N workers)
   bool worker = false;
   std::string out;
 };
@@ -229,7 +230,9 @@ int run_scaling_worker(const ScalingOptions& o) {
   Generator data_gen(100 + static_cast<uint64_t>(comm.rank()));
   nn::Batch data = nn::make_random_batch(o.model, o.batch, data_gen);
   std::unique_ptr<parallel::DistributedDataParallel> ddp;
-  if (comm.size() > 1) ddp = std::make_unique<parallel::DistributedDataParallel>(model, comm);
+  if (comm.size() > 1 && o.sync) {
+    ddp = std::make_unique<parallel::DistributedDataParallel>(model, comm);
+  }
   optim::SGD opt(model->parameters(), optim::SGDOptions(0.01).momentum(0.9));
   auto step = [&] {
     opt.zero_grad();
@@ -565,7 +568,7 @@ Command add_bench_command(CLI::App& app) {
       ->capture_default_str()
       ->check(kPositive);
   ar->add_flag("!--no-peers", o->peers, "Do not run the Gloo and Open MPI peers");
-  ar->add_option("--peers-dir", o->peers_dir, "Folder with gloo_allreduce.py and mpi_allreduce.cpp")
+  ar->add_option("--peers-dir", o->peers_dir, "Folder with gloo_allreduce.py")
       ->capture_default_str();
   ar->add_flag("--worker", o->worker, "(internal) run as one rank of the sweep");
   ar->add_option("--backend", o->backend, "(internal) the worker's backend");
@@ -585,6 +588,8 @@ Command add_bench_command(CLI::App& app) {
       ->capture_default_str()
       ->check(kPositive);
   sc->add_flag("!--no-pin", so->pin, "Do not pin each worker to its own core");
+  sc->add_flag("!--no-sync", so->sync,
+               "(with --worker) no gradient all-reduce: the compute of N concurrent workers");
   sc->add_flag("--worker", so->worker, "(internal) run as one rank");
   sc->add_option("--out", so->out,
                  "Folder for scaling.md and scaling.png (with --worker, internal: rank 0's row)");
