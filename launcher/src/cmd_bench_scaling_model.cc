@@ -112,13 +112,17 @@ void measure_host(const ModelOptions& o, int n, json& rows, std::string* note) {
   }
 }
 
-// `bench hosts --rows`: every row with the algorithm it ran.
+// `bench hosts --rows`: every row with the algorithm it ran. DTRAIN_TCP_SPIN_US=0:
+// the namespaced hosts share this machine's cores, and a rank spinning for its peer's
+// packet keeps the core the packet's delivery (softirq) needs: with the default 300 us
+// spin a small all-reduce step took 340-830 us here, blocking at once 40 us
+// (docs/scaling.md). Real hosts deliver on their own cores.
 void measure_netns(const ModelOptions& o, int hosts, int per_host, json& rows, std::string* note) {
   const std::string out = temp_file(fmt::format("netns{}x{}.jsonl", hosts, per_host));
   int st = 0;
   std::string text = run_capture(
-      fmt::format("{} bench hosts --hosts {} --ranks-per-host {} --rate {}mbit --max-bytes {} "
-                  "--rows {} 2>&1",
+      fmt::format("DTRAIN_TCP_SPIN_US=0 {} bench hosts --hosts {} --ranks-per-host {} --rate "
+                  "{}mbit --max-bytes {} --rows {} 2>&1",
                   self_exe(), hosts, per_host, o.rate_mbit, o.max_bytes, out),
       &st);
   if (st != 0) *note += fmt::format("netns {} x {}: status {}: {}\n", hosts, per_host, st, text);
@@ -130,23 +134,25 @@ void measure_netns(const ModelOptions& o, int hosts, int per_host, json& rows, s
                     {"rate_bps", j["rate_bps"]},
                     {"bytes", j["bytes"]},
                     {"iters", j["iters"]},
+                    {"spin_us", 0},
                     {"time_us", j["time_us"]}});
   }
 }
 
-// One `bench scaling` worker run of n workers: ms per step (nullopt when it failed).
-std::optional<double> scaling_run(const std::string& model, int n, bool sync, std::string* note) {
+// One `bench scaling --compute-too` worker run of n workers: its row (ms_per_step
+// with DDP, compute_ms without the all-reduce, rep by rep interleaved), or nullopt.
+std::optional<json> scaling_run(const std::string& model, int n, std::string* note) {
   const std::string out = temp_file(fmt::format("scaling{}.json", n));
   int st = 0;
   std::string log =
       run_capture(fmt::format("{0} launch --nproc {1} -- {0} bench scaling --worker --model {2} "
-                              "--batch 64 --steps 10 --reps 5 {3}--out {4} 2>&1",
-                              self_exe(), n, model, sync ? "" : "--no-sync ", out),
+                              "--batch 64 --steps 10 --reps 5 --compute-too --out {3} 2>&1",
+                              self_exe(), n, model, out),
                   &st);
   auto got = read_lines(out);
   if (st != 0 || got.empty()) *note += fmt::format("scaling {}: status {}: {}\n", n, st, log);
   if (got.empty()) return std::nullopt;
-  return got[0]["ms_per_step"].get<double>();
+  return got[0];
 }
 
 double median_of(std::vector<double> v) {
@@ -155,24 +161,24 @@ double median_of(std::vector<double> v) {
 }
 
 // seed-cnn weak scaling on 1-4 workers, `rounds` interleaved sweeps, medians: the step
-// with DDP, and the compute alone of the same number of concurrent workers (--no-sync:
-// what the cores and the other builds leave each worker).
+// with DDP, and the compute alone of the same concurrent workers (what the cores and
+// the other builds leave each worker; measured in the same run, rep by rep).
 void measure_scaling(const ModelOptions& o, const std::string& model, json& rows,
                      std::string* note) {
   std::map<int, std::vector<double>> step, compute;
   for (int round = 0; round < o.rounds; ++round) {
     for (int n = 1; n <= 4; ++n) {
-      if (auto t = scaling_run(model, n, true, note)) step[n].push_back(*t);
-      if (n == 1) continue;
-      if (auto t = scaling_run(model, n, false, note)) compute[n].push_back(*t);
+      if (auto r = scaling_run(model, n, note)) {
+        step[n].push_back((*r)["ms_per_step"].get<double>());
+        compute[n].push_back((*r)["compute_ms"].get<double>());
+      }
     }
   }
   for (auto& [n, v] : step) {
-    if (n > 1 && compute[n].empty()) continue;
     rows.push_back({{"model", model},
                     {"workers", n},
                     {"ms_per_step", median_of(v)},
-                    {"compute_ms", median_of(n == 1 ? v : compute[n])}});
+                    {"compute_ms", median_of(compute[n])}});
   }
 }
 
@@ -197,12 +203,21 @@ double host_slowdown(const json& row, int cores) {
   return std::max(1.0, static_cast<double>(ranks) / cores);
 }
 
+// Ranks of a row beyond the measuring machine's cores (namespaced hosts share them).
+double oversub_ranks(const json& row, int cores) {
+  const int ranks = row.contains("workers") ? row["workers"].get<int>() : row["ranks"].get<int>();
+  return std::max(0, ranks - cores);
+}
+
 sm::Machine row_machine(const sm::Machine& fit, const json& row, double fit_rate, int cores) {
   sm::Machine m = fit;
   m.ranks_per_node = row["ranks_per_node"].get<int>();
   for (sm::Link* l : {&m.mem, &m.intra}) {
     l->beta_Bps /= host_slowdown(row, cores);
     l->beta_mem_Bps /= host_slowdown(row, cores);
+  }
+  for (sm::Link* l : {&m.mem, &m.intra, &m.inter}) {
+    l->alpha_s += oversub_ranks(row, cores) * l->alpha_oversub_s;
   }
   if (row.contains("rate_bps") && fit_rate > 0) {
     m.inter.beta_Bps *= row["rate_bps"].get<double>() / fit_rate;
@@ -230,7 +245,7 @@ std::optional<sm::Sample> row_sample(const json& row, int cores) {
   const double slow = one_host ? host_slowdown(row, cores) : 1.0;
   auto sample = [&](sm::LinkClass link, sm::Cost c) {
     c.wire_bytes *= slow;
-    return sm::Sample{link, c, t};
+    return sm::Sample{link, c, t, oversub_ranks(row, cores)};
   };
   const sm::LinkClass between = one_host ? sm::LinkClass::kIntra : sm::LinkClass::kInter;
   switch (row_algo(row)) {
@@ -319,6 +334,9 @@ std::string link_text(const sm::Link& l) {
   if (l.knee_bytes > 0) {
     text += fmt::format(" up to a {:.0f} KiB working set, {:.4f} GB/s beyond", l.knee_bytes / 1024,
                         l.beta_mem_Bps / 1e9);
+  }
+  if (l.alpha_oversub_s > 0) {
+    text += fmt::format("; +{:.2f} us a step per rank beyond the cores", l.alpha_oversub_s * 1e6);
   }
   return text;
 }

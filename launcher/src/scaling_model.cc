@@ -227,20 +227,28 @@ StepPrediction predict_step(const Machine& m, const Workload& w, int ranks, comm
 
 namespace {
 
-using Vec3 = std::array<double, 3>;  // (alpha, 1/beta, 1/beta_mem)
+constexpr int kVars = 4;
+using Vec = std::array<double, kVars>;  // (alpha, 1/beta, 1/beta_mem, alpha_oversub)
 
-// One sample's coefficients of (alpha, 1/beta, 1/beta_mem) under a knee.
-Vec3 features(const Sample& s, double knee) {
+// One sample's coefficients of Vec under a knee.
+Vec features(const Sample& s, double knee) {
   const double f = knee > 0 && s.cost.working_bytes > knee ? knee / s.cost.working_bytes : 1.0;
-  return {s.cost.steps, s.cost.wire_bytes * f, s.cost.wire_bytes * (1.0 - f)};
+  return {s.cost.steps, s.cost.wire_bytes * f, s.cost.wire_bytes * (1.0 - f),
+          s.cost.steps * s.oversub_ranks};
 }
 
-// Weighted least squares of x . a_i = t_i over the variables in `mask` (bits 0-2; the
+double dot(const Vec& x, const Vec& a) {
+  double sum = 0;
+  for (int j = 0; j < kVars; ++j) sum += x[j] * a[j];
+  return sum;
+}
+
+// Weighted least squares of x . a_i = t_i over the variables in `mask` (bits 0-3; the
 // others 0), by Gaussian elimination on the normal equations; nullopt when singular.
-std::optional<Vec3> solve(const std::vector<Vec3>& a, const std::vector<double>& t,
-                          const std::vector<double>& w, unsigned mask) {
+std::optional<Vec> solve(const std::vector<Vec>& a, const std::vector<double>& t,
+                         const std::vector<double>& w, unsigned mask) {
   std::vector<int> vars;
-  for (int j = 0; j < 3; ++j) {
+  for (int j = 0; j < kVars; ++j) {
     if (mask & (1u << j)) vars.push_back(j);
   }
   const size_t k = vars.size();
@@ -262,23 +270,26 @@ std::optional<Vec3> solve(const std::vector<Vec3>& a, const std::vector<double>&
       for (size_t c = p; c <= k; ++c) m[r][c] -= f * m[p][c];
     }
   }
-  Vec3 x{0, 0, 0};
+  Vec x{0, 0, 0, 0};
   for (size_t r = 0; r < k; ++r) x[vars[r]] = m[r][k] / m[r][r];
   return x;
 }
 
 // The non-negative solution of least weighted squares: every variable subset that
-// holds 1/beta (and 1/beta_mem when `knee`), the feasible one with the least residual.
-std::optional<Vec3> solve_nonnegative(const std::vector<Vec3>& a, const std::vector<double>& t,
-                                      const std::vector<double>& w, bool knee) {
-  std::optional<Vec3> best;
+// holds 1/beta (and 1/beta_mem exactly when `knee`, no faster than 1/beta), the
+// feasible one with the least residual.
+std::optional<Vec> solve_nonnegative(const std::vector<Vec>& a, const std::vector<double>& t,
+                                     const std::vector<double>& w, bool knee) {
+  std::optional<Vec> best;
   double best_sse = 0;
-  for (unsigned mask : knee ? std::vector<unsigned>{6, 7} : std::vector<unsigned>{2, 3}) {
+  for (unsigned mask = 0; mask < (1u << kVars); ++mask) {
+    if (!(mask & 2u) || static_cast<bool>(mask & 4u) != knee) continue;
     auto x = solve(a, t, w, mask);
-    if (!x || (*x)[0] < 0 || (*x)[1] <= 0 || (knee && (*x)[2] <= 0)) continue;
+    // Memory beyond the cache is not faster than the cache: 1/beta_mem >= 1/beta.
+    if (!x || (*x)[1] <= 0 || (knee && (*x)[2] < (*x)[1]) || (*x)[0] < 0 || (*x)[3] < 0) continue;
     double sse = 0;
     for (size_t i = 0; i < a.size(); ++i) {
-      const double r = (*x)[0] * a[i][0] + (*x)[1] * a[i][1] + (*x)[2] * a[i][2] - t[i];
+      const double r = dot(*x, a[i]) - t[i];
       sse += w[i] * r * r;
     }
     if (!best || sse < best_sse) best = x, best_sse = sse;
@@ -289,32 +300,35 @@ std::optional<Vec3> solve_nonnegative(const std::vector<Vec3>& a, const std::vec
 // Least absolute relative deviation at one knee (0: none): reweighted least squares,
 // weights 1 / (t^2 max(|relative residual|, 0.1%)).
 std::optional<Link> fit_at_knee(const std::vector<Sample>& samples, double knee) {
-  std::vector<Vec3> a;
+  std::vector<Vec> a;
   std::vector<double> t, w;
   for (const Sample& s : samples) {
     a.push_back(features(s, knee));
     t.push_back(s.seconds);
     w.push_back(1.0 / (s.seconds * s.seconds));
   }
-  std::optional<Vec3> x;
+  std::optional<Vec> x;
   for (int round = 0; round < 12; ++round) {
     auto next = solve_nonnegative(a, t, w, knee > 0);
     if (!next) break;
     x = next;
     for (size_t i = 0; i < a.size(); ++i) {
-      const double r = ((*x)[0] * a[i][0] + (*x)[1] * a[i][1] + (*x)[2] * a[i][2] - t[i]) / t[i];
+      const double r = (dot(*x, a[i]) - t[i]) / t[i];
       w[i] = 1.0 / (t[i] * t[i] * std::max(std::abs(r), 1e-3));
     }
   }
   if (!x) return std::nullopt;
-  return Link{(*x)[0], 1.0 / (*x)[1], knee, knee > 0 ? 1.0 / (*x)[2] : 0.0};
+  return Link{(*x)[0], 1.0 / (*x)[1], knee, knee > 0 ? 1.0 / (*x)[2] : 0.0, (*x)[3]};
 }
 
 }  // namespace
 
 double relative_error(const Link& l, const std::vector<Sample>& samples) {
   double sum = 0;
-  for (const Sample& s : samples) sum += std::abs(s.cost.seconds(l) - s.seconds) / s.seconds;
+  for (const Sample& s : samples) {
+    const double t = s.cost.seconds(l) + s.cost.steps * s.oversub_ranks * l.alpha_oversub_s;
+    sum += std::abs(t - s.seconds) / s.seconds;
+  }
   return samples.empty() ? 0 : sum / static_cast<double>(samples.size());
 }
 
@@ -365,6 +379,7 @@ using nlohmann::json;
 nlohmann::json link_json(const Link& l) {
   nlohmann::json j = {{"alpha_us", l.alpha_s * 1e6}, {"beta_GBps", l.beta_Bps / 1e9}};
   if (l.knee_bytes > 0) j["knee_bytes"] = l.knee_bytes, j["beta_mem_GBps"] = l.beta_mem_Bps / 1e9;
+  if (l.alpha_oversub_s > 0) j["alpha_oversub_us"] = l.alpha_oversub_s * 1e6;
   return j;
 }
 
@@ -382,10 +397,13 @@ Link link_from(const json& j, const char* key) {
   DTRAIN_CHECK(j.contains(key), DataFormatError, "fit file: machine.{} is missing", key);
   const std::string where = std::string("machine.") + key;
   Link l{number(j[key], "alpha_us", where, true) * 1e-6, number(j[key], "beta_GBps", where) * 1e9,
-         0, 0};
+         0, 0, 0};
   if (j[key].contains("knee_bytes")) {
     l.knee_bytes = number(j[key], "knee_bytes", where);
     l.beta_mem_Bps = number(j[key], "beta_mem_GBps", where) * 1e9;
+  }
+  if (j[key].contains("alpha_oversub_us")) {
+    l.alpha_oversub_s = number(j[key], "alpha_oversub_us", where, true) * 1e-6;
   }
   return l;
 }

@@ -44,6 +44,10 @@ struct Link {
   double beta_Bps = 0;      // bytes per second (in cache, or everywhere without a knee)
   double knee_bytes = 0;    // working set where the cache runs out; 0: no knee
   double beta_mem_Bps = 0;  // beyond the knee (used only when knee_bytes > 0)
+  // Seconds per step per rank beyond the measuring machine's cores (its ranks wait for
+  // a core at every step): a fact of that machine, added to alpha for the rows it
+  // measured (cmd_bench_scaling_model.cc), never to a prediction.
+  double alpha_oversub_s = 0;
 };
 
 // The machine a prediction is for. Ranks fill a node before the next (as launchers do).
@@ -130,10 +134,11 @@ struct Sample {
   LinkClass link = LinkClass::kInter;
   Cost cost;
   double seconds = 0;
+  double oversub_ranks = 0;  // ranks beyond the measuring machine's cores (alpha_oversub_s)
 };
 // Cost::seconds = seconds in relative error: least absolute relative deviation (the
 // error --validate counts; robust to a stray row), by iteratively reweighted least
-// squares over (alpha, 1/beta, 1/beta_mem) >= 0. With `knee`, every working-set size
+// squares over (alpha, 1/beta, 1/beta_mem, alpha_oversub) >= 0. With `knee`, every working-set size
 // of the samples is tried as the knee and the best kept; without, one bandwidth.
 // InvalidArgument for fewer than 3 samples or samples that fix no bandwidth.
 Link fit_link(const std::vector<Sample>& samples, bool knee = false);
