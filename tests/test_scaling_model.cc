@@ -148,6 +148,30 @@ TEST(ScalingModel, FitRecoversKnownLinkFromNoisyPoints) {
   EXPECT_THROW(sm::fit_link({rows[0], rows[1]}), dtrain::InvalidArgument);
 }
 
+// A shaped link costs the larger of latency and transfer; the fit recovers alpha and
+// the rate from rows of both kinds (rd small, ring large, 2 and 4 hosts).
+TEST(ScalingModel, ShapedLinkTakesTheBindingTermAndFits) {
+  const sm::Link truth{25e-6, 0.125e9, 0, 0, 0, true};
+  // 2 steps of 25 us against 1 KiB at 125 MB/s (8.2 us): latency binds.
+  EXPECT_NEAR((sm::Cost{2, 1024, 0}).seconds(truth), 50e-6, 1e-15);
+  // 2 steps against 64 KiB (524 us): the transfer binds.
+  EXPECT_NEAR((sm::Cost{2, 65536, 0}).seconds(truth), 65536 / 0.125e9, 1e-15);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> noise(-0.02, 0.02);
+  std::vector<sm::Sample> rows;
+  for (int n : {2, 4}) {
+    for (double bytes = 8; bytes <= (16 << 20); bytes *= 2) {
+      sm::Cost c = bytes <= 65536 ? sm::rd_cost(n, bytes) : sm::ring_cost(n, bytes);
+      rows.push_back({sm::LinkClass::kInter, c, c.seconds(truth) * (1 + noise(rng))});
+    }
+  }
+  sm::Link got = sm::fit_link(rows, false, true);
+  EXPECT_TRUE(got.shaped);
+  EXPECT_NEAR(got.alpha_s, truth.alpha_s, 0.03 * truth.alpha_s);
+  EXPECT_NEAR(got.beta_Bps, truth.beta_Bps, 0.03 * truth.beta_Bps);
+  EXPECT_LT(sm::relative_error(got, rows), 0.02);
+}
+
 // The one-host rows of 2-4 ranks, slots up to 256 KiB and the ring above, with a
 // 4 MiB cache knee: the fit finds alpha, both bandwidths and the knee; one stray row
 // (a 10x outlier) does not move it.

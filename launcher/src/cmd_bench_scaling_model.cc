@@ -317,7 +317,7 @@ sm::Fit fit_measured(json measured, const std::string& model, int cores) {
   }
   fit.machine.mem = sm::fit_link(by_class[sm::LinkClass::kMem], true);
   fit.machine.intra = sm::fit_link(by_class[sm::LinkClass::kIntra], true);
-  fit.machine.inter = sm::fit_link(by_class[sm::LinkClass::kInter]);
+  fit.machine.inter = sm::fit_link(by_class[sm::LinkClass::kInter], false, true);  // tbf
   for (auto c : {sm::LinkClass::kMem, sm::LinkClass::kIntra, sm::LinkClass::kInter}) {
     fmt::print("# {}: {} rows, mean |error| {:.1f}%\n", sm::link_class_name(c), by_class[c].size(),
                100 * sm::relative_error(sm::link_of(fit.machine, c), by_class[c]));
@@ -338,6 +338,7 @@ std::string link_text(const sm::Link& l) {
   if (l.alpha_oversub_s > 0) {
     text += fmt::format("; +{:.2f} us a step per rank beyond the cores", l.alpha_oversub_s * 1e6);
   }
+  if (l.shaped) text += "; shaped: max(latency, transfer)";
   return text;
 }
 
@@ -452,6 +453,7 @@ double positive(const std::optional<double>& v, const char* flag) {
 
 sm::Machine predict_machine(const ModelOptions& o, const sm::Fit& fit) {
   sm::Machine m = preset_machine(fit.machine, o.preset);
+  if (o.link_gbps || o.latency_us) m.inter.shaped = false;  // a real NIC, not tbf
   if (o.link_gbps) m.inter.beta_Bps = positive(o.link_gbps, "--link-gbps") * 1e9 / 8;
   if (o.latency_us) m.inter.alpha_s = positive(o.latency_us, "--latency-us") * 1e-6;
   if (o.nvlink_gbps) {  // a link of its own: no cache knee of this host's memory

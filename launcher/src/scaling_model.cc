@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include "dtrain/common/error.h"
@@ -45,13 +46,19 @@ double inv_beta(const Link& l, double working) {
 // slowest edge).
 Link slowest(const Link& a, const Link& b, double working) {
   return {std::max(a.alpha_s, b.alpha_s),
-          1.0 / std::max(inv_beta(a, working), inv_beta(b, working)), 0, 0};
+          1.0 / std::max(inv_beta(a, working), inv_beta(b, working)),
+          0,
+          0,
+          0,
+          a.shaped || b.shaped};
 }
 
 }  // namespace
 
 double Cost::seconds(const Link& l) const {
-  return steps * l.alpha_s + (wire_bytes > 0 ? wire_bytes * inv_beta(l, working_bytes) : 0.0);
+  const double latency = steps * l.alpha_s;
+  const double transfer = wire_bytes > 0 ? wire_bytes * inv_beta(l, working_bytes) : 0.0;
+  return l.shaped ? std::max(latency, transfer) : latency + transfer;
 }
 
 Cost ring_cost(int n, double bytes) {
@@ -323,16 +330,54 @@ std::optional<Link> fit_at_knee(const std::vector<Sample>& samples, double knee)
 
 }  // namespace
 
+namespace {
+
+// The model's time of one sample: alpha plus the sample's ranks beyond the cores.
+double sample_seconds(const Link& l, const Sample& s) {
+  Link at = l;
+  at.alpha_s += s.oversub_ranks * l.alpha_oversub_s;
+  return s.cost.seconds(at);
+}
+
+// Link::shaped: from the additive fit, each row keeps only its binding term (latency
+// or transfer) and the linear fit is redone, until the assignment settles.
+std::optional<Link> fit_shaped(const std::vector<Sample>& samples) {
+  std::optional<Link> l = fit_at_knee(samples, 0);
+  for (int round = 0; round < 10 && l; ++round) {
+    std::vector<Sample> binding = samples;
+    for (Sample& s : binding) {
+      Link latency_only = *l;
+      latency_only.beta_Bps = std::numeric_limits<double>::infinity();
+      if (sample_seconds(latency_only, s) >= s.cost.wire_bytes / l->beta_Bps) {
+        s.cost.wire_bytes = 0;
+      } else {
+        s.cost.steps = 0;
+      }
+    }
+    auto next = fit_at_knee(binding, 0);
+    if (!next) break;
+    l = next;
+  }
+  if (l) l->shaped = true;
+  return l;
+}
+
+}  // namespace
+
 double relative_error(const Link& l, const std::vector<Sample>& samples) {
   double sum = 0;
-  for (const Sample& s : samples) {
-    const double t = s.cost.seconds(l) + s.cost.steps * s.oversub_ranks * l.alpha_oversub_s;
-    sum += std::abs(t - s.seconds) / s.seconds;
-  }
+  for (const Sample& s : samples) sum += std::abs(sample_seconds(l, s) - s.seconds) / s.seconds;
   return samples.empty() ? 0 : sum / static_cast<double>(samples.size());
 }
 
-Link fit_link(const std::vector<Sample>& samples, bool knee) {
+Link fit_link(const std::vector<Sample>& samples, bool knee, bool shaped) {
+  if (shaped) {
+    DTRAIN_CHECK(samples.size() >= 3, InvalidArgument,
+                 "scaling fit: {} sample(s); alpha and beta need at least 3", samples.size());
+    auto l = fit_shaped(samples);
+    DTRAIN_CHECK(l.has_value(), InvalidArgument, "scaling fit: the samples fix no bandwidth");
+    return *l;
+  }
   DTRAIN_CHECK(samples.size() >= 3, InvalidArgument,
                "scaling fit: {} sample(s); alpha and beta need at least 3", samples.size());
   std::vector<double> knees{0};
@@ -380,6 +425,7 @@ nlohmann::json link_json(const Link& l) {
   nlohmann::json j = {{"alpha_us", l.alpha_s * 1e6}, {"beta_GBps", l.beta_Bps / 1e9}};
   if (l.knee_bytes > 0) j["knee_bytes"] = l.knee_bytes, j["beta_mem_GBps"] = l.beta_mem_Bps / 1e9;
   if (l.alpha_oversub_s > 0) j["alpha_oversub_us"] = l.alpha_oversub_s * 1e6;
+  if (l.shaped) j["shaped"] = true;
   return j;
 }
 
@@ -402,6 +448,9 @@ Link link_from(const json& j, const char* key) {
     l.knee_bytes = number(j[key], "knee_bytes", where);
     l.beta_mem_Bps = number(j[key], "beta_mem_GBps", where) * 1e9;
   }
+  DTRAIN_CHECK(!j[key].contains("shaped") || j[key]["shaped"].is_boolean(), DataFormatError,
+               "fit file: {}.shaped must be true or false", where);
+  l.shaped = j[key].value("shaped", false);
   if (j[key].contains("alpha_oversub_us")) {
     l.alpha_oversub_s = number(j[key], "alpha_oversub_us", where, true) * 1e-6;
   }

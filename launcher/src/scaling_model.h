@@ -48,6 +48,10 @@ struct Link {
   // a core at every step): a fact of that machine, added to alpha for the rows it
   // measured (cmd_bench_scaling_model.cc), never to a prediction.
   double alpha_oversub_s = 0;
+  // A rate-shaped link (tbf's token bucket): its bucket refills during a step's
+  // latency, so back-to-back operations cost max(steps x alpha, wire / beta) a call,
+  // not the sum: small messages leave at the veth's speed, a stream at the rate.
+  bool shaped = false;
 };
 
 // The machine a prediction is for. Ranks fill a node before the next (as launchers do).
@@ -141,7 +145,9 @@ struct Sample {
 // squares over (alpha, 1/beta, 1/beta_mem, alpha_oversub) >= 0. With `knee`, every working-set size
 // of the samples is tried as the knee and the best kept; without, one bandwidth.
 // InvalidArgument for fewer than 3 samples or samples that fix no bandwidth.
-Link fit_link(const std::vector<Sample>& samples, bool knee = false);
+// `shaped`: the max form of Link::shaped, fitted by assigning each row to its binding
+// term and refitting until the assignment holds.
+Link fit_link(const std::vector<Sample>& samples, bool knee = false, bool shaped = false);
 // The mean absolute relative error of `l` over `samples` (what fit_link minimises).
 double relative_error(const Link& l, const std::vector<Sample>& samples);
 // The overlap in [0, 1] that best fits step = compute x slowdown + (1 - overlap) x comm:
