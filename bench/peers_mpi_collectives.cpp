@@ -5,8 +5,12 @@
 // which compiles it with mpicxx and runs it under mpirun on the same sizes:
 //   peers_mpi_collectives <all_reduce|all_gather|reduce_scatter|sendrecv> <min_bytes> <max_bytes>
 // Same shapes, inputs, timing and #wrong as dtrain's workers: float; sizes doubling from
-// min_bytes; per size 3 warm-ups, then the median of 20 repetitions (5 from 16 MiB), each
-// after refilling the receive buffer and a barrier. MPI_Allgather, MPI_Reduce_scatter_block
+// min_bytes; per size the loop of bench_detail::time_loop (launcher/src/cmd_bench_collectives.cc):
+// min(5, iters) warm-ups, then `trials` rounds of MPI_Barrier and `iters` operations back
+// to back, iters = 64 MiB / size clamped to [4, 50], 5 trials below 1 MiB and 3 from there;
+// a round's time per operation is the slowest rank's (MPI_MAX), the median round is
+// reported; then one operation on refilled buffers counts #wrong (all_reduce times zeros
+// in place, so repeated sums stay finite). MPI_Allgather, MPI_Reduce_scatter_block
 // (sum) and MPI_Sendrecv (to rank+1, from rank-1; both directions overlap). One JSON line
 // per size on stdout ({"peer": "openmpi", ...}), a table on stderr.
 // Not a dtrain target (bench/CMakeLists.txt builds *.cc only): it needs only mpi.h.
@@ -64,6 +68,27 @@ void refill(Run& r) {
   for (long i = 0; i < r.count; ++i) r.recv[i] = value(r.rank, i);
 }
 
+void run_once(Run& r);
+
+// Seconds per operation: the slowest rank's, median over the rounds (dtrain's time_loop).
+double time_loop(Run& r, long nbytes) {
+  const int iters = int(std::min(50L, std::max(4L, (64L << 20) / nbytes)));
+  const int trials = nbytes < (1L << 20) ? 5 : 3;
+  if (r.coll == "all_reduce") std::fill(r.recv.begin(), r.recv.end(), 0.0f);
+  for (int i = 0; i < std::min(5, iters); ++i) run_once(r);
+  std::vector<double> rounds;
+  for (int k = 0; k < trials; ++k) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    const double t0 = MPI_Wtime();
+    for (int i = 0; i < iters; ++i) run_once(r);
+    double dt = (MPI_Wtime() - t0) / iters;
+    MPI_Allreduce(MPI_IN_PLACE, &dt, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    rounds.push_back(dt);
+  }
+  std::sort(rounds.begin(), rounds.end());
+  return rounds[rounds.size() / 2];
+}
+
 void run_once(Run& r) {
   if (r.coll == "all_reduce") {
     MPI_Allreduce(MPI_IN_PLACE, r.recv.data(), int(r.count), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
@@ -106,17 +131,9 @@ int main(int argc, char** argv) {
     r.count = std::max(1L, requested / 4 / ranks);
     const long nbytes = r.count * ranks * 4;
     setup(r);
-    const int iters = nbytes < (16L << 20) ? 20 : 5;
-    std::vector<double> samples;
-    for (int i = 0; i < iters + 3; ++i) {
-      refill(r);
-      MPI_Barrier(MPI_COMM_WORLD);
-      double t = MPI_Wtime();
-      run_once(r);
-      if (i >= 3) samples.push_back(MPI_Wtime() - t);
-    }
-    std::sort(samples.begin(), samples.end());
-    const double t = samples[samples.size() / 2];
+    const double t = time_loop(r, nbytes);
+    refill(r);
+    run_once(r);
     long wrong = 0, total = 0;
     for (size_t i = 0; i < r.want.size(); ++i) wrong += r.recv[i] != r.want[i];
     MPI_Reduce(&wrong, &total, 1, MPI_LONG, MPI_SUM, 0, MPI_COMM_WORLD);

@@ -37,6 +37,24 @@ TEST(ScalingModel, CostsMatchHandCounts) {
   EXPECT_DOUBLE_EQ(sm::ring_cost(1, 1000).seconds(toy_machine().inter), 0);
   // 4 ranks, 1 MB over 10 us / 100 MB/s: 6 x 10 us + 1.5 MB / 100 MB/s.
   EXPECT_NEAR(sm::ring_cost(4, 1e6).seconds(toy_machine().inter), 60e-6 + 15e-3, 1e-12);
+  // direct, 4 ranks of 1000 B: 3 barriers; 750 B of the peers' blocks + its own 250 B
+  // for the reduce-scatter, 750 B for the all-gather.
+  EXPECT_DOUBLE_EQ(sm::direct_cost(4, 1000).steps, 3);
+  EXPECT_DOUBLE_EQ(sm::direct_cost(4, 1000).wire_bytes, 1750);
+  EXPECT_DOUBLE_EQ(sm::direct_cost(4, 1000).working_bytes, 4000);
+  EXPECT_DOUBLE_EQ(sm::ring_cost(4, 1000).working_bytes, 4000);
+}
+
+TEST(ScalingModel, KneeSplitsTheWorkingSetAtTheCache) {
+  const sm::Link l{1e-6, 1e9, 1000, 0.5e9};
+  // Within the knee every byte at 1 GB/s: 2 x 1 us + 800 B / 1 GB/s.
+  EXPECT_NEAR((sm::Cost{2, 800, 1000}).seconds(l), 2e-6 + 0.8e-6, 1e-15);
+  // A 4000 B working set: a quarter in cache, three quarters at 0.5 GB/s:
+  // 4000 B x (0.25 / 1 GB/s + 0.75 / 0.5 GB/s) = 4000 x 1.75 ns = 7 us.
+  EXPECT_NEAR((sm::Cost{0, 4000, 4000}).seconds(l), 7e-6, 1e-15);
+  // Continuous at the knee; no knee: one bandwidth.
+  EXPECT_NEAR((sm::Cost{0, 1000, 1000.0001}).seconds(l), 1e-6, 1e-12);
+  EXPECT_NEAR((sm::Cost{0, 4000, 4000}).seconds(sm::Link{0, 1e9, 0, 0}), 4e-6, 1e-15);
 }
 
 TEST(ScalingModel, AllreduceTimesByTopology) {
@@ -66,21 +84,47 @@ TEST(ScalingModel, AllreduceTimesByTopology) {
   EXPECT_NEAR(sm::busbw_Bps(4, 1e6, 1e-3), 1.5e9, 1e-3);
 }
 
+TEST(ScalingModel, DirectOnOneHostAndInHierarchicalStages) {
+  sm::Machine m = toy_machine();
+  m.direct = true;
+  m.direct_min_bytes = m.local_max_bytes + 1;  // as DTRAIN_DIRECT_MIN_BYTES=262145
+  m.ranks_per_node = 4;
+  const double s = 1 << 20;
+  // One host of 4, 1 MiB (above the slots): direct, 3 x 1 us + 1.75 S at 10 GB/s.
+  auto d = sm::allreduce_time(m, 4, 1 << 20, Algo::kAuto);
+  EXPECT_EQ(d.algo, Algo::kDirect);
+  EXPECT_NEAR(d.seconds, 3e-6 + 1.75 * s / 10e9, 1e-12);
+  EXPECT_EQ(sm::allreduce_time(m, 4, 4096, Algo::kAuto).algo, Algo::kLocal);
+  // 2 nodes x 2, 1 MiB hierarchical: reduce-scatter direct (2 waits, S read), the
+  // 512 KiB shard's ring over 2 hosts sharing one NIC, all-gather direct (S/2 read).
+  m.ranks_per_node = 2;
+  auto h = sm::allreduce_time(m, 4, 1 << 20, Algo::kHierarchical);
+  EXPECT_NEAR(h.seconds, 2e-6 + s / 10e9 + 2 * 10e-6 + s / 100e6 + 2e-6 + 0.5 * s / 10e9, 1e-12);
+  // Across nodes direct cannot run.
+  EXPECT_EQ(sm::allreduce_time(m, 4, 1 << 20, Algo::kAuto).algo, Algo::kRing);
+  EXPECT_THROW(sm::allreduce_time(m, 4, 1 << 20, Algo::kDirect), dtrain::InvalidArgument);
+}
+
 TEST(ScalingModel, AutoAgreesWithCommAlgorithmFor) {
   const dtrain::comm::AlgoOptions opts;
   for (int per_node : {1, 2, 4, 8}) {
-    for (int ranks : {2, 3, 4, 8, 16}) {
-      if (ranks % std::min(ranks, per_node) != 0) continue;
-      sm::Machine m = toy_machine();
-      m.ranks_per_node = per_node;
-      dtrain::comm::AlgoCapabilities can;
-      can.local = ranks <= per_node;  // tcp backend: slots when every rank shares the host
-      can.local_capacity = opts.local_max_bytes;
-      for (size_t bytes = 4; bytes <= (64u << 20); bytes *= 2) {
-        for (size_t b : {bytes - 1, bytes, bytes + 1}) {
-          EXPECT_EQ(sm::auto_algo(m, ranks, b),
-                    dtrain::comm::algorithm_for(opts, dtrain::comm::Collective::kAllreduce, b, can))
-              << ranks << " ranks, " << per_node << " per node, " << b << " B";
+    for (bool direct : {false, true}) {
+      for (int ranks : {2, 3, 4, 8, 16}) {
+        if (ranks % std::min(ranks, per_node) != 0) continue;
+        sm::Machine m = toy_machine();
+        m.ranks_per_node = per_node;
+        m.direct = direct;
+        dtrain::comm::AlgoCapabilities can;
+        can.local = ranks <= per_node;  // tcp backend: slots when every rank shares the host
+        can.local_capacity = opts.local_max_bytes;
+        can.direct = direct && ranks <= per_node;
+        for (size_t bytes = 4; bytes <= (64u << 20); bytes *= 2) {
+          for (size_t b : {bytes - 1, bytes, bytes + 1}) {
+            EXPECT_EQ(
+                sm::auto_algo(m, ranks, b),
+                dtrain::comm::algorithm_for(opts, dtrain::comm::Collective::kAllreduce, b, can))
+                << ranks << " ranks, " << per_node << " per node, " << b << " B";
+          }
         }
       }
     }
@@ -101,7 +145,56 @@ TEST(ScalingModel, FitRecoversKnownLinkFromNoisyPoints) {
   sm::Link got = sm::fit_link(rows);
   EXPECT_NEAR(got.alpha_s, truth.alpha_s, 0.05 * truth.alpha_s);
   EXPECT_NEAR(got.beta_Bps, truth.beta_Bps, 0.05 * truth.beta_Bps);
+  EXPECT_EQ(got.knee_bytes, 0);
   EXPECT_THROW(sm::fit_link({rows[0], rows[1]}), dtrain::InvalidArgument);
+}
+
+// A shaped link costs the larger of latency and transfer; the fit recovers alpha and
+// the rate from rows of both kinds (rd small, ring large, 2 and 4 hosts).
+TEST(ScalingModel, ShapedLinkTakesTheBindingTermAndFits) {
+  const sm::Link truth{25e-6, 0.125e9, 0, 0, 0, true};
+  // 2 steps of 25 us against 1 KiB at 125 MB/s (8.2 us): latency binds.
+  EXPECT_NEAR((sm::Cost{2, 1024, 0}).seconds(truth), 50e-6, 1e-15);
+  // 2 steps against 64 KiB (524 us): the transfer binds.
+  EXPECT_NEAR((sm::Cost{2, 65536, 0}).seconds(truth), 65536 / 0.125e9, 1e-15);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> noise(-0.02, 0.02);
+  std::vector<sm::Sample> rows;
+  for (int n : {2, 4}) {
+    for (double bytes = 8; bytes <= (16 << 20); bytes *= 2) {
+      sm::Cost c = bytes <= 65536 ? sm::rd_cost(n, bytes) : sm::ring_cost(n, bytes);
+      rows.push_back({sm::LinkClass::kInter, c, c.seconds(truth) * (1 + noise(rng))});
+    }
+  }
+  sm::Link got = sm::fit_link(rows, false, true);
+  EXPECT_TRUE(got.shaped);
+  EXPECT_NEAR(got.alpha_s, truth.alpha_s, 0.03 * truth.alpha_s);
+  EXPECT_NEAR(got.beta_Bps, truth.beta_Bps, 0.03 * truth.beta_Bps);
+  EXPECT_LT(sm::relative_error(got, rows), 0.02);
+}
+
+// The one-host rows of 2-4 ranks, slots up to 256 KiB and the ring above, with a
+// 4 MiB cache knee: the fit finds alpha, both bandwidths and the knee; one stray row
+// (a 10x outlier) does not move it.
+TEST(ScalingModel, FitRecoversKneeFromNoisyPoints) {
+  const sm::Link truth{3e-6, 8e9, 4 << 20, 2e9};
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<double> noise(-0.01, 0.01);
+  std::vector<sm::Sample> rows;
+  for (int n : {2, 3, 4}) {
+    for (double bytes = 256 << 10; bytes <= (16 << 20); bytes *= 2) {
+      sm::Cost c = sm::ring_cost(n, bytes);
+      rows.push_back({sm::LinkClass::kIntra, c, c.seconds(truth) * (1 + noise(rng))});
+    }
+  }
+  rows[3].seconds *= 10;
+  sm::Link got = sm::fit_link(rows, true);
+  EXPECT_NEAR(got.alpha_s, truth.alpha_s, 0.1 * truth.alpha_s);
+  EXPECT_NEAR(got.beta_Bps, truth.beta_Bps, 0.05 * truth.beta_Bps);
+  EXPECT_NEAR(got.beta_mem_Bps, truth.beta_mem_Bps, 0.05 * truth.beta_mem_Bps);
+  EXPECT_EQ(got.knee_bytes, truth.knee_bytes);
+  // Without the knee the same rows miss by far more than the noise.
+  EXPECT_LT(sm::relative_error(got, rows), 0.5 * sm::relative_error(sm::fit_link(rows), rows));
 }
 
 TEST(ScalingModel, FitRecoversOverlap) {
@@ -137,6 +230,26 @@ TEST(ScalingModel, FitFileRoundTripsAndNamesBadFields) {
   j = toy_fit_json();
   j["machine"]["intra"]["beta_GBps"] = -1;
   EXPECT_THROW(sm::fit_from_json(j), dtrain::DataFormatError);
+  // A knee and direct round-trip; a knee without its second bandwidth is named.
+  sm::Fit knee;
+  knee.machine = toy_machine();
+  knee.machine.mem = {1e-6, 10e9, 1 << 20, 4e9};
+  knee.machine.direct = true;
+  knee.workloads.push_back({"toy", 10e-3, {1e6}, 0.5});
+  back = sm::fit_from_json(sm::fit_to_json(knee));
+  EXPECT_TRUE(back.machine.direct);
+  EXPECT_DOUBLE_EQ(back.machine.mem.knee_bytes, 1 << 20);
+  EXPECT_NEAR(back.machine.mem.beta_mem_Bps, 4e9, 1e-3);
+  EXPECT_EQ(back.machine.inter.knee_bytes, 0);
+  j = sm::fit_to_json(knee);
+  j["machine"]["mem"].erase("beta_mem_GBps");
+  try {
+    sm::fit_from_json(j);
+    ADD_FAILURE() << "no error for a knee without beta_mem_GBps";
+  } catch (const dtrain::DataFormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("machine.mem.beta_mem_GBps"), std::string::npos)
+        << e.what();
+  }
 }
 
 // ---- the CLI ----

@@ -4,14 +4,17 @@
 // `dtrain launch --nproc N` (as `tcp`, with its same-host shared-memory path, and as
 // `tcp-noshm`, with DTRAIN_SHM=0: plain loopback TCP), for the mpi backends through
 // mpirun. Each worker runs the
-// same sweep (8 B .. --max-bytes, doubling; f32 sum) with the peers' protocol: per
-// size, refill, barrier, time one all-reduce, repeat (20 times below 16 MiB, 5 above,
-// after 3 warm-ups), report the median. Rank 0 writes JSON lines that the
-// orchestrator prints as the nccl-tests table (size, count, type, redop, time, algbw,
-// busbw, #wrong; busbw = algbw x 2(n-1)/n). Then, where installed, it runs the peers
-// of ../shared/bench/peers (PyTorch Gloo, Open MPI's MPI_Allreduce) in the same run
-// and prints the ratios side by side. all_gather, reduce_scatter and sendrecv live in
-// cmd_bench_collectives.cc.
+// same sweep (8 B .. --max-bytes, doubling; f32 sum) with the peers' protocol
+// (bench_detail::time_loop, nccl-tests' way): per size, warm up, then rounds of a
+// barrier and `iters` all-reduces back to back, the slowest rank's time per operation,
+// the median round; then one all-reduce of refilled buffers counts #wrong. tcp rows
+// also name the algorithm the backend ran (bench_detail::tcp_allreduce_algo). Rank 0
+// writes JSON lines that the orchestrator prints as the nccl-tests table (size, count,
+// type, redop, time, algbw, busbw, #wrong; busbw = algbw x 2(n-1)/n). Then, where
+// installed, it runs the peers with the same timing loop (PyTorch Gloo:
+// bench/peers/gloo_allreduce.py, Open MPI's MPI_Allreduce: bench/peers_mpi_collectives.cpp;
+// the programs of ../shared/bench/peers with this timing) in the same run and prints the ratios
+// side by side. all_gather, reduce_scatter and sendrecv live in cmd_bench_collectives.cc.
 #include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -108,7 +111,8 @@ struct BenchOptions {
   std::string backends = "tcp,tcp-noshm,mpi,mpi-native";
   int64_t max_bytes = int64_t{64} << 20;
   bool peers = true;
-  std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/../shared/bench/peers";
+  // The project's gloo_allreduce.py: the shared peer's with this bench's timing loop.
+  std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/bench/peers";
   // worker mode
   bool worker = false;
   std::string backend;
@@ -154,36 +158,32 @@ int run_worker(const BenchOptions& o) {
     float x = 1;
     comm.allreduce(&x, 1, DType::f32, comm::ReduceOp::kSum);
   }
+  const bool tcp = o.backend == "tcp" || o.backend == "tcp-noshm";
   for (int64_t nbytes : sweep_sizes(o.max_bytes)) {
     size_t count = static_cast<size_t>(std::max<int64_t>(1, nbytes / 4));
-    std::vector<float> buf(count);
-    int iters = nbytes < (int64_t{16} << 20) ? 20 : 5;
-    std::vector<double> samples;
-    for (int i = 0; i < iters + 3; ++i) {
-      std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
-      comm.barrier();
-      auto t0 = std::chrono::steady_clock::now();
-      comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum);
-      double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i >= 3) samples.push_back(dt);
-    }
-    std::sort(samples.begin(), samples.end());
-    double t = samples[samples.size() / 2];
+    std::vector<float> buf(count, 0.0f);  // zeros: in-place sums stay finite
+    auto allreduce = [&] { comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum); };
+    const double t = bench_detail::time_loop(comm, bench_detail::loop_timing(nbytes), allreduce);
+    std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
+    allreduce();
     float expect = static_cast<float>(n) * static_cast<float>(n + 1) / 2.0f;
     int64_t wrong = std::count_if(buf.begin(), buf.end(), [&](float v) { return v != expect; });
     comm.allreduce(&wrong, 1, DType::i64, comm::ReduceOp::kSum);
     if (comm.rank() == 0) {
       double algbw = static_cast<double>(nbytes) / t / 1e9;
-      out << nlohmann::json{{"backend", o.backend},
-                            {"nproc", n},
-                            {"bytes", nbytes},
-                            {"count", count},
-                            {"time_us", t * 1e6},
-                            {"algbw_GBps", algbw},
-                            {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
-                            {"wrong", wrong}}
-                 .dump()
-          << "\n";
+      nlohmann::json row{{"backend", o.backend},
+                         {"nproc", n},
+                         {"bytes", nbytes},
+                         {"count", count},
+                         {"time_us", t * 1e6},
+                         {"algbw_GBps", algbw},
+                         {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
+                         {"wrong", wrong}};
+      if (tcp) {
+        row["algo"] =
+            comm::algo_name(bench_detail::tcp_allreduce_algo(comm, count * sizeof(float)));
+      }
+      out << row.dump() << "\n";
       out.flush();
     }
   }
@@ -198,6 +198,7 @@ struct ScalingOptions {
   int steps = 20, reps = 5;
   int rounds = 5;  // interleaved sweeps over `workers`
   bool pin = true;
+  bool compute_too = false;  // --compute-too: also time reps inside DDP's no_sync()
   bool worker = false;
   std::string out;
 };
@@ -228,25 +229,36 @@ int run_scaling_worker(const ScalingOptions& o) {
     opt.step();
   };
   for (int i = 0; i < 5; ++i) step();
-  std::vector<double> times;
-  for (int r = 0; r < o.reps; ++r) {
+  auto rep = [&] {  // seconds per step of the slowest rank
     comm.barrier();
     auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < o.steps; ++i) step();
     double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     comm.allreduce(&dt, 1, DType::f64, comm::ReduceOp::kMax);  // the slowest rank sets the pace
-    times.push_back(dt / o.steps);
+    return dt / o.steps;
+  };
+  // --compute-too: each rep is followed by one inside no_sync() (no all-reduce: the
+  // compute of N concurrent workers), so both see the same load on the cores.
+  std::vector<double> times, compute;
+  for (int r = 0; r < o.reps; ++r) {
+    times.push_back(rep());
+    if (!o.compute_too) continue;
+    std::optional<parallel::DistributedDataParallel::NoSyncGuard> quiet;
+    if (ddp) quiet.emplace(ddp->no_sync());
+    compute.push_back(rep());
   }
-  std::sort(times.begin(), times.end());
-  double med = times[times.size() / 2];
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double med = median(times);
   if (comm.rank() == 0) {
-    std::ofstream out(o.out, std::ios::trunc);
-    out << nlohmann::json{{"workers", comm.size()},
-                          {"batch_per_worker", o.batch},
-                          {"ms_per_step", med * 1e3},
-                          {"samples_per_s", static_cast<double>(o.batch * comm.size()) / med}}
-               .dump()
-        << "\n";
+    nlohmann::json row{{"workers", comm.size()},
+                       {"batch_per_worker", o.batch},
+                       {"ms_per_step", med * 1e3},
+                       {"samples_per_s", static_cast<double>(o.batch * comm.size()) / med}};
+    if (o.compute_too) row["compute_ms"] = median(compute) * 1e3;
+    std::ofstream(o.out, std::ios::trunc) << row.dump() << "\n";
   }
   return 0;
 }
@@ -555,7 +567,7 @@ Command add_bench_command(CLI::App& app) {
       ->capture_default_str()
       ->check(kPositive);
   ar->add_flag("!--no-peers", o->peers, "Do not run the Gloo and Open MPI peers");
-  ar->add_option("--peers-dir", o->peers_dir, "Folder with gloo_allreduce.py and mpi_allreduce.cpp")
+  ar->add_option("--peers-dir", o->peers_dir, "Folder with gloo_allreduce.py")
       ->capture_default_str();
   ar->add_flag("--worker", o->worker, "(internal) run as one rank of the sweep");
   ar->add_option("--backend", o->backend, "(internal) the worker's backend");
@@ -575,6 +587,8 @@ Command add_bench_command(CLI::App& app) {
       ->capture_default_str()
       ->check(kPositive);
   sc->add_flag("!--no-pin", so->pin, "Do not pin each worker to its own core");
+  sc->add_flag("--compute-too", so->compute_too,
+               "(with --worker) also time steps without the all-reduce (DDP no_sync)");
   sc->add_flag("--worker", so->worker, "(internal) run as one rank");
   sc->add_option("--out", so->out,
                  "Folder for scaling.md and scaling.png (with --worker, internal: rank 0's row)");

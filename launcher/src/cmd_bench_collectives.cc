@@ -3,9 +3,11 @@
 //
 // Same shape as `dtrain bench allreduce` (cmd_bench.cc): the orchestrator starts the
 // workers of each backend (tcp and tcp-noshm through `dtrain launch`, mpi and mpi-native
-// through mpirun); every worker runs the sweep (doubling sizes, float); per size: fill,
-// barrier, time one operation, repeat (20 times below 16 MiB, 5 from there, after 3
-// warm-ups), report the median; rank 0 writes JSON lines that the orchestrator prints.
+// through mpirun); every worker runs the sweep (doubling sizes, float); per size: warm
+// up, then rounds of a barrier and `iters` operations back to back (bench_detail::
+// time_loop: the slowest rank's time per operation, median round), then one checked
+// operation on refilled buffers for #wrong; rank 0 writes JSON lines that the
+// orchestrator prints.
 // Sizes and bandwidths follow nccl-tests (doc/PERFORMANCE.md):
 //   all_gather      size = the gathered buffer (n x count floats), count per rank,
 //                   busbw = algbw x (n-1)/n
@@ -46,6 +48,46 @@
 #endif
 
 namespace dtrain::cli {
+
+namespace bench_detail {
+
+LoopTiming loop_timing(int64_t bytes) {
+  LoopTiming t;
+  t.iters = static_cast<int>(
+      std::clamp<int64_t>((int64_t{64} << 20) / std::max<int64_t>(1, bytes), 4, 50));
+  t.trials = bytes < (int64_t{1} << 20) ? 5 : 3;
+  t.warmup = std::min(5, t.iters);
+  return t;
+}
+
+double time_loop(comm::Communicator& comm, const LoopTiming& t, const std::function<void()>& op) {
+  DTRAIN_CHECK(t.iters >= 1 && t.trials >= 1 && t.warmup >= 0, InvalidArgument,
+               "bench: iters {}, trials {}, warm-up {}: expected iters, trials >= 1", t.iters,
+               t.trials, t.warmup);
+  for (int i = 0; i < t.warmup; ++i) op();
+  std::vector<double> rounds;
+  for (int r = 0; r < t.trials; ++r) {
+    comm.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < t.iters; ++i) op();
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    comm.allreduce(&dt, 1, DType::f64, comm::ReduceOp::kMax);
+    rounds.push_back(dt / t.iters);
+  }
+  std::sort(rounds.begin(), rounds.end());
+  return rounds[rounds.size() / 2];
+}
+
+comm::Algo tcp_allreduce_algo(const comm::Communicator& comm, size_t bytes) {
+  const std::optional<comm::Algo> a =
+      comm::tcp_algorithm(comm, comm::Collective::kAllreduce, bytes);
+  DTRAIN_CHECK(a.has_value(), InternalError, "bench: rank {} has no tcp communicator to ask",
+               comm.rank());
+  return *a;
+}
+
+}  // namespace bench_detail
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -149,25 +191,19 @@ void run_once(Coll c, comm::Communicator& comm, Buffers& b, size_t count) {
   }
 }
 
-// Median seconds of the timed repetitions, and the wrong elements of the last one.
+// Seconds per operation (bench_detail::time_loop), and the wrong elements of one
+// operation on a receive buffer overwritten with a sentinel.
 std::pair<double, int64_t> time_size(Coll c, comm::Communicator& comm, size_t count,
                                      int64_t bytes) {
   Buffers b = make_buffers(c, count, comm.rank(), comm.size());
-  const int iters = bytes < (int64_t{16} << 20) ? 20 : 5;
-  std::vector<double> samples;
-  for (int i = 0; i < iters + 3; ++i) {
-    std::fill(b.recv.begin(), b.recv.end(), -1.0f);
-    comm.barrier();
-    auto t0 = std::chrono::steady_clock::now();
-    run_once(c, comm, b, count);
-    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (i >= 3) samples.push_back(dt);
-  }
-  std::sort(samples.begin(), samples.end());
+  const double t = bench_detail::time_loop(comm, bench_detail::loop_timing(bytes),
+                                           [&] { run_once(c, comm, b, count); });
+  std::fill(b.recv.begin(), b.recv.end(), -1.0f);
+  run_once(c, comm, b, count);
   int64_t wrong = 0;
   for (size_t i = 0; i < b.want.size(); ++i) wrong += b.recv[i] != b.want[i];
   comm.allreduce(&wrong, 1, DType::i64, comm::ReduceOp::kSum);
-  return {samples[samples.size() / 2], wrong};
+  return {t, wrong};
 }
 
 int run_collective_worker(const CollectiveOptions& o) {

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "dtrain/comm/algorithm.h"
+#include "dtrain/comm/tcp.h"
 #include "dtrain/common/process.h"
 #include "worker_session.h"
 
@@ -27,6 +29,28 @@ std::vector<nlohmann::json> json_lines(const std::string& text);
 std::string launch_command(const std::string& backend, int nproc, const std::string& worker);
 // This worker's session on `backend` (tcp, tcp-noshm, mpi, mpi-native).
 std::unique_ptr<WorkerSession> open_bench_session(const std::string& backend);
+
+// How every bench worker (and its peers: bench/peers_mpi_collectives.cpp,
+// bench/peers/gloo_allreduce.py) times one size, nccl-tests' way: `warmup` operations,
+// then `trials` rounds of a barrier and `iters` operations back to back; a round's
+// time per operation is the slowest rank's (max over ranks: the collective is done
+// when the last rank is), the median round is reported. One operation after a
+// barrier measured who left the barrier last, not the link (docs/scaling.md).
+struct LoopTiming {
+  int warmup = 5;
+  int iters = 50;
+  int trials = 5;
+};
+// iters = 64 MiB / bytes clamped to [4, 50] (a round of ~64 MiB moved); 5 trials below
+// 1 MiB, 3 from there; warm-up min(5, iters).
+LoopTiming loop_timing(int64_t bytes);
+// Seconds per `op` on the slowest rank, median over the trials; every rank returns
+// the same figure. `op` runs warmup + trials x iters times.
+double time_loop(comm::Communicator& comm, const LoopTiming& t, const std::function<void()>& op);
+
+// The all-reduce algorithm the tcp communicator `comm` runs for `bytes` (after its
+// setup probes: comm::tcp_algorithm). What the bench rows record.
+comm::Algo tcp_allreduce_algo(const comm::Communicator& comm, size_t bytes);
 
 }  // namespace bench_detail
 

@@ -8,12 +8,16 @@
 // address and meets the others through a FileStore in a shared temp folder. ring is
 // the flat ring over every rank; hierarchical is HierarchicalCommunicator with the
 // real host key (host_key_from_env: the namespaces differ). The sweep (doubling from
-// --min-bytes to --max-bytes, f32 sum, in place): per size, refill, barrier, time
-// one all-reduce, repeat (10 times below 16 MiB, 5 from there, after 2 warm-ups),
-// report rank 0's median. busbw = algbw x 2(n-1)/n over all n ranks (nccl-tests);
+// --min-bytes to --max-bytes, f32 sum, in place): per size, bench_detail::time_loop
+// (warm-up, rounds of a barrier and back-to-back all-reduces, the slowest rank's time
+// per operation, the median round; as `bench allreduce`), then one checked all-reduce
+// for #wrong. busbw = algbw x 2(n-1)/n over all n ranks (nccl-tests);
 // "line" is busbw / line rate: the flat ring's ideal is 1.0; the hierarchical
 // all-reduce moves less over each host's link and can go above it. The namespaces
 // are removed when the bench ends (and by the next `netns-hosts up` if it is killed).
+// --rows FILE also writes every row as a JSON line with the algorithm that ran it
+// (ring's sizes run rd or ring by comm::algorithm_for; `dtrain bench scaling --fit`
+// reads them).
 //
 // TCP settings come from TcpOptions::from_env (DTRAIN_TCP_SOCKET_BUFFER,
 // DTRAIN_TCP_CHUNK_BYTES, ...); tbf's burst and latency from NETNS_TBF_BURST and
@@ -63,6 +67,7 @@ struct HostsOptions {
   bool worker = false;
   int host = 0;
   std::string addr, store, algo, out;
+  std::string rows;  // --rows: every row as a JSON line
 };
 
 // "1gbit", "500mbit", "100kbit", "1e9bit": bits per second (tc's spelling).
@@ -85,24 +90,24 @@ double rate_bits_per_s(const std::string& rate) {
 }
 
 // ---- worker: one host's rank threads ----
+// The algorithm one size of the sweep runs: hierarchical's own, or the flat tcp
+// communicator's choice (bench_detail::tcp_allreduce_algo).
+std::string ran_algo(const comm::Communicator& comm, const HostsOptions& o, size_t bytes) {
+  if (o.algo == "hierarchical") return "hierarchical";
+  return comm::algo_name(bench_detail::tcp_allreduce_algo(comm, bytes));
+}
+
 // The sweep on one rank; rank 0 appends its rows to `out`.
 void sweep(comm::Communicator& comm, const HostsOptions& o, std::ofstream& out) {
   const int n = comm.size();
   for (int64_t nbytes = o.min_bytes; nbytes <= o.max_bytes; nbytes *= 2) {
     const size_t count = static_cast<size_t>(std::max<int64_t>(1, nbytes / 4));
-    std::vector<float> buf(count);
-    const int iters = nbytes < (int64_t{16} << 20) ? 10 : 5;
-    std::vector<double> samples;
-    for (int i = 0; i < iters + 2; ++i) {
-      std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
-      comm.barrier();
-      auto t0 = std::chrono::steady_clock::now();
-      comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum);
-      double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i >= 2) samples.push_back(dt);
-    }
-    std::sort(samples.begin(), samples.end());
-    const double t = samples[samples.size() / 2];
+    std::vector<float> buf(count, 0.0f);  // zeros: in-place sums stay finite
+    auto allreduce = [&] { comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum); };
+    const bench_detail::LoopTiming timing = bench_detail::loop_timing(nbytes);
+    const double t = bench_detail::time_loop(comm, timing, allreduce);
+    std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
+    allreduce();
     const float expect = static_cast<float>(n) * static_cast<float>(n + 1) / 2.0f;
     int64_t wrong = std::count_if(buf.begin(), buf.end(), [&](float v) { return v != expect; });
     comm.allreduce(&wrong, 1, DType::i64, comm::ReduceOp::kSum);
@@ -113,7 +118,9 @@ void sweep(comm::Communicator& comm, const HostsOptions& o, std::ofstream& out) 
                           {"time_us", t * 1e6},
                           {"algbw_GBps", algbw},
                           {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
-                          {"wrong", wrong}}
+                          {"wrong", wrong},
+                          {"algo", ran_algo(comm, o, count * 4)},
+                          {"iters", timing.iters}}
                .dump()
         << "\n";
     out.flush();
@@ -271,6 +278,22 @@ void print_side_by_side(const std::vector<std::string>& algos, std::map<std::str
   }
 }
 
+// --rows: every row of every algorithm, with the bench's shape (hosts, ranks, tbf).
+void write_rows(const HostsOptions& o, const std::map<std::string, Rows>& rows) {
+  std::ofstream out(o.rows, std::ios::trunc);
+  DTRAIN_CHECK(out.good(), IoError, "bench hosts --rows {}: cannot be written", o.rows);
+  for (const auto& [requested, by_size] : rows) {
+    for (const auto& [bytes, j] : by_size) {
+      nlohmann::json row = j;
+      row["requested"] = requested;
+      row["hosts"] = o.hosts;
+      row["ranks_per_host"] = o.ranks_per_host;
+      row["rate_bps"] = rate_bits_per_s(o.rate);
+      out << row.dump() << "\n";
+    }
+  }
+}
+
 int run_hosts_bench(const HostsOptions& o) {
   const double line = rate_bits_per_s(o.rate) / 8 / 1e9;
   std::vector<std::string> algos;
@@ -289,6 +312,7 @@ int run_hosts_bench(const HostsOptions& o) {
     print_table(o, a, rows[a], line);
   }
   if (algos.size() > 1) print_side_by_side(algos, rows);
+  if (!o.rows.empty()) write_rows(o, rows);
   if (!note.empty()) fmt::print("# notes:\n{}", note);
   bool complete = true;
   for (const auto& a : algos) complete &= !rows[a].empty();
@@ -317,6 +341,8 @@ std::function<std::optional<int>()> add_hosts_bench(CLI::App& bench) {
       ->capture_default_str()
       ->check(kPositive);
   h->add_option("--netns-script", o->script, "The namespace hosts script")->capture_default_str();
+  h->add_option("--rows", o->rows,
+                "Also write every row (with the algorithm it ran) as JSON lines");
   h->add_flag("--worker", o->worker, "(internal) run one host's ranks");
   h->add_option("--host", o->host, "(internal) this worker's host");
   h->add_option("--addr", o->addr, "(internal) this host's address");

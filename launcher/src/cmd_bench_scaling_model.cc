@@ -104,7 +104,7 @@ void measure_host(const ModelOptions& o, int n, json& rows, std::string* note) {
   if (st != 0) *note += fmt::format("host, {} ranks: status {}: {}\n", n, st, log);
   for (const json& j : read_lines(out)) {
     rows.push_back({{"where", "host"},
-                    {"algo", "auto"},
+                    {"algo", j.value("algo", "auto")},  // the algorithm the backend ran
                     {"ranks", n},
                     {"ranks_per_node", n},
                     {"bytes", j["bytes"]},
@@ -112,56 +112,73 @@ void measure_host(const ModelOptions& o, int n, json& rows, std::string* note) {
   }
 }
 
-// `bench hosts` (its printed nccl-tests tables: "algorithm X" headers, "float" rows).
+// `bench hosts --rows`: every row with the algorithm it ran. DTRAIN_TCP_SPIN_US=0:
+// the namespaced hosts share this machine's cores, and a rank spinning for its peer's
+// packet keeps the core the packet's delivery (softirq) needs: with the default 300 us
+// spin a small all-reduce step took 340-830 us here, blocking at once 40 us
+// (docs/scaling.md). Real hosts deliver on their own cores.
 void measure_netns(const ModelOptions& o, int hosts, int per_host, json& rows, std::string* note) {
+  const std::string out = temp_file(fmt::format("netns{}x{}.jsonl", hosts, per_host));
   int st = 0;
   std::string text = run_capture(
-      fmt::format("{} bench hosts --hosts {} --ranks-per-host {} --rate {}mbit --max-bytes {} 2>&1",
-                  self_exe(), hosts, per_host, o.rate_mbit, o.max_bytes),
+      fmt::format("DTRAIN_TCP_SPIN_US=0 {} bench hosts --hosts {} --ranks-per-host {} --rate "
+                  "{}mbit --max-bytes {} --rows {} 2>&1",
+                  self_exe(), hosts, per_host, o.rate_mbit, o.max_bytes, out),
       &st);
   if (st != 0) *note += fmt::format("netns {} x {}: status {}: {}\n", hosts, per_host, st, text);
-  std::istringstream in(text);
-  std::string algo;
-  for (std::string line; std::getline(in, line);) {
-    if (auto at = line.find(", algorithm "); line[0] == '#' && at != std::string::npos) {
-      std::istringstream(line.substr(at + 12)) >> algo;
-      if (!algo.empty() && algo.back() == ',') algo.pop_back();
-      continue;
-    }
-    std::istringstream words(line);
-    std::string size, count, type, redop, time;
-    if (!(words >> size >> count >> type >> redop >> time) || type != "float") continue;
+  for (const json& j : read_lines(out)) {
     rows.push_back({{"where", "netns"},
-                    {"algo", algo == "ring" ? "auto" : algo},
+                    {"algo", j["algo"]},
                     {"ranks", hosts * per_host},
                     {"ranks_per_node", per_host},
-                    {"rate_bps", o.rate_mbit * 1e6},
-                    {"bytes", std::stoll(size)},
-                    {"time_us", std::stod(time)}});
+                    {"rate_bps", j["rate_bps"]},
+                    {"bytes", j["bytes"]},
+                    {"iters", j["iters"]},
+                    {"spin_us", 0},
+                    {"time_us", j["time_us"]}});
   }
 }
 
-// seed-cnn weak scaling (`bench scaling` workers), `rounds` interleaved sweeps, medians.
+// One `bench scaling --compute-too` worker run of n workers: its row (ms_per_step
+// with DDP, compute_ms without the all-reduce, rep by rep interleaved), or nullopt.
+std::optional<json> scaling_run(const std::string& model, int n, std::string* note) {
+  const std::string out = temp_file(fmt::format("scaling{}.json", n));
+  int st = 0;
+  std::string log =
+      run_capture(fmt::format("{0} launch --nproc {1} -- {0} bench scaling --worker --model {2} "
+                              "--batch 64 --steps 10 --reps 5 --compute-too --out {3} 2>&1",
+                              self_exe(), n, model, out),
+                  &st);
+  auto got = read_lines(out);
+  if (st != 0 || got.empty()) *note += fmt::format("scaling {}: status {}: {}\n", n, st, log);
+  if (got.empty()) return std::nullopt;
+  return got[0];
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// seed-cnn weak scaling on 1-4 workers, `rounds` interleaved sweeps, medians: the step
+// with DDP, and the compute alone of the same concurrent workers (what the cores and
+// the other builds leave each worker; measured in the same run, rep by rep).
 void measure_scaling(const ModelOptions& o, const std::string& model, json& rows,
                      std::string* note) {
-  std::map<int, std::vector<double>> ms;
+  std::map<int, std::vector<double>> step, compute;
   for (int round = 0; round < o.rounds; ++round) {
     for (int n = 1; n <= 4; ++n) {
-      const std::string out = temp_file(fmt::format("scaling{}.json", n));
-      int st = 0;
-      std::string log = run_capture(
-          fmt::format("{0} launch --nproc {1} -- {0} bench scaling --worker --model {2} "
-                      "--batch 64 --steps 20 --reps 5 --out {3} 2>&1",
-                      self_exe(), n, model, out),
-          &st);
-      auto got = read_lines(out);
-      if (st != 0 || got.empty()) *note += fmt::format("scaling {}: status {}: {}\n", n, st, log);
-      if (!got.empty()) ms[n].push_back(got[0]["ms_per_step"].get<double>());
+      if (auto r = scaling_run(model, n, note)) {
+        step[n].push_back((*r)["ms_per_step"].get<double>());
+        compute[n].push_back((*r)["compute_ms"].get<double>());
+      }
     }
   }
-  for (auto& [n, v] : ms) {
-    std::sort(v.begin(), v.end());
-    rows.push_back({{"model", model}, {"workers", n}, {"ms_per_step", v[v.size() / 2]}});
+  for (auto& [n, v] : step) {
+    rows.push_back({{"model", model},
+                    {"workers", n},
+                    {"ms_per_step", median_of(v)},
+                    {"compute_ms", median_of(compute[n])}});
   }
 }
 
@@ -186,46 +203,62 @@ double host_slowdown(const json& row, int cores) {
   return std::max(1.0, static_cast<double>(ranks) / cores);
 }
 
+// Ranks of a row beyond the measuring machine's cores (namespaced hosts share them).
+double oversub_ranks(const json& row, int cores) {
+  const int ranks = row.contains("workers") ? row["workers"].get<int>() : row["ranks"].get<int>();
+  return std::max(0, ranks - cores);
+}
+
 sm::Machine row_machine(const sm::Machine& fit, const json& row, double fit_rate, int cores) {
   sm::Machine m = fit;
   m.ranks_per_node = row["ranks_per_node"].get<int>();
-  m.mem.beta_Bps /= host_slowdown(row, cores);
-  m.intra.beta_Bps /= host_slowdown(row, cores);
+  for (sm::Link* l : {&m.mem, &m.intra}) {
+    l->beta_Bps /= host_slowdown(row, cores);
+    l->beta_mem_Bps /= host_slowdown(row, cores);
+  }
+  for (sm::Link* l : {&m.mem, &m.intra, &m.inter}) {
+    l->alpha_s += oversub_ranks(row, cores) * l->alpha_oversub_s;
+  }
   if (row.contains("rate_bps") && fit_rate > 0) {
     m.inter.beta_Bps *= row["rate_bps"].get<double>() / fit_rate;
   }
   return m;
 }
 
+// The algorithm the row ran (rows of fit files from before the benches recorded it
+// say "auto": the model's auto on the row's machine).
 comm::Algo row_algo(const json& row) {
-  return comm::parse_algo(row["algo"].get<std::string>(), "measured row");
-}
-
-// The link class one row measures alone, or nullopt (hierarchical, 2 x 2: validation only).
-std::optional<sm::Sample> row_sample(const json& row, int cores) {
+  const comm::Algo a = comm::parse_algo(row["algo"].get<std::string>(), "measured row");
+  if (a != comm::Algo::kAuto) return a;
   sm::Machine m;
   m.ranks_per_node = row["ranks_per_node"].get<int>();
-  const int n = row["ranks"].get<int>();
-  const size_t bytes = row["bytes"].get<size_t>();
-  const double t = row["time_us"].get<double>() * 1e-6;
-  if (row_algo(row) != comm::Algo::kAuto || (m.ranks_per_node != 1 && m.ranks_per_node != n)) {
-    return std::nullopt;
-  }
-  const double slow = host_slowdown(row, cores);
-  switch (sm::auto_algo(m, n, bytes)) {
-    case comm::Algo::kLocal: {
-      sm::Cost c = sm::local_cost(n, bytes);
-      c.wire_bytes *= slow;
-      return sm::Sample{sm::LinkClass::kMem, c, t};
-    }
+  return sm::auto_algo(m, row["ranks"].get<int>(), row["bytes"].get<size_t>());
+}
+
+// The link class one row measures alone, or nullopt (hierarchical, 2 x 2: validation
+// only). One-host rows beyond the cores move their bytes at cores/ranks of the speed.
+std::optional<sm::Sample> row_sample(const json& row, int cores) {
+  const int per_node = row["ranks_per_node"].get<int>(), n = row["ranks"].get<int>();
+  const double bytes = row["bytes"].get<double>(), t = row["time_us"].get<double>() * 1e-6;
+  if (per_node != 1 && per_node != n) return std::nullopt;
+  const bool one_host = per_node == n;
+  const double slow = one_host ? host_slowdown(row, cores) : 1.0;
+  auto sample = [&](sm::LinkClass link, sm::Cost c) {
+    c.wire_bytes *= slow;
+    return sm::Sample{link, c, t, oversub_ranks(row, cores)};
+  };
+  const sm::LinkClass between = one_host ? sm::LinkClass::kIntra : sm::LinkClass::kInter;
+  switch (row_algo(row)) {
+    case comm::Algo::kLocal:
+      return sample(sm::LinkClass::kMem, sm::local_cost(n, bytes));
+    case comm::Algo::kDirect:
+      return sample(sm::LinkClass::kMem, sm::direct_cost(n, bytes));
     case comm::Algo::kRecursiveDoubling:
-      return sm::Sample{sm::LinkClass::kInter, sm::rd_cost(n, bytes), t};
-    default: {
-      sm::Cost c = sm::ring_cost(n, bytes);
-      if (m.ranks_per_node == n) c.wire_bytes *= slow;
-      return sm::Sample{m.ranks_per_node == n ? sm::LinkClass::kIntra : sm::LinkClass::kInter, c,
-                        t};
-    }
+      return sample(between, sm::rd_cost(n, bytes));
+    case comm::Algo::kRing:
+      return sample(between, sm::ring_cost(n, bytes));
+    default:
+      return std::nullopt;
   }
 }
 
@@ -241,6 +274,13 @@ std::vector<double> model_buckets(const std::string& model) {
   return out;
 }
 
+// The compute of one weak-scaling row: measured alone at that worker count where the
+// row has it (compute_ms), else the 1-worker compute x ranks/cores.
+double row_compute_s(const json& r, const sm::Workload& w, int cores) {
+  if (r.contains("compute_ms")) return r["compute_ms"].get<double>() * 1e-3;
+  return w.compute_s * host_slowdown(r, cores);
+}
+
 sm::Workload fit_workload(const sm::Fit& fit, const std::string& model, double fit_rate) {
   sm::Workload w{model, 0, model_buckets(model), 0};
   std::vector<sm::StepSample> rows;
@@ -253,11 +293,18 @@ sm::Workload fit_workload(const sm::Fit& fit, const std::string& model, double f
     if (n == 1) continue;
     json row = {{"workers", n}, {"ranks_per_node", n}};
     sm::Machine m = row_machine(fit.machine, row, fit_rate, fit.host_cores);
-    rows.push_back({r["ms_per_step"].get<double>() * 1e-3,
-                    w.compute_s * host_slowdown(row, fit.host_cores),
+    rows.push_back({r["ms_per_step"].get<double>() * 1e-3, row_compute_s(r, w, fit.host_cores),
                     sm::predict_step(m, w, n, comm::Algo::kAuto).comm_s});
   }
-  w.overlap = sm::fit_overlap(rows);
+  // The overlap is seen only where the all-reduce is more than the steps' noise: with
+  // every comm under 5% of its step nothing is assumed hidden (0), not fitted.
+  double largest = 0;
+  for (const sm::StepSample& r : rows) largest = std::max(largest, r.comm_s / r.step_s);
+  w.overlap = largest >= 0.05 ? sm::fit_overlap(rows) : 0.0;
+  if (largest < 0.05) {
+    fmt::print("# {}: comm at most {:.1f}% of a step: overlap not measurable, 0\n", model,
+               100 * largest);
+  }
   return w;
 }
 
@@ -269,25 +316,43 @@ sm::Fit fit_measured(json measured, const std::string& model, int cores) {
   for (const json& row : measured["allreduce"]) {
     if (row.contains("rate_bps")) rate = row["rate_bps"].get<double>();
     if (auto s = row_sample(row, cores)) by_class[s->link].push_back(*s);
+    fit.machine.direct |= row_algo(row) == comm::Algo::kDirect;  // the backend has it
   }
   for (auto c : {sm::LinkClass::kMem, sm::LinkClass::kIntra, sm::LinkClass::kInter}) {
     DTRAIN_CHECK(by_class[c].size() >= 2, InvalidArgument,
                  "--fit: {} row(s) measure the {} link (need 2; bench hosts needs root)",
                  by_class[c].size(), sm::link_class_name(c));
   }
-  fit.machine.mem = sm::fit_link(by_class[sm::LinkClass::kMem]);
-  fit.machine.intra = sm::fit_link(by_class[sm::LinkClass::kIntra]);
-  fit.machine.inter = sm::fit_link(by_class[sm::LinkClass::kInter]);
+  fit.machine.mem = sm::fit_link(by_class[sm::LinkClass::kMem], true);
+  fit.machine.intra = sm::fit_link(by_class[sm::LinkClass::kIntra], true);
+  fit.machine.inter = sm::fit_link(by_class[sm::LinkClass::kInter], false, true);  // tbf
+  for (auto c : {sm::LinkClass::kMem, sm::LinkClass::kIntra, sm::LinkClass::kInter}) {
+    fmt::print("# {}: {} rows, mean |error| {:.1f}%\n", sm::link_class_name(c), by_class[c].size(),
+               100 * sm::relative_error(sm::link_of(fit.machine, c), by_class[c]));
+  }
   measured["inter_rate_bps"] = rate;
   fit.measured = measured;
   fit.workloads.push_back(fit_workload(fit, model, rate));
   return fit;
 }
 
+std::string link_text(const sm::Link& l) {
+  std::string text =
+      fmt::format("alpha {:>9.2f} us  beta {:>9.4f} GB/s", l.alpha_s * 1e6, l.beta_Bps / 1e9);
+  if (l.knee_bytes > 0) {
+    text += fmt::format(" up to a {:.0f} KiB working set, {:.4f} GB/s beyond", l.knee_bytes / 1024,
+                        l.beta_mem_Bps / 1e9);
+  }
+  if (l.alpha_oversub_s > 0) {
+    text += fmt::format("; +{:.2f} us a step per rank beyond the cores", l.alpha_oversub_s * 1e6);
+  }
+  if (l.shaped) text += "; shaped: max(latency, transfer)";
+  return text;
+}
+
 void print_links(const sm::Machine& m) {
   for (auto [name, l] : {std::pair{"mem", m.mem}, {"intra", m.intra}, {"inter", m.inter}}) {
-    fmt::print("# {:<6} alpha {:>9.2f} us  beta {:>9.4f} GB/s\n", name, l.alpha_s * 1e6,
-               l.beta_Bps / 1e9);
+    fmt::print("# {:<6} {}\n", name, link_text(l));
   }
 }
 
@@ -345,7 +410,7 @@ void validate_scaling(const ModelOptions& o, const sm::Fit& fit, const json& mea
     const int n = row["workers"].get<int>();
     const json where = {{"workers", n}, {"ranks_per_node", n}};
     sm::Machine m = row_machine(fit.machine, where, 0, fit.host_cores);
-    w.compute_s *= host_slowdown(where, fit.host_cores);
+    w.compute_s = row_compute_s(row, w, fit.host_cores);
     const double pred = sm::predict_step(m, w, n, comm::Algo::kAuto).step_s * 1e3;
     const double t = row["ms_per_step"].get<double>(), err = 100.0 * (pred - t) / t;
     v.add(err, o.tolerance);
@@ -385,6 +450,7 @@ sm::Machine preset_machine(const sm::Machine& fitted, const std::string& preset)
   m.ranks_per_node = 8;
   m.nics_per_node = 8;
   m.slots = false;
+  m.direct = false;
   return m;
 }
 
@@ -395,10 +461,13 @@ double positive(const std::optional<double>& v, const char* flag) {
 
 sm::Machine predict_machine(const ModelOptions& o, const sm::Fit& fit) {
   sm::Machine m = preset_machine(fit.machine, o.preset);
+  if (o.link_gbps || o.latency_us) m.inter.shaped = false;  // a real NIC, not tbf
   if (o.link_gbps) m.inter.beta_Bps = positive(o.link_gbps, "--link-gbps") * 1e9 / 8;
   if (o.latency_us) m.inter.alpha_s = positive(o.latency_us, "--latency-us") * 1e-6;
-  if (o.nvlink_gbps)
+  if (o.nvlink_gbps) {  // a link of its own: no cache knee of this host's memory
     m.intra.beta_Bps = positive(o.nvlink_gbps, "--nvlink-gbps") * 1e9, m.slots = false;
+    m.intra.knee_bytes = 0, m.direct = false;
+  }
   if (o.nvlink_latency_us)
     m.intra.alpha_s = positive(o.nvlink_latency_us, "--nvlink-latency-us") * 1e-6;
   if (o.gpus_per_node) m.ranks_per_node = *o.gpus_per_node;
@@ -512,7 +581,8 @@ void add_options(CLI::App& sc, ModelOptions& o) {
   sc.add_option("--nvlink-latency-us", o.nvlink_latency_us, "Intra-node alpha per step, us");
   sc.add_option("--gpus-per-node", o.gpus_per_node, "Ranks per node");
   sc.add_option("--nics-per-node", o.nics_per_node, "Inter-node NICs per node");
-  sc.add_option("--algo", o.algo, "auto, ring, rd, local, hierarchical")->capture_default_str();
+  sc.add_option("--algo", o.algo, "auto, ring, rd, local, direct, hierarchical")
+      ->capture_default_str();
   sc.add_option("--compute-ms", o.compute_ms, "Compute per step instead of the measured one");
   sc.add_option("--grad-mib", o.grad_mib, "Gradient MiB instead of the model's (DDP buckets)");
   sc.add_option("--bytes", o.bytes, "All-reduce size of the busbw column (default: gradients)");
