@@ -426,8 +426,11 @@ TEST(Recovery, MpirunWithCoordinatorCommitsAndARerunResumesBitExact) {
 
 TEST(Recovery, StatusShowsEveryRanksProgressAndRefusesAWrongToken) {
   fs::path dir = scratch("status");
-  Background job(kBin + " launch --nproc 2 --token tk -- dtrain " + train(dir, "--max-steps 2000"),
-                 dir / "launch.log");
+  // Long enough to be still running when status asks (5 epochs were 438 steps: 3.6 s on a
+  // quiet machine with the workers pinned), ended by --max-steps.
+  Background job(
+      kBin + " launch --nproc 2 --token tk -- dtrain " + train(dir, "--epochs 50 --max-steps 2000"),
+      dir / "launch.log");
   ASSERT_TRUE(job.wait_for_output("rendezvous complete", std::chrono::seconds(60))) << job.output();
   std::smatch m;
   const std::string out = job.output();
