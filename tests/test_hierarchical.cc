@@ -203,6 +203,32 @@ TEST_P(SimulatedHosts, AsyncOperationsCompleteInIssueOrder) {
   });
 }
 
+// Blocking calls run on the calling thread when nothing is queued, and behind the
+// queue when something is: a blocking all-reduce issued after async ones sees their
+// results (it reduces what the earlier async all-reduce left in the same buffer), and
+// the async work issued after it starts only once it is done.
+TEST_P(SimulatedHosts, BlockingCallsKeepTheIssueOrderWithAsyncOnes) {
+  run([&](Communicator& world, HierarchicalCommunicator& hier) {
+    const int n = world.size(), r = world.rank();
+    std::vector<float> a(777, static_cast<float>(r + 1));
+    for (int round = 0; round < 20; ++round) {
+      std::fill(a.begin(), a.end(), static_cast<float>(r + 1));
+      auto w1 = hier.allreduce_async(a.data(), a.size(), DType::f32, ReduceOp::kSum);
+      hier.allreduce(a.data(), a.size(), DType::f32, ReduceOp::kMax);  // after w1, in order
+      EXPECT_TRUE(w1->is_completed());
+      auto w2 = hier.allreduce_async(a.data(), a.size(), DType::f32, ReduceOp::kSum);
+      w2->wait();
+      const float want = static_cast<float>(n) * static_cast<float>(n * (n + 1) / 2);
+      ASSERT_EQ(a[0], want) << "round " << round;
+      ASSERT_EQ(a[776], want) << "round " << round;
+      float x = static_cast<float>(r);
+      hier.allreduce(&x, 1, DType::f32, ReduceOp::kMax);  // idle: on this thread
+      ASSERT_EQ(x, static_cast<float>(n - 1));
+    }
+    hier.barrier();
+  });
+}
+
 INSTANTIATE_TEST_SUITE_P(Layouts, SimulatedHosts,
                          ::testing::Values(Hosts{2, 2, false}, Hosts{3, 2, false},
                                            Hosts{2, 3, false}, Hosts{2, 2, true}, Hosts{3, 2, true},

@@ -95,14 +95,43 @@ class HierarchicalCommunicator::Queue {
     return work;
   }
 
+  // A blocking call: on the calling thread when nothing is queued or running (no
+  // hand-off to the worker and back: two wake-ups, tens of microseconds when the
+  // ranks outnumber the cores), else queued behind the rest and waited for. Work
+  // submitted meanwhile starts after it, so the issue order holds either way.
+  template <typename Fn>
+  void run(Fn&& fn) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (!tasks_.empty() || running_) {
+        lock.unlock();
+        submit(std::forward<Fn>(fn))->wait();
+        return;
+      }
+      running_ = true;
+    }
+    struct Idle {
+      Queue* q;
+      ~Idle() {
+        {
+          std::lock_guard<std::mutex> lock(q->mu_);
+          q->running_ = false;
+        }
+        q->cv_.notify_all();
+      }
+    } idle{this};
+    fn();
+  }
+
  private:
   void loop() {
     for (;;) {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !tasks_.empty(); });
+      cv_.wait(lock, [&] { return (stop_ && !running_) || (!tasks_.empty() && !running_); });
       if (tasks_.empty()) return;
       auto [fn, work] = std::move(tasks_.front());
       tasks_.pop_front();
+      running_ = true;
       lock.unlock();
       std::exception_ptr error;
       try {
@@ -110,6 +139,9 @@ class HierarchicalCommunicator::Queue {
       } catch (...) {
         error = std::current_exception();
       }
+      lock.lock();
+      running_ = false;
+      lock.unlock();
       work->finish(error);
     }
   }
@@ -118,7 +150,8 @@ class HierarchicalCommunicator::Queue {
   std::condition_variable cv_;
   std::deque<std::pair<std::function<void()>, std::shared_ptr<TaskWork>>> tasks_;  // GUARDED_BY
   bool stop_ = false;                                                              // GUARDED_BY
-  std::thread thread_;  // last: starts once the members above exist
+  bool running_ = false;  // GUARDED_BY(mu_): a task runs, on the worker or inline
+  std::thread thread_;    // last: starts once the members above exist
 };
 
 HostLayout host_layout(const std::vector<std::string>& keys, int rank) {
@@ -234,16 +267,33 @@ std::shared_ptr<Work> HierarchicalCommunicator::reduce_scatter_async(const void*
   return queue_->submit([=, this] { world_->reduce_scatter(send, recv, count, dtype, op); });
 }
 
+void HierarchicalCommunicator::allreduce(void* data, size_t count, DType dtype, ReduceOp op) {
+  queue_->run([=, this] { run_allreduce(data, count, dtype, op); });
+}
+
+void HierarchicalCommunicator::broadcast(void* data, size_t count, DType dtype, int root) {
+  queue_->run([=, this] { world_->broadcast(data, count, dtype, root); });
+}
+
+void HierarchicalCommunicator::allgather(const void* send, void* recv, size_t count, DType dtype) {
+  queue_->run([=, this] { world_->allgather(send, recv, count, dtype); });
+}
+
+void HierarchicalCommunicator::reduce_scatter(const void* send, void* recv, size_t count,
+                                              DType dtype, ReduceOp op) {
+  queue_->run([=, this] { world_->reduce_scatter(send, recv, count, dtype, op); });
+}
+
 void HierarchicalCommunicator::send(const void* data, size_t count, DType dtype, int peer) {
-  queue_->submit([=, this] { world_->send(data, count, dtype, peer); })->wait();
+  queue_->run([=, this] { world_->send(data, count, dtype, peer); });
 }
 
 void HierarchicalCommunicator::recv(void* data, size_t count, DType dtype, int peer) {
-  queue_->submit([=, this] { world_->recv(data, count, dtype, peer); })->wait();
+  queue_->run([=, this] { world_->recv(data, count, dtype, peer); });
 }
 
 void HierarchicalCommunicator::barrier() {
-  queue_->submit([this] { world_->barrier(); })->wait();
+  queue_->run([this] { world_->barrier(); });
 }
 
 void HierarchicalCommunicator::abort(const std::string& reason) {

@@ -76,6 +76,12 @@ class HierarchicalCommunicator final : public Communicator {
                                         DType dtype) override;
   std::shared_ptr<Work> reduce_scatter_async(const void* send, void* recv, size_t count,
                                              DType dtype, ReduceOp op) override;
+  // Blocking forms run on the calling thread when nothing is queued (Queue::run).
+  void allreduce(void* data, size_t count, DType dtype, ReduceOp op) override;
+  void broadcast(void* data, size_t count, DType dtype, int root) override;
+  void allgather(const void* send, void* recv, size_t count, DType dtype) override;
+  void reduce_scatter(const void* send, void* recv, size_t count, DType dtype,
+                      ReduceOp op) override;
   void send(const void* data, size_t count, DType dtype, int peer) override;
   void recv(void* data, size_t count, DType dtype, int peer) override;
   void barrier() override;
@@ -88,7 +94,7 @@ class HierarchicalCommunicator final : public Communicator {
   class Queue;  // the worker thread running the operations in issue order
   HierarchicalCommunicator(Communicator& world, std::unique_ptr<Communicator> owned,
                            const HostLayout& layout);
-  // Runs on the worker: local reduce_scatter -> cross allreduce -> local allgather.
+  // Runs on the worker (or inline): local reduce_scatter -> cross allreduce -> local allgather.
   void run_allreduce(void* data, size_t count, DType dtype, ReduceOp op);
 
   std::unique_ptr<Communicator> owned_world_;  // null when the caller owns the world
@@ -96,7 +102,7 @@ class HierarchicalCommunicator final : public Communicator {
   HostLayout layout_;
   std::unique_ptr<Communicator> local_;    // this host's ranks, by world rank
   std::unique_ptr<Communicator> cross_;    // one rank per host, same local rank
-  std::vector<std::byte> padded_, shard_;  // scratch of the worker thread
+  std::vector<std::byte> padded_, shard_;  // scratch of the running task (one at a time)
   std::unique_ptr<Queue> queue_;           // last: joined before the communicators go
 };
 
