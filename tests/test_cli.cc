@@ -2,6 +2,7 @@
 // non-zero exit (never a crash or a hang), and the demo trains to its accuracy bar.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -167,6 +168,50 @@ TEST(Cli, BenchScalingPrintsOneRatioPerRound) {
     if (workers == "1") EXPECT_EQ(vs, "1.00x") << line;
   }
   EXPECT_EQ(rows, 2) << r.out;
+}
+
+// bench allreduce's paired sweep (cmd_bench_paired.cc), one rank pair per backend under
+// mpirun: every size's row has ours and MPI_Allreduce's times from the same processes,
+// the median per-round ratio near the ratio of the two medians, and #wrong 0 (a real
+// sum checked on every rank); a tcp worker without its bootstrap folder is refused.
+TEST(Cli, BenchAllreducePairedWorkersTimeBothInOneJob) {
+  if (std::system("command -v mpirun >/dev/null 2>&1") != 0) GTEST_SKIP() << "no mpirun";
+  const fs::path dir =
+      fs::temp_directory_path() / ("dtrain_test_paired_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  for (const std::string backend : {"tcp", "mpi"}) {
+    const fs::path out = dir / (backend + ".jsonl");
+    CliRun r = dtrain::testing::run_command(
+        "mpirun --allow-run-as-root --oversubscribe -np 2 " + std::string(DTRAIN_BIN) +
+            " bench allreduce --worker --backend " + backend + " --max-bytes 4096 --store-dir " +
+            (dir / (backend + "-store")).string() + " --out " + out.string() + " 2>&1",
+        120);
+    ASSERT_EQ(r.code, 0) << r.out;
+    std::ifstream in(out);
+    int rows = 0;
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line);
+      ++rows;
+      EXPECT_EQ(j.at("bytes").get<int64_t>(), int64_t{8} << (rows - 1)) << line;
+      EXPECT_EQ(j.at("wrong").get<int64_t>(), 0) << line;
+      const double t = j.at("time_us").get<double>(), peer = j.at("peer_time_us").get<double>();
+      const double ratio = j.at("paired_ratio").get<double>();
+      ASSERT_GT(t, 0) << line;
+      ASSERT_GT(peer, 0) << line;
+      EXPECT_GT(ratio, 0.5 * peer / t) << line;
+      EXPECT_LT(ratio, 2.0 * peer / t) << line;
+      if (backend == "tcp") EXPECT_EQ(j.at("algo").get<std::string>(), "local") << line;
+    }
+    EXPECT_EQ(rows, 10) << backend;  // 8 B .. 4 KiB
+  }
+  CliRun bad = dtrain::testing::run_command(
+      "mpirun --allow-run-as-root --oversubscribe -np 2 " + std::string(DTRAIN_BIN) +
+          " bench allreduce --worker --backend tcp --max-bytes 8 --out " +
+          (dir / "x.jsonl").string() + " 2>&1",
+      60);
+  EXPECT_NE(bad.code, 0);
+  EXPECT_TRUE(contains(bad.out, "needs --store-dir")) << bad.out;
+  fs::remove_all(dir);
 }
 
 }  // namespace

@@ -14,7 +14,12 @@
 // installed, it runs the peers with the same timing loop (PyTorch Gloo:
 // bench/peers/gloo_allreduce.py, Open MPI's MPI_Allreduce: bench/peers_mpi_collectives.cpp;
 // the programs of ../shared/bench/peers with this timing) in the same run and prints the ratios
-// side by side. all_gather, reduce_scatter and sendrecv live in cmd_bench_collectives.cc.
+// side by side. With the peers (and mpirun installed) the backends' sweeps themselves run
+// paired: under mpirun, each size alternating rounds of ours and of MPI_Allreduce in the
+// same processes (cmd_bench_paired.cc), which gives the `<backend>/ompi-job` columns, the
+// ratio least disturbed by this VM's drift; --no-paired starts the tcp workers through
+// `dtrain launch` instead. all_gather, reduce_scatter and sendrecv live in
+// cmd_bench_collectives.cc.
 #include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -98,6 +103,42 @@ std::unique_ptr<WorkerSession> open_bench_session(const std::string& backend) {
   return WorkerSession::open(detect_worker_identity(process_env_reader()), so);
 }
 
+void warm_up_allreduce(comm::Communicator& comm) {
+  for (int i = 0; i < 2000; ++i) {
+    float x = 1;
+    comm.allreduce(&x, 1, DType::f32, comm::ReduceOp::kSum);
+  }
+}
+
+int64_t count_wrong_allreduce(comm::Communicator& comm, std::vector<float>& buf) {
+  const int n = comm.size();
+  std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
+  comm.allreduce(buf.data(), buf.size(), DType::f32, comm::ReduceOp::kSum);
+  const float expect = static_cast<float>(n) * static_cast<float>(n + 1) / 2.0f;
+  int64_t wrong = std::count_if(buf.begin(), buf.end(), [&](float v) { return v != expect; });
+  comm.allreduce(&wrong, 1, DType::i64, comm::ReduceOp::kSum);
+  return wrong;
+}
+
+nlohmann::json allreduce_row(const std::string& backend, const comm::Communicator& comm,
+                             int64_t nbytes, double seconds, int64_t wrong) {
+  const int n = comm.size();
+  const int64_t count = std::max<int64_t>(1, nbytes / 4);
+  const double algbw = static_cast<double>(nbytes) / seconds / 1e9;
+  nlohmann::json row{{"backend", backend},
+                     {"nproc", n},
+                     {"bytes", nbytes},
+                     {"count", count},
+                     {"time_us", seconds * 1e6},
+                     {"algbw_GBps", algbw},
+                     {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
+                     {"wrong", wrong}};
+  if (backend == "tcp" || backend == "tcp-noshm") {
+    row["algo"] = comm::algo_name(tcp_allreduce_algo(comm, static_cast<size_t>(count) * 4));
+  }
+  return row;
+}
+
 }  // namespace bench_detail
 
 namespace {
@@ -114,8 +155,11 @@ struct BenchOptions {
   // The project's gloo_allreduce.py: the shared peer's with this bench's timing loop.
   std::string peers_dir = std::string(DTRAIN_SOURCE_DIR) + "/bench/peers";
   // worker mode
+  // Open MPI's MPI_Allreduce in the same processes, interleaved (cmd_bench_paired.cc).
+  bool paired = true;
   bool worker = false;
   std::string backend;
+  std::string store_dir;  // worker: the paired tcp workers' bootstrap
   std::string out;
 };
 
@@ -143,47 +187,27 @@ void pin_like_mpirun(const std::string& backend) {
 }
 
 int run_worker(const BenchOptions& o) {
+  if (o.paired) {
+    return bench_detail::run_paired_allreduce_worker(o.backend, sweep_sizes(o.max_bytes),
+                                                     o.store_dir, o.out);
+  }
   pin_like_mpirun(o.backend);
   auto session = bench_detail::open_bench_session(o.backend);
   comm::Communicator& comm = session->comm();
-  const int n = comm.size();
   std::ofstream out;
   if (comm.rank() == 0) {
     out.open(o.out, std::ios::trunc);
     DTRAIN_CHECK(out.good(), IoError, "bench: cannot write {}", o.out);
   }
-  // Warm-up before the sweep: the launcher and the coordinator still start up beside
-  // the workers for a moment (nccl-tests warms up too); 8 B all-reduces are cheap.
-  for (int i = 0; i < 2000; ++i) {
-    float x = 1;
-    comm.allreduce(&x, 1, DType::f32, comm::ReduceOp::kSum);
-  }
-  const bool tcp = o.backend == "tcp" || o.backend == "tcp-noshm";
+  bench_detail::warm_up_allreduce(comm);
   for (int64_t nbytes : sweep_sizes(o.max_bytes)) {
     size_t count = static_cast<size_t>(std::max<int64_t>(1, nbytes / 4));
     std::vector<float> buf(count, 0.0f);  // zeros: in-place sums stay finite
     auto allreduce = [&] { comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum); };
     const double t = bench_detail::time_loop(comm, bench_detail::loop_timing(nbytes), allreduce);
-    std::fill(buf.begin(), buf.end(), static_cast<float>(comm.rank() + 1));
-    allreduce();
-    float expect = static_cast<float>(n) * static_cast<float>(n + 1) / 2.0f;
-    int64_t wrong = std::count_if(buf.begin(), buf.end(), [&](float v) { return v != expect; });
-    comm.allreduce(&wrong, 1, DType::i64, comm::ReduceOp::kSum);
+    const int64_t wrong = bench_detail::count_wrong_allreduce(comm, buf);
     if (comm.rank() == 0) {
-      double algbw = static_cast<double>(nbytes) / t / 1e9;
-      nlohmann::json row{{"backend", o.backend},
-                         {"nproc", n},
-                         {"bytes", nbytes},
-                         {"count", count},
-                         {"time_us", t * 1e6},
-                         {"algbw_GBps", algbw},
-                         {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
-                         {"wrong", wrong}};
-      if (tcp) {
-        row["algo"] =
-            comm::algo_name(bench_detail::tcp_allreduce_algo(comm, count * sizeof(float)));
-      }
-      out << row.dump() << "\n";
+      out << bench_detail::allreduce_row(o.backend, comm, nbytes, t, wrong).dump() << "\n";
       out.flush();
     }
   }
@@ -344,15 +368,27 @@ int run_scaling(const ScalingOptions& o) {
 }
 
 // ---- orchestrator ----
+// Paired (the default with the peers, where mpirun is installed): every backend under
+// mpirun, with MPI_Allreduce in the same processes (cmd_bench_paired.cc).
+bool runs_paired(const BenchOptions& o) {
+  if (!o.peers || !o.paired) return false;
+  int st = 0;
+  run_capture("command -v mpirun >/dev/null 2>&1", &st);
+  return st == 0;
+}
+
 std::map<int64_t, nlohmann::json> run_backend(const BenchOptions& o, const std::string& backend,
                                               std::string* note) {
-  fs::path out = fs::temp_directory_path() /
-                 fmt::format("dtrain-bench-{}-{}-{}.jsonl", backend, getpid(), o.nproc);
-  std::string self = self_exe();
+  const std::string stem = fmt::format("dtrain-bench-{}-{}-{}", backend, getpid(), o.nproc);
+  fs::path out = fs::temp_directory_path() / (stem + ".jsonl");
+  fs::path store = fs::temp_directory_path() / (stem + "-store");
+  const bool paired = runs_paired(o);
   std::string worker =
-      fmt::format("{} bench allreduce --worker --backend {} --max-bytes {} --out {}", self, backend,
-                  o.max_bytes, out.string());
-  std::string cmd = bench_detail::launch_command(backend, o.nproc, worker);
+      fmt::format("{} bench allreduce --worker --backend {} --max-bytes {} --out {}{}", self_exe(),
+                  backend, o.max_bytes, out.string(), paired ? "" : " --no-paired");
+  std::string cmd =
+      paired ? bench_detail::paired_launch_command(backend, o.nproc, worker, store.string())
+             : bench_detail::launch_command(backend, o.nproc, worker);
   int st = 0;
   std::string log = run_capture(cmd, &st);
   std::map<int64_t, nlohmann::json> rows;
@@ -361,6 +397,8 @@ std::map<int64_t, nlohmann::json> run_backend(const BenchOptions& o, const std::
   text << in.rdbuf();
   for (auto& j : json_lines(text.str())) rows[j["bytes"].get<int64_t>()] = j;
   fs::remove(out);
+  std::error_code ec;
+  fs::remove_all(store, ec);
   if (st != 0) *note += fmt::format("{}: workers exited with status {}:\n{}\n", backend, st, log);
   return rows;
 }
@@ -450,6 +488,19 @@ void print_latency(std::map<std::string, Rows>& ours, std::map<std::string, Rows
   }
 }
 
+// The same from the paired sweeps: MPI_Allreduce in the backend's own processes.
+void print_paired_latency(std::map<std::string, Rows>& ours) {
+  for (const auto& [b, rows] : ours) {
+    if (rows.empty() || !rows.begin()->second.contains("peer_time_us")) continue;
+    const auto& [bytes, j] = *rows.begin();
+    const double t = j["time_us"].get<double>(), t_peer = j["peer_time_us"].get<double>();
+    fmt::print(
+        "# {} B latency, same job: {} {:.2f} us, MPI_Allreduce {:.2f} us ({:.2f}x its time; "
+        "median of the rounds' ratios {:.2f}x)\n",
+        bytes, b, t, t_peer, t / t_peer, 1.0 / j["paired_ratio"].get<double>());
+  }
+}
+
 // busbw of every backend and peer at every size, then ours / peer for each pair that
 // the acceptance compares (tcp and mpi against Open MPI and Gloo). The cells go into
 // `report` too (bench allreduce --out), and each column's busbw into its plot.
@@ -474,6 +525,14 @@ void print_side_by_side(const BenchOptions& o, const std::vector<std::string>& b
   for (const auto& [b, p] : ratios) {
     head += fmt::format(" {:>12}", b + "/" + p), report.columns.push_back(b + "/" + p);
   }
+  std::vector<std::string> paired;  // backends with MPI_Allreduce in their own processes
+  for (const char* b : {"tcp", "mpi"}) {
+    if (ours.count(b) && !ours[b].empty() && ours[b].begin()->second.contains("paired_ratio")) {
+      paired.emplace_back(b);
+      const std::string c = std::string(b) + "/ompi-job";
+      head += fmt::format(" {:>12}", c), report.columns.push_back(c);
+    }
+  }
   fmt::print("{}\n", head);
   std::map<int64_t, bool> sizes;
   for (const auto& [b, rows] : ours) {
@@ -494,6 +553,13 @@ void print_side_by_side(const BenchOptions& o, const std::vector<std::string>& b
       line += cell;
       cells.push_back(cell.substr(cell.find_first_not_of(' ')));
     }
+    for (const auto& b : paired) {
+      auto it = ours[b].find(sz);
+      cells.push_back(it == ours[b].end()
+                          ? "-"
+                          : fmt::format("{:.2f}", it->second["paired_ratio"].get<double>()));
+      line += fmt::format(" {:>12}", cells.back());
+    }
     fmt::print("{}\n", line);
   }
   report.plot = {{"title", report.title}, {"series", nlohmann::json::array()}};
@@ -504,6 +570,7 @@ void print_side_by_side(const BenchOptions& o, const std::vector<std::string>& b
     report.plot["series"].push_back(one);
   }
   print_latency(ours, peers);
+  print_paired_latency(ours);
 }
 
 int run_orchestrator(const BenchOptions& o) {
@@ -569,7 +636,11 @@ Command add_bench_command(CLI::App& app) {
   ar->add_flag("!--no-peers", o->peers, "Do not run the Gloo and Open MPI peers");
   ar->add_option("--peers-dir", o->peers_dir, "Folder with gloo_allreduce.py")
       ->capture_default_str();
+  ar->add_flag("!--no-paired", o->paired,
+               "Time the backends alone (tcp through dtrain launch), without MPI_Allreduce "
+               "interleaved in the same processes (the <backend>/ompi-job columns)");
   ar->add_flag("--worker", o->worker, "(internal) run as one rank of the sweep");
+  ar->add_option("--store-dir", o->store_dir, "(internal) a paired tcp worker's bootstrap folder");
   ar->add_option("--backend", o->backend, "(internal) the worker's backend");
   ar->add_option("--out", o->out,
                  "Folder for allreduce.md and allreduce.png (with --worker, internal: rank 0's "
