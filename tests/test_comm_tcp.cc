@@ -33,6 +33,7 @@
 #include "dtrain/comm/communicator.h"
 #include "dtrain/comm/store.h"
 #include "dtrain/comm/tcp.h"
+#include "shm/segment.h"
 
 namespace dtrain::comm {
 namespace {
@@ -324,11 +325,22 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   // Single-copy reads of the peers' memory take over above the slots, on one host only.
   AlgoOptions d;
   AlgoCapabilities cma{true, false, d.local_max_bytes, true};
-  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 64 << 20, cma), Algo::kRing);  // default
-  d.direct_min_bytes = d.local_max_bytes + 1;
+  // Defaults: allreduce 4-32 MiB, allgather and reduce_scatter from 512 KiB, never
+  // broadcast, never across hosts.
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (4 << 20) - 1, cma), Algo::kRing);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 4 << 20, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 32 << 20, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (32 << 20) + 1, cma), Algo::kRing);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllgather, (512 << 10) - 1, cma), Algo::kRing);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 512 << 10, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kReduceScatter, 64 << 20, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kBroadcast, 64 << 20, cma), Algo::kRing);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 4 << 20, hosts), Algo::kRing);
+  d.allreduce_direct_min_bytes = d.local_max_bytes + 1;
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, d.local_max_bytes, cma), Algo::kLocal);
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, d.local_max_bytes + 1, cma), Algo::kDirect);
-  EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 64 << 20, cma), Algo::kDirect);
+  d.allreduce_direct_max_bytes = SIZE_MAX;
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 64 << 20, cma), Algo::kDirect);
   d[Collective::kAllreduce] = Algo::kDirect;
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 8, cma), Algo::kDirect);
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 8, hosts), Algo::kRing);
@@ -338,6 +350,26 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("DTRAIN_ALLREDUCE_ALGO 'tree'"), std::string::npos)
         << e.what();
+  }
+}
+
+// shm::stream_copy (the ring's cold receives) against memcpy: every destination
+// alignment within a cache line, lengths around the 64-byte body, bytes around the
+// destination untouched.
+TEST(ShmStreamCopy, EqualsMemcpyAtEveryAlignmentAndLength) {
+  std::vector<std::byte> src(4096 + 128), dst(4096 + 256), want;
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>(i * 131 + 7);
+  for (size_t align = 0; align < 64; ++align) {
+    for (size_t n : {size_t{0}, size_t{1}, size_t{63}, size_t{64}, size_t{65}, size_t{127},
+                     size_t{1000}, size_t{4096}}) {
+      std::fill(dst.begin(), dst.end(), std::byte{0xAB});
+      want = dst;
+      std::byte* base = dst.data() + (64 - reinterpret_cast<uintptr_t>(dst.data()) % 64) % 64;
+      const size_t at = static_cast<size_t>(base - dst.data()) + align;
+      std::memcpy(want.data() + at, src.data() + 3, n);
+      dtrain::comm::shm::stream_copy(dst.data() + at, src.data() + 3, n);
+      ASSERT_EQ(dst, want) << "alignment " << align << ", " << n << " bytes";
+    }
   }
 }
 
@@ -419,7 +451,8 @@ class TcpPath : public ::testing::TestWithParam<Link> {
     TcpOptions o;
     o.shm = GetParam() != Link::kTcp;
     o.direct = GetParam() == Link::kShmDirect;
-    if (o.direct) o.algos.direct_min_bytes = o.algos.local_max_bytes + 1;
+    o.algos.allreduce_direct_max_bytes = SIZE_MAX;  // direct or the ring at every size
+    o.algos.allreduce_direct_min_bytes = o.direct ? o.algos.local_max_bytes + 1 : SIZE_MAX;
     return o;
   }
   // The large allreduces below run the path under test.

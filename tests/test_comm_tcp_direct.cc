@@ -48,11 +48,15 @@ void expect_allreduce_right(Communicator& comm, size_t count) {
 
 TEST(TcpDirect, ProbeTurnsItOnForOneHost) {
   if (!cma_available()) GTEST_SKIP() << "process_vm_readv is not allowed here";
-  TcpOptions o;  // auto picks direct above the slots once DTRAIN_DIRECT_MIN_BYTES allows it
+  TcpOptions o;  // auto picks direct above the slots once its window starts there
   o.algos.direct_min_bytes = o.algos.local_max_bytes + 1;
+  o.algos.allreduce_direct_min_bytes = o.algos.local_max_bytes + 1;
   for (int n : {2, 3}) {
     run_ranks(n, TcpOptions{}, milliseconds(10000), [&](Communicator& comm) {
-      EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, 64 << 20), Algo::kRing);  // default
+      // Defaults: allreduce 4-32 MiB, broadcast never.
+      EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, 64 << 20), Algo::kRing);
+      EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, 4 << 20), Algo::kDirect);
+      EXPECT_EQ(tcp_algorithm(comm, Collective::kBroadcast, 64 << 20), Algo::kRing);
     });
     run_ranks(n, o, milliseconds(10000), [&](Communicator& comm) {
       const size_t slots = AlgoOptions{}.local_max_bytes;
@@ -60,7 +64,7 @@ TEST(TcpDirect, ProbeTurnsItOnForOneHost) {
       EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, slots + 1), Algo::kDirect);
       EXPECT_EQ(tcp_algorithm(comm, Collective::kReduceScatter, 64 << 20), Algo::kDirect);
       EXPECT_EQ(tcp_algorithm(comm, Collective::kAllgather, 64 << 20), Algo::kDirect);
-      EXPECT_EQ(tcp_algorithm(comm, Collective::kBroadcast, 64 << 20), Algo::kDirect);
+      EXPECT_EQ(tcp_algorithm(comm, Collective::kBroadcast, 64 << 20), Algo::kRing);
     });
   }
 }

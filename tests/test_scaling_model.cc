@@ -87,7 +87,7 @@ TEST(ScalingModel, AllreduceTimesByTopology) {
 TEST(ScalingModel, DirectOnOneHostAndInHierarchicalStages) {
   sm::Machine m = toy_machine();
   m.direct = true;
-  m.direct_min_bytes = m.local_max_bytes + 1;  // as DTRAIN_DIRECT_MIN_BYTES=262145
+  m.allreduce_direct_min_bytes = m.local_max_bytes + 1;  // DTRAIN_ALLREDUCE_DIRECT_MIN_BYTES
   m.ranks_per_node = 4;
   const double s = 1 << 20;
   // One host of 4, 1 MiB (above the slots): direct, 3 x 1 us + 1.75 S at 10 GB/s.

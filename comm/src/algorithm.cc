@@ -89,8 +89,28 @@ AlgoOptions AlgoOptions::from_env() {
   o.allgather_native_min_bytes =
       env_bytes("DTRAIN_ALLGATHER_NATIVE_MIN_BYTES", o.allgather_native_min_bytes);
   o.direct_min_bytes = env_bytes("DTRAIN_DIRECT_MIN_BYTES", o.direct_min_bytes);
+  o.allreduce_direct_min_bytes =
+      env_bytes("DTRAIN_ALLREDUCE_DIRECT_MIN_BYTES", o.allreduce_direct_min_bytes);
+  o.allreduce_direct_max_bytes =
+      env_bytes("DTRAIN_ALLREDUCE_DIRECT_MAX_BYTES", o.allreduce_direct_max_bytes);
   return o;
 }
+
+namespace {
+
+bool in_direct_window(const AlgoOptions& o, Collective c, size_t bytes) {
+  switch (c) {
+    case Collective::kAllreduce:
+      return bytes >= o.allreduce_direct_min_bytes && bytes <= o.allreduce_direct_max_bytes;
+    case Collective::kAllgather:
+    case Collective::kReduceScatter:
+      return bytes >= o.direct_min_bytes;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
 
 Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoCapabilities& can) {
   const bool local_fits = can.local && bytes <= can.local_capacity;
@@ -111,7 +131,7 @@ Algo algorithm_for(const AlgoOptions& o, Collective c, size_t bytes, const AlgoC
   }
   if (can.native && in_native_window(o, c, bytes)) return Algo::kNative;
   if (local_fits && bytes <= o.local_max_bytes) return Algo::kLocal;
-  if (can.direct && bytes >= o.direct_min_bytes) return Algo::kDirect;
+  if (can.direct && in_direct_window(o, c, bytes)) return Algo::kDirect;
   if (bytes <= o.small_max_bytes) {
     // Measured over Open MPI (2 ranks): recursive doubling over MPI_Isend/Irecv took
     // 0.8 us at 8 B and 25 us at 64 KiB, MPI_Iallreduce 1.6 us and 31 us.

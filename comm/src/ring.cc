@@ -83,6 +83,7 @@ void Ring::run(const Pass& p, Deadline deadline) {
   const size_t ce = std::max<size_t>(1, opts_.chunk_bytes / es);
   const bool in_place = p.local == p.out;
   const size_t window = static_cast<size_t>(opts_.window);
+  const bool cold = p.seg_offset.back() * es >= opts_.cold_min_bytes;
   // In place, a transport that reduces on receive needs no scratch at all.
   const bool recv_reduce = in_place && p.reduce_steps > 0 && p2p_.can_recv_reduce(left);
 
@@ -142,6 +143,11 @@ void Ring::run(const Pass& p, Deadline deadline) {
       dst = slot_ptr(posted);
     } else {
       dst = p.out + un.off * es;
+      if (cold) {
+        recv_req[posted % window] = p2p_.post_recv_cold(dst, un.len * es, left);
+        ++posted;
+        return;
+      }
     }
     recv_req[posted % window] = p2p_.post_recv(dst, un.len * es, left);
     ++posted;

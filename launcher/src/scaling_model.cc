@@ -94,6 +94,8 @@ comm::AlgoOptions algo_options(const Machine& m) {
   o.local_max_bytes = m.local_max_bytes;
   o.small_max_bytes = m.small_max_bytes;
   o.direct_min_bytes = m.direct_min_bytes;
+  o.allreduce_direct_min_bytes = m.allreduce_direct_min_bytes;
+  o.allreduce_direct_max_bytes = m.allreduce_direct_max_bytes;
   return o;
 }
 

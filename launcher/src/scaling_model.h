@@ -66,7 +66,9 @@ struct Machine {
   // Thresholds (comm::AlgoOptions defaults).
   size_t local_max_bytes = comm::AlgoOptions{}.local_max_bytes;
   size_t small_max_bytes = comm::AlgoOptions{}.small_max_bytes;
-  size_t direct_min_bytes = comm::AlgoOptions{}.direct_min_bytes;  // default: auto never
+  size_t direct_min_bytes = comm::AlgoOptions{}.direct_min_bytes;
+  size_t allreduce_direct_min_bytes = comm::AlgoOptions{}.allreduce_direct_min_bytes;
+  size_t allreduce_direct_max_bytes = comm::AlgoOptions{}.allreduce_direct_max_bytes;
 };
 
 // One term of the model: an algorithm over one link class.

@@ -2,6 +2,9 @@
 #include "shm/segment.h"
 
 #include <fcntl.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -282,6 +285,25 @@ Slots Segment::slots() const {
 Doorbell Segment::bell() const {
   auto* w = reinterpret_cast<uint32_t*>(base_ + kBellOffset);
   return Doorbell(w, w + 1);
+}
+
+void stream_copy(std::byte* dst, const std::byte* src, size_t n) {
+#if defined(__SSE2__)
+  const size_t head = std::min(n, (64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63);
+  std::memcpy(dst, src, head);
+  dst += head, src += head, n -= head;
+  const size_t body = n & ~size_t{63};
+  for (size_t i = 0; i < body; i += 64) {
+    for (size_t j = 0; j < 64; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + j));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + j), v);
+    }
+  }
+  _mm_sfence();  // the stores are visible before the caller reports the receive done
+  std::memcpy(dst + body, src + body, n - body);
+#else
+  std::memcpy(dst, src, n);
+#endif
 }
 
 }  // namespace dtrain::comm::shm

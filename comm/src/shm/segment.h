@@ -166,4 +166,8 @@ class Segment {
   bool linked_ = false;  // created here and not yet unlinked
 };
 
+// memcpy with non-temporal stores for the 64-byte-aligned body (x86-64; plain memcpy
+// elsewhere): the destination's lines are neither read first nor kept in the caches.
+void stream_copy(std::byte* dst, const std::byte* src, size_t n);
+
 }  // namespace dtrain::comm::shm

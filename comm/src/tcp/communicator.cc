@@ -439,6 +439,8 @@ TcpOptions TcpOptions::from_env() {
   o.socket_buffer_bytes = env_int("DTRAIN_TCP_SOCKET_BUFFER", o.socket_buffer_bytes);
   o.ring.chunk_bytes =
       static_cast<size_t>(env_int("DTRAIN_TCP_CHUNK_BYTES", static_cast<int>(o.ring.chunk_bytes)));
+  o.ring.cold_min_bytes = static_cast<size_t>(
+      env_int("DTRAIN_TCP_COLD_MIN_BYTES", static_cast<int>(o.ring.cold_min_bytes)));
   o.spin_us = env_int("DTRAIN_TCP_SPIN_US", o.spin_us);
   o.pure_spin_us = env_int("DTRAIN_TCP_PURE_SPIN_US", o.pure_spin_us);
   if (const char* v = std::getenv("DTRAIN_SHM"); v != nullptr && *v != '\0') {

@@ -396,6 +396,12 @@ PointToPoint::Request Transport::post_recv(void* data, size_t bytes, int peer) {
   return {peer, false, p.recvs_posted++};
 }
 
+PointToPoint::Request Transport::post_recv_cold(void* data, size_t bytes, int peer) {
+  Request r = post_recv(data, bytes, peer);
+  if (bytes > 0) peers_[peer].recvs.back().cold = true;
+  return r;
+}
+
 bool Transport::can_recv_reduce(int peer) const {
   return peer >= 0 && peer < size_ && peers_[peer].shm;
 }
@@ -515,8 +521,9 @@ void Transport::progress_recv_shm(int p) {
         dst += n;
       });
     } else {
+      const bool cold = front.cold;
       k = peer.shm_in.read(front.left, [&](const std::byte* src, size_t n) {
-        std::memcpy(dst, src, n);
+        cold ? shm::stream_copy(dst, src, n) : static_cast<void>(std::memcpy(dst, src, n));
         dst += n;
       });
     }

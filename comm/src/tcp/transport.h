@@ -69,6 +69,8 @@ class Transport final : public PointToPoint {
   int size() const override { return size_; }
   Request post_send(const void* data, size_t bytes, int peer) override;
   Request post_recv(void* data, size_t bytes, int peer) override;
+  // Shared-memory peers: copied out of the ring with shm::stream_copy.
+  Request post_recv_cold(void* data, size_t bytes, int peer) override;
   bool can_recv_reduce(int peer) const override;
   Request post_recv_reduce(void* data, size_t count, DType dtype, ReduceOp op, int peer) override;
   void wait(const Request& request, Deadline deadline) override;
@@ -113,6 +115,8 @@ class Transport final : public PointToPoint {
     bool reduce = false;
     DType dtype = DType::u8;
     ReduceOp op = ReduceOp::kSum;
+    // post_recv_cold: copy with non-temporal stores (shm receives only).
+    bool cold = false;
   };
   struct Peer {
     Fd data;

@@ -15,8 +15,9 @@
 //          inside a backend it reads as auto
 //   auto   by size, from the table below: on the mpi backend native from
 //          native_min_bytes to native_max_bytes; else local up to local_max_bytes when
-//          every rank is on this host; else direct from direct_min_bytes (default:
-//          never) when every rank is on this host and can read its peers' memory; else
+//          every rank is on this host; else direct in its window (allreduce 4-32 MiB,
+//          allgather and reduce_scatter from 512 KiB, broadcast never) when every
+//          rank is on this host and can read its peers' memory; else
 //          up to small_max_bytes rd for allreduce and
 //          native for the others (mpi backend); else ring.
 //
@@ -26,7 +27,8 @@
 // Overridden per collective by DTRAIN_ALLREDUCE_ALGO, DTRAIN_REDUCE_SCATTER_ALGO,
 // DTRAIN_ALLGATHER_ALGO, DTRAIN_BROADCAST_ALGO (and `dtrain train --allreduce-algo`);
 // the thresholds by DTRAIN_LOCAL_MAX_BYTES, DTRAIN_SMALL_MAX_BYTES,
-// DTRAIN_NATIVE_MIN_BYTES and DTRAIN_NATIVE_MAX_BYTES. A forced
+// DTRAIN_NATIVE_MIN_BYTES, DTRAIN_NATIVE_MAX_BYTES, DTRAIN_DIRECT_MIN_BYTES,
+// DTRAIN_ALLREDUCE_DIRECT_MIN_BYTES and DTRAIN_ALLREDUCE_DIRECT_MAX_BYTES. A forced
 // algorithm that cannot run a call (local across hosts or above the slot size,
 // native on tcp) runs the ring and says so in algorithm_for's `why`.
 #pragma once
@@ -64,12 +66,18 @@ struct AlgoOptions {
   // MPI_Reduce_scatter_block measured 0.4x our ring at 512 KiB - 1 MiB, and broadcast
   // was not measured.
   size_t allgather_native_min_bytes = 16 << 10;
-  // tcp backend, one host: `direct` from this size when the probe passes. Default: auto
-  // never picks it. On the development VM process_vm_readv moved 2.8-3.9 GB/s from
-  // memory against memcpy's 7.6-16.6 (about 2 us a call), and direct measured 0.64-0.71x
-  // the ring's busbw at 512 KiB - 8 MiB, level at 16-64 MiB (comm/README.md); set
-  // DTRAIN_DIRECT_MIN_BYTES where cross-memory attach is fast.
-  size_t direct_min_bytes = SIZE_MAX;
+  // tcp backend, every rank on this host and the probe passed: `direct` for allgather
+  // and reduce_scatter from this size (allgather's per-rank block, reduce_scatter's
+  // input), and for allreduce from allreduce_direct_min_bytes to
+  // allreduce_direct_max_bytes; broadcast only when forced (not measured). Measured on
+  // the quiet development VM (2 ranks, comm/README.md, alternating runs): direct gave
+  // allgather 5.5-12.3 GB/s busbw against the ring's 2.3-6.6 at 1-64 MiB gathered,
+  // reduce_scatter 2.6-9.5 against 2.3-4.9; allreduce 8.4-9.5 against 6.3-7.1 at
+  // 4-8 MiB, level at 2 MiB, behind at 512 KiB - 1 MiB (6.3-7.1 against 9.1-9.2) and
+  // mixed at 64 MiB. (An earlier run under load 6-7 had direct behind everywhere.)
+  size_t direct_min_bytes = 512 << 10;
+  size_t allreduce_direct_min_bytes = 4 << 20;
+  size_t allreduce_direct_max_bytes = 32 << 20;
 
   Algo& operator[](Collective c) { return algo[static_cast<size_t>(c)]; }
   Algo operator[](Collective c) const { return algo[static_cast<size_t>(c)]; }

@@ -109,7 +109,8 @@ struct TcpOptions {
   AlgoOptions algos;
 
   // Defaults, overridden by DTRAIN_TCP_BIND, DTRAIN_TCP_ADVERTISE,
-  // DTRAIN_TCP_SOCKET_BUFFER, DTRAIN_TCP_CHUNK_BYTES, DTRAIN_TCP_SPIN_US, DTRAIN_SHM
+  // DTRAIN_TCP_SOCKET_BUFFER, DTRAIN_TCP_CHUNK_BYTES, DTRAIN_TCP_COLD_MIN_BYTES
+  // (ring.cold_min_bytes), DTRAIN_TCP_SPIN_US, DTRAIN_SHM
   // (0 or 1), DTRAIN_SHM_RING_BYTES, DTRAIN_DIRECT (0 or 1), DTRAIN_DIRECT_CHUNK_BYTES
   // and AlgoOptions::from_env's variables when set (InvalidArgument on values that do
   // not parse).
