@@ -348,12 +348,14 @@ double final_accuracy(const std::filesystem::path& metrics) {
   return std::strtod(text.c_str() + at + std::string("\"test_accuracy\":").size(), nullptr);
 }
 
-double launch_demo(const std::string& compression) {
+double launch_demo(const std::string& compression, int seed) {
   std::filesystem::path metrics =
-      dtrain::testing::scratch_dir("dtrain_test_compress", compression) / "metrics.jsonl";
+      dtrain::testing::scratch_dir("dtrain_test_compress", compression + std::to_string(seed)) /
+      "metrics.jsonl";
   auto r = dtrain::testing::run_command(
       std::string(DTRAIN_BIN) + " launch --nproc 2 -- dtrain train --no-progress --data-cache " +
-      DTRAIN_DATA_CACHE + " --metrics " + metrics.string() + " --grad-compression " + compression);
+      DTRAIN_DATA_CACHE + " --metrics " + metrics.string() + " --grad-compression " + compression +
+      " --seed " + std::to_string(seed));
   EXPECT_EQ(r.code, 0) << r.out;
   if (compression != "none") {
     EXPECT_NE(r.out.find("backend tcp, " + compression + " gradients"), std::string::npos) << r.out;
@@ -361,12 +363,21 @@ double launch_demo(const std::string& compression) {
   return final_accuracy(metrics);
 }
 
-// Acceptance (issue 11): bf16 all-reduce reaches the same test accuracy within 0.3 points.
+// Acceptance (issue 11): bf16 all-reduce reaches the same test accuracy within 0.3 points,
+// as the mean over seeds 1-3: one seed alone is not the accuracy (uncompressed runs
+// measured 98.40, 97.90 and 98.20% for seeds 1-3 on one machine, a 0.5-point spread).
 TEST(DdpCompressionCli, Bf16DemoMatchesUncompressedAccuracy) {
-  const double none = launch_demo("none");
-  const double bf16 = launch_demo("bf16");
-  std::printf("seed-cnn demo, 2 workers: test accuracy none %.4f, bf16 %.4f (diff %.2f points)\n",
-              none, bf16, 100 * (bf16 - none));
+  double none = 0, bf16 = 0;
+  for (int seed = 1; seed <= 3; ++seed) {
+    const double a = launch_demo("none", seed), b = launch_demo("bf16", seed);
+    std::printf("seed %d: test accuracy none %.4f, bf16 %.4f\n", seed, a, b);
+    EXPECT_GE(a, 0.97) << "seed " << seed;
+    none += a / 3, bf16 += b / 3;
+  }
+  std::printf(
+      "seed-cnn demo, 2 workers, mean of seeds 1-3: test accuracy none %.4f, bf16 %.4f (diff "
+      "%.2f points)\n",
+      none, bf16, 100 * (bf16 - none));
   RecordProperty("test_accuracy_none", std::to_string(none));
   RecordProperty("test_accuracy_bf16", std::to_string(bf16));
   EXPECT_GE(none, 0.97);
