@@ -165,7 +165,9 @@ TEST(Cli, BenchScalingPrintsOneRatioPerRound) {
     ++rows;
     EXPECT_EQ(r1.back(), 'x') << line;
     EXPECT_EQ(r2.back(), 'x') << line;
-    if (workers == "1") EXPECT_EQ(vs, "1.00x") << line;
+    if (workers == "1") {
+      EXPECT_EQ(vs, "1.00x") << line;
+    }
   }
   EXPECT_EQ(rows, 2) << r.out;
 }
@@ -183,8 +185,9 @@ TEST(Cli, BenchAllreducePairedWorkersTimeBothInOneJob) {
     const fs::path out = dir / (backend + ".jsonl");
     CliRun r = dtrain::testing::run_command(
         "mpirun --allow-run-as-root --oversubscribe -np 2 " + std::string(DTRAIN_BIN) +
-            " bench allreduce --worker --backend " + backend + " --max-bytes 4096 --store-dir " +
-            (dir / (backend + "-store")).string() + " --out " + out.string() + " 2>&1",
+            " bench allreduce --worker --paired-worker --backend " + backend +
+            " --max-bytes 4096 --store-dir " + (dir / (backend + "-store")).string() + " --out " +
+            out.string() + " 2>&1",
         120);
     ASSERT_EQ(r.code, 0) << r.out;
     std::ifstream in(out);
@@ -200,13 +203,15 @@ TEST(Cli, BenchAllreducePairedWorkersTimeBothInOneJob) {
       ASSERT_GT(peer, 0) << line;
       EXPECT_GT(ratio, 0.5 * peer / t) << line;
       EXPECT_LT(ratio, 2.0 * peer / t) << line;
-      if (backend == "tcp") EXPECT_EQ(j.at("algo").get<std::string>(), "local") << line;
+      if (backend == "tcp") {
+        EXPECT_EQ(j.at("algo").get<std::string>(), "local") << line;
+      }
     }
     EXPECT_EQ(rows, 10) << backend;  // 8 B .. 4 KiB
   }
   CliRun bad = dtrain::testing::run_command(
       "mpirun --allow-run-as-root --oversubscribe -np 2 " + std::string(DTRAIN_BIN) +
-          " bench allreduce --worker --backend tcp --max-bytes 8 --out " +
+          " bench allreduce --worker --paired-worker --backend tcp --max-bytes 8 --out " +
           (dir / "x.jsonl").string() + " 2>&1",
       60);
   EXPECT_NE(bad.code, 0);

@@ -158,6 +158,7 @@ struct BenchOptions {
   // Open MPI's MPI_Allreduce in the same processes, interleaved (cmd_bench_paired.cc).
   bool paired = true;
   bool worker = false;
+  bool paired_worker = false;  // --worker --paired-worker: one rank of a paired sweep
   std::string backend;
   std::string store_dir;  // worker: the paired tcp workers' bootstrap
   std::string out;
@@ -187,7 +188,7 @@ void pin_like_mpirun(const std::string& backend) {
 }
 
 int run_worker(const BenchOptions& o) {
-  if (o.paired) {
+  if (o.paired_worker) {
     return bench_detail::run_paired_allreduce_worker(o.backend, sweep_sizes(o.max_bytes),
                                                      o.store_dir, o.out);
   }
@@ -385,7 +386,7 @@ std::map<int64_t, nlohmann::json> run_backend(const BenchOptions& o, const std::
   const bool paired = runs_paired(o);
   std::string worker =
       fmt::format("{} bench allreduce --worker --backend {} --max-bytes {} --out {}{}", self_exe(),
-                  backend, o.max_bytes, out.string(), paired ? "" : " --no-paired");
+                  backend, o.max_bytes, out.string(), paired ? " --paired-worker" : "");
   std::string cmd =
       paired ? bench_detail::paired_launch_command(backend, o.nproc, worker, store.string())
              : bench_detail::launch_command(backend, o.nproc, worker);
@@ -640,6 +641,8 @@ Command add_bench_command(CLI::App& app) {
                "Time the backends alone (tcp through dtrain launch), without MPI_Allreduce "
                "interleaved in the same processes (the <backend>/ompi-job columns)");
   ar->add_flag("--worker", o->worker, "(internal) run as one rank of the sweep");
+  ar->add_flag("--paired-worker", o->paired_worker,
+               "(internal, with --worker) one rank of the paired sweep, under mpirun");
   ar->add_option("--store-dir", o->store_dir, "(internal) a paired tcp worker's bootstrap folder");
   ar->add_option("--backend", o->backend, "(internal) the worker's backend");
   ar->add_option("--out", o->out,

@@ -91,9 +91,10 @@ void open_paired(const std::string& backend, const std::string& store_dir, Paire
     c.session = open_bench_session(backend);
     return;
   }
-  DTRAIN_CHECK(!store_dir.empty(), InvalidArgument,
-               "bench allreduce --worker --backend {}: a paired tcp worker needs --store-dir",
-               backend);
+  DTRAIN_CHECK(
+      !store_dir.empty(), InvalidArgument,
+      "bench allreduce --paired-worker --backend {}: a paired tcp worker needs --store-dir",
+      backend);
   int rank = 0, size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
