@@ -71,8 +71,8 @@ struct AlgoOptions {
   // input), and for allreduce from allreduce_direct_min_bytes to
   // allreduce_direct_max_bytes; broadcast only when forced (not measured). Measured on
   // the quiet development VM (2 ranks, comm/README.md, alternating runs): direct gave
-  // allgather 5.5-12.3 GB/s busbw against the ring's 2.3-6.6 at 1-64 MiB gathered,
-  // reduce_scatter 2.6-9.5 against 2.3-4.9; allreduce 8.4-9.5 against 6.3-7.1 at
+  // allgather 3.1-12.3 GB/s busbw against the ring's 2.3-6.6 at 1-64 MiB gathered,
+  // reduce_scatter 2.6-9.5 against 2.3-4.9; allreduce 8.5-9.5 against 6.3-7.1 at
   // 4-8 MiB, level at 2 MiB, behind at 512 KiB - 1 MiB (6.3-7.1 against 9.1-9.2) and
   // mixed at 64 MiB. (An earlier run under load 6-7 had direct behind everywhere.)
   size_t direct_min_bytes = 512 << 10;
