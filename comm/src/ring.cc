@@ -143,13 +143,10 @@ void Ring::run(const Pass& p, Deadline deadline) {
       dst = slot_ptr(posted);
     } else {
       dst = p.out + un.off * es;
-      if (cold) {
-        recv_req[posted % window] = p2p_.post_recv_cold(dst, un.len * es, left);
-        ++posted;
-        return;
-      }
     }
-    recv_req[posted % window] = p2p_.post_recv(dst, un.len * es, left);
+    const bool cold_copy = cold && un.step >= p.reduce_steps;  // straight into the output
+    recv_req[posted % window] = cold_copy ? p2p_.post_recv_cold(dst, un.len * es, left)
+                                          : p2p_.post_recv(dst, un.len * es, left);
     ++posted;
   };
   while (posted < std::min(window, units.size())) post_next();
