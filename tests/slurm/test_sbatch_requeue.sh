@@ -133,7 +133,7 @@ fi
 [ "$UP" -ge 1 ] || fail "no slurmd came up: $(tail -5 "$T"/slurmd-n1.log "$T/slurmctld.log" 2>/dev/null)"
 sinfo
 
-TRAIN=(--model mlp --seed 7 --epochs 3 --log-every 10 --ckpt-every 1000 --data-cache "$SRC/data")
+TRAIN=(--model mlp --seed 7 --epochs 10 --log-every 10 --ckpt-every 1000 --data-cache "$SRC/data")
 export DTRAIN="$BIN"
 
 # The oracle: the same two-rank training, uninterrupted.
