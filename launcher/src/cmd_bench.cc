@@ -82,7 +82,10 @@ std::vector<nlohmann::json> json_lines(const std::string& text) {
   return out;
 }
 
-// DTRAIN_BENCH_PIN=0 keeps the tcp workers unbound: launch's default binding too.
+// The tcp workers get launch's default binding (--bind-to auto: one core each for up to
+// 2 ranks, as mpirun binds the Open MPI peer and the mpi backend), so that two ranks
+// never share a core while another idles (a waiter would spin through its whole spin
+// before its peer can run). DTRAIN_BENCH_PIN=0 passes --bind-to none.
 std::string launch_command(const std::string& backend, int nproc, const std::string& worker) {
   const char* pin = std::getenv("DTRAIN_BENCH_PIN");
   const bool unpinned = pin != nullptr && std::string_view(pin) == "0";
@@ -171,28 +174,11 @@ std::vector<int64_t> sweep_sizes(int64_t max_bytes) {
 }
 
 // ---- worker: one rank of the sweep ----
-// The placement mpirun gives the Open MPI peer and the mpi backend (--bind-to core for
-// up to 2 ranks, by core otherwise): one core per rank while there are enough cores,
-// so that two ranks of the sweep never share one while the other idles (a waiter then
-// spins through its whole spin before its peer can run). DTRAIN_BENCH_PIN=0: unpinned.
-void pin_like_mpirun(const std::string& backend) {
-  const char* pin = std::getenv("DTRAIN_BENCH_PIN");
-  if (backend.rfind("mpi", 0) == 0 || (pin != nullptr && std::string_view(pin) == "0")) return;
-  const WorkerIdentity id = detect_worker_identity(process_env_reader());
-  const int cores = static_cast<int>(std::thread::hardware_concurrency());
-  if (cores <= 0 || id.world_size > cores) return;  // one host: every rank is local
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(id.local_rank, &set);
-  ::sched_setaffinity(0, sizeof set, &set);
-}
-
 int run_worker(const BenchOptions& o) {
   if (o.paired_worker) {
     return bench_detail::run_paired_allreduce_worker(o.backend, sweep_sizes(o.max_bytes),
                                                      o.store_dir, o.out);
   }
-  pin_like_mpirun(o.backend);
   auto session = bench_detail::open_bench_session(o.backend);
   comm::Communicator& comm = session->comm();
   std::ofstream out;
