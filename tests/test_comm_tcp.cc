@@ -333,6 +333,7 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (32 << 20) + 1, cma), Algo::kRing);
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, (512 << 10) - 1, cma), Algo::kRing);
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 512 << 10, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 64 << 20, cma), Algo::kDirect);
   EXPECT_EQ(algorithm_for(d, Collective::kReduceScatter, 64 << 20, cma), Algo::kDirect);
   EXPECT_EQ(algorithm_for(d, Collective::kBroadcast, 64 << 20, cma), Algo::kRing);
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 4 << 20, hosts), Algo::kRing);

@@ -127,7 +127,7 @@ class HierarchicalCommunicator::Queue {
   void loop() {
     for (;;) {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return (stop_ && !running_) || (!tasks_.empty() && !running_); });
+      cv_.wait(lock, [&] { return !running_ && (stop_ || !tasks_.empty()); });
       if (tasks_.empty()) return;
       auto [fn, work] = std::move(tasks_.front());
       tasks_.pop_front();

@@ -106,12 +106,11 @@ std::unique_ptr<WorkerSession> open_bench_session(const std::string& backend) {
   return WorkerSession::open(detect_worker_identity(process_env_reader()), so);
 }
 
-void warm_up_allreduce(comm::Communicator& comm) {
-  for (int i = 0; i < 2000; ++i) {
-    float x = 1;
-    comm.allreduce(&x, 1, DType::f32, comm::ReduceOp::kSum);
-  }
+double allreduce_busbw(int64_t nbytes, double seconds, int n) {
+  return static_cast<double>(nbytes) / seconds / 1e9 * 2.0 * (n - 1) / n;
 }
+
+namespace {
 
 int64_t count_wrong_allreduce(comm::Communicator& comm, std::vector<float>& buf) {
   const int n = comm.size();
@@ -123,23 +122,45 @@ int64_t count_wrong_allreduce(comm::Communicator& comm, std::vector<float>& buf)
   return wrong;
 }
 
-nlohmann::json allreduce_row(const std::string& backend, const comm::Communicator& comm,
-                             int64_t nbytes, double seconds, int64_t wrong) {
-  const int n = comm.size();
-  const int64_t count = std::max<int64_t>(1, nbytes / 4);
-  const double algbw = static_cast<double>(nbytes) / seconds / 1e9;
-  nlohmann::json row{{"backend", backend},
-                     {"nproc", n},
-                     {"bytes", nbytes},
-                     {"count", count},
-                     {"time_us", seconds * 1e6},
-                     {"algbw_GBps", algbw},
-                     {"busbw_GBps", algbw * 2.0 * (n - 1) / n},
-                     {"wrong", wrong}};
-  if (backend == "tcp" || backend == "tcp-noshm") {
-    row["algo"] = comm::algo_name(tcp_allreduce_algo(comm, static_cast<size_t>(count) * 4));
+}  // namespace
+
+int run_allreduce_sweep(comm::Communicator& comm, const std::string& backend,
+                        const std::vector<int64_t>& sizes, const std::string& out_path,
+                        const TimeSize& time_size) {
+  std::ofstream out;
+  if (comm.rank() == 0) {
+    out.open(out_path, std::ios::trunc);
+    DTRAIN_CHECK(out.good(), IoError, "bench: cannot write {}", out_path);
   }
-  return row;
+  // Warm-up before the sweep: the launcher and the coordinator still start up beside
+  // the workers for a moment (nccl-tests warms up too); 8 B all-reduces are cheap.
+  for (int i = 0; i < 2000; ++i) {
+    float x = 1;
+    comm.allreduce(&x, 1, DType::f32, comm::ReduceOp::kSum);
+  }
+  const int n = comm.size();
+  for (int64_t nbytes : sizes) {
+    const auto count = static_cast<size_t>(std::max<int64_t>(1, nbytes / 4));
+    std::vector<float> buf(count, 0.0f);
+    const SizeTiming t = time_size(buf, nbytes);
+    const int64_t wrong = count_wrong_allreduce(comm, buf);
+    if (comm.rank() != 0) continue;
+    nlohmann::json row{{"backend", backend},
+                       {"nproc", n},
+                       {"bytes", nbytes},
+                       {"count", count},
+                       {"time_us", t.seconds * 1e6},
+                       {"algbw_GBps", static_cast<double>(nbytes) / t.seconds / 1e9},
+                       {"busbw_GBps", allreduce_busbw(nbytes, t.seconds, n)},
+                       {"wrong", wrong}};
+    if (backend == "tcp" || backend == "tcp-noshm") {
+      row["algo"] = comm::algo_name(tcp_allreduce_algo(comm, count * sizeof(float)));
+    }
+    row.update(t.extra);
+    out << row.dump() << "\n";
+    out.flush();
+  }
+  return 0;
 }
 
 }  // namespace bench_detail
@@ -181,24 +202,12 @@ int run_worker(const BenchOptions& o) {
   }
   auto session = bench_detail::open_bench_session(o.backend);
   comm::Communicator& comm = session->comm();
-  std::ofstream out;
-  if (comm.rank() == 0) {
-    out.open(o.out, std::ios::trunc);
-    DTRAIN_CHECK(out.good(), IoError, "bench: cannot write {}", o.out);
-  }
-  bench_detail::warm_up_allreduce(comm);
-  for (int64_t nbytes : sweep_sizes(o.max_bytes)) {
-    size_t count = static_cast<size_t>(std::max<int64_t>(1, nbytes / 4));
-    std::vector<float> buf(count, 0.0f);  // zeros: in-place sums stay finite
-    auto allreduce = [&] { comm.allreduce(buf.data(), count, DType::f32, comm::ReduceOp::kSum); };
-    const double t = bench_detail::time_loop(comm, bench_detail::loop_timing(nbytes), allreduce);
-    const int64_t wrong = bench_detail::count_wrong_allreduce(comm, buf);
-    if (comm.rank() == 0) {
-      out << bench_detail::allreduce_row(o.backend, comm, nbytes, t, wrong).dump() << "\n";
-      out.flush();
-    }
-  }
-  return 0;
+  return bench_detail::run_allreduce_sweep(
+      comm, o.backend, sweep_sizes(o.max_bytes), o.out, [&](std::vector<float>& buf, int64_t n) {
+        auto op = [&] { comm.allreduce(buf.data(), buf.size(), DType::f32, comm::ReduceOp::kSum); };
+        return bench_detail::SizeTiming{
+            bench_detail::time_loop(comm, bench_detail::loop_timing(n), op)};
+      });
 }
 
 // ---- data-parallel weak scaling: one rank's timing ----
@@ -365,17 +374,16 @@ bool runs_paired(const BenchOptions& o) {
 }
 
 std::map<int64_t, nlohmann::json> run_backend(const BenchOptions& o, const std::string& backend,
-                                              std::string* note) {
+                                              bool paired, std::string* note) {
   const std::string stem = fmt::format("dtrain-bench-{}-{}-{}", backend, getpid(), o.nproc);
   fs::path out = fs::temp_directory_path() / (stem + ".jsonl");
   fs::path store = fs::temp_directory_path() / (stem + "-store");
-  const bool paired = runs_paired(o);
   std::string worker =
       fmt::format("{} bench allreduce --worker --backend {} --max-bytes {} --out {}{}", self_exe(),
                   backend, o.max_bytes, out.string(), paired ? " --paired-worker" : "");
-  std::string cmd =
-      paired ? bench_detail::paired_launch_command(backend, o.nproc, worker, store.string())
-             : bench_detail::launch_command(backend, o.nproc, worker);
+  if (paired && backend.rfind("tcp", 0) == 0) worker += " --store-dir " + store.string();
+  // Paired, every backend runs under mpirun (the tcp backend bootstraps through the store).
+  std::string cmd = bench_detail::launch_command(paired ? "mpi" : backend, o.nproc, worker);
   int st = 0;
   std::string log = run_capture(cmd, &st);
   std::map<int64_t, nlohmann::json> rows;
@@ -573,8 +581,9 @@ int run_orchestrator(const BenchOptions& o) {
   const ProgressFn bar = progress_reporter({.label = "bench allreduce", .unit = "sweeps"});
   const auto sweeps = static_cast<int64_t>(backends.size()) + (o.peers ? 2 : 0);
   if (bar) bar(0, sweeps);
+  const bool paired = runs_paired(o);
   for (const auto& b : backends) {
-    ours[b] = run_backend(o, b, &note);
+    ours[b] = run_backend(o, b, paired, &note);
     if (bar) bar(static_cast<int64_t>(ours.size()), sweeps);
     print_nccl_table(b, o.nproc, ours[b]);
   }

@@ -60,22 +60,32 @@ LoopTiming loop_timing(int64_t bytes) {
   return t;
 }
 
-double time_loop(comm::Communicator& comm, const LoopTiming& t, const std::function<void()>& op) {
+void check_timing(const LoopTiming& t) {
   DTRAIN_CHECK(t.iters >= 1 && t.trials >= 1 && t.warmup >= 0, InvalidArgument,
                "bench: iters {}, trials {}, warm-up {}: expected iters, trials >= 1", t.iters,
                t.trials, t.warmup);
+}
+
+double time_round(comm::Communicator& comm, int iters, const std::function<void()>& op) {
+  comm.barrier();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters; ++i) op();
+  double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  comm.allreduce(&dt, 1, DType::f64, comm::ReduceOp::kMax);
+  return dt / iters;
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double time_loop(comm::Communicator& comm, const LoopTiming& t, const std::function<void()>& op) {
+  check_timing(t);
   for (int i = 0; i < t.warmup; ++i) op();
   std::vector<double> rounds;
-  for (int r = 0; r < t.trials; ++r) {
-    comm.barrier();
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < t.iters; ++i) op();
-    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    comm.allreduce(&dt, 1, DType::f64, comm::ReduceOp::kMax);
-    rounds.push_back(dt / t.iters);
-  }
-  std::sort(rounds.begin(), rounds.end());
-  return rounds[rounds.size() / 2];
+  for (int r = 0; r < t.trials; ++r) rounds.push_back(time_round(comm, t.iters, op));
+  return median_of(std::move(rounds));
 }
 
 comm::Algo tcp_allreduce_algo(const comm::Communicator& comm, size_t bytes) {

@@ -47,22 +47,34 @@ LoopTiming loop_timing(int64_t bytes);
 // Seconds per `op` on the slowest rank, median over the trials; every rank returns
 // the same figure. `op` runs warmup + trials x iters times.
 double time_loop(comm::Communicator& comm, const LoopTiming& t, const std::function<void()>& op);
+// time_loop's pieces: InvalidArgument unless iters, trials >= 1 and warmup >= 0; one
+// round (barrier, `iters` calls of `op`, the slowest rank's seconds per call); the
+// median (upper middle) of `v`.
+void check_timing(const LoopTiming& t);
+double time_round(comm::Communicator& comm, int iters, const std::function<void()>& op);
+double median_of(std::vector<double> v);
 
 // The all-reduce algorithm the tcp communicator `comm` runs for `bytes` (after its
 // setup probes: comm::tcp_algorithm). What the bench rows record.
 comm::Algo tcp_allreduce_algo(const comm::Communicator& comm, size_t bytes);
 
-// ---- bench allreduce's rows (cmd_bench.cc) and its paired sweep (cmd_bench_paired.cc) ----
-// 2000 8 B all-reduces: the launcher and the coordinator still start up beside the
-// workers for a moment (nccl-tests warms up too).
-void warm_up_allreduce(comm::Communicator& comm);
-// Refills `buf` with rank + 1, all-reduces it (f32 sum) and returns the elements that
-// differ from n(n+1)/2, summed over every rank.
-int64_t count_wrong_allreduce(comm::Communicator& comm, std::vector<float>& buf);
-// Rank 0's JSON row of one size: backend, nproc, bytes, count, time_us, algbw_GBps,
-// busbw_GBps (algbw x 2(n-1)/n), wrong, and for the tcp backends the algorithm run.
-nlohmann::json allreduce_row(const std::string& backend, const comm::Communicator& comm,
-                             int64_t nbytes, double seconds, int64_t wrong);
+// ---- bench allreduce's sweep (cmd_bench.cc), unpaired and paired (cmd_bench_paired.cc) ----
+// One size's timing: seconds per all-reduce, and fields rank 0 adds to the size's row.
+struct SizeTiming {
+  double seconds = 0;
+  nlohmann::json extra = nlohmann::json::object();
+};
+using TimeSize = std::function<SizeTiming(std::vector<float>& buf, int64_t nbytes)>;
+// Rank 0 writes one JSON row per size of `sizes` to `out`, after 2000 8 B warm-up
+// all-reduces: backend, nproc, bytes, count, time_us, algbw_GBps, busbw_GBps (algbw x
+// 2(n-1)/n), #wrong (one f32 sum of refilled buffers, checked on every rank), for the tcp
+// backends the algorithm run, and `time_size`'s extra fields. `buf` holds the size's
+// count floats, zero (in-place sums stay finite).
+int run_allreduce_sweep(comm::Communicator& comm, const std::string& backend,
+                        const std::vector<int64_t>& sizes, const std::string& out,
+                        const TimeSize& time_size);
+// busbw in GB/s of an all-reduce of `nbytes` over `n` ranks taking `seconds`.
+double allreduce_busbw(int64_t nbytes, double seconds, int n);
 
 // One size of the paired sweep: ours and the peer's seconds per operation (each the
 // median round) and the median over rounds of peer / ours (ours' busbw against the
@@ -70,19 +82,14 @@ nlohmann::json allreduce_row(const std::string& backend, const comm::Communicato
 struct PairedTime {
   double ours = 0, peer = 0, ratio = 0;
 };
-// `t.warmup` calls of each, then 2 x t.trials rounds of each (a round as time_loop's:
-// barrier, t.iters calls, the slowest rank's time), ours and the peer alternating,
-// every second pair with the peer first.
+// `t.warmup` calls of each, then 2 x t.trials rounds of each (time_round), ours and the
+// peer alternating, every second pair with the peer first.
 PairedTime paired_loop(comm::Communicator& comm, const LoopTiming& t,
                        const std::function<void()>& ours, const std::function<void()>& peer);
-// `worker` on `nproc` ranks under mpirun (every backend: the peer is MPI_Allreduce in
-// the same processes); tcp workers get --store-dir (their bootstrap), tcp-noshm also
-// DTRAIN_SHM=0.
-std::string paired_launch_command(const std::string& backend, int nproc, const std::string& worker,
-                                  const std::string& store_dir);
-// One rank of the paired sweep (started by paired_launch_command): per size, ours and
-// MPI_Allreduce on MPI_COMM_WORLD through paired_loop, then #wrong; rank 0 writes
-// allreduce_row plus peer_time_us, peer_busbw_GBps and paired_ratio to `out`.
+// One rank of the paired sweep, under mpirun (launch_command's mpi form; tcp workers
+// bootstrap through a FileStore in `store_dir`): per size, ours and MPI_Allreduce on
+// MPI_COMM_WORLD through paired_loop; the rows of run_allreduce_sweep plus peer_time_us,
+// peer_busbw_GBps and paired_ratio.
 int run_paired_allreduce_worker(const std::string& backend, const std::vector<int64_t>& sizes,
                                 const std::string& store_dir, const std::string& out);
 
