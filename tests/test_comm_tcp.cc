@@ -325,12 +325,14 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   // Single-copy reads of the peers' memory take over above the slots, on one host only.
   AlgoOptions d;
   AlgoCapabilities cma{true, false, d.local_max_bytes, true};
-  // Defaults: allreduce 4-32 MiB, allgather and reduce_scatter from 512 KiB, never
-  // broadcast, never across hosts.
-  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (4 << 20) - 1, cma), Algo::kRing);
-  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 4 << 20, cma), Algo::kDirect);
-  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 32 << 20, cma), Algo::kDirect);
+  // Defaults: allreduce, allgather and reduce_scatter from 512 KiB, never broadcast,
+  // never across hosts.
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (512 << 10) - 1, cma), Algo::kRing);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 512 << 10, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 64 << 20, cma), Algo::kDirect);
+  d.allreduce_direct_max_bytes = 32 << 20;
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (32 << 20) + 1, cma), Algo::kRing);
+  d.allreduce_direct_max_bytes = AlgoOptions{}.allreduce_direct_max_bytes;
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, (512 << 10) - 1, cma), Algo::kRing);
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 512 << 10, cma), Algo::kDirect);
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 64 << 20, cma), Algo::kDirect);

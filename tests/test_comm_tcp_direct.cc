@@ -53,9 +53,9 @@ TEST(TcpDirect, ProbeTurnsItOnForOneHost) {
   o.algos.allreduce_direct_min_bytes = o.algos.local_max_bytes + 1;
   for (int n : {2, 3}) {
     run_ranks(n, TcpOptions{}, milliseconds(10000), [&](Communicator& comm) {
-      // Defaults: allreduce 4-32 MiB, broadcast never.
-      EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, 64 << 20), Algo::kRing);
-      EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, 4 << 20), Algo::kDirect);
+      // Defaults: allreduce from 512 KiB, broadcast never.
+      EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, (512 << 10) - 1), Algo::kRing);
+      EXPECT_EQ(tcp_algorithm(comm, Collective::kAllreduce, 64 << 20), Algo::kDirect);
       EXPECT_EQ(tcp_algorithm(comm, Collective::kBroadcast, 64 << 20), Algo::kRing);
     });
     run_ranks(n, o, milliseconds(10000), [&](Communicator& comm) {

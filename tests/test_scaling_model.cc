@@ -37,9 +37,9 @@ TEST(ScalingModel, CostsMatchHandCounts) {
   EXPECT_DOUBLE_EQ(sm::ring_cost(1, 1000).seconds(toy_machine().inter), 0);
   // 4 ranks, 1 MB over 10 us / 100 MB/s: 6 x 10 us + 1.5 MB / 100 MB/s.
   EXPECT_NEAR(sm::ring_cost(4, 1e6).seconds(toy_machine().inter), 60e-6 + 15e-3, 1e-12);
-  // direct, 4 ranks of 1000 B: 3 barriers; 750 B of the peers' blocks + its own 250 B
-  // for the reduce-scatter, 750 B for the all-gather.
-  EXPECT_DOUBLE_EQ(sm::direct_cost(4, 1000).steps, 3);
+  // direct, 4 ranks of 1000 B: 2 waits; 750 B of the peers' blocks + its own 250 B
+  // for the reduce, 750 B pushed into the peers.
+  EXPECT_DOUBLE_EQ(sm::direct_cost(4, 1000).steps, 2);
   EXPECT_DOUBLE_EQ(sm::direct_cost(4, 1000).wire_bytes, 1750);
   EXPECT_DOUBLE_EQ(sm::direct_cost(4, 1000).working_bytes, 4000);
   EXPECT_DOUBLE_EQ(sm::ring_cost(4, 1000).working_bytes, 4000);
@@ -90,10 +90,10 @@ TEST(ScalingModel, DirectOnOneHostAndInHierarchicalStages) {
   m.allreduce_direct_min_bytes = m.local_max_bytes + 1;  // DTRAIN_ALLREDUCE_DIRECT_MIN_BYTES
   m.ranks_per_node = 4;
   const double s = 1 << 20;
-  // One host of 4, 1 MiB (above the slots): direct, 3 x 1 us + 1.75 S at 10 GB/s.
+  // One host of 4, 1 MiB (above the slots): direct, 2 x 1 us + 1.75 S at 10 GB/s.
   auto d = sm::allreduce_time(m, 4, 1 << 20, Algo::kAuto);
   EXPECT_EQ(d.algo, Algo::kDirect);
-  EXPECT_NEAR(d.seconds, 3e-6 + 1.75 * s / 10e9, 1e-12);
+  EXPECT_NEAR(d.seconds, 2e-6 + 1.75 * s / 10e9, 1e-12);
   EXPECT_EQ(sm::allreduce_time(m, 4, 4096, Algo::kAuto).algo, Algo::kLocal);
   // 2 nodes x 2, 1 MiB hierarchical: reduce-scatter direct (2 waits, S read), the
   // 512 KiB shard's ring over 2 hosts sharing one NIC, all-gather direct (S/2 read).

@@ -85,8 +85,9 @@ Cost local_cost(int n, double bytes) {
 
 Cost direct_cost(int n, double bytes) {
   if (n <= 1) return {};
-  // reduce-scatter: (n-1)/n S of the peers' blocks + its own S/n; all-gather: (n-1)/n S.
-  return {3.0, bytes + static_cast<double>(n - 1) / n * bytes, n * bytes};
+  // Two waits (header, final barrier). Reduce: (n-1)/n S of the peers' blocks + its
+  // own S/n; push: (n-1)/n S into the peers' buffers.
+  return {2.0, bytes + static_cast<double>(n - 1) / n * bytes, n * bytes};
 }
 
 comm::AlgoOptions algo_options(const Machine& m) {

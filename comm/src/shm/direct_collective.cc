@@ -33,20 +33,29 @@ const char* kind_name(uint32_t kind) {
   return "an unknown collective";
 }
 
-// Reads `bytes` at `from` in process `pid` into `to`; 0 or the errno of the failure.
-int try_read(pid_t pid, uint64_t from, void* to, size_t bytes) {
-  auto* dst = static_cast<std::byte*>(to);
+// Moves `bytes` between `local` and `remote` in process `pid` (into the peer when
+// `write`, else out of it); 0 or the errno of the failure.
+int cross_memory(bool write, pid_t pid, std::byte* local, uint64_t remote, size_t bytes) {
   while (bytes > 0) {
-    iovec local{dst, bytes};
-    iovec remote{reinterpret_cast<void*>(from), bytes};
-    const ssize_t n = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
+    iovec mine{local, bytes};
+    iovec theirs{reinterpret_cast<void*>(remote), bytes};
+    const ssize_t n = write ? ::process_vm_writev(pid, &mine, 1, &theirs, 1, 0)
+                            : ::process_vm_readv(pid, &mine, 1, &theirs, 1, 0);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return n < 0 ? errno : EFAULT;
-    dst += n;
-    from += static_cast<uint64_t>(n);
+    local += n;
+    remote += static_cast<uint64_t>(n);
     bytes -= static_cast<size_t>(n);
   }
   return 0;
+}
+int try_read(pid_t pid, uint64_t from, void* to, size_t bytes) {
+  return cross_memory(false, pid, static_cast<std::byte*>(to), from, bytes);
+}
+int try_write(pid_t pid, const void* from, uint64_t to, size_t bytes) {
+  // process_vm_writev only reads the local iovec.
+  return cross_memory(true, pid, const_cast<std::byte*>(static_cast<const std::byte*>(from)), to,
+                      bytes);
 }
 
 std::string errno_message(int err) { return std::system_category().message(err); }
@@ -128,6 +137,15 @@ void DirectCollectives::read(int r, uint64_t from, void* to, size_t bytes) {
                errno_message(err));
 }
 
+void DirectCollectives::write(int r, const void* from, uint64_t to, size_t bytes) {
+  const pid_t pid = pid_[static_cast<size_t>(r)];
+  const int err = try_write(pid, from, to, bytes);
+  if (err == 0) return;
+  check_peers_();
+  DTRAIN_THROW(CommError, "tcp: cannot write rank {}'s buffer (pid {}) in {}: {}", r, pid, running_,
+               errno_message(err));
+}
+
 void DirectCollectives::barrier(Deadline deadline) {
   slots_.begin(0, deadline);
   slots_.post(deadline);
@@ -143,11 +161,13 @@ bool DirectCollectives::probe(bool enabled, bool fault, Deadline deadline, std::
     if (r == rank()) continue;
     const Header h = header(r);
     uint64_t got = 0;
-    const int err = h.enabled == 0 ? 0 : try_read(static_cast<pid_t>(h.pid), h.addr, &got, 8);
+    const auto pid = static_cast<pid_t>(h.pid);
+    int err = h.enabled == 0 ? 0 : try_read(pid, h.addr, &got, 8);
+    if (h.enabled != 0 && err == 0 && got == h.value) err = try_write(pid, &got, h.addr, 8);
     if (h.enabled == 0) {
       reason = fmt::format("rank {} has DTRAIN_DIRECT=0", r);
     } else if (err != 0 || got != h.value) {
-      reason = fmt::format("process_vm_readv of rank {} (pid {}) failed: {}", r, h.pid,
+      reason = fmt::format("process_vm_readv/writev of rank {} (pid {}) failed: {}", r, h.pid,
                            err != 0 ? errno_message(err) : "read a different value");
     }
   }
@@ -196,15 +216,17 @@ void DirectCollectives::allreduce(void* data, size_t count, DType dtype, ReduceO
   publish(call(kAllreduce, data, count, dtype, -1), deadline);
   auto* buf = static_cast<std::byte*>(data);
   const int n = size();
-  const size_t mine = block_start(count, n, rank());
-  reduce_block(buf + mine * es, buf + mine * es, mine, block_count(count, n, rank()), dtype, op);
-  barrier(deadline);  // every block is reduced, in its owner's buffer
-  for (int i = 1; i < n; ++i) {
-    const int b = (rank() + i) % n;  // staggered: not every rank at rank 0 first
-    const size_t at = block_start(count, n, b) * es;
-    read(b, addr_[static_cast<size_t>(b)] + at, buf + at, block_count(count, n, b) * es);
+  const size_t first = block_start(count, n, rank()), total = block_count(count, n, rank());
+  const size_t step = std::max<size_t>(1, chunk_bytes_ / es);
+  for (size_t done = 0; done < total; done += step) {
+    const size_t k = std::min(step, total - done), at = (first + done) * es;
+    reduce_chunk(buf + at, buf + at, at, k, dtype, op);
+    for (int i = 1; i < n; ++i) {  // the reduced chunk, still in cache, to every peer
+      const int r = (rank() + i) % n;
+      write(r, buf + at, addr_[static_cast<size_t>(r)] + at, k * es);
+    }
   }
-  barrier(deadline);
+  barrier(deadline);  // every block is in every buffer; nobody reads or writes ours
 }
 
 void DirectCollectives::reduce_scatter(const void* send, void* recv, size_t count, DType dtype,

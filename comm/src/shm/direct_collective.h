@@ -1,26 +1,32 @@
 // shm::DirectCollectives: single-copy collectives for a group whose ranks all share one
 // host. Each rank reads its peers' buffers straight from their address spaces with
-// process_vm_readv (Linux cross-memory attach, CMA): no byte is staged through shared
-// memory, so a large allreduce moves about half the bytes the pipelined ring does.
+// process_vm_readv, and allreduce writes its results into theirs with process_vm_writev
+// (Linux cross-memory attach, CMA): no byte is staged through shared memory, so a large
+// allreduce moves about half the bytes the pipelined ring does.
 //
 // A collective is a few collectives of the one-host slots (local_collective.h) in a
 // row: the first carries a header in this rank's slot (pid, the buffer peers read,
 // count, dtype, collective, root), the later ones are empty phase barriers.
-//   allreduce       header | reduce own block | barrier | read the other blocks | barrier
+//   allreduce       header | reduce own block, push each chunk to every peer | barrier
 //   reduce_scatter  header | reduce own block of every rank's send into recv | barrier
 //   allgather       header | read every peer's send into recv | barrier
 //   broadcast       header | read root's buffer (non-roots) | barrier
-// The last barrier means no peer still reads this rank's buffers when the call returns.
-// Rank b owns block b of allreduce (count split evenly, the first count % n blocks one
-// element longer) and reduces it alone, in rank order x0 op x1 op ... (as the slots
-// do), in chunks of chunk_bytes: each peer's chunk is read into a scratch buffer that
-// stays in cache and combined into the destination; avg scales the reduced chunk.
-// Every rank therefore ends with the same bits, and with the bits of `local`.
-// Per rank an allreduce of S bytes reads (n-1)/n S of peer memory into the scratch,
-// reads and writes its own block once, and reads (n-1)/n S into its own buffer.
+// The last barrier means no peer still reads or writes this rank's buffers when the
+// call returns. Rank b owns block b of allreduce (count split evenly, the first
+// count % n blocks one element longer) and reduces it alone, in rank order
+// x0 op x1 op ... (as the slots do), in chunks of chunk_bytes: each peer's chunk is
+// read into a scratch buffer that stays in cache and combined into the destination;
+// avg scales the reduced chunk. allreduce then writes the reduced chunk, still in
+// cache, into block b of every peer's buffer. That is safe without another barrier:
+// block b of a peer's buffer is read by rank b alone, which has read that chunk
+// before it writes it. Every rank therefore ends with the same bits, and with the
+// bits of `local`. Per rank an allreduce of S bytes reads (n-1)/n S of peer memory
+// into the scratch, reads and writes its own block once, and writes (n-1)/n S of
+// peer memory from the cache.
 //
 // probe(), at communicator setup (collective): every rank publishes the address of a
-// word holding a random value, reads every peer's word and compares; then the ranks
+// word holding a random value, reads every peer's word, compares and writes the same
+// value back; then the ranks
 // agree (a min-allreduce over the slots), so either all of them use direct or none.
 // A read fails under a seccomp filter or ptrace rules (EPERM), without CMA (ENOSYS),
 // or between users.
@@ -87,6 +93,8 @@ class DirectCollectives {
   Header header(int r) const;
   // Reads `bytes` at `from` in rank r's memory into `to` (local); throws.
   void read(int r, uint64_t from, void* to, size_t bytes);
+  // Writes `bytes` at `from` (local) to `to` in rank r's memory; throws.
+  void write(int r, const void* from, uint64_t to, size_t bytes);
   // dst[0, count) = x0 op ... op x_{n-1} over elements [first, first + count) of
   // every rank's published buffer (this rank's own at `own`, local; may be dst).
   void reduce_block(std::byte* dst, const std::byte* own, size_t first, size_t count, DType dtype,

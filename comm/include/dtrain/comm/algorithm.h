@@ -72,12 +72,13 @@ struct AlgoOptions {
   // allreduce_direct_max_bytes; broadcast only when forced (not measured). Measured on
   // the quiet development VM (2 ranks, comm/README.md, alternating runs): direct gave
   // allgather 3.1-12.3 GB/s busbw against the ring's 2.3-6.6 at 1-64 MiB gathered,
-  // reduce_scatter 2.6-9.5 against 2.3-4.9; allreduce 8.5-9.5 against 6.3-7.1 at
-  // 4-8 MiB, level at 2 MiB, behind at 512 KiB - 1 MiB (6.3-7.1 against 9.1-9.2) and
-  // mixed at 64 MiB. (An earlier run under load 6-7 had direct behind everywhere.)
+  // reduce_scatter 2.6-9.5 against 2.3-4.9. Allreduce, since it pushes each reduced
+  // chunk to the peers (3 runs of `dtrain bench allreduce`): 19-20 GB/s against the
+  // slots' and ring's 9-10 at 512 KiB - 1 MiB, 11-15 against 8-9 at 2-16 MiB, 6.1-6.8
+  // against 5.4-5.7 at 64 MiB; level with the slots at 256 KiB.
   size_t direct_min_bytes = 512 << 10;
-  size_t allreduce_direct_min_bytes = 4 << 20;
-  size_t allreduce_direct_max_bytes = 32 << 20;
+  size_t allreduce_direct_min_bytes = 512 << 10;
+  size_t allreduce_direct_max_bytes = SIZE_MAX;
 
   Algo& operator[](Collective c) { return algo[static_cast<size_t>(c)]; }
   Algo operator[](Collective c) const { return algo[static_cast<size_t>(c)]; }

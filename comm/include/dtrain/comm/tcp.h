@@ -20,7 +20,8 @@
 // its own name once every same-host peer has mapped it. When every rank of the
 // communicator shares the host, the collectives also get the one-host algorithms:
 // `local` (shared-memory slots, small messages) and `direct` (single-copy reads of
-// the peers' buffers with process_vm_readv, probed once the mesh is up).
+// the peers' buffers with process_vm_readv, and writes into them with
+// process_vm_writev, probed once the mesh is up).
 //
 // Execution: one worker thread per communicator runs the queued operations in
 // issue order (async forms return at once; blocking forms wait). Collectives run the
@@ -94,11 +95,13 @@ struct TcpOptions {
   // buffers with process_vm_readv. Probed at setup; used only when every rank has it
   // on and every rank could read every peer. DTRAIN_DIRECT (0 or 1).
   bool direct = true;
-  // The reduction's unit: a peer's chunk is read into a scratch buffer of this size
-  // and combined from the cache. DTRAIN_DIRECT_CHUNK_BYTES. Measured (2 ranks, 2-core
-  // VM, comm/README.md): 1 MiB gave 10.8-12.8 GB/s busbw at 512 KiB - 2 MiB in its
-  // better runs, 256 KiB 8.5-11.4 (each process_vm_readv call costs about 2 us here).
-  size_t direct_chunk_bytes = 1 << 20;
+  // The reduction's unit: a peer's chunk is read into a scratch buffer of this size,
+  // combined from the cache and (allreduce) written to the peers from the cache.
+  // DTRAIN_DIRECT_CHUNK_BYTES. Measured (2 ranks, 2-core VM, comm/README.md, with the
+  // push): 256 KiB gave 18.5-18.8 GB/s busbw at 512 KiB - 1 MiB and 6.3-7.5 at 64 MiB,
+  // 128 and 512 KiB about the same, 64 KiB 15 and 6.1, 4 MiB 7.5-7.9 at 8 MiB and 4.6 at
+  // 64 MiB (the chunk leaves the 4 MiB L2 before it is pushed).
+  size_t direct_chunk_bytes = 256 << 10;
   // Test hook: this rank publishes an unreadable address in the probe, so its peers'
   // reads fail and nobody uses direct.
   bool direct_probe_fault = false;
