@@ -93,15 +93,19 @@ std::vector<json> read_lines(const std::string& path) {
   return json_lines(text.str());
 }
 
-// `bench allreduce` workers (tcp backend) on n ranks of this host.
-void measure_host(const ModelOptions& o, int n, json& rows, std::string* note) {
-  const std::string out = temp_file(fmt::format("host{}.jsonl", n));
+// `bench allreduce` workers (tcp backend) on n ranks of this host, auto's choice or
+// with `algo` forced (DTRAIN_ALLREDUCE_ALGO): auto runs the slots and direct on one
+// host, so the intra link's ring is measured forced.
+void measure_host(const ModelOptions& o, int n, const std::string& algo, json& rows,
+                  std::string* note) {
+  const std::string out = temp_file(fmt::format("host{}{}.jsonl", n, algo));
   const std::string worker =
       fmt::format("{} bench allreduce --worker --backend tcp --max-bytes {} --out {}", self_exe(),
                   o.max_bytes, out);
+  const std::string env = algo.empty() ? "" : fmt::format("DTRAIN_ALLREDUCE_ALGO={} ", algo);
   int st = 0;
-  std::string log = run_capture(bench_detail::launch_command("tcp", n, worker), &st);
-  if (st != 0) *note += fmt::format("host, {} ranks: status {}: {}\n", n, st, log);
+  std::string log = run_capture(env + bench_detail::launch_command("tcp", n, worker), &st);
+  if (st != 0) *note += fmt::format("host, {} ranks {}: status {}: {}\n", n, algo, st, log);
   for (const json& j : read_lines(out)) {
     rows.push_back({{"where", "host"},
                     {"algo", j.value("algo", "auto")},  // the algorithm the backend ran
@@ -185,7 +189,9 @@ void measure_scaling(const ModelOptions& o, const std::string& model, json& rows
 json measure_all(const ModelOptions& o, const std::string& model) {
   json m = {{"allreduce", json::array()}, {"scaling", json::array()}};
   std::string note;
-  for (int n = 2; n <= 4; ++n) measure_host(o, n, m["allreduce"], &note);
+  for (int n = 2; n <= 4; ++n) {
+    for (const char* algo : {"", "ring"}) measure_host(o, n, algo, m["allreduce"], &note);
+  }
   for (auto [h, k] : {std::pair{2, 1}, {4, 1}, {2, 2}})
     measure_netns(o, h, k, m["allreduce"], &note);
   measure_scaling(o, model, m["scaling"], &note);
