@@ -325,14 +325,10 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   // Single-copy reads of the peers' memory take over above the slots, on one host only.
   AlgoOptions d;
   AlgoCapabilities cma{true, false, d.local_max_bytes, true};
-  // Defaults: allreduce, allgather and reduce_scatter from 512 KiB, never broadcast,
-  // never across hosts.
+  // Defaults: allreduce, allgather, reduce_scatter from 512 KiB; no broadcast, one host.
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (512 << 10) - 1, cma), Algo::kRing);
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 512 << 10, cma), Algo::kDirect);
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 64 << 20, cma), Algo::kDirect);
-  d.allreduce_direct_max_bytes = 32 << 20;
-  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (32 << 20) + 1, cma), Algo::kRing);
-  d.allreduce_direct_max_bytes = AlgoOptions{}.allreduce_direct_max_bytes;
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, (512 << 10) - 1, cma), Algo::kRing);
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 512 << 10, cma), Algo::kDirect);
   EXPECT_EQ(algorithm_for(d, Collective::kAllgather, 64 << 20, cma), Algo::kDirect);
@@ -342,8 +338,9 @@ TEST(Algorithm, ChosenBySizeAndOverridable) {
   d.allreduce_direct_min_bytes = d.local_max_bytes + 1;
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, d.local_max_bytes, cma), Algo::kLocal);
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, d.local_max_bytes + 1, cma), Algo::kDirect);
-  d.allreduce_direct_max_bytes = SIZE_MAX;
-  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 64 << 20, cma), Algo::kDirect);
+  d.allreduce_direct_max_bytes = 32 << 20;  // DTRAIN_ALLREDUCE_DIRECT_MAX_BYTES
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 32 << 20, cma), Algo::kDirect);
+  EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, (32 << 20) + 1, cma), Algo::kRing);
   d[Collective::kAllreduce] = Algo::kDirect;
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 8, cma), Algo::kDirect);
   EXPECT_EQ(algorithm_for(d, Collective::kAllreduce, 8, hosts), Algo::kRing);
